@@ -1,0 +1,30 @@
+# Two entry points, each safe on a fresh clone of a fresh machine:
+#   make repro   set up .venv if needed, then run the DVC pipeline
+#   make test    set up .venv if needed, then run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install only when the declared dependencies change.
+INSTALLED := $(VENV)/.installed
+
+.PHONY: repro test setup bench clean-venv
+
+setup: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+repro: $(INSTALLED)
+	$(BIN)/dvc repro
+
+test: $(INSTALLED)
+	DVC_NO_ANALYTICS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(INSTALLED)
+	$(BIN)/python -m benchmarks.speed
+
+clean-venv:
+	rm -rf $(VENV)

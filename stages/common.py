@@ -1,0 +1,202 @@
+"""Helpers every stage shares: errors, atomic outputs, tensor files, device and seeding, entry points.
+
+Kept free of stage logic so that a change here is the only code change that re-runs every stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+
+class PipelineError(Exception):
+    """A problem with the user's input or environment: reported as one line, without a traceback."""
+
+
+def log(stage: str, message: str) -> None:
+    # stderr, flushed: DVC streams it live, and stdout stays free for machine-readable output.
+    print(f"{stage}: {message}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """Prints `label: done/total (pct)` at most every `interval_s` seconds, and once at the end."""
+
+    def __init__(self, stage: str, label: str, total: int | None, interval_s: float = 2.0):
+        self.stage, self.label, self.total, self.interval_s = stage, label, total, interval_s
+        self.done = 0
+        self._last = 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self._last = now
+            self._print()
+
+    def close(self) -> None:
+        self._print()
+
+    def _print(self) -> None:
+        if self.total:
+            log(self.stage, f"{self.label}: {self.done:,}/{self.total:,} ({100 * self.done / self.total:.0f}%)")
+        else:
+            log(self.stage, f"{self.label}: {self.done:,}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic outputs: DVC hashes whatever lies at an output path, so a file half-written by a crash
+# or Ctrl-C must never appear there. Everything is written beside the target and renamed into
+# place (an atomic rename on POSIX) only once complete.
+
+_TMP_PREFIX = ".tmp-"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    # Left behind only by a SIGKILL (every other exit cleans up after itself).
+    for stale in target.parent.glob(f"{_TMP_PREFIX}{target.name}.*"):
+        _remove(stale)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[Path]:
+    """Yields a temporary path beside `target`; renames it to `target` if the block succeeds.
+
+    With `directory=True` the temporary path is an empty directory to fill. On any exception,
+    KeyboardInterrupt included, the temporary path is removed and `target` is left untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
+    prefix = f"{_TMP_PREFIX}{target.name}."
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory:
+            # rename() cannot replace a non-empty directory; DVC normally removed it already.
+            if target.exists():
+                _remove(target)
+        else:
+            tmp.chmod(0o644)  # mkstemp creates 0600; outputs are ordinary files
+        os.replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(target: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(target, text.encode("utf-8"))
+
+
+def save_tensors(target: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """torch.save to `target`, atomically and byte-for-byte reproducibly.
+
+    Serialising to memory first matters: torch.save names the records inside its zip archive after
+    the file it writes to, so saving to a randomly named temporary file would make the bytes, and
+    so DVC's hash, differ from run to run.
+    """
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(target, buffer.getvalue())
+
+
+def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Loads a file written by save_tensors. weights_only=True: a file can hold tensors and plain
+    containers but never run code, which matters for files pulled from a shared remote."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found (run the stage that produces it: `dvc repro`)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged zip/pickle
+        raise PipelineError(f"{path}: not a readable tensor file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict):
+        raise PipelineError(f"{path}: expected a dict of tensors, found {type(payload).__name__}")
+    missing = [key for key in required if key not in payload]
+    if missing:
+        raise PipelineError(f"{path}: missing entries {missing}; was it written by another version?")
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, precision and seeding: resolved here and nowhere else.
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto` picks the GPU when one is available; `cuda` without a GPU is an error, not a CPU run."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise PipelineError(
+                "train.device: 'cuda' was requested but no CUDA GPU is available; "
+                "use 'auto' (GPU when present, else CPU) or 'cpu'"
+            )
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seeds Python, NumPy and torch (CPU and every GPU), and optionally forbids nondeterministic kernels.
+
+    On CPU every kernel this project uses is deterministic for a fixed thread count. On CUDA, cuDNN
+    autotuning and atomics-based kernels (e.g. some conv backward passes) are not: `deterministic`
+    turns those off at some speed cost, and cuBLAS needs its workspace fixed before CUDA starts.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_main(stage: str, entry: Callable[[], None]) -> None:
+    """Runs a stage's entry function as a command: a PipelineError becomes one line on stderr and
+    exit status 1; Ctrl-C becomes a short message and the conventional status 130."""
+    try:
+        entry()
+    except PipelineError as exc:
+        log(stage, f"error: {exc}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        log(stage, "interrupted; no partial output was kept")
+        sys.exit(130)

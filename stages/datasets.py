@@ -1,0 +1,69 @@
+"""The dataset table (datasets.yaml beside this file), read into typed, checked entries."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from stages.common import PipelineError
+
+TABLE_PATH = Path(__file__).with_name("datasets.yaml")
+# Each role is one IDX file; preprocess relies on exactly these four.
+FILE_ROLES = ("train_images", "train_labels", "test_images", "test_labels")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class DataFile:
+    name: str  # uncompressed IDX name; mirrors serve it as name + ".gz"
+    sha256: str  # of the uncompressed content
+
+    @property
+    def gz_name(self) -> str:
+        return self.name + ".gz"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    files: dict[str, DataFile]  # role (FILE_ROLES) -> file
+    train_count: int
+    test_count: int
+    image_size: int  # images are image_size x image_size, one uint8 channel
+    classes: tuple[str, ...]
+
+
+def _parse_entry(name: str, raw: object) -> Dataset:
+    where = f"{TABLE_PATH.name}: {name}"
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{where}: expected a mapping")
+    expected = {"files", "train_count", "test_count", "image_size", "classes"}
+    if set(raw) != expected:
+        raise PipelineError(f"{where}: expected keys {sorted(expected)}, found {sorted(raw)}")
+    files_raw = raw["files"]
+    if not isinstance(files_raw, dict) or set(files_raw) != set(FILE_ROLES):
+        raise PipelineError(f"{where}.files: expected exactly {list(FILE_ROLES)}")
+    files = {}
+    for role in FILE_ROLES:
+        entry = files_raw[role]
+        if not (isinstance(entry, dict) and set(entry) == {"name", "sha256"}
+                and isinstance(entry["name"], str) and _SHA256.fullmatch(str(entry["sha256"]))):
+            raise PipelineError(f"{where}.files.{role}: expected {{name, sha256 (64 hex digits)}}")
+        files[role] = DataFile(entry["name"], entry["sha256"])
+    for key in ("train_count", "test_count", "image_size"):
+        if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
+            raise PipelineError(f"{where}.{key}: expected a positive integer")
+    classes = raw["classes"]
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        raise PipelineError(f"{where}.classes: expected a list of at least two names")
+    return Dataset(name, files, raw["train_count"], raw["test_count"], raw["image_size"], tuple(classes))
+
+
+def load_table(path: Path = TABLE_PATH) -> dict[str, Dataset]:
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict) or not raw:
+        raise PipelineError(f"{path}: expected a mapping of dataset names to entries")
+    return {name: _parse_entry(name, entry) for name, entry in raw.items()}

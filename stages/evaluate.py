@@ -1,0 +1,65 @@
+"""Stage evaluate: score the model file on the test split into metrics/eval.json.
+
+eval.json holds `accuracy`, `loss` (mean cross-entropy) and `per_class`, keyed by class index
+"0".."9", each with the class's accuracy (its recall) and its number of test images. The confusion
+data, one `actual,predicted` row per test image in test-set order, feeds DVC's confusion template
+and the plot stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix
+
+from stages import params as params_mod
+from stages.common import load_tensors, log, run_main, write_text_atomic
+from stages.models import load_model, predict_logits
+
+STAGE = "evaluate"
+
+
+def test_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """Overall accuracy and loss, and per-class accuracy and count, from logits [N, C] and labels [N]."""
+    predicted = logits.argmax(1)
+    matrix = confusion_matrix(labels.numpy(), predicted.numpy(), labels=np.arange(num_classes))
+    counts = matrix.sum(axis=1)
+    per_class = {
+        str(k): {"accuracy": float(matrix[k, k] / counts[k]) if counts[k] else None, "count": int(counts[k])}
+        for k in range(num_classes)
+    }
+    return {"accuracy": float(np.trace(matrix) / matrix.sum()),
+            "loss": round(F.cross_entropy(logits, labels).item(), 6),
+            "per_class": per_class}
+
+
+def confusion_csv(labels: torch.Tensor, predicted: torch.Tensor) -> str:
+    rows = "".join(f"{a},{p}\n" for a, p in zip(labels.tolist(), predicted.tolist()))
+    return "actual,predicted\n" + rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_in", type=Path)
+    parser.add_argument("test_in", type=Path)
+    parser.add_argument("metrics_out", type=Path)
+    parser.add_argument("confusion_out", type=Path)
+    args = parser.parse_args(argv)
+    cfg = params_mod.load().evaluate
+    model, meta = load_model(args.model_in)
+    test = load_tensors(args.test_in, required=("images", "labels"))
+    logits = predict_logits(model, test["images"], cfg.batch_size)
+    metrics = test_metrics(logits, test["labels"], len(meta["classes"]))
+    log(STAGE, f"test accuracy {100 * metrics['accuracy']:.2f}% on {len(test['labels']):,} images, "
+               f"loss {metrics['loss']:.4f}")
+    write_text_atomic(args.metrics_out, json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(args.confusion_out, confusion_csv(test["labels"], logits.argmax(1)))
+
+
+if __name__ == "__main__":
+    run_main(STAGE, main)

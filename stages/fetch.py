@@ -1,0 +1,135 @@
+"""Stage fetch: download the dataset's four IDX files into data/raw/, verified by SHA-256.
+
+Sources are tried in order: $MNIST_MIRROR (a local directory or a base URL) first, then the mirrors
+listed in params.yaml. A file is accepted only if the SHA-256 of its *uncompressed* content matches
+the dataset table; it is then written re-gzipped with fixed settings, so data/raw/ is byte-identical
+whichever mirror served it, and DVC sees the same output. MNIST_MIRROR is deliberately no DVC param:
+the content is verified, so the source cannot change the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import os
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+from stages import params as params_mod
+from stages.common import PipelineError, Progress, atomic_path, log, run_main
+from stages.datasets import FILE_ROLES, DataFile
+
+STAGE = "fetch"
+MIRROR_ENV = "MNIST_MIRROR"
+_CHUNK = 1 << 20  # bytes per read while downloading
+
+
+class SourceError(Exception):
+    """One source failed for one file; the reason ends up in the all-sources-failed message."""
+
+
+def sources(mirrors: list[str], override: str | None) -> list[str]:
+    return ([override] if override else []) + list(mirrors)
+
+
+def is_url(source: str) -> bool:
+    return "://" in source
+
+
+def _download(url: str, timeout_s: float) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "mnist-dvc-pipeline"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            total = response.length  # None when the server sends no Content-Length
+            progress = Progress(STAGE, f"downloading {url}", total)
+            chunks = []
+            while chunk := response.read(_CHUNK):
+                chunks.append(chunk)
+                progress.update(len(chunk))
+            progress.close()
+    except urllib.error.HTTPError as exc:
+        raise SourceError(f"HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise SourceError(f"cannot connect ({exc.reason})") from None
+    except (OSError, TimeoutError) as exc:  # reset connections, read time-outs
+        raise SourceError(f"transfer failed ({exc})") from None
+    data = b"".join(chunks)
+    if total is not None and len(data) != total:
+        raise SourceError(f"transfer ended after {len(data):,} of {total:,} bytes")
+    return data
+
+
+def _read_local(directory: Path, file: DataFile) -> bytes:
+    # A local mirror may hold the files compressed (as served) or already unpacked.
+    for candidate in (directory / file.gz_name, directory / file.name):
+        if candidate.is_file():
+            return candidate.read_bytes()
+    raise SourceError(f"neither {file.gz_name} nor {file.name} is in {directory}")
+
+
+def uncompressed(data: bytes) -> bytes:
+    if data[:2] != b"\x1f\x8b":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise SourceError(f"damaged gzip data ({exc})") from None
+
+
+def fetch_verified(source: str, file: DataFile, timeout_s: float) -> bytes:
+    """The uncompressed, digest-checked content of `file` from one source; raises SourceError."""
+    if is_url(source):
+        data = _download(f"{source.rstrip('/')}/{file.gz_name}", timeout_s)
+    else:
+        data = _read_local(Path(source), file)
+    content = uncompressed(data)
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != file.sha256:
+        raise SourceError(f"SHA-256 of the uncompressed content is {digest[:16]}..., expected {file.sha256[:16]}...")
+    return content
+
+
+def fetch_file(candidates: list[str], file: DataFile, timeout_s: float) -> bytes:
+    failures = []
+    for source in candidates:
+        try:
+            content = fetch_verified(source, file, timeout_s)
+        except SourceError as exc:
+            log(STAGE, f"{file.gz_name} from {source}: {exc}; trying the next source")
+            failures.append(f"  {source}: {exc}")
+            continue
+        log(STAGE, f"{file.gz_name}: verified ({len(content):,} bytes, from {source})")
+        return content
+    raise PipelineError(
+        f"could not fetch {file.gz_name} from any source:\n" + "\n".join(failures)
+        + f"\nhint: set {MIRROR_ENV} to a directory holding the four .gz files, or to a base URL that serves them"
+    )
+
+
+def canonical_gzip(content: bytes) -> bytes:
+    # mtime=0 and no file name: the same content always gives the same bytes.
+    return gzip.compress(content, compresslevel=6, mtime=0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="directory to hold the four verified .gz files")
+    args = parser.parse_args(argv)
+    params = params_mod.load()
+    dataset = params.dataset
+    candidates = sources(params.fetch.mirrors[dataset.name], os.environ.get(MIRROR_ENV))
+    # Everything goes to a temporary directory that becomes out_dir only once all four files are
+    # verified: an interrupted or failed fetch leaves nothing in out_dir.
+    with atomic_path(args.out_dir, directory=True) as tmp:
+        for role in FILE_ROLES:
+            file = dataset.files[role]
+            content = fetch_file(candidates, file, params.fetch.timeout_s)
+            (tmp / file.gz_name).write_bytes(canonical_gzip(content))
+    log(STAGE, f"{dataset.name}: four files verified in {args.out_dir}")
+
+
+if __name__ == "__main__":
+    run_main(STAGE, main)

@@ -1,0 +1,96 @@
+"""The IDX file format of MNIST: parse, check and write.
+
+Layout: two zero bytes, a type code (0x08 = unsigned byte, the only one MNIST uses), the number of
+dimensions, one big-endian uint32 per dimension, then the values in C order.
+Images are 3-d [count, rows, cols] (magic 0x00000803), labels 1-d [count] (magic 0x00000801).
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from stages.common import PipelineError
+
+UBYTE = 0x08
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class IdxFormatError(PipelineError):
+    """A malformed IDX file; the message names the file."""
+
+
+def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Parses an uncompressed IDX file. Raises IdxFormatError on anything malformed, never another error."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise IdxFormatError(f"{name}: not an IDX file (bad magic number {data[:4].hex() or 'empty'})")
+    type_code, ndim = data[2], data[3]
+    if type_code != UBYTE:
+        raise IdxFormatError(f"{name}: unsupported IDX value type 0x{type_code:02x} (only 0x08, unsigned byte)")
+    if ndim == 0:
+        raise IdxFormatError(f"{name}: IDX header declares zero dimensions")
+    header_size = 4 + 4 * ndim
+    if len(data) < header_size:
+        raise IdxFormatError(f"{name}: truncated header ({len(data)} bytes, need {header_size})")
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    expected = header_size + int(np.prod(dims, dtype=object))  # object dtype: no overflow on huge dims
+    if len(data) != expected:
+        raise IdxFormatError(
+            f"{name}: size {len(data):,} bytes disagrees with the header's dimensions {dims} "
+            f"({expected:,} bytes expected); the file is truncated or not what it claims"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(dims)
+
+
+def write_idx(array: np.ndarray) -> bytes:
+    """Serialises a uint8 array as an uncompressed IDX file (used by tests and by `predict` fixtures)."""
+    array = np.ascontiguousarray(array)
+    if array.dtype != np.uint8 or not 1 <= array.ndim <= 255:
+        raise ValueError(f"write_idx takes a uint8 array of 1..255 dims, got {array.dtype} {array.shape}")
+    header = bytes([0, 0, UBYTE, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    return header + array.tobytes()
+
+
+def read_bytes(path: Path) -> bytes:
+    """The uncompressed content of `path`, gunzipping when the file is gzip (by content, not name)."""
+    data = Path(path).read_bytes()
+    if data[:2] != _GZIP_MAGIC:
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise IdxFormatError(f"{path}: damaged gzip data ({exc})") from None
+
+
+def read_images(path: Path, image_size: int) -> np.ndarray:
+    """uint8 [N, image_size, image_size] from an IDX images file."""
+    images = parse_idx(read_bytes(path), str(path))
+    if images.ndim != 3 or images.shape[1:] != (image_size, image_size):
+        raise IdxFormatError(
+            f"{path}: expected images of shape [N, {image_size}, {image_size}], found dimensions {images.shape}"
+        )
+    return images
+
+
+def read_labels(path: Path, num_classes: int) -> np.ndarray:
+    """uint8 [N] from an IDX labels file, every value in 0..num_classes-1."""
+    labels = parse_idx(read_bytes(path), str(path))
+    if labels.ndim != 1:
+        raise IdxFormatError(f"{path}: expected a 1-d labels file, found dimensions {labels.shape}")
+    if labels.size and labels.max() >= num_classes:
+        bad = int(labels.max())
+        raise IdxFormatError(f"{path}: label {bad} is outside 0..{num_classes - 1}")
+    return labels
+
+
+def read_pair(images_path: Path, labels_path: Path, image_size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    images = read_images(images_path, image_size)
+    labels = read_labels(labels_path, num_classes)
+    if len(images) != len(labels):
+        raise IdxFormatError(
+            f"{images_path} holds {len(images):,} images but {labels_path} holds {len(labels):,} labels"
+        )
+    return images, labels

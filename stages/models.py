@@ -1,0 +1,124 @@
+"""The models, and the model file that train writes and evaluate (and any later user) reads.
+
+Every model takes raw images, uint8 or float in [0, 255], shape [N, H, W], and returns logits
+[N, num_classes]: normalisation is the model's first layer, with the train split's statistics as
+buffers, so the model file alone is enough to classify images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from stages.common import PipelineError, load_tensors, save_tensors
+from stages.params import TrainParams
+
+FORMAT_VERSION = 1
+ARCHITECTURES = ("softmax", "mlp", "cnn")
+
+
+class ModelFileError(PipelineError):
+    """A model file that is damaged or does not match the code that loads it."""
+
+
+class Normalize(nn.Module):
+    """[N, H, W] pixels in [0, 255] -> [N, 1, H, W] floats with the train split's mean 0 and std 1."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        # Buffers, not constants: they travel in the state dict and follow .to(device).
+        self.register_buffer("mean", torch.tensor(mean * 255.0))
+        self.register_buffer("std", torch.tensor(std * 255.0))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return ((images.float() - self.mean) / self.std).unsqueeze(1)
+
+
+def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
+    # 3x3 conv keeps H, W; BatchNorm makes a high one-cycle learning rate stable (and makes the
+    # conv bias redundant); 2x2 max-pool halves H and W.
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """A fresh model from a config dict (see model_config); weights from the global torch RNG."""
+    size, classes = config["image_size"], config["num_classes"]
+    layers: list[nn.Module] = [Normalize(config["mean"], config["std"])]
+    if config["model"] == "softmax":
+        layers += [nn.Flatten(), nn.Linear(size * size, classes)]
+    elif config["model"] == "mlp":
+        widths = [size * size, *config["hidden"]]
+        layers.append(nn.Flatten())
+        for w_in, w_out in zip(widths, widths[1:]):
+            layers += [nn.Linear(w_in, w_out), nn.ReLU(inplace=True)]
+            if config["dropout"] > 0:
+                layers.append(nn.Dropout(config["dropout"]))
+        layers.append(nn.Linear(widths[-1], classes))
+    elif config["model"] == "cnn":
+        c1, c2, c3 = config["channels"]
+        side = size // 8  # three 2x2 pools, flooring: 28 -> 14 -> 7 -> 3
+        layers += [*_conv_block(1, c1), *_conv_block(c1, c2), *_conv_block(c2, c3),
+                   nn.Flatten(), nn.Linear(c3 * side * side, classes)]
+    else:
+        raise ModelFileError(f"unknown model {config['model']!r}; known: {', '.join(ARCHITECTURES)}")
+    return nn.Sequential(*layers)
+
+
+def model_config(cfg: TrainParams, image_size: int, num_classes: int, mean: float, std: float) -> dict[str, Any]:
+    """Everything needed to rebuild the network, as plain values (safe to store and load)."""
+    return {"model": cfg.model, "hidden": list(cfg.hidden), "dropout": cfg.dropout,
+            "channels": list(cfg.channels), "image_size": image_size, "num_classes": num_classes,
+            "mean": mean, "std": std}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Logits [N, C] in float32 for images [N, H, W], batch by batch, on the model's device."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = [model(images[i:i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def save_model(path: Path, model: nn.Module, config: dict[str, Any], classes: list[str]) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_tensors(path, {"format_version": FORMAT_VERSION, "config": config, "classes": list(classes),
+                        "state_dict": state})
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode, file contents without the weights). Raises ModelFileError with the reason."""
+    try:
+        payload = load_tensors(path, required=("format_version", "config", "classes", "state_dict"))
+    except PipelineError as exc:
+        raise ModelFileError(str(exc)) from None
+    if payload["format_version"] != FORMAT_VERSION:
+        raise ModelFileError(f"{path}: model file format {payload['format_version']}, this code reads "
+                             f"{FORMAT_VERSION}; re-run `dvc repro` to retrain")
+    config = payload["config"]
+    try:
+        model = build_model(config)
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{path}: weights do not fit the stored configuration "
+                             f"{_describe(config)} ({first_line})") from None
+    if len(payload["classes"]) != config.get("num_classes"):
+        raise ModelFileError(f"{path}: {len(payload['classes'])} class names for {config.get('num_classes')} outputs")
+    return model.to(device).eval(), {k: v for k, v in payload.items() if k != "state_dict"}
+
+
+def _describe(config: Any) -> str:
+    if not isinstance(config, dict):
+        return repr(type(config).__name__)
+    return "(" + ", ".join(f"{k}={config[k]}" for k in ("model", "hidden", "channels") if k in config) + ")"

@@ -1,0 +1,259 @@
+"""params.yaml, read once and validated into typed values.
+
+Every key is required and typed: an unknown key or section, a wrong type or an out-of-range value
+raises ParamsError naming the key and what it accepts. There are no silent defaults.
+
+As a command (`python -m stages.params OUTPUT`) it is the pipeline's first stage: it tracks the
+whole params.yaml and writes a constant marker file that every other stage depends on. DVC deletes
+a stage's outputs before running it, so a check inside the train stage would come too late; this
+stage fails first and leaves every previous output in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from stages.common import PipelineError, resolve_device, run_main, write_text_atomic
+from stages.datasets import Dataset, load_table
+
+DEFAULT_PATH = Path("params.yaml")
+VALID_MARKER = "params.yaml is valid\n"
+
+
+class ParamsError(PipelineError):
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"params.yaml: {key}: {problem}")
+        self.key = key
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ParamsError(key, problem)
+
+
+@dataclass(frozen=True)
+class FetchParams:
+    dataset: str
+    # Base URLs per dataset, tried in order after $MNIST_MIRROR; each serves `<name>.gz`.
+    mirrors: dict[str, list[str]]
+    timeout_s: float  # per connection attempt, seconds
+
+    def check(self, table: dict[str, Dataset]) -> None:
+        _require(self.dataset in table, "fetch.dataset", f"must be one of {_choices(table)}, got {self.dataset!r}")
+        key = f"fetch.mirrors.{self.dataset}"
+        _require(self.dataset in self.mirrors, key, "missing: list the base URLs to fetch this dataset from")
+        _require(len(self.mirrors[self.dataset]) > 0, key, "must list at least one base URL")
+        _require(self.timeout_s > 0, "fetch.timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    val_size: int  # images held out of the official training set for validation
+    seed: int
+
+    def check(self, dataset: Dataset) -> None:
+        n, k = dataset.train_count, len(dataset.classes)
+        # A stratified split needs at least one image per class on each side.
+        _require(k <= self.val_size <= n - k, "preprocess.val_size",
+                 f"must be between {k} and {n - k} (the {dataset.name} training set has {n} images), "
+                 f"got {self.val_size}")
+        _require(self.seed >= 0, "preprocess.seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    copies: int  # randomly transformed copies of the train split added to it; 0 = pass through
+    rotation_deg: float  # each copy is rotated by U(-rotation_deg, rotation_deg) degrees
+    translate: float  # and shifted by U(-translate, translate) of the image side, per axis
+    scale_min: float  # and scaled by U(scale_min, scale_max)
+    scale_max: float
+    seed: int
+
+    def check(self) -> None:
+        _require(0 <= self.copies <= 50, "augment.copies", f"must be between 0 and 50, got {self.copies}")
+        _require(0 <= self.rotation_deg <= 180, "augment.rotation_deg",
+                 f"must be between 0 and 180 degrees, got {self.rotation_deg}")
+        _require(0 <= self.translate <= 0.5, "augment.translate",
+                 f"must be between 0 and 0.5 (a fraction of the image side), got {self.translate}")
+        _require(0 < self.scale_min <= 4, "augment.scale_min", f"must be in (0, 4], got {self.scale_min}")
+        _require(self.scale_min <= self.scale_max <= 4, "augment.scale_max",
+                 f"must be between scale_min ({self.scale_min}) and 4, got {self.scale_max}")
+        _require(self.seed >= 0, "augment.seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    model: Literal["softmax", "mlp", "cnn"]
+    hidden: list[int]  # mlp: hidden layer widths, input to output
+    dropout: float  # mlp: dropout probability after each hidden layer
+    channels: list[int]  # cnn: output channels of its three conv blocks
+    optimizer: Literal["sgd", "adam", "adamw"]
+    lr: float  # peak learning rate for the onecycle schedule
+    momentum: float  # sgd only
+    nesterov: bool  # sgd only
+    weight_decay: float
+    schedule: Literal["constant", "onecycle", "cosine"]
+    warmup: float  # onecycle: fraction of all steps spent rising to lr
+    label_smoothing: float
+    batch_size: int
+    drop_last: bool
+    epochs: int
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    precision: Literal["fp32", "bf16"]  # bf16 autocast; on CPU too, though it rarely pays there
+    compile: bool  # torch.compile the model
+    deterministic: bool  # forbid nondeterministic CUDA kernels (CPU is deterministic regardless)
+
+    def check(self, train_split_size: int) -> None:
+        _require(all(h >= 1 for h in self.hidden), "train.hidden",
+                 f"every hidden size must be a positive integer, got {self.hidden}")
+        _require(self.model != "mlp" or len(self.hidden) > 0, "train.hidden",
+                 "must list at least one hidden size for model 'mlp' (use model 'softmax' for none)")
+        _require(0 <= self.dropout < 1, "train.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(len(self.channels) == 3 and all(c >= 1 for c in self.channels), "train.channels",
+                 f"must be three positive integers (one per conv block), got {self.channels}")
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(0 <= self.momentum < 1, "train.momentum", f"must be in [0, 1), got {self.momentum}")
+        _require(not self.nesterov or self.momentum > 0, "train.nesterov", "needs momentum > 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.warmup < 1, "train.warmup", f"must be in [0, 1), got {self.warmup}")
+        _require(0 <= self.label_smoothing < 1, "train.label_smoothing",
+                 f"must be in [0, 1), got {self.label_smoothing}")
+        _require(1 <= self.batch_size <= train_split_size, "train.batch_size",
+                 f"must be between 1 and the train split size ({train_split_size}), got {self.batch_size}")
+        _require(1 <= self.epochs <= 1000, "train.epochs", f"must be between 1 and 1000, got {self.epochs}")
+        _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int  # images per forward pass; memory only, never the result
+
+    def check(self) -> None:
+        _require(self.batch_size >= 1, "evaluate.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class PlotParams:
+    misclassified: int  # test images shown in the misclassified grid
+
+    def check(self) -> None:
+        _require(0 <= self.misclassified <= 400, "plot.misclassified",
+                 f"must be between 0 and 400, got {self.misclassified}")
+
+
+@dataclass(frozen=True)
+class Params:
+    fetch: FetchParams
+    preprocess: PreprocessParams
+    augment: AugmentParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    plot: PlotParams
+
+    @property
+    def dataset(self) -> Dataset:
+        return load_table()[self.fetch.dataset]
+
+
+def _choices(values) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def _convert(key: str, value: Any, hint: Any) -> Any:
+    """Checks `value` against the annotation `hint`; returns it typed (ints accepted as floats)."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        _require(value in get_args(hint), key, f"must be one of {_choices(get_args(hint))}, got {value!r}")
+        return value
+    if hint is bool:
+        _require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                pass
+            else:  # YAML 1.1 reads 1e-3 (no dot) as text: the commonest way to meet this error.
+                raise ParamsError(key, f"must be a number, got the string {value!r}; "
+                                       "YAML reads an exponent without a dot as text: write e.g. 1.0e-3")
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+                 f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        _require(isinstance(value, str), key, f"must be a string, got {value!r}")
+        return value
+    if origin is list:
+        _require(isinstance(value, list), key, f"must be a list, got {value!r}")
+        (item_hint,) = get_args(hint)
+        return [_convert(f"{key}[{i}]", item, item_hint) for i, item in enumerate(value)]
+    if origin is dict:
+        _require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        key_hint, item_hint = get_args(hint)
+        return {_convert(key, k, key_hint): _convert(f"{key}.{k}", v, item_hint) for k, v in value.items()}
+    raise TypeError(f"unsupported annotation {hint!r} for {key}")  # a bug in this module, not in params
+
+
+def _build(cls: type, key: str, raw: Any) -> Any:
+    _require(isinstance(raw, dict), key, f"must be a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for name in raw:
+        _require(name in hints, f"{key}.{name}" if key else str(name),
+                 f"unknown {'key' if key else 'section'}; {key or 'params.yaml'} takes: {', '.join(names)}")
+    for name in names:
+        _require(name in raw, f"{key}.{name}" if key else name, "missing")
+    return cls(**{n: _convert(f"{key}.{n}", raw[n], hints[n]) if key else raw[n] for n in names})
+
+
+def parse(raw: Any) -> Params:
+    """Validates the parsed YAML of params.yaml and returns it typed; raises ParamsError."""
+    _require(isinstance(raw, dict), "(top level)", "must be a mapping of sections")
+    sections = _build(Params, "", raw)  # checks section names only
+    params = Params(**{f.name: _build(get_type_hints(Params)[f.name], f.name, getattr(sections, f.name))
+                       for f in dataclasses.fields(Params)})
+    table = load_table()
+    params.fetch.check(table)
+    dataset = table[params.fetch.dataset]
+    params.preprocess.check(dataset)
+    params.augment.check()
+    params.train.check(train_split_size=dataset.train_count - params.preprocess.val_size)
+    params.evaluate.check()
+    params.plot.check()
+    return params
+
+
+def load(path: Path | str = DEFAULT_PATH) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found (stages run from the repository root)") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML: {exc}") from None
+    return parse(raw)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Validate params.yaml and write a marker file.")
+    parser.add_argument("marker", type=Path, help="file to write when params.yaml is valid")
+    parser.add_argument("--params", type=Path, default=DEFAULT_PATH)
+    args = parser.parse_args(argv)
+    params = load(args.params)
+    if params.train.device == "cuda":
+        resolve_device("cuda")  # fail now, before DVC deletes the model of the last run
+    write_text_atomic(args.marker, VALID_MARKER)
+
+
+if __name__ == "__main__":
+    run_main("params", main)

@@ -1,0 +1,70 @@
+"""Stage preprocess: parse the IDX files, split train/val, write tensor files to data/prepared/.
+
+The official training set is split into train and val, stratified by class so each class keeps its
+share; the official test set is kept untouched. Images stay uint8 [N, H, W] (4x smaller than float,
+normalised per batch at train time); labels are int64 [N]. train.pt also carries the pixel mean and
+std of the train split alone, in [0, 1] units, so nothing about val or test leaks into training.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from stages import params as params_mod
+from stages.common import log, run_main, save_tensors
+from stages.idx import read_pair
+
+STAGE = "preprocess"
+
+
+def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays (train, val), each sorted, with val_size indices in val and class shares kept."""
+    indices = np.arange(len(labels))
+    train_idx, val_idx = train_test_split(indices, test_size=val_size, stratify=labels, random_state=seed)
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
+    """Mean and std of all pixels of uint8 images, in [0, 1] units (float64, so exact enough)."""
+    pixels = images.double() / 255
+    return pixels.mean().item(), pixels.std().item()
+
+
+def _tensors(images: np.ndarray, labels: np.ndarray) -> dict:
+    return {"images": torch.from_numpy(np.ascontiguousarray(images)),
+            "labels": torch.from_numpy(labels.astype(np.int64))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("raw_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+    params = params_mod.load()
+    dataset, cfg = params.dataset, params.preprocess
+    classes = list(dataset.classes)
+
+    def read(split: str) -> tuple[np.ndarray, np.ndarray]:
+        return read_pair(args.raw_dir / dataset.files[f"{split}_images"].gz_name,
+                         args.raw_dir / dataset.files[f"{split}_labels"].gz_name,
+                         dataset.image_size, len(classes))
+
+    images, labels = read("train")
+    test_images, test_labels = read("test")
+    train_idx, val_idx = stratified_split(labels, cfg.val_size, cfg.seed)
+    train = _tensors(images[train_idx], labels[train_idx])
+    mean, std = pixel_stats(train["images"])
+    log(STAGE, f"train {len(train_idx):,}, val {len(val_idx):,}, test {len(test_labels):,} images; "
+               f"train pixel mean {mean:.4f}, std {std:.4f}")
+    save_tensors(args.out_dir / "train.pt", {**train, "classes": classes, "mean": mean, "std": std})
+    save_tensors(args.out_dir / "val.pt", {**_tensors(images[val_idx], labels[val_idx]), "classes": classes})
+    save_tensors(args.out_dir / "test.pt", {**_tensors(test_images, test_labels), "classes": classes})
+
+
+if __name__ == "__main__":
+    run_main(STAGE, main)
