@@ -95,12 +95,9 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
         tmp = Path(name)
     try:
         yield tmp
-        if directory:
-            # rename() cannot replace a non-empty directory; DVC normally removed it already.
-            if target.exists():
-                _remove(target)
-        else:
-            tmp.chmod(0o644)  # mkstemp creates 0600; outputs are ordinary files
+        tmp.chmod(0o755 if directory else 0o644)  # mkdtemp/mkstemp create owner-only paths
+        if directory and target.exists():
+            _remove(target)  # rename() cannot replace a non-empty directory; DVC usually removed it
         os.replace(tmp, target)
     except BaseException:
         _remove(tmp)

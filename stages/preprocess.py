@@ -36,7 +36,8 @@ def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
 
 
 def _tensors(images: np.ndarray, labels: np.ndarray) -> dict:
-    return {"images": torch.from_numpy(np.ascontiguousarray(images)),
+    # np.array copies: parsed IDX arrays are read-only views of the file's bytes.
+    return {"images": torch.from_numpy(np.array(images)),
             "labels": torch.from_numpy(labels.astype(np.int64))}
 
 

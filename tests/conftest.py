@@ -1,0 +1,127 @@
+"""Shared fixtures: a synthetic mirror, and a copy of this project as a fresh DVC repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.synthetic import write_mirror
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# What a clone of the project holds that a pipeline run needs.
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages")
+VENV_BIN = Path(sys.executable).parent
+
+# Small enough that a full `dvc repro` takes seconds; the synthetic data is easy, so even this
+# tiny CNN reaches high accuracy.
+SMALL_PARAMS = {
+    "fetch": {"dataset": "synthetic",
+              # Port 9 on loopback refuses at once: a realistic dead mirror after $MNIST_MIRROR.
+              "mirrors": {"synthetic": ["http://127.0.0.1:9/"]}, "timeout_s": 5},
+    "preprocess": {"val_size": 100},
+    "augment": {"copies": 1},
+    "train": {"channels": [4, 8, 16], "epochs": 2, "batch_size": 32, "lr": 0.05},
+    "evaluate": {"batch_size": 100},
+    "plot": {"misclassified": 10},
+}
+
+os.environ["DVC_NO_ANALYTICS"] = "1"
+
+
+def deep_update(base: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+class DvcProject:
+    """A copy of the project in its own git + DVC repository, driven through the real CLI."""
+
+    def __init__(self, root: Path, mirror: Path):
+        self.root = root
+        self.env = {
+            **os.environ,
+            # The copy has no .venv, so stages/run falls back to the python3 on PATH: this one.
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "MNIST_MIRROR": str(mirror),
+            "DVC_NO_ANALYTICS": "1",
+            "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+        }
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n"
+                                 f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        return result
+
+    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(str(VENV_BIN / "dvc"), *args, check=check)
+
+    def repro(self, *args: str, check: bool = True) -> set[str]:
+        """Runs `dvc repro`; returns the names of the stages that actually ran."""
+        result = self.dvc("repro", *args, check=check)
+        self.last = result
+        return {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")}
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def params(self) -> dict:
+        return yaml.safe_load(self.path("params.yaml").read_text())
+
+    def set_params(self, changes: dict) -> None:
+        self.path("params.yaml").write_text(yaml.safe_dump(deep_update(self.params(), changes), sort_keys=False))
+
+    def commit(self, message: str) -> None:
+        self.run("git", "add", "-A")
+        self.run("git", "commit", "-q", "-m", message)
+
+
+def make_project(root: Path, mirror_dir: Path) -> DvcProject:
+    """Copies the project into `root`, adds the synthetic dataset, shrinks params, inits git + DVC."""
+    root.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        source = PROJECT_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, root / name)
+    entry = write_mirror(mirror_dir)
+    table = root / "stages" / "datasets.yaml"
+    table.write_text(table.read_text() + "\n" + yaml.safe_dump({"synthetic": entry}, sort_keys=False))
+    project = DvcProject(root, mirror_dir)
+    project.set_params(SMALL_PARAMS)
+    project.run("git", "init", "-q", "-b", "main")
+    project.dvc("init", "-q")
+    project.commit("project")
+    return project
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory) -> DvcProject:
+    """The project after one complete `dvc repro` on synthetic data, committed. Do not modify:
+    tests that change it take the `project` fixture, a copy."""
+    base = tmp_path_factory.mktemp("built")
+    project = make_project(base / "repo", base / "mirror")
+    project.first_run = project.repro()
+    project.commit("reproduced")
+    return project
+
+
+@pytest.fixture
+def project(built_project, tmp_path) -> DvcProject:
+    """A private copy of `built_project`, outputs and DVC cache included."""
+    root = tmp_path / "repo"
+    shutil.copytree(built_project.root, root, symlinks=True)
+    return DvcProject(root, Path(built_project.env["MNIST_MIRROR"]))

@@ -1,0 +1,83 @@
+"""`dvc repro` end to end on a synthetic mirror: outputs, no-op re-runs, selective re-runs."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ALL_STAGES = {"params", "fetch", "preprocess", "augment", "train", "evaluate", "plot"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_full_run_writes_every_output(built_project):
+    p = built_project
+    assert p.first_run == ALL_STAGES
+    assert sorted(f.name for f in p.path("data/raw").iterdir()) == [
+        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    metrics = json.loads(p.path("metrics/eval.json").read_text())
+    assert set(metrics) == {"accuracy", "loss", "per_class"}
+    assert set(metrics["per_class"]) == {str(k) for k in range(10)}
+    assert sum(c["count"] for c in metrics["per_class"].values()) == 200  # the synthetic test split
+    assert metrics["accuracy"] >= 0.9, "the synthetic classes are trivially separable"
+    with open(p.path("metrics/train_log.csv")) as f:
+        log = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in log] == [1, 2]
+    assert set(log[0]) == {"epoch", "train_loss", "val_loss", "val_accuracy"}
+    with open(p.path("metrics/confusion.csv")) as f:
+        assert len(list(csv.DictReader(f))) == 200
+    for name in ("loss_curves", "confusion_matrix", "misclassified"):
+        assert p.path(f"plots/{name}.png").read_bytes()[:8] == PNG_MAGIC
+    # Every output is accounted for: nothing to do, nothing uncommitted.
+    assert "up to date" in p.dvc("status").stdout
+
+
+def test_second_repro_runs_nothing(project):
+    assert project.repro() == set()
+
+
+def test_train_param_reruns_train_evaluate_plot_only(project):
+    project.set_params({"train": {"lr": 0.04}})
+    assert project.repro() == {"params", "train", "evaluate", "plot"}
+
+
+def test_augment_param_does_not_rerun_fetch_or_preprocess(project):
+    project.set_params({"augment": {"seed": 1}})
+    assert project.repro() == {"params", "augment", "train", "evaluate", "plot"}
+
+
+def test_plot_param_reruns_plot_only(project):
+    project.set_params({"plot": {"misclassified": 5}})
+    assert project.repro() == {"params", "plot"}
+
+
+def test_same_params_give_identical_metrics_and_model(project):
+    before = {name: digest(project.path(name)) for name in ("metrics/eval.json", "models/model.pt")}
+    ran = project.repro("--force", "--single-item", "train")
+    assert ran == {"train"}
+    project.repro()
+    assert {name: digest(project.path(name)) for name in before} == before
+
+
+@pytest.mark.parametrize("edit, key", [
+    ({"trian": {"lr": 0.1}}, "trian"),
+    ({"train": {"epochs": "ten"}}, "train.epochs"),
+    ({"train": {"lr": -0.1}}, "train.lr"),
+])
+def test_invalid_params_fail_before_outputs_are_touched(project, edit, key):
+    outputs = ("models/model.pt", "metrics/eval.json", "data/prepared/train.pt", "plots/loss_curves.png")
+    before = {name: digest(project.path(name)) for name in outputs}
+    project.set_params(edit)
+    result = project.dvc("repro", check=False)
+    assert result.returncode != 0
+    assert f"params.yaml: {key}:" in result.stderr + result.stdout
+    assert {name: digest(project.path(name)) for name in outputs} == before
