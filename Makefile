@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Re-install only when the declared dependencies change.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: repro test setup bench clean-venv
+.PHONY: repro test setup bench exp clean-venv
 
 setup: $(INSTALLED)
 
@@ -28,3 +28,9 @@ bench: $(INSTALLED)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Run a preset of presets.yaml as a DVC experiment: make exp PRESET=mlp-512+aug
+exp: $(INSTALLED)
+	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name (see presets.yaml)"; exit 2; }
+	options=$$($(BIN)/python -m stages.presets '$(PRESET)') && \
+	eval "$(BIN)/dvc exp run -n '$(subst +,-,$(PRESET))' $$options"
