@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -133,8 +134,12 @@ def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dic
         raise PipelineError(f"{path}: file not found (run the stage that produces it: `dvc repro`)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a damaged zip/pickle
-        raise PipelineError(f"{path}: not a readable tensor file ({type(exc).__name__}: {exc})") from None
+    except pickle.UnpicklingError:
+        raise PipelineError(f"{path}: not a tensor file written by this pipeline, or one holding objects "
+                            "that could run code (refused: files load with weights_only=True)") from None
+    except Exception as exc:  # torch raises several types for a damaged zip archive
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise PipelineError(f"{path}: damaged tensor file ({type(exc).__name__}: {reason})") from None
     if not isinstance(payload, dict):
         raise PipelineError(f"{path}: expected a dict of tensors, found {type(payload).__name__}")
     missing = [key for key in required if key not in payload]

@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
+import hashlib
 import io
+import json
 import time
 from pathlib import Path
 
@@ -20,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stages import params as params_mod
-from stages.common import (describe_device, load_tensors, log, resolve_device, run_main, seed_everything,
-                           write_text_atomic)
+from stages.common import (PipelineError, describe_device, load_tensors, log, resolve_device, run_main,
+                           save_tensors, seed_everything, write_text_atomic)
 from stages.models import build_model, count_parameters, model_config, predict_logits, save_model
 from stages.params import TrainParams
 
@@ -96,8 +99,46 @@ def log_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device):
-    """Trains from scratch; returns (model on `device`, model config, per-epoch log rows)."""
+def fingerprint(cfg: TrainParams, *input_files: Path) -> str:
+    """Identifies a training run: its params and the exact bytes of its inputs. A checkpoint is
+    resumed only by a run with the same fingerprint."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+    for path in input_files:
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, run_id: str, epoch: int, model: nn.Module, optimizer, schedule,
+                    generator: torch.Generator, rows: list[dict]) -> None:
+    """Everything that the rest of the run depends on, so that a resumed run ends bit-identical."""
+    save_tensors(path, {
+        "fingerprint": run_id, "epoch": epoch, "rows": rows,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict() if schedule is not None else None,
+        "batch_order_rng": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    })
+
+
+def load_checkpoint(path: Path, run_id: str) -> dict | None:
+    """The checkpoint at `path` if it belongs to this run; None (with a note) otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        state = load_tensors(path, required=("fingerprint", "epoch", "model", "optimizer"))
+    except PipelineError as exc:
+        log(STAGE, f"ignoring unreadable checkpoint ({exc}); starting from epoch 1")
+        return None
+    if state["fingerprint"] != run_id:
+        log(STAGE, f"ignoring {path}: it belongs to other params or data; starting from epoch 1")
+        return None
+    return state
+
+
+def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
+        checkpoint: Path | None = None, run_id: str = ""):
+    """Trains from scratch, or from `checkpoint` when it holds an earlier epoch of the same run
+    (`run_id`, see fingerprint). Returns (model on `device`, model config, per-epoch log rows)."""
     seed_everything(cfg.seed, cfg.deterministic)
     classes = train["classes"]
     image_size = train["images"].shape[-1]
@@ -116,13 +157,27 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     log(STAGE, f"{cfg.model}: {count_parameters(model):,} parameters; {len(labels):,} train and "
                f"{len(val_labels):,} val images; {cfg.epochs} epochs of {total_steps // cfg.epochs} steps")
-    rows = []
-    for epoch in range(1, cfg.epochs + 1):
+    rows: list[dict] = []
+    state = load_checkpoint(checkpoint, run_id) if checkpoint else None
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["batch_order_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        rows = state["rows"]
+        log(STAGE, f"resuming from {checkpoint} after epoch {state['epoch']}")
+    for epoch in range(len(rows) + 1, cfg.epochs + 1):
         start = time.perf_counter()
         train_loss = train_epoch(model, step_model, optimizer, schedule, images, labels, cfg, generator, autocast)
         val_loss, val_accuracy = score(model, val_images, val_labels)
         rows.append({"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
                      "val_accuracy": round(val_accuracy, 6)})
+        if checkpoint:
+            save_checkpoint(checkpoint, run_id, epoch, model, optimizer, schedule, generator, rows)
         log(STAGE, f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                    f"val accuracy {100 * val_accuracy:.2f}% ({time.perf_counter() - start:.1f} s)")
     return model, config, rows
@@ -134,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("val_in", type=Path)
     parser.add_argument("model_out", type=Path)
     parser.add_argument("log_out", type=Path)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="saved after every epoch and resumed from by a re-run with the same params "
+                             "and inputs; removed once the model is written")
     args = parser.parse_args(argv)
     cfg = params_mod.load().train
     device = resolve_device(cfg.device)
@@ -143,10 +201,13 @@ def main(argv: list[str] | None = None) -> None:
     train = load_tensors(args.train_in, required=("images", "labels", "classes", "mean", "std"))
     val = load_tensors(args.val_in, required=("images", "labels"))
     start = time.perf_counter()
-    model, config, rows = fit(cfg, train, val, device)
+    run_id = fingerprint(cfg, args.train_in, args.val_in) if args.checkpoint else ""
+    model, config, rows = fit(cfg, train, val, device, args.checkpoint, run_id)
     log(STAGE, f"trained in {time.perf_counter() - start:.1f} s")
     save_model(args.model_out, model, config, train["classes"])
     write_text_atomic(args.log_out, log_csv(rows))
+    if args.checkpoint:
+        args.checkpoint.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

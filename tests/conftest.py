@@ -119,9 +119,12 @@ def built_project(tmp_path_factory) -> DvcProject:
     return project
 
 
+def copy_project(source: DvcProject, root: Path) -> DvcProject:
+    """A private copy of `source`, outputs and DVC cache included."""
+    shutil.copytree(source.root, root, symlinks=True)
+    return DvcProject(root, Path(source.env["MNIST_MIRROR"]))
+
+
 @pytest.fixture
 def project(built_project, tmp_path) -> DvcProject:
-    """A private copy of `built_project`, outputs and DVC cache included."""
-    root = tmp_path / "repo"
-    shutil.copytree(built_project.root, root, symlinks=True)
-    return DvcProject(root, Path(built_project.env["MNIST_MIRROR"]))
+    return copy_project(built_project, tmp_path / "repo")

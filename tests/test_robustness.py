@@ -1,0 +1,123 @@
+"""Interrupted work loses nothing: atomic outputs, resumable training, prompt Ctrl-C."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from stages.common import write_text_atomic
+from tests.conftest import PROJECT_ROOT, copy_project
+
+pytestmark = pytest.mark.integration
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def start(project, *args: str) -> subprocess.Popen:
+    """Starts a command in the project in its own process group, merged output as text lines."""
+    return subprocess.Popen(args, cwd=project.root, env=project.env, text=True, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def read_until(process: subprocess.Popen, marker: str, timeout_s: float = 120) -> str:
+    """Output lines up to and including the first containing `marker`."""
+    deadline, seen = time.monotonic() + timeout_s, []
+    for line in process.stdout:
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+        assert time.monotonic() < deadline, f"no {marker!r} within {timeout_s} s:\n{''.join(seen)}"
+    raise AssertionError(f"process ended before printing {marker!r}:\n{''.join(seen)}")
+
+
+def test_sigkill_mid_write_leaves_no_partial_output(tmp_path):
+    target = tmp_path / "out" / "model.pt"
+    writer = textwrap.dedent(f"""
+        import sys, time
+        from stages.common import atomic_path
+        with atomic_path({str(target)!r}) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"x" * 100_000)
+                f.flush()
+                print("writing", flush=True)
+                time.sleep(60)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", writer], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "writing"
+    process.kill()
+    process.wait()
+    assert not target.exists(), "a killed writer must never leave a file at the output path"
+    leftovers = list(target.parent.iterdir())
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-model.pt.")
+    write_text_atomic(target, "complete\n")  # the next run recovers and cleans up
+    assert target.read_text() == "complete\n"
+    assert list(target.parent.iterdir()) == [target]
+
+
+def test_training_killed_after_an_epoch_resumes_to_identical_results(built_project, tmp_path):
+    reference = copy_project(built_project, tmp_path / "reference")
+    reference.set_params({"train": {"epochs": 3}})
+    reference.repro()
+
+    interrupted = copy_project(built_project, tmp_path / "interrupted")
+    interrupted.set_params({"train": {"epochs": 3}})
+    process = start(interrupted, str(interrupted.env["PATH"].split(os.pathsep)[0] + "/dvc"), "repro")
+    read_until(process, "train: epoch 1/3")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not interrupted.path("models/model.pt").exists()
+    assert interrupted.path("models/train-checkpoint.pt").exists()
+
+    interrupted.repro()
+    assert "resuming from models/train-checkpoint.pt after epoch 1" in interrupted.last.stdout + interrupted.last.stderr
+    assert "epoch 1/3" not in interrupted.last.stdout + interrupted.last.stderr
+    for name in ("models/model.pt", "metrics/eval.json", "metrics/train_log.csv"):
+        assert digest(interrupted.path(name)) == digest(reference.path(name)), name
+    assert not interrupted.path("models/train-checkpoint.pt").exists()
+    assert "up to date" in interrupted.dvc("status").stdout
+
+
+def test_checkpoint_of_other_params_is_not_resumed(project):
+    project.set_params({"train": {"epochs": 3}})
+    process = start(project, str(project.env["PATH"].split(os.pathsep)[0] + "/dvc"), "repro")
+    read_until(process, "train: epoch 1/3")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    project.set_params({"train": {"epochs": 3, "lr": 0.04}})
+    project.repro()
+    output = project.last.stdout + project.last.stderr
+    assert "belongs to other params or data" in output
+    assert "epoch 1/3" in output
+
+
+def test_ctrl_c_exits_promptly_without_a_traceback(project):
+    project.set_params({"train": {"epochs": 50}})
+    process = start(project, str(project.env["PATH"].split(os.pathsep)[0] + "/dvc"), "repro")
+    read_until(process, "train: epoch 1/50")
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends to the foreground group
+    try:
+        output, _ = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("dvc repro did not exit within 20 s of Ctrl-C")
+    assert process.returncode != 0
+    assert "train: interrupted" in output
+    assert "Traceback" not in output
+
+
+def test_corrupt_model_file_gives_one_line_error(project):
+    project.path("models/model.pt").write_bytes(b"not a model")
+    result = project.run(sys.executable, "-m", "stages.evaluate", "models/model.pt", "data/prepared/test.pt",
+                         "metrics/eval.json", "metrics/confusion.csv", check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("evaluate: error: models/model.pt:")
+    assert len(result.stderr.strip().splitlines()) == 1
