@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Re-install only when the declared dependencies change.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: repro test setup bench exp clean-venv
+.PHONY: repro test setup bench exp predict clean-venv
 
 setup: $(INSTALLED)
 
@@ -28,6 +28,10 @@ bench: $(INSTALLED)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Classify image files with the trained model: make predict FILES="a.png b.jpg"
+predict: $(INSTALLED)
+	$(BIN)/python -m stages.predict $(FILES)
 
 # Run a preset of presets.yaml as a DVC experiment: make exp PRESET=mlp-512+aug
 exp: $(INSTALLED)

@@ -7,6 +7,7 @@ import hashlib
 import json
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.integration
 
@@ -21,6 +22,8 @@ def digest(path) -> str:
 def test_full_run_writes_every_output(built_project):
     p = built_project
     assert p.first_run == ALL_STAGES
+    if not torch.cuda.is_available():
+        assert "device auto: no CUDA GPU available, training on the CPU" in p.last.stdout + p.last.stderr
     assert sorted(f.name for f in p.path("data/raw").iterdir()) == [
         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
         "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
@@ -72,6 +75,10 @@ def test_same_params_give_identical_metrics_and_model(project):
     ({"trian": {"lr": 0.1}}, "trian"),
     ({"train": {"epochs": "ten"}}, "train.epochs"),
     ({"train": {"lr": -0.1}}, "train.lr"),
+    ({"fetch": {"mirrors": {"synthetic": []}}}, "fetch.mirrors.synthetic"),
+    # Asking for a GPU where there is none is an error, never a silent CPU run.
+    pytest.param({"train": {"device": "cuda"}}, "train.device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
 def test_invalid_params_fail_before_outputs_are_touched(project, edit, key):
     outputs = ("models/model.pt", "metrics/eval.json", "data/prepared/train.pt", "plots/loss_curves.png")

@@ -1,0 +1,104 @@
+"""predict: MNIST-style conversion of arbitrary images, and the command on a trained model file."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from stages.common import load_tensors
+from stages.predict import to_mnist
+from tests.conftest import PROJECT_ROOT
+
+
+def rendered_digit(digit: str, dark_on_light: bool, size=(180, 240)) -> np.ndarray:
+    """A digit drawn with Pillow's bundled font, off-centre, as a greyscale array."""
+    background, ink = (235, 25) if dark_on_light else (10, 250)
+    image = Image.new("L", size, background)
+    ImageDraw.Draw(image).text((15, 5), digit, fill=ink, font=ImageFont.load_default(size=150))
+    return np.asarray(image)
+
+
+def centre_of_mass(image: np.ndarray) -> tuple[float, float]:
+    rows, cols = np.indices(image.shape)
+    total = image.sum()
+    return (rows * image).sum() / total, (cols * image).sum() / total
+
+
+@pytest.mark.parametrize("digit", list("0123456789"))
+def test_converted_digit_is_fitted_into_20x20_and_centred_by_mass(digit):
+    converted = to_mnist(rendered_digit(digit, dark_on_light=True))
+    assert converted.shape == (28, 28) and converted.dtype == np.uint8
+    rows, cols = np.nonzero(converted > 0.1 * converted.max())
+    assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 <= 21  # 20 px, plus resampling spill
+    com_row, com_col = centre_of_mass(converted.astype(float))
+    assert abs(com_row - 13.5) <= 1 and abs(com_col - 13.5) <= 1
+    assert converted[0].max() == 0 and converted[:, 0].max() == 0, "the background is black, as in MNIST"
+
+
+def test_dark_on_light_and_light_on_dark_give_the_same_digit():
+    dark_on_light = to_mnist(rendered_digit("4", dark_on_light=True)).astype(float)
+    light_on_dark = to_mnist(rendered_digit("4", dark_on_light=False)).astype(float)
+    assert np.corrcoef(dark_on_light.ravel(), light_on_dark.ravel())[0, 1] > 0.95
+
+
+def test_an_mnist_style_image_scaled_up_and_inverted_converts_back():
+    original = to_mnist(rendered_digit("7", dark_on_light=True))
+    photo = 255 - np.asarray(Image.fromarray(original).resize((112, 112), Image.BICUBIC))
+    again = to_mnist(photo)
+    assert np.corrcoef(original.ravel().astype(float), again.ravel().astype(float))[0, 1] > 0.9
+
+
+def test_blank_image_stays_blank():
+    assert to_mnist(np.full((50, 50), 255, np.uint8)).max() == 0
+
+
+def predict(project, *args):
+    return subprocess.run([sys.executable, "-m", "stages.predict", *args], cwd=project.root,
+                          capture_output=True, text=True, env={**project.env, "PYTHONPATH": str(PROJECT_ROOT)})
+
+
+@pytest.mark.integration
+def test_predict_on_idx_matches_evaluate_and_survives_bad_files(built_project, tmp_path):
+    """IDX test images get evaluate's predictions; a bad file gets one error line; PNGs and --json work."""
+    test_images = built_project.path("data/raw/t10k-images-idx3-ubyte.gz")
+    png = tmp_path / "digit.png"
+    Image.fromarray(255 - load_tensors(built_project.path("data/prepared/test.pt"))["images"][0].numpy()).save(png)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(png.read_bytes()[:60])
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"no image at all")
+    result = predict(built_project, str(test_images), str(truncated), str(garbage), str(png), "--json")
+    assert result.returncode == 1, "a failed file makes the exit status non-zero"
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 2
+    assert errors[0].startswith(f"predict: error: {truncated}: damaged image")
+    assert errors[1].startswith(f"predict: error: {garbage}: neither an image Pillow can read")
+    rows = json.loads(result.stdout)
+    with open(built_project.path("metrics/confusion.csv")) as f:
+        evaluated = [int(row["predicted"]) for row in csv.DictReader(f)]
+    idx_rows = [r for r in rows if r["file"].startswith(str(test_images))]
+    assert [r["class"] for r in idx_rows] == evaluated
+    assert rows[-1]["file"] == str(png)
+    assert set(rows[-1]) == {"file", "class", "label", "probability"} and 0 < rows[-1]["probability"] <= 1
+
+    text = predict(built_project, str(png))
+    assert text.returncode == 0
+    assert text.stdout.startswith(f"{png}: ") and text.stdout.strip().endswith("%)")
+
+
+@pytest.mark.integration
+def test_predict_reads_uncompressed_idx_and_a_single_image(built_project, tmp_path):
+    single = tmp_path / "one.idx"
+    content = gzip.decompress(built_project.path("data/raw/t10k-images-idx3-ubyte.gz").read_bytes())
+    # The same bytes as a 2-d IDX file holding only the first image.
+    single.write_bytes(bytes([0, 0, 8, 2]) + (28).to_bytes(4, "big") * 2 + content[16:16 + 784])
+    result = predict(built_project, str(single), "--json")
+    assert result.returncode == 0, result.stderr
+    assert [r["file"] for r in json.loads(result.stdout)] == [f"{single}[0]"]
