@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -152,7 +153,27 @@ def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dic
 # Device, precision and seeding: resolved here and nowhere else.
 
 
-def resolve_device(requested: str) -> torch.device:
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in a torchrun launch; the defaults describe a single-process run."""
+
+    rank: int = 0  # global, 0..world-1
+    world: int = 1
+    local_rank: int = 0  # on this machine: which GPU to use
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def rank_from_env() -> Rank:
+    # torchrun sets these for every process it starts.
+    if "WORLD_SIZE" not in os.environ:
+        return Rank()
+    return Rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     """`auto` picks the GPU when one is available; `cuda` without a GPU is an error, not a CPU run."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -160,7 +181,7 @@ def resolve_device(requested: str) -> torch.device:
                 "train.device: 'cuda' was requested but no CUDA GPU is available; "
                 "use 'auto' (GPU when present, else CPU) or 'cpu'"
             )
-        return torch.device("cuda")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 

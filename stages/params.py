@@ -109,6 +109,7 @@ class TrainParams:
     precision: Literal["fp32", "bf16"]  # bf16 autocast; on CPU too, though it rarely pays there
     compile: bool  # torch.compile the model
     deterministic: bool  # forbid nondeterministic CUDA kernels (CPU is deterministic regardless)
+    processes: int  # > 1: the stage relaunches itself under torchrun, one process per shard (DDP)
 
     def check(self, train_split_size: int) -> None:
         _require(all(h >= 1 for h in self.hidden), "train.hidden",
@@ -129,6 +130,10 @@ class TrainParams:
                  f"must be between 1 and the train split size ({train_split_size}), got {self.batch_size}")
         _require(1 <= self.epochs <= 1000, "train.epochs", f"must be between 1 and 1000, got {self.epochs}")
         _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
+        _require(1 <= self.processes <= 64, "train.processes", f"must be between 1 and 64, got {self.processes}")
+        _require(self.batch_size >= self.processes, "train.batch_size",
+                 f"must be at least train.processes ({self.processes}): each process takes a share "
+                 f"of every batch, got {self.batch_size}")
 
 
 @dataclass(frozen=True)

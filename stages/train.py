@@ -15,6 +15,8 @@ import dataclasses
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stages import params as params_mod
-from stages.common import (PipelineError, describe_device, load_tensors, log, resolve_device, run_main,
-                           save_tensors, seed_everything, write_text_atomic)
+from stages.common import (PipelineError, Rank, describe_device, load_tensors, log, rank_from_env,
+                           resolve_device, run_main, save_tensors, seed_everything, write_text_atomic)
 from stages.models import build_model, count_parameters, model_config, predict_logits, save_model
 from stages.params import TrainParams
 
@@ -60,15 +62,23 @@ def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
 
 def train_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
                 images: torch.Tensor, labels: torch.Tensor, cfg: TrainParams,
-                generator: torch.Generator, autocast: contextlib.AbstractContextManager) -> float:
-    """One pass over a fresh permutation of the train tensors; returns the mean train loss."""
+                generator: torch.Generator, autocast: contextlib.AbstractContextManager,
+                rank: Rank = Rank()) -> float:
+    """One pass over a fresh permutation of the train tensors; returns the mean train loss.
+
+    Under torchrun every process draws the same permutation (same seed) and takes every
+    world-th image of each batch, so a step still covers batch_size images in all and the
+    schedule is the same as in one process; DDP averages the gradients.
+    """
     model.train()
     n = len(labels)
     order = torch.randperm(n, generator=generator).to(images.device)
-    total_loss = torch.zeros((), device=images.device)  # summed on the device: no per-step sync
-    seen = 0
+    total_loss = torch.zeros(2, device=images.device)  # [loss sum, images]: on device, no per-step sync
     for step in range(steps_per_epoch(n, cfg.batch_size, cfg.drop_last)):
         batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        if len(batch) < rank.world:
+            break  # a last, partial batch too small to give every process an image
+        batch = batch[rank.rank::rank.world]
         with autocast:
             logits = step_model(images[batch])
             loss = F.cross_entropy(logits.float(), labels[batch], label_smoothing=cfg.label_smoothing)
@@ -77,9 +87,11 @@ def train_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.optim.
         optimizer.step()
         if schedule is not None:
             schedule.step()
-        total_loss += loss.detach() * len(batch)
-        seen += len(batch)
-    return total_loss.item() / seen
+        total_loss[0] += loss.detach() * len(batch)
+        total_loss[1] += len(batch)
+    if rank.world > 1:
+        torch.distributed.all_reduce(total_loss)
+    return (total_loss[0] / total_loss[1]).item()
 
 
 def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -136,9 +148,13 @@ def load_checkpoint(path: Path, run_id: str) -> dict | None:
 
 
 def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
-        checkpoint: Path | None = None, run_id: str = ""):
+        checkpoint: Path | None = None, run_id: str = "", rank: Rank = Rank()):
     """Trains from scratch, or from `checkpoint` when it holds an earlier epoch of the same run
-    (`run_id`, see fingerprint). Returns (model on `device`, model config, per-epoch log rows)."""
+    (`run_id`, see fingerprint). Returns (model on `device`, model config, per-epoch log rows).
+
+    Under torchrun (rank.world > 1) every process calls this; only rank 0 scores val, logs and
+    writes the checkpoint, and its rows are the ones to keep.
+    """
     seed_everything(cfg.seed, cfg.deterministic)
     classes = train["classes"]
     image_size = train["images"].shape[-1]
@@ -147,7 +163,11 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     if device.type == "cpu" and cfg.model == "cnn":
         # oneDNN's convolutions run ~1.7x faster on NHWC than on NCHW on CPU (measured here).
         model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = model
+    if rank.world > 1:
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        step_model = torch.compile(step_model)
     images, labels = train["images"].to(device), train["labels"].to(device)
     val_images, val_labels = val["images"].to(device), val["labels"].to(device)
     optimizer = make_optimizer(model, cfg)
@@ -155,8 +175,10 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     schedule = make_schedule(optimizer, cfg, total_steps)
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order, independent of model init
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    log(STAGE, f"{cfg.model}: {count_parameters(model):,} parameters; {len(labels):,} train and "
-               f"{len(val_labels):,} val images; {cfg.epochs} epochs of {total_steps // cfg.epochs} steps")
+    say = (lambda message: log(STAGE, message)) if rank.is_main else (lambda message: None)
+    say(f"{cfg.model}: {count_parameters(model):,} parameters; {len(labels):,} train and "
+        f"{len(val_labels):,} val images; {cfg.epochs} epochs of {total_steps // cfg.epochs} steps"
+        + (f", each shared by {rank.world} processes" if rank.world > 1 else ""))
     rows: list[dict] = []
     state = load_checkpoint(checkpoint, run_id) if checkpoint else None
     if state:
@@ -169,17 +191,21 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         rows = state["rows"]
-        log(STAGE, f"resuming from {checkpoint} after epoch {state['epoch']}")
+        say(f"resuming from {checkpoint} after epoch {state['epoch']}")
     for epoch in range(len(rows) + 1, cfg.epochs + 1):
         start = time.perf_counter()
-        train_loss = train_epoch(model, step_model, optimizer, schedule, images, labels, cfg, generator, autocast)
+        train_loss = train_epoch(model, step_model, optimizer, schedule, images, labels, cfg, generator,
+                                 autocast, rank)
+        if not rank.is_main:
+            rows.append({"epoch": epoch})  # keeps the epoch count; only rank 0's rows are written
+            continue
         val_loss, val_accuracy = score(model, val_images, val_labels)
         rows.append({"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
                      "val_accuracy": round(val_accuracy, 6)})
-        if checkpoint:
+        if checkpoint:  # rank 0 only: every process resumes from the one file
             save_checkpoint(checkpoint, run_id, epoch, model, optimizer, schedule, generator, rows)
-        log(STAGE, f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                   f"val accuracy {100 * val_accuracy:.2f}% ({time.perf_counter() - start:.1f} s)")
+        say(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+            f"val accuracy {100 * val_accuracy:.2f}% ({time.perf_counter() - start:.1f} s)")
     return model, config, rows
 
 
@@ -194,20 +220,42 @@ def main(argv: list[str] | None = None) -> None:
                              "and inputs; removed once the model is written")
     args = parser.parse_args(argv)
     cfg = params_mod.load().train
-    device = resolve_device(cfg.device)
-    if cfg.device == "auto" and device.type == "cpu":
-        log(STAGE, "device auto: no CUDA GPU available, training on the CPU")
-    log(STAGE, f"device: {describe_device(device)}; precision {cfg.precision}")
+    rank = rank_from_env()
+    if cfg.processes > 1 and rank.world == 1:
+        sys.exit(launch_torchrun(cfg.processes, sys.argv[1:] if argv is None else argv))
+    device = resolve_device(cfg.device, rank.local_rank)
+    if rank.world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # gloo: the CPU backend; nccl: the GPU one.
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank.is_main:
+        if cfg.device == "auto" and device.type == "cpu":
+            log(STAGE, "device auto: no CUDA GPU available, training on the CPU")
+        log(STAGE, f"device: {describe_device(device)}; precision {cfg.precision}")
     train = load_tensors(args.train_in, required=("images", "labels", "classes", "mean", "std"))
     val = load_tensors(args.val_in, required=("images", "labels"))
     start = time.perf_counter()
     run_id = fingerprint(cfg, args.train_in, args.val_in) if args.checkpoint else ""
-    model, config, rows = fit(cfg, train, val, device, args.checkpoint, run_id)
+    model, config, rows = fit(cfg, train, val, device, args.checkpoint, run_id, rank)
+    if rank.world > 1:
+        torch.distributed.destroy_process_group()
+    if not rank.is_main:
+        return  # one run, one set of outputs: rank 0's
     log(STAGE, f"trained in {time.perf_counter() - start:.1f} s")
     save_model(args.model_out, model, config, train["classes"])
     write_text_atomic(args.log_out, log_csv(rows))
     if args.checkpoint:
         args.checkpoint.unlink(missing_ok=True)
+
+
+def launch_torchrun(processes: int, argv: list[str]) -> int:
+    """Re-runs this stage under torchrun, `processes` workers on this machine; its exit status.
+    For several machines, run torchrun yourself (see README): the stage then trains as it is."""
+    log(STAGE, f"train.processes = {processes}: launching torchrun")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "stages.train", *argv]
+    return subprocess.call(command)
 
 
 if __name__ == "__main__":
