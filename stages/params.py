@@ -256,7 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load(args.params)
     if params.train.device == "cuda":
-        resolve_device("cuda")  # fail now, before DVC deletes the model of the last run
+        try:  # fail now, before DVC deletes the model of the last run
+            resolve_device("cuda")
+        except PipelineError as exc:
+            raise ParamsError("train.device", str(exc).removeprefix("train.device: ")) from None
     write_text_atomic(args.marker, VALID_MARKER)
 
 
