@@ -8,6 +8,9 @@ import json
 
 import pytest
 import torch
+import yaml
+
+from tests.synthetic import write_mirror
 
 pytestmark = pytest.mark.integration
 
@@ -88,3 +91,20 @@ def test_invalid_params_fail_before_outputs_are_touched(project, edit, key):
     assert result.returncode != 0
     assert f"params.yaml: {key}:" in result.stderr + result.stdout
     assert {name: digest(project.path(name)) for name in outputs} == before
+
+
+def test_switching_dataset_reruns_everything_and_carries_class_names(project, tmp_path):
+    """A second dataset of the same format is one table entry more; its class names reach the
+    model file while the per-class metrics stay keyed by class index."""
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    entry = write_mirror(tmp_path / "other-mirror", seed=1)
+    entry["classes"] = names
+    table = project.path("stages/datasets.yaml")
+    table.write_text(table.read_text() + yaml.safe_dump({"other": entry}, sort_keys=False))
+    project.set_params({"fetch": {"dataset": "other", "mirrors": {"other": ["http://127.0.0.1:9/"]}}})
+    project.env["MNIST_MIRROR"] = str(tmp_path / "other-mirror")
+    assert project.repro() == ALL_STAGES
+    model = torch.load(project.path("models/model.pt"), weights_only=True)
+    assert model["classes"] == names
+    metrics = json.loads(project.path("metrics/eval.json").read_text())
+    assert set(metrics["per_class"]) == {str(k) for k in range(10)}
