@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import http.client
 import os
 import urllib.error
 import urllib.request
@@ -54,7 +55,7 @@ def _download(url: str, timeout_s: float) -> bytes:
         raise SourceError(f"HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
         raise SourceError(f"cannot connect ({exc.reason})") from None
-    except (OSError, TimeoutError) as exc:  # reset connections, read time-outs
+    except (OSError, TimeoutError, http.client.HTTPException) as exc:  # resets, time-outs, cut-off bodies
         raise SourceError(f"transfer failed ({exc})") from None
     data = b"".join(chunks)
     if total is not None and len(data) != total:

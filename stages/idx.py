@@ -42,7 +42,10 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
             f"{name}: size {len(data):,} bytes disagrees with the header's dimensions {dims} "
             f"({expected:,} bytes expected); the file is truncated or not what it claims"
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(dims)
+    try:
+        return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(dims)
+    except ValueError as exc:  # e.g. more dimensions than NumPy supports
+        raise IdxFormatError(f"{name}: unusable dimensions {dims} ({exc})") from None
 
 
 def write_idx(array: np.ndarray) -> bytes:

@@ -109,12 +109,16 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
     try:
         model = build_model(config)
         model.load_state_dict(payload["state_dict"], strict=True)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(f"{path}: weights do not fit the stored configuration "
                              f"{_describe(config)} ({first_line})") from None
-    if len(payload["classes"]) != config.get("num_classes"):
-        raise ModelFileError(f"{path}: {len(payload['classes'])} class names for {config.get('num_classes')} outputs")
+    classes = payload["classes"]
+    if not isinstance(classes, list) or len(classes) != config.get("num_classes"):
+        raise ModelFileError(f"{path}: class names {classes!r:.80} do not match the model's "
+                             f"{config.get('num_classes')} outputs")
     return model.to(device).eval(), {k: v for k, v in payload.items() if k != "state_dict"}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -194,6 +195,7 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
                                        "YAML reads an exponent without a dot as text: write e.g. 1.0e-3")
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                  f"must be a number, got {value!r}")
+        _require(math.isfinite(value), key, f"must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         _require(isinstance(value, str), key, f"must be a string, got {value!r}")

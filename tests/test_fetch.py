@@ -1,0 +1,314 @@
+"""stages.fetch: verified downloads from local and HTTP sources, fallback, and an all-or-nothing output."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import threading
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import fetch
+from stages import params as params_mod
+from stages.common import PipelineError
+from stages.datasets import FILE_ROLES, DataFile, load_table
+from tests.conftest import PROJECT_ROOT
+from tests.synthetic import write_mirror
+
+TIMEOUT_S = 5.0
+
+
+@pytest.fixture
+def mirror(tmp_path) -> tuple[Path, dict[str, DataFile]]:
+    """A synthetic mirror directory and its four files by role."""
+    directory = tmp_path / "mirror"
+    entry = write_mirror(directory, n_train=60, n_test=20)
+    return directory, {role: DataFile(f["name"], f["sha256"]) for role, f in entry["files"].items()}
+
+
+def content_of(directory: Path, file: DataFile) -> bytes:
+    return gzip.decompress((directory / file.gz_name).read_bytes())
+
+
+def bad_mirror(root: Path, file: DataFile, damage: str) -> Path:
+    """A directory under `root` holding `file` damaged in one way; the good one is in root/mirror."""
+    good = content_of(root / "mirror", file)
+    if damage == "wrong content":  # a valid IDX file of another synthetic dataset
+        write_mirror(root / "other", n_train=60, n_test=20, seed=1)
+        data = (root / "other" / file.gz_name).read_bytes()
+    else:
+        data = {"flipped byte": gzip.compress(good[:-1] + bytes([good[-1] ^ 1])),
+                "truncated gzip": gzip.compress(good)[:-20],
+                "truncated content": gzip.compress(good[:-10])}[damage]
+    directory = root / f"bad-{damage.replace(' ', '-')}"
+    directory.mkdir()
+    (directory / file.gz_name).write_bytes(data)
+    return directory
+
+
+# ------------------------------------------------------------------------------------------
+# Local directories
+
+
+@pytest.mark.parametrize("compressed", [True, False], ids=["gz", "unpacked"])
+def test_fetch_verified_from_directory(mirror, tmp_path, compressed):
+    """A local mirror may hold the files gzipped or unpacked; either gives the verified content."""
+    directory, files = mirror
+    file = files["train_images"]
+    expected = content_of(directory, file)
+    if not compressed:
+        directory = tmp_path / "unpacked"
+        directory.mkdir()
+        (directory / file.name).write_bytes(expected)
+    content = fetch.fetch_verified(str(directory), file, TIMEOUT_S)
+    assert content == expected
+    assert hashlib.sha256(content).hexdigest() == file.sha256
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    ("wrong content", "SHA-256"), ("flipped byte", "SHA-256"),
+    ("truncated gzip", "damaged gzip"), ("truncated content", "SHA-256"),
+])
+def test_damaged_file_is_rejected(mirror, tmp_path, damage, reason):
+    """Content that does not match the table's digest, or gzip that does not unpack, is a SourceError."""
+    _, files = mirror
+    file = files["train_labels"]
+    with pytest.raises(fetch.SourceError, match=reason):
+        fetch.fetch_verified(str(bad_mirror(tmp_path, file, damage)), file, TIMEOUT_S)
+
+
+def test_missing_file_is_rejected(mirror, tmp_path):
+    """A directory without the file is a SourceError naming both names it looked for."""
+    _, files = mirror
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(fetch.SourceError, match="neither .*\\.gz nor"):
+        fetch.fetch_verified(str(tmp_path / "empty"), files["test_images"], TIMEOUT_S)
+
+
+def test_fetch_file_falls_back_to_next_source(mirror, tmp_path):
+    """After a source with a damaged file, fetch_file moves on and returns the good content."""
+    directory, files = mirror
+    file = files["test_labels"]
+    bad = bad_mirror(tmp_path, file, "wrong content")
+    assert fetch.fetch_file([str(bad), str(directory)], file, TIMEOUT_S) == content_of(directory, file)
+
+
+def test_fetch_file_reports_every_source(mirror, tmp_path):
+    """When every source fails, one PipelineError lists each source's reason and the MNIST_MIRROR hint."""
+    _, files = mirror
+    file = files["test_labels"]
+    (tmp_path / "empty").mkdir()
+    sources = [str(bad_mirror(tmp_path, file, "wrong content")), str(bad_mirror(tmp_path, file, "truncated gzip")),
+               str(tmp_path / "empty")]
+    with pytest.raises(PipelineError) as info:
+        fetch.fetch_file(sources, file, TIMEOUT_S)
+    assert not isinstance(info.value, fetch.SourceError)
+    lines = str(info.value).splitlines()
+    assert file.gz_name in lines[0]
+    assert [line.split(": ")[0].strip() for line in lines[1:4]] == sources
+    assert "SHA-256" in lines[1] and "damaged gzip" in lines[2] and "neither" in lines[3]
+    assert fetch.MIRROR_ENV in lines[4] and len(lines) == 5
+
+
+def test_sources_put_the_override_first():
+    """$MNIST_MIRROR, when set, is tried before the configured mirrors."""
+    assert fetch.sources(["a", "b"], None) == ["a", "b"]
+    assert fetch.sources(["a", "b"], "/local") == ["/local", "a", "b"]
+
+
+def test_canonical_gzip_is_deterministic():
+    """The same content always gives the same bytes (no mtime, no name) that unpack to the content."""
+    content = bytes(range(256)) * 100
+    first = fetch.canonical_gzip(content)
+    assert first == fetch.canonical_gzip(content)
+    assert gzip.decompress(first) == content
+    assert first[4:8] == b"\x00\x00\x00\x00"  # gzip header mtime
+    assert fetch.canonical_gzip(content + b"x") != first
+
+
+# ------------------------------------------------------------------------------------------
+# HTTP, on a loopback server
+
+
+class QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class ShortBody(BaseHTTPRequestHandler):
+    """Announces more body than it sends, then closes: with Content-Length, or chunked."""
+    protocol_version = "HTTP/1.1"
+    chunked = False
+
+    def do_GET(self):
+        self.send_response(200)
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", "100000")
+        self.end_headers()
+        self.wfile.write(b"a\r\n0123456789\r\n" if self.chunked else b"\x1f\x8b" + bytes(998))
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+class ShortChunkedBody(ShortBody):
+    chunked = True
+
+
+def serve(handler):
+    """Starts a threading HTTP server on 127.0.0.1 (a free port); returns (base URL, stop)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return f"http://127.0.0.1:{server.server_address[1]}", stop
+
+
+@pytest.fixture
+def http_mirrors(mirror, tmp_path):
+    """Base URLs of a loopback server: (good mirror, mirror with a damaged train_labels file)."""
+    directory, files = mirror
+    bad_mirror(tmp_path, files["train_labels"], "wrong content")
+    url, stop = serve(functools.partial(QuietFiles, directory=str(tmp_path)))
+    yield f"{url}/mirror/", f"{url}/bad-wrong-content/"
+    stop()
+
+
+@pytest.fixture
+def short_body_server(request):
+    url, stop = serve(request.param)
+    yield url
+    stop()
+
+
+def test_http_download_is_verified(mirror, http_mirrors):
+    """Over HTTP the .gz is downloaded, unpacked and checked like a local file."""
+    directory, files = mirror
+    good, _ = http_mirrors
+    for file in files.values():
+        assert fetch.fetch_verified(good, file, TIMEOUT_S) == content_of(directory, file)
+
+
+def test_http_damaged_file_then_fallback(mirror, http_mirrors):
+    """A served file with the wrong content is rejected, and fetch_file falls back to the next URL."""
+    directory, files = mirror
+    good, bad = http_mirrors
+    file = files["train_labels"]
+    with pytest.raises(fetch.SourceError, match="SHA-256"):
+        fetch.fetch_verified(bad, file, TIMEOUT_S)
+    assert fetch.fetch_file([bad, good], file, TIMEOUT_S) == content_of(directory, file)
+
+
+def test_http_404(mirror, http_mirrors):
+    """A file the server does not have is a SourceError with the HTTP status."""
+    _, files = mirror
+    good, _ = http_mirrors
+    with pytest.raises(fetch.SourceError, match="HTTP 404"):
+        fetch.fetch_verified(good + "nothing-here/", files["test_images"], TIMEOUT_S)
+
+
+def test_refused_connection(mirror):
+    """Nothing listening (port 9 on loopback) is a SourceError, not a crash."""
+    _, files = mirror
+    with pytest.raises(fetch.SourceError, match="cannot connect|transfer failed"):
+        fetch.fetch_verified("http://127.0.0.1:9/", files["test_images"], TIMEOUT_S)
+
+
+@pytest.mark.parametrize("short_body_server", [ShortBody, ShortChunkedBody], indirect=True,
+                         ids=["content-length", "chunked"])
+def test_connection_closed_early(mirror, short_body_server):
+    """A transfer cut short is a SourceError (so the next source is tried), whatever the framing."""
+    _, files = mirror
+    with pytest.raises(fetch.SourceError, match="transfer"):
+        fetch.fetch_verified(short_body_server, files["test_images"], TIMEOUT_S)
+
+
+# ------------------------------------------------------------------------------------------
+# The stage: main([out_dir])
+
+
+class SyntheticStage:
+    """fetch.main's view of the world: params for a synthetic dataset with mirrors set per test."""
+
+    def __init__(self, monkeypatch, tmp_path: Path):
+        self.monkeypatch = monkeypatch
+        self.directory = tmp_path / "mirror"
+        entry = write_mirror(self.directory, n_train=60, n_test=20)
+        table_path = tmp_path / "datasets.yaml"
+        table_path.write_text(yaml.safe_dump({"synthetic": entry}))
+        table = {**load_table(), **load_table(table_path)}
+        monkeypatch.setattr(params_mod, "load_table", lambda: table)
+        monkeypatch.delenv(fetch.MIRROR_ENV, raising=False)
+        self.files = table["synthetic"].files
+
+    def set_mirrors(self, mirrors: list[str]) -> None:
+        raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+        raw["fetch"].update(dataset="synthetic", mirrors={"synthetic": mirrors})
+        raw["preprocess"]["val_size"] = 10  # the synthetic training set has 60 images
+        raw["train"]["batch_size"] = 10
+        params = params_mod.parse(raw)
+        self.monkeypatch.setattr(params_mod, "load", lambda *args, **kwargs: params)
+
+
+@pytest.fixture
+def stage(monkeypatch, tmp_path) -> SyntheticStage:
+    return SyntheticStage(monkeypatch, tmp_path)
+
+
+def test_main_writes_four_canonical_files(stage, tmp_path):
+    """With a good source, out_dir holds exactly the four files, each canonically re-gzipped."""
+    stage.set_mirrors([str(tmp_path / "missing"), str(stage.directory)])
+    out = tmp_path / "work" / "raw"
+    fetch.main([str(out)])
+    files = stage.files
+    assert sorted(p.name for p in out.iterdir()) == sorted(files[role].gz_name for role in FILE_ROLES)
+    for file in files.values():
+        assert (out / file.gz_name).read_bytes() == fetch.canonical_gzip(content_of(stage.directory, file))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["raw"]
+
+
+def test_main_mirror_env_wins(stage, tmp_path, monkeypatch):
+    """$MNIST_MIRROR is used before the configured (here: dead) mirrors."""
+    stage.set_mirrors([str(tmp_path / "missing")])
+    monkeypatch.setenv(fetch.MIRROR_ENV, str(stage.directory))
+    out = tmp_path / "work" / "raw"
+    fetch.main([str(out)])
+    assert len(list(out.glob("*.gz"))) == 4
+
+
+def test_main_leaves_nothing_when_every_source_fails(stage, tmp_path):
+    """Three files fetched and the fourth unavailable: out_dir is not created, no temporary is left."""
+    directory = stage.directory
+    (directory / stage.files["test_labels"].gz_name).unlink()
+    stage.set_mirrors([str(directory), str(tmp_path / "missing")])
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(PipelineError, match="could not fetch t10k-labels"):
+        fetch.main([str(work / "raw")])
+    assert list(work.iterdir()) == []
+
+
+def test_main_failure_keeps_previous_output(stage, tmp_path):
+    """A failed fetch leaves an existing out_dir exactly as it was."""
+    stage.set_mirrors([str(tmp_path / "missing")])
+    out = tmp_path / "work" / "raw"
+    out.mkdir(parents=True)
+    (out / "old.gz").write_bytes(b"old")
+    with pytest.raises(PipelineError):
+        fetch.main([str(out)])
+    assert [p.name for p in out.iterdir()] == ["old.gz"] and (out / "old.gz").read_bytes() == b"old"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["raw"]

@@ -1,0 +1,174 @@
+"""stages.models: the three architectures, and a model file that round-trips or fails cleanly."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import random
+import shlex
+
+import pytest
+import torch
+import yaml
+
+from stages.models import FORMAT_VERSION, ModelFileError, build_model, load_model, model_config, save_model
+from stages.params import parse
+from tests.conftest import PROJECT_ROOT
+
+CLASSES = [str(k) for k in range(10)]
+TRAIN = parse(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())).train
+SMALL = dataclasses.replace(TRAIN, hidden=[32, 16], dropout=0.2, channels=[4, 8, 16])
+
+
+def config(model: str, **changes) -> dict:
+    """model_config of a small `model` (params.yaml's train section, shrunk)."""
+    return model_config(dataclasses.replace(SMALL, model=model, **changes), 28, 10, mean=0.13, std=0.31)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def saved(tmp_path) -> tuple:
+    """A saved mlp: (path, model, config)."""
+    torch.manual_seed(0)
+    cfg = config("mlp")
+    model = build_model(cfg).eval()
+    path = tmp_path / "model.pt"
+    save_model(path, model, cfg, CLASSES)
+    return path, model, cfg
+
+
+def rewrite(path, change) -> None:
+    """Loads the model file's payload, applies `change` to it and saves the result back."""
+    payload = torch.load(path, weights_only=True)
+    payload = change(payload) or payload
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize("model", ["softmax", "mlp", "cnn"])
+def test_architecture_maps_images_to_logits(images, model):
+    """Each architecture takes uint8 [N, 28, 28] and returns finite float logits [N, 10]."""
+    net = build_model(config(model)).eval()
+    with torch.no_grad():
+        logits = net(images)
+    assert logits.shape == (len(images), 10) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    assert not torch.allclose(logits[0], logits[1])  # depends on the input
+
+
+def test_config_selects_layers():
+    """hidden and channels in the config shape the network; dropout only appears when > 0."""
+    mlp = build_model(config("mlp"))
+    assert [m.out_features for m in mlp if isinstance(m, torch.nn.Linear)] == [32, 16, 10]
+    assert any(isinstance(m, torch.nn.Dropout) for m in mlp)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in build_model(config("mlp", dropout=0.0)))
+    cnn = build_model(config("cnn"))
+    assert [m.out_channels for m in cnn if isinstance(m, torch.nn.Conv2d)] == [4, 8, 16]
+
+
+@pytest.mark.parametrize("model", ["softmax", "mlp", "cnn"])
+def test_save_load_round_trip(tmp_path, images, model):
+    """A loaded model gives exactly the outputs of the saved one, and the file's metadata comes back."""
+    torch.manual_seed(1)
+    cfg = config(model)
+    net = build_model(cfg).eval()
+    path = tmp_path / "model.pt"
+    save_model(path, net, cfg, CLASSES)
+    loaded, meta = load_model(path)
+    assert not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(images), net(images))
+    assert meta == {"format_version": FORMAT_VERSION, "config": cfg, "classes": CLASSES}
+
+
+def expect_model_file_error(path, *words: str) -> None:
+    """Asserts load_model(path) raises ModelFileError naming the path and the given words."""
+    with pytest.raises(ModelFileError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message, f"{word!r} missing from {message!r}"
+
+
+def test_missing_file(tmp_path):
+    """A model file that is not there is a ModelFileError naming it."""
+    expect_model_file_error(tmp_path / "none.pt", "not found")
+
+
+def test_random_bytes(tmp_path):
+    """Bytes that are no tensor file at all are refused with the path."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"not a model" + random.Random(0).randbytes(4096))
+    expect_model_file_error(path)
+
+
+def test_truncated_file(saved):
+    """Half a model file is refused with the path."""
+    path = saved[0]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    expect_model_file_error(path, "damaged")
+
+
+@pytest.mark.parametrize("change", [
+    lambda p: p["config"].update(hidden=[50]),
+    lambda p: p["config"].update(hidden=[32, 16, 8]),
+    lambda p: p["config"].update(model="cnn"),
+    lambda p: p["config"].update(image_size=32),
+    lambda p: p["config"].pop("dropout"),
+    lambda p: p["config"].update(model="resnet"),
+    lambda p: p.update(config=[1, 2]),
+    lambda p: p.update(classes=CLASSES[:9]),
+    lambda p: p.update(classes=10),
+], ids=["fewer hidden", "more hidden", "other architecture", "image size", "key missing",
+        "unknown architecture", "config not a dict", "nine classes", "classes not a list"])
+def test_config_that_does_not_fit_the_weights(saved, change):
+    """A stored configuration that does not describe the stored weights is a ModelFileError."""
+    path = saved[0]
+    rewrite(path, change)
+    expect_model_file_error(path)
+
+
+def test_wrong_format_version(saved):
+    """A file of another format version is refused, saying so."""
+    path = saved[0]
+    rewrite(path, lambda p: p.update(format_version=FORMAT_VERSION + 1))
+    expect_model_file_error(path, "format")
+
+
+@pytest.mark.parametrize("payload", [[1, 2, 3], torch.zeros(3), {"config": {}}], ids=["list", "tensor", "partial"])
+def test_not_a_model_payload(tmp_path, payload):
+    """A tensor file that is not a dict with every model entry is refused."""
+    path = tmp_path / "model.pt"
+    torch.save(payload, path)
+    expect_model_file_error(path)
+
+
+class Exploit:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_code_in_a_model_file_never_runs(tmp_path, writer):
+    """Loading uses weights_only: a pickle that would call os.system is refused and never executed."""
+    marker = tmp_path / "pwned"
+    payload = {"format_version": FORMAT_VERSION, "config": Exploit(marker), "classes": CLASSES, "state_dict": {}}
+    path = tmp_path / "model.pt"
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    expect_model_file_error(path)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(Exploit(tmp_path / "control")))  # the exploit does work when unpickled
+    assert (tmp_path / "control").exists()

@@ -1,0 +1,191 @@
+"""stages.params: the real params.yaml parses, and every bad value is refused naming its key."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from typing import get_args, get_type_hints
+
+import pytest
+import yaml
+
+from stages.common import PipelineError
+from stages.params import VALID_MARKER, Params, ParamsError, TrainParams, load, parse
+from tests.conftest import PROJECT_ROOT
+
+PARAMS_TEXT = (PROJECT_ROOT / "params.yaml").read_text()
+BASE = yaml.safe_load(PARAMS_TEXT)
+TRAIN_SPLIT = 60000 - BASE["preprocess"]["val_size"]
+
+
+def with_change(section: str, key: str, value) -> dict:
+    """A deep copy of the real params with params[section][key] = value."""
+    raw = copy.deepcopy(BASE)
+    raw[section][key] = value
+    return raw
+
+
+def without(section: str, key: str) -> dict:
+    """A deep copy of the real params with params[section][key] removed."""
+    raw = copy.deepcopy(BASE)
+    del raw[section][key]
+    return raw
+
+
+def test_real_params_parse():
+    """The committed params.yaml is valid and comes back typed (ints given for floats become floats)."""
+    params = parse(copy.deepcopy(BASE))
+    assert isinstance(params, Params)
+    assert params.train.model == BASE["train"]["model"]
+    assert params.train.lr == BASE["train"]["lr"] and isinstance(params.train.lr, float)
+    assert isinstance(params.fetch.timeout_s, float)  # written as the integer 30
+    assert params.train.hidden == BASE["train"]["hidden"]
+    assert params.dataset.name == BASE["fetch"]["dataset"]
+
+
+def test_load_reads_a_file(tmp_path):
+    """load() reads and validates a params file given by path."""
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS_TEXT)
+    assert load(path) == parse(copy.deepcopy(BASE))
+
+
+@pytest.mark.parametrize("value", [1, TRAIN_SPLIT])
+def test_batch_size_bounds_are_inclusive(value):
+    """batch_size 1 and exactly the train split size (60000 - val_size) are accepted."""
+    assert parse(with_change("train", "batch_size", value)).train.batch_size == value
+
+
+def _bad_cases():
+    """(id, raw params, key that must be named, words that must appear in the message)."""
+    c = with_change
+    yield "unknown key", c("train", "lrr", 0.1), "train.lrr", ["unknown key", "takes", "epochs", "batch_size"]
+    unknown_section = copy.deepcopy(BASE)
+    unknown_section["trian"] = {}
+    yield "unknown section", unknown_section, "trian", ["unknown section", "train", "fetch"]
+    yield "missing key", without("train", "lr"), "train.lr", ["missing"]
+    missing_section = copy.deepcopy(BASE)
+    del missing_section["evaluate"]
+    yield "missing section", missing_section, "evaluate", ["missing"]
+    yield "section not a mapping", {**copy.deepcopy(BASE), "plot": None}, "plot", ["mapping"]
+    yield "string for int", c("train", "epochs", "ten"), "train.epochs", ["integer", "'ten'"]
+    yield "float as YAML string", c("train", "lr", "1e-3"), "train.lr", ["string", "1.0e-3"]
+    yield "bool for int", c("train", "epochs", True), "train.epochs", ["integer"]
+    yield "bool for float", c("train", "lr", True), "train.lr", ["number"]
+    yield "string for bool", c("train", "nesterov", "yes"), "train.nesterov", ["true or false"]
+    yield "lr zero", c("train", "lr", 0), "train.lr", ["> 0"]
+    yield "lr negative", c("train", "lr", -0.1), "train.lr", ["> 0"]
+    yield "epochs zero", c("train", "epochs", 0), "train.epochs", ["between 1 and"]
+    yield "batch_size zero", c("train", "batch_size", 0), "train.batch_size", ["between 1 and", str(TRAIN_SPLIT)]
+    yield ("batch_size over train split", c("train", "batch_size", TRAIN_SPLIT + 1), "train.batch_size",
+           ["between 1 and", str(TRAIN_SPLIT)])
+    yield "val_size zero", c("preprocess", "val_size", 0), "preprocess.val_size", ["between"]
+    yield "val_size negative", c("preprocess", "val_size", -5), "preprocess.val_size", ["between"]
+    yield "val_size whole set", c("preprocess", "val_size", 60000), "preprocess.val_size", ["between", "60000"]
+    for key, bad in [("model", "resnet"), ("optimizer", "lbfgs"), ("device", "tpu"),
+                     ("schedule", "step"), ("precision", "fp16")]:
+        allowed = [repr(v) for v in get_args(get_type_hints(TrainParams)[key])]
+        yield f"unknown {key}", c("train", key, bad), f"train.{key}", ["one of", repr(bad), *allowed]
+    mlp_no_hidden = c("train", "model", "mlp")
+    mlp_no_hidden["train"]["hidden"] = []
+    yield "mlp without hidden", mlp_no_hidden, "train.hidden", ["at least one"]
+    yield "hidden size zero", c("train", "hidden", [100, 0]), "train.hidden", ["positive"]
+    yield "hidden size not int", c("train", "hidden", [100, "x"]), "train.hidden[1]", ["integer"]
+    yield "dropout negative", c("train", "dropout", -0.1), "train.dropout", ["[0, 1)"]
+    yield "dropout one", c("train", "dropout", 1.0), "train.dropout", ["[0, 1)"]
+    yield "rotation negative", c("augment", "rotation_deg", -1.0), "augment.rotation_deg", ["between 0 and 180"]
+    yield "translate negative", c("augment", "translate", -0.1), "augment.translate", ["between 0 and 0.5"]
+    yield "scale_min negative", c("augment", "scale_min", -0.5), "augment.scale_min", ["(0, 4]"]
+    yield "copies negative", c("augment", "copies", -1), "augment.copies", ["between 0 and 50"]
+    scale_inverted = c("augment", "scale_min", 1.2)
+    scale_inverted["augment"]["scale_max"] = 1.1
+    yield "scale_max below scale_min", scale_inverted, "augment.scale_max", ["between scale_min"]
+    no_mirrors = copy.deepcopy(BASE)
+    no_mirrors["fetch"]["mirrors"]["mnist"] = []
+    yield "no mirrors", no_mirrors, "fetch.mirrors.mnist", ["at least one"]
+    mirrors_string = copy.deepcopy(BASE)
+    mirrors_string["fetch"]["mirrors"]["mnist"] = "https://example.com/mnist/"
+    yield "mirrors not a list", mirrors_string, "fetch.mirrors.mnist", ["must be a list"]
+    yield ("unknown dataset", c("fetch", "dataset", "kmnist"), "fetch.dataset",
+           ["one of", "'mnist'", "'fashion-mnist'", "'kmnist'"])
+
+
+BAD_CASES = list(_bad_cases())
+
+
+@pytest.mark.parametrize(("raw", "key", "words"), [case[1:] for case in BAD_CASES],
+                         ids=[case[0] for case in BAD_CASES])
+def test_bad_value_is_refused_naming_the_key(raw, key, words):
+    """Each bad value raises ParamsError whose message names the key and says what is allowed."""
+    with pytest.raises(ParamsError) as info:
+        parse(raw)
+    message = str(info.value)
+    assert info.value.key == key
+    assert f"params.yaml: {key}:" in message
+    for word in words:
+        assert word in message, f"{word!r} missing from {message!r}"
+
+
+@pytest.mark.parametrize(("section", "key"), [("train", "lr"), ("train", "weight_decay"), ("fetch", "timeout_s")])
+def test_infinite_number_is_refused(section, key):
+    """YAML `.inf` passes every `> 0` check, but no rate, decay or time-out can be infinite."""
+    with pytest.raises(ParamsError) as info:
+        parse(with_change(section, key, float("inf")))
+    assert info.value.key == f"{section}.{key}"
+
+
+def test_exponent_without_dot_in_yaml_text(tmp_path):
+    """`lr: 1e-3` in the file (text to YAML 1.1) is refused with the hint to write 1.0e-3."""
+    text = PARAMS_TEXT.replace(f"lr: {BASE['train']['lr']}\n", "lr: 1e-3\n", 1)
+    assert text != PARAMS_TEXT
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=r"train\.lr: .*1\.0e-3"):
+        load(path)
+
+
+@pytest.mark.parametrize("content", ["", "- a list\n", "train: [unclosed\n"], ids=["empty", "list", "bad yaml"])
+def test_unusable_file_is_a_pipeline_error(tmp_path, content):
+    """An empty file, a non-mapping or broken YAML is a one-line PipelineError, not a crash."""
+    path = tmp_path / "params.yaml"
+    path.write_text(content)
+    with pytest.raises(PipelineError):
+        load(path)
+
+
+def test_missing_file_is_a_pipeline_error(tmp_path):
+    """A params file that does not exist is reported as not found."""
+    with pytest.raises(PipelineError, match="not found"):
+        load(tmp_path / "nope.yaml")
+
+
+def run_stage(marker, params_path) -> subprocess.CompletedProcess:
+    """`python -m stages.params MARKER --params PATH`, as the params stage runs it."""
+    return subprocess.run([sys.executable, "-m", "stages.params", str(marker), "--params", str(params_path)],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_command_refuses_bad_params_in_one_line(tmp_path):
+    """The params stage exits non-zero with one stderr line naming the key, and writes no marker."""
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(with_change("train", "lr", 0)))
+    marker = tmp_path / "out" / "params-valid.txt"
+    result = run_stage(marker, bad)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "train.lr" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+    assert not marker.parent.exists() or not any(marker.parent.iterdir())
+
+
+def test_command_writes_marker_for_valid_params(tmp_path):
+    """With valid params the stage exits 0 and writes its constant marker."""
+    good = tmp_path / "params.yaml"
+    good.write_text(PARAMS_TEXT)
+    marker = tmp_path / "params-valid.txt"
+    result = run_stage(marker, good)
+    assert result.returncode == 0, result.stderr
+    assert marker.read_text() == VALID_MARKER

@@ -1,0 +1,71 @@
+"""stages.preprocess: the stratified train/val split and the train split's pixel statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stages.preprocess import pixel_stats, stratified_split
+
+# Unequal classes, so that "shares kept" means something: class k has 20 + 10 k images.
+LABELS = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 20 + 10 * np.arange(10)))
+VAL_SIZE = 123  # 18.9%: shares are fractional, so rounding matters
+
+
+@pytest.fixture(scope="module")
+def split() -> tuple[np.ndarray, np.ndarray]:
+    return stratified_split(LABELS, VAL_SIZE, seed=0)
+
+
+def test_sizes(split):
+    """val holds exactly val_size indices, train the rest."""
+    train, val = split
+    assert len(val) == VAL_SIZE
+    assert len(train) == len(LABELS) - VAL_SIZE
+
+
+def test_disjoint_covering_sorted(split):
+    """Every index lands in exactly one side; each side is sorted (the documented contract)."""
+    train, val = split
+    assert not set(train) & set(val)
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(len(LABELS)))
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)
+
+
+def test_class_shares_kept(split):
+    """Each class's val count is its share of val_size, within one image."""
+    _, val = split
+    counts = np.bincount(LABELS, minlength=10)
+    val_counts = np.bincount(LABELS[val], minlength=10)
+    expected = counts * VAL_SIZE / len(LABELS)
+    assert np.all(np.abs(val_counts - expected) <= 1), (val_counts, expected)
+    assert np.all(val_counts >= 1)
+
+
+def test_deterministic_per_seed(split):
+    """The same seed gives the same split; another seed another one."""
+    train, val = split
+    again_train, again_val = stratified_split(LABELS, VAL_SIZE, seed=0)
+    np.testing.assert_array_equal(train, again_train)
+    np.testing.assert_array_equal(val, again_val)
+    _, other_val = stratified_split(LABELS, VAL_SIZE, seed=1)
+    assert not np.array_equal(val, other_val)
+
+
+def test_pixel_stats_match_numpy():
+    """Mean and std of all pixels, in [0, 1] units."""
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, size=(50, 28, 28), dtype=np.uint8))
+    pixels = images.numpy().astype(np.float64) / 255
+    mean, std = pixel_stats(images)
+    assert mean == pytest.approx(pixels.mean(), rel=1e-12)
+    # Sample or population std: they differ by 1e-5 relative on 39,200 pixels; either is right.
+    assert std == pytest.approx(pixels.std(), rel=1e-4)
+    assert isinstance(mean, float) and isinstance(std, float)
+
+
+def test_pixel_stats_no_uint8_overflow():
+    """All-white images have mean exactly 1 and std 0 (no wrap-around when summing uint8)."""
+    mean, std = pixel_stats(torch.full((10, 28, 28), 255, dtype=torch.uint8))
+    assert mean == pytest.approx(1.0, abs=1e-12)
+    assert std == pytest.approx(0.0, abs=1e-12)
