@@ -132,6 +132,19 @@ def save_checkpoint(path: Path, run_id: str, epoch: int, model: nn.Module, optim
     })
 
 
+def restore_checkpoint(state: dict, model: nn.Module, optimizer, schedule, generator: torch.Generator) -> list[dict]:
+    """Puts the saved state back in place; returns the log rows of the epochs already done."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if schedule is not None:
+        schedule.load_state_dict(state["schedule"])
+    generator.set_state(state["batch_order_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["rows"]
+
+
 def load_checkpoint(path: Path, run_id: str) -> dict | None:
     """The checkpoint at `path` if it belongs to this run; None (with a note) otherwise."""
     if not path.is_file():
@@ -165,7 +178,8 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
         model = model.to(memory_format=torch.channels_last)
     step_model = model
     if rank.world > 1:
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        step_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         step_model = torch.compile(step_model)
     images, labels = train["images"].to(device), train["labels"].to(device)
@@ -182,15 +196,7 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     rows: list[dict] = []
     state = load_checkpoint(checkpoint, run_id) if checkpoint else None
     if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if schedule is not None:
-            schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["batch_order_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        rows = state["rows"]
+        rows = restore_checkpoint(state, model, optimizer, schedule, generator)
         say(f"resuming from {checkpoint} after epoch {state['epoch']}")
     for epoch in range(len(rows) + 1, cfg.epochs + 1):
         start = time.perf_counter()
