@@ -6,6 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Re-install only when the declared dependencies change.
 INSTALLED := $(VENV)/.installed
+# Every target sees the venv first on PATH, as if activated: DVC's experiment-queue workers start
+# `dvc` by name, and stages in a queued run's temporary copy find `python3` there.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: repro test setup bench exp predict clean-venv
 

@@ -15,7 +15,7 @@ from tests.synthetic import write_mirror
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a clone of the project holds that a pipeline run needs.
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages")
+PROJECT_FILES = (".gitignore", "dvc.yaml", "params.yaml", "stages")
 VENV_BIN = Path(sys.executable).parent
 
 # Small enough that a full `dvc repro` takes seconds; the synthetic data is easy, so even this
@@ -54,6 +54,9 @@ class DvcProject:
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "MNIST_MIRROR": str(mirror),
             "DVC_NO_ANALYTICS": "1",
+            # One thread per stage: the tiny models don't gain from two, and two threads fighting
+            # another process slow training 30x. The same in every copy, so outputs stay comparable.
+            "OMP_NUM_THREADS": "1",
             "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
             "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
         }

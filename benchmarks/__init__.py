@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure the pipeline's speed and its presets' accuracy (not tests)."""

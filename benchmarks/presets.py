@@ -1,0 +1,140 @@
+"""Train and test presets of presets.yaml; print a markdown table of test accuracy and training time.
+
+    python -m benchmarks.presets                            # the default list, see default_specs
+    python -m benchmarks.presets fast cnn --out table.md    # rows are appended as runs finish
+    python -m benchmarks.presets fast --set train.seed=1    # a preset with further overrides
+
+Each run does in one process what `dvc repro` would do with the preset applied to params.yaml,
+without touching the workspace: the prepared train split is augmented as the augment stage does,
+the model is trained by the train stage's fit() on the train and val splits, and it is scored on
+the test split as the evaluate stage does. "train seconds" is fit()'s wall time, the figure the
+train stage logs as "trained in" (it includes the per-epoch val scoring, not the augmentation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from stages import params as params_mod
+from stages.augment import augment
+from stages.common import PipelineError, load_tensors, resolve_device, run_main
+from stages.evaluate import test_metrics
+from stages.models import predict_logits
+from stages.params import AugmentParams, Params, TrainParams
+from stages.presets import apply, load_presets, resolve
+from stages.train import fit
+
+DATA_DIR = Path("data/prepared")  # the preprocess stage's outputs
+AUG = "aug"  # the tutorials' augmentation, combined with each tutorial model as NAME+aug
+TABLE_HEADER = "| preset | test accuracy | train seconds |\n|---|---:|---:|\n"
+
+
+def default_specs(presets: dict[str, dict[str, Any]]) -> list[str]:
+    """presets.yaml lists the tutorials' models, then `aug`, then this project's presets: each
+    tutorial model runs as published and on the tutorials' augmentation, ours as they are."""
+    names = list(presets)
+    if AUG not in names:
+        raise PipelineError(f"presets.yaml has no {AUG!r} entry; name the presets to run")
+    split = names.index(AUG)
+    tutorial, own = names[:split], names[split + 1:]
+    return [spec for name in tutorial for spec in (name, f"{name}+{AUG}")] + own
+
+
+def preset_params(spec: str, overrides: dict[str, Any] | None = None,
+                  params_path: Path = params_mod.DEFAULT_PATH) -> Params:
+    """params.yaml with the preset(s) of `spec` and then `overrides` applied, validated."""
+    changes = {**resolve(spec, load_presets()), **(overrides or {})}
+    return params_mod.parse(apply(yaml.safe_load(params_path.read_text()), changes))
+
+
+def load_splits(data_dir: Path = DATA_DIR) -> tuple[dict, dict, dict]:
+    """The prepared (train, val, test) splits, on the CPU."""
+    return (load_tensors(data_dir / "train.pt", required=("images", "labels", "classes", "mean", "std")),
+            load_tensors(data_dir / "val.pt", required=("images", "labels")),
+            load_tensors(data_dir / "test.pt", required=("images", "labels")))
+
+
+def augmented(train: dict, cfg: AugmentParams) -> dict:
+    """The train split as the augment stage writes it for `cfg` (same generator, same seed)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images, labels = augment(train["images"], train["labels"], cfg, generator)
+    return {**train, "images": images, "labels": labels}
+
+
+def synchronize(device: torch.device) -> None:
+    # CUDA kernels run asynchronously: a timer read without this would miss queued work.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_fit(cfg: TrainParams, train: dict, val: dict, device: torch.device) -> tuple[torch.nn.Module, float]:
+    """(trained model, seconds of training) for train's fit()."""
+    synchronize(device)
+    start = time.perf_counter()
+    model, _, _ = fit(cfg, train, val, device)
+    synchronize(device)
+    return model, time.perf_counter() - start
+
+
+def test_accuracy(model: torch.nn.Module, test: dict, num_classes: int, batch_size: int) -> float:
+    """The evaluate stage's accuracy, in [0, 1], of `model` on the test split."""
+    logits = predict_logits(model, test["images"], batch_size).cpu()  # test_metrics works in NumPy
+    return test_metrics(logits, test["labels"], num_classes)["accuracy"]
+
+
+def run_preset(params: Params, splits: tuple[dict, dict, dict]) -> tuple[float, float]:
+    """(test accuracy in [0, 1], train seconds) of one preset's params."""
+    train, val, test = splits
+    device = resolve_device(params.train.device)
+    model, seconds = timed_fit(params.train, augmented(train, params.augment), val, device)
+    return test_accuracy(model, test, len(train["classes"]), params.evaluate.batch_size), seconds
+
+
+def table_row(label: str, accuracy: float, seconds: float) -> str:
+    return f"| {label} | {100 * accuracy:.2f}% | {seconds:.1f} |\n"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value`, the value read as YAML (as `dvc exp run -S` reads it)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected section.key=value, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("specs", nargs="*", metavar="PRESET",
+                        help="preset names, or several joined by '+' (default: every tutorial model "
+                             "with and without +aug, then this project's presets)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
+                        metavar="KEY=VALUE", help="a further override applied after the preset (repeatable)")
+    parser.add_argument("--out", type=Path, help="also write the table here, a row as each run finishes")
+    parser.add_argument("--data", type=Path, default=DATA_DIR, help="directory of train.pt, val.pt, test.pt")
+    args = parser.parse_args(argv)
+    overrides = dict(args.overrides)
+    specs = args.specs or default_specs(load_presets())
+    all_params = [preset_params(spec, overrides) for spec in specs]  # every preset checked before any run
+    splits = load_splits(args.data)
+    suffix = "".join(f" {key}={value}" for key, value in overrides.items())
+    sys.stdout.write(TABLE_HEADER)
+    if args.out:
+        args.out.write_text(TABLE_HEADER)
+    for spec, params in zip(specs, all_params):
+        row = table_row(spec + suffix, *run_preset(params, splits))
+        sys.stdout.write(row)
+        sys.stdout.flush()
+        if args.out:
+            with args.out.open("a") as table:
+                table.write(row)
+
+
+if __name__ == "__main__":
+    run_main("benchmarks.presets", main)
