@@ -16,12 +16,12 @@ import http.client
 import os
 import urllib.error
 import urllib.request
-import zlib
 from pathlib import Path
 
 from stages import params as params_mod
 from stages.common import PipelineError, Progress, atomic_path, log, run_main
 from stages.datasets import FILE_ROLES, DataFile
+from stages.idx import IdxFormatError, gunzip_if_compressed
 
 STAGE = "fetch"
 MIRROR_ENV = "MNIST_MIRROR"
@@ -72,12 +72,10 @@ def _read_local(directory: Path, file: DataFile) -> bytes:
 
 
 def uncompressed(data: bytes) -> bytes:
-    if data[:2] != b"\x1f\x8b":
-        return data
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise SourceError(f"damaged gzip data ({exc})") from None
+        return gunzip_if_compressed(data)
+    except IdxFormatError as exc:
+        raise SourceError(str(exc).removeprefix("<bytes>: ")) from None
 
 
 def fetch_verified(source: str, file: DataFile, timeout_s: float) -> bytes:

@@ -57,15 +57,19 @@ def write_idx(array: np.ndarray) -> bytes:
     return header + array.tobytes()
 
 
-def read_bytes(path: Path) -> bytes:
-    """The uncompressed content of `path`, gunzipping when the file is gzip (by content, not name)."""
-    data = Path(path).read_bytes()
+def gunzip_if_compressed(data: bytes, name: str = "<bytes>") -> bytes:
+    """`data` gunzipped when it is gzip (by content, not name), else unchanged; IdxFormatError if damaged."""
     if data[:2] != _GZIP_MAGIC:
         return data
     try:
         return gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as exc:
-        raise IdxFormatError(f"{path}: damaged gzip data ({exc})") from None
+        raise IdxFormatError(f"{name}: damaged gzip data ({exc})") from None
+
+
+def read_bytes(path: Path) -> bytes:
+    """The uncompressed content of `path`."""
+    return gunzip_if_compressed(Path(path).read_bytes(), str(path))
 
 
 def read_images(path: Path, image_size: int) -> np.ndarray:

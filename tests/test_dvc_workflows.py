@@ -79,7 +79,7 @@ RERUNS: dict[str, Rerun] = {
         "as for `datasets.py`"),
     "stages/common.py": _rerun(
         "stages/common.py", "`stages/common.py`", ALL_STAGES, "every stage depends on it"),
-    "stages/idx.py": _rerun("stages/idx.py", "`stages/idx.py`", {"preprocess"}, "its outputs come out identical"),
+    "stages/idx.py": _rerun("stages/idx.py", "`stages/idx.py`", {"fetch", "preprocess"}, "their outputs come out identical"),
     "stages/fetch.py": _rerun("stages/fetch.py", "`stages/fetch.py`", {"fetch"}, "its output comes out identical"),
     "stages/preprocess.py": _rerun(
         "stages/preprocess.py", "`stages/preprocess.py`", {"preprocess"}, "its outputs come out identical"),
