@@ -25,7 +25,9 @@ STAGE = "evaluate"
 
 
 def test_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """Overall accuracy and loss, and per-class accuracy and count, from logits [N, C] and labels [N]."""
+    """Overall accuracy and loss, and per-class accuracy and count, from logits [N, C] and labels [N]
+    on any device (scikit-learn needs them on the CPU)."""
+    logits, labels = logits.cpu(), labels.cpu()
     predicted = logits.argmax(1)
     matrix = confusion_matrix(labels.numpy(), predicted.numpy(), labels=np.arange(num_classes))
     counts = matrix.sum(axis=1)

@@ -16,7 +16,7 @@ import torch.nn as nn
 from stages.common import PipelineError, load_tensors, save_tensors
 from stages.params import TrainParams
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the config gained convs_per_block
 ARCHITECTURES = ("softmax", "mlp", "cnn")
 
 
@@ -37,11 +37,15 @@ class Normalize(nn.Module):
         return ((images.float() - self.mean) / self.std).unsqueeze(1)
 
 
-def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
-    # 3x3 conv keeps H, W; BatchNorm makes a high one-cycle learning rate stable (and makes the
-    # conv bias redundant); 2x2 max-pool halves H and W.
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+def _conv_block(c_in: int, c_out: int, convs: int) -> list[nn.Module]:
+    # `convs` 3x3 convs, each keeping H and W and followed by BatchNorm (which makes a high
+    # one-cycle learning rate stable, and the conv bias redundant) and ReLU; then a 2x2 max-pool
+    # halves H and W. Two stacked 3x3 convs see 5x5 pixels with fewer weights than one 5x5.
+    layers: list[nn.Module] = []
+    for i in range(convs):
+        layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return layers + [nn.MaxPool2d(2)]
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
@@ -60,8 +64,9 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         layers.append(nn.Linear(widths[-1], classes))
     elif config["model"] == "cnn":
         c1, c2, c3 = config["channels"]
+        convs = config["convs_per_block"]
         side = size // 8  # three 2x2 pools, flooring: 28 -> 14 -> 7 -> 3
-        layers += [*_conv_block(1, c1), *_conv_block(c1, c2), *_conv_block(c2, c3),
+        layers += [*_conv_block(1, c1, convs), *_conv_block(c1, c2, convs), *_conv_block(c2, c3, convs),
                    nn.Flatten(), nn.Linear(c3 * side * side, classes)]
     else:
         raise ModelFileError(f"unknown model {config['model']!r}; known: {', '.join(ARCHITECTURES)}")
@@ -71,7 +76,8 @@ def build_model(config: dict[str, Any]) -> nn.Module:
 def model_config(cfg: TrainParams, image_size: int, num_classes: int, mean: float, std: float) -> dict[str, Any]:
     """Everything needed to rebuild the network, as plain values (safe to store and load)."""
     return {"model": cfg.model, "hidden": list(cfg.hidden), "dropout": cfg.dropout,
-            "channels": list(cfg.channels), "image_size": image_size, "num_classes": num_classes,
+            "channels": list(cfg.channels), "convs_per_block": cfg.convs_per_block,
+            "image_size": image_size, "num_classes": num_classes,
             "mean": mean, "std": std}
 
 

@@ -94,6 +94,7 @@ class TrainParams:
     hidden: list[int]  # mlp: hidden layer widths, input to output
     dropout: float  # mlp: dropout probability after each hidden layer
     channels: list[int]  # cnn: output channels of its three conv blocks
+    convs_per_block: int  # cnn: 3x3 convs in each block, before its pooling
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: float  # peak learning rate for the onecycle schedule
     momentum: float  # sgd only
@@ -120,6 +121,8 @@ class TrainParams:
         _require(0 <= self.dropout < 1, "train.dropout", f"must be in [0, 1), got {self.dropout}")
         _require(len(self.channels) == 3 and all(c >= 1 for c in self.channels), "train.channels",
                  f"must be three positive integers (one per conv block), got {self.channels}")
+        _require(1 <= self.convs_per_block <= 4, "train.convs_per_block",
+                 f"must be between 1 and 4, got {self.convs_per_block}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _require(0 <= self.momentum < 1, "train.momentum", f"must be in [0, 1), got {self.momentum}")
         _require(not self.nesterov or self.momentum > 0, "train.nesterov", "needs momentum > 0")

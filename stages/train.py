@@ -40,7 +40,10 @@ def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     optimizer_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return optimizer_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for the whole update instead of about ten per parameter tensor. 1,000 steps
+    # of MLP 784-512-10 at batch 20 took 0.66 s instead of 0.93 s on this project's 2-core CPU;
+    # fused SGD was slower than the default there (0.64 s against 0.60 s), so SGD keeps the default.
+    return optimizer_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainParams, total_steps: int):

@@ -61,13 +61,16 @@ def test_architecture_maps_images_to_logits(images, model):
 
 
 def test_config_selects_layers():
-    """hidden and channels in the config shape the network; dropout only appears when > 0."""
+    """hidden, channels and convs_per_block shape the network; dropout only appears when > 0."""
     mlp = build_model(config("mlp"))
     assert [m.out_features for m in mlp if isinstance(m, torch.nn.Linear)] == [32, 16, 10]
     assert any(isinstance(m, torch.nn.Dropout) for m in mlp)
     assert not any(isinstance(m, torch.nn.Dropout) for m in build_model(config("mlp", dropout=0.0)))
     cnn = build_model(config("cnn"))
     assert [m.out_channels for m in cnn if isinstance(m, torch.nn.Conv2d)] == [4, 8, 16]
+    deeper = build_model(config("cnn", convs_per_block=2))
+    assert [m.out_channels for m in deeper if isinstance(m, torch.nn.Conv2d)] == [4, 4, 8, 8, 16, 16]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in deeper) == 3
 
 
 @pytest.mark.parametrize("model", ["softmax", "mlp", "cnn"])

@@ -1,0 +1,122 @@
+"""stages.train: fit() on tiny synthetic data, in process: learning, determinism, resume, schedules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import stages.train as train_mod
+from stages.common import seed_everything
+from stages.train import fit, make_optimizer, make_schedule, steps_per_epoch
+from stages.params import parse
+from tests.conftest import PROJECT_ROOT
+from tests.synthetic import make_split
+
+TRAIN = parse(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())).train
+CLASSES = [str(k) for k in range(10)]
+# A small CNN and a small MLP on Adam: the two optimizer families the presets use.
+SMALL_CNN = dataclasses.replace(TRAIN, model="cnn", channels=[4, 8, 16], epochs=2, batch_size=32, device="cpu")
+SMALL_MLP = dataclasses.replace(TRAIN, model="mlp", hidden=[32], optimizer="adam", lr=0.01, schedule="constant",
+                                epochs=2, batch_size=32, device="cpu")
+CPU = torch.device("cpu")
+
+
+def split(n: int, seed: int) -> dict:
+    images, labels = make_split(n, np.random.default_rng(seed))
+    return {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels.astype(np.int64)),
+            "classes": CLASSES, "mean": float(images.mean() / 255), "std": float(images.std() / 255)}
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[dict, dict]:
+    return split(320, seed=1), split(100, seed=2)
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_MLP], ids=["cnn-sgd", "mlp-adam"])
+def test_fit_learns_and_is_bit_identical_when_repeated(data, cfg):
+    train, val = data
+    model_a, config, rows_a = fit(cfg, train, val, CPU)
+    model_b, _, rows_b = fit(cfg, train, val, CPU)
+    assert [row["epoch"] for row in rows_a] == [1, 2]
+    assert rows_a[-1]["val_accuracy"] >= 0.9  # the synthetic classes are trivially separable
+    assert rows_a == rows_b
+    assert_same_weights(weights(model_a), weights(model_b))
+    assert config["model"] == cfg.model
+
+
+@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_MLP], ids=["cnn-sgd", "mlp-adam"])
+def test_interrupted_fit_resumes_to_the_uninterrupted_result(data, cfg, tmp_path, monkeypatch):
+    """Stopped after epoch 1's checkpoint, a second fit() picks up the model, optimizer (momentum,
+    Adam moments), schedule and batch-order state and ends exactly where one unbroken run ends."""
+    train, val = data
+    unbroken, _, unbroken_rows = fit(cfg, train, val, CPU)
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    real_score, calls = train_mod.score, []
+
+    def score_then_stop(*args):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2, after epoch 1's checkpoint was written
+            raise KeyboardInterrupt
+        return real_score(*args)
+
+    monkeypatch.setattr(train_mod, "score", score_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, train, val, CPU, checkpoint, run_id="run")
+    monkeypatch.setattr(train_mod, "score", real_score)
+    resumed, _, resumed_rows = fit(cfg, train, val, CPU, checkpoint, run_id="run")
+    assert resumed_rows == unbroken_rows
+    assert_same_weights(weights(resumed), weights(unbroken))
+
+
+def test_seed_everything_sets_determinism_both_ways():
+    try:
+        seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        seed_everything(0, deterministic=False)  # a later, non-deterministic fit in the same process
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        seed_everything(0, deterministic=TRAIN.deterministic)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "onecycle", "cosine"])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_schedule_covers_every_step_of_the_run(schedule, drop_last):
+    """The per-step schedule is sized to the run: stepping it once per batch of every epoch never
+    runs past its end (OneCycleLR raises if it does), and one-cycle ends near zero."""
+    cfg = dataclasses.replace(SMALL_MLP, schedule=schedule, drop_last=drop_last, epochs=3)
+    optimizer = make_optimizer(torch.nn.Linear(2, 2), cfg)
+    total = cfg.epochs * steps_per_epoch(1000, cfg.batch_size, cfg.drop_last)
+    schedule_obj = make_schedule(optimizer, cfg, total)
+    rates = []  # the rate each step trains with
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if schedule_obj is not None:
+            schedule_obj.step()
+    if schedule == "constant":
+        assert set(rates) == {cfg.lr}
+    elif schedule == "onecycle":
+        assert max(rates) == pytest.approx(cfg.lr, rel=0.02) and rates[-1] < cfg.lr / 1000
+    else:
+        assert rates[0] == cfg.lr and rates[-1] < cfg.lr / 1000
+
+
+def test_steps_per_epoch_counts_the_last_partial_batch_unless_dropped():
+    assert steps_per_epoch(100, 32, drop_last=False) == 4
+    assert steps_per_epoch(100, 32, drop_last=True) == 3
+    assert steps_per_epoch(96, 32, drop_last=False) == 3
