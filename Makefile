@@ -26,8 +26,9 @@ repro: $(INSTALLED)
 test: $(INSTALLED)
 	DVC_NO_ANALYTICS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Options go in BENCH_ARGS: make bench BENCH_ARGS="--repeats 5"
 bench: $(INSTALLED)
-	$(BIN)/python -m benchmarks.speed
+	$(BIN)/python -m benchmarks.speed $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

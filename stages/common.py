@@ -6,6 +6,7 @@ Kept free of stage logic so that a change here is the only code change that re-r
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import pickle
@@ -210,6 +211,35 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     # of a small CNN's CPU step here. Results are the same either way.
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = not deterministic  # autotuning picks kernels by timing: run-dependent
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# The largest mmap threshold glibc accepts on 64-bit; a larger value is refused.
+_MMAP_THRESHOLD_BYTES = 32 << 20
+# Free memory at the top of the heap kept for reuse; well above a training step's working set
+# (about 100 MB for the default CNN at batch 128).
+_TRIM_THRESHOLD_BYTES = 512 << 20
+
+
+def retain_freed_memory() -> bool:
+    """Makes glibc's malloc keep freed blocks for the next training step; True if glibc took it.
+
+    Every step allocates and frees the same activation and gradient tensors, a few MB each. By
+    default glibc serves such blocks with mmap, or trims them off the top of the heap once freed,
+    so the next step faults the same pages back in from the kernel, zeroed. On this project's
+    2-core CPU a 6 MB max-pool gradient took 2.5 ms to fill for that reason, and keeping the
+    memory made CNN steps 15-25 % faster. Results are unchanged; resident memory no longer shrinks
+    below its peak. A no-op returning False where the C library is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    # mallopt returns 1 on success, 0 for a value it refuses. Both are process-wide settings.
+    return (mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
+            and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1)
 
 
 # ---------------------------------------------------------------------------------------------

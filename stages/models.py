@@ -16,7 +16,10 @@ import torch.nn as nn
 from stages.common import PipelineError, load_tensors, save_tensors
 from stages.params import TrainParams
 
-FORMAT_VERSION = 2  # 2: the config gained convs_per_block
+FORMAT_VERSION = 3  # 2: the config gained convs_per_block; 3: it gained pool
+# What a config of an older format means in the current one: keys added since, with the value that
+# rebuilds the network that format described. Files of these formats still load.
+_UPGRADES = {2: {"pool": "end"}}
 ARCHITECTURES = ("softmax", "mlp", "cnn")
 
 
@@ -37,15 +40,23 @@ class Normalize(nn.Module):
         return ((images.float() - self.mean) / self.std).unsqueeze(1)
 
 
-def _conv_block(c_in: int, c_out: int, convs: int) -> list[nn.Module]:
+def _conv_block(c_in: int, c_out: int, convs: int, pool: str) -> list[nn.Module]:
     # `convs` 3x3 convs, each keeping H and W and followed by BatchNorm (which makes a high
-    # one-cycle learning rate stable, and the conv bias redundant) and ReLU; then a 2x2 max-pool
-    # halves H and W. Two stacked 3x3 convs see 5x5 pixels with fewer weights than one 5x5.
+    # one-cycle learning rate stable, and the conv bias redundant) and ReLU, and one 2x2 max-pool
+    # that halves H and W. Two stacked 3x3 convs see 5x5 pixels with fewer weights than one 5x5.
+    # pool "end" pools after the last ReLU; "early" pools the first conv's output, as
+    # KellerJordan's airbench does: max-pooling commutes with ReLU, and with BatchNorm's per-channel
+    # affine map wherever its scale is positive, so the network is nearly the same while
+    # BatchNorm and ReLU, memory-bound on a CPU, touch a quarter of the pixels.
     layers: list[nn.Module] = []
     for i in range(convs):
-        layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=False),
-                   nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-    return layers + [nn.MaxPool2d(2)]
+        layers.append(nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=False))
+        if i == 0 and pool == "early":
+            layers.append(nn.MaxPool2d(2))
+        layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    if pool == "end":
+        layers.append(nn.MaxPool2d(2))
+    return layers
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
@@ -64,9 +75,10 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         layers.append(nn.Linear(widths[-1], classes))
     elif config["model"] == "cnn":
         c1, c2, c3 = config["channels"]
-        convs = config["convs_per_block"]
+        convs, pool = config["convs_per_block"], config["pool"]
         side = size // 8  # three 2x2 pools, flooring: 28 -> 14 -> 7 -> 3
-        layers += [*_conv_block(1, c1, convs), *_conv_block(c1, c2, convs), *_conv_block(c2, c3, convs),
+        layers += [*_conv_block(1, c1, convs, pool), *_conv_block(c1, c2, convs, pool),
+                   *_conv_block(c2, c3, convs, pool),
                    nn.Flatten(), nn.Linear(c3 * side * side, classes)]
     else:
         raise ModelFileError(f"unknown model {config['model']!r}; known: {', '.join(ARCHITECTURES)}")
@@ -76,7 +88,7 @@ def build_model(config: dict[str, Any]) -> nn.Module:
 def model_config(cfg: TrainParams, image_size: int, num_classes: int, mean: float, std: float) -> dict[str, Any]:
     """Everything needed to rebuild the network, as plain values (safe to store and load)."""
     return {"model": cfg.model, "hidden": list(cfg.hidden), "dropout": cfg.dropout,
-            "channels": list(cfg.channels), "convs_per_block": cfg.convs_per_block,
+            "channels": list(cfg.channels), "convs_per_block": cfg.convs_per_block, "pool": cfg.pool,
             "image_size": image_size, "num_classes": num_classes,
             "mean": mean, "std": std}
 
@@ -108,10 +120,14 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
         payload = load_tensors(path, required=("format_version", "config", "classes", "state_dict"))
     except PipelineError as exc:
         raise ModelFileError(str(exc)) from None
-    if payload["format_version"] != FORMAT_VERSION:
-        raise ModelFileError(f"{path}: model file format {payload['format_version']}, this code reads "
-                             f"{FORMAT_VERSION}; re-run `dvc repro` to retrain")
+    version = payload["format_version"]
+    if version != FORMAT_VERSION and version not in _UPGRADES:
+        readable = ", ".join(str(v) for v in sorted([*_UPGRADES, FORMAT_VERSION]))
+        raise ModelFileError(f"{path}: model file format {version}, this code reads {readable}; "
+                             "re-run `dvc repro` to retrain")
     config = payload["config"]
+    if version in _UPGRADES and isinstance(config, dict):
+        config = {**config, **_UPGRADES[version]}
     try:
         model = build_model(config)
         model.load_state_dict(payload["state_dict"], strict=True)
@@ -125,7 +141,9 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
     if not isinstance(classes, list) or len(classes) != config.get("num_classes"):
         raise ModelFileError(f"{path}: class names {classes!r:.80} do not match the model's "
                              f"{config.get('num_classes')} outputs")
-    return model.to(device).eval(), {k: v for k, v in payload.items() if k != "state_dict"}
+    # The metadata describes the model as loaded: an older file's config comes back upgraded.
+    meta = {**{k: v for k, v in payload.items() if k != "state_dict"}, "config": config}
+    return model.to(device).eval(), meta
 
 
 def _describe(config: Any) -> str:

@@ -94,7 +94,8 @@ class TrainParams:
     hidden: list[int]  # mlp: hidden layer widths, input to output
     dropout: float  # mlp: dropout probability after each hidden layer
     channels: list[int]  # cnn: output channels of its three conv blocks
-    convs_per_block: int  # cnn: 3x3 convs in each block, before its pooling
+    convs_per_block: int  # cnn: 3x3 convs in each block
+    pool: Literal["end", "early"]  # cnn: each block's max-pool after its last ReLU, or right after its first conv
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: float  # peak learning rate for the onecycle schedule
     momentum: float  # sgd only

@@ -73,6 +73,45 @@ def test_config_selects_layers():
     assert sum(isinstance(m, torch.nn.MaxPool2d) for m in deeper) == 3
 
 
+def layer_kinds(net: torch.nn.Module) -> list[str]:
+    short = {torch.nn.Conv2d: "conv", torch.nn.MaxPool2d: "pool", torch.nn.BatchNorm2d: "bn", torch.nn.ReLU: "relu"}
+    return [short[type(m)] for m in net if type(m) in short]
+
+
+@pytest.mark.parametrize("convs", [1, 2])
+def test_pool_places_each_blocks_max_pool(images, convs):
+    """pool "end" pools after a block's last ReLU; "early" right after its first conv, before
+    BatchNorm, so every later layer of the block works at half the resolution. Both map
+    [N, 28, 28] to [N, 10] with the same weights' shapes."""
+    tail = ["conv", "bn", "relu"] * (convs - 1)
+    end = build_model(config("cnn", convs_per_block=convs, pool="end"))
+    early = build_model(config("cnn", convs_per_block=convs, pool="early"))
+    assert layer_kinds(end) == (["conv", "bn", "relu", *tail, "pool"]) * 3
+    assert layer_kinds(early) == (["conv", "pool", "bn", "relu", *tail]) * 3
+    assert ([p.shape for p in end.parameters()] == [p.shape for p in early.parameters()])
+    with torch.no_grad():
+        assert early.eval()(images).shape == (len(images), 10)
+
+
+def test_format_2_file_loads_as_pool_end(tmp_path, images):
+    """Model files written before `pool` existed (format 2, no pool in the config) still load, as
+    the network they described: pooling at the end of each block."""
+    torch.manual_seed(2)
+    cfg = config("cnn", pool="end")
+    net = build_model(cfg).eval()
+    path = tmp_path / "model.pt"
+    save_model(path, net, cfg, CLASSES)
+
+    def as_format_2(payload):
+        del payload["config"]["pool"]
+        payload["format_version"] = 2
+    rewrite(path, as_format_2)
+    loaded, meta = load_model(path)
+    assert meta["config"]["pool"] == "end" and meta["format_version"] == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(images), net(images))
+
+
 @pytest.mark.parametrize("model", ["softmax", "mlp", "cnn"])
 def test_save_load_round_trip(tmp_path, images, model):
     """A loaded model gives exactly the outputs of the saved one, and the file's metadata comes back."""

@@ -23,9 +23,13 @@ def digest(path) -> str:
 
 
 def start(project, *args: str) -> subprocess.Popen:
-    """Starts a command in the project in its own process group, merged output as text lines."""
+    """Starts a command in the project in its own process group, merged output as text lines.
+
+    With SIGINT at its default, as in a terminal: a test run started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Ctrl-C would then reach no one."""
     return subprocess.Popen(args, cwd=project.root, env=project.env, text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def read_until(process: subprocess.Popen, marker: str, timeout_s: float = 120) -> str:
@@ -106,9 +110,10 @@ def test_ctrl_c_exits_promptly_without_a_traceback(project):
     os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends to the foreground group
     try:
         output, _ = process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
         os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail("dvc repro did not exit within 20 s of Ctrl-C")
+        since = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else exc.output
+        pytest.fail(f"dvc repro did not exit within 20 s of Ctrl-C; its output since:\n{since}")
     assert process.returncode != 0
     assert "train: interrupted" in output
     assert "Traceback" not in output

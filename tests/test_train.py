@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 import yaml
 
 import stages.train as train_mod
-from stages.common import seed_everything
+from stages.common import retain_freed_memory, seed_everything
 from stages.train import fit, make_optimizer, make_schedule, steps_per_epoch
 from stages.params import parse
 from tests.conftest import PROJECT_ROOT
@@ -20,6 +21,7 @@ TRAIN = parse(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())).train
 CLASSES = [str(k) for k in range(10)]
 # A small CNN and a small MLP on Adam: the two optimizer families the presets use.
 SMALL_CNN = dataclasses.replace(TRAIN, model="cnn", channels=[4, 8, 16], epochs=2, batch_size=32, device="cpu")
+SMALL_CNN_POOL_EARLY = dataclasses.replace(SMALL_CNN, pool="early")
 SMALL_MLP = dataclasses.replace(TRAIN, model="mlp", hidden=[32], optimizer="adam", lr=0.01, schedule="constant",
                                 epochs=2, batch_size=32, device="cpu")
 CPU = torch.device("cpu")
@@ -46,7 +48,8 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_MLP], ids=["cnn-sgd", "mlp-adam"])
+@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_CNN_POOL_EARLY, SMALL_MLP],
+                         ids=["cnn-sgd", "cnn-pool-early", "mlp-adam"])
 def test_fit_learns_and_is_bit_identical_when_repeated(data, cfg):
     train, val = data
     model_a, config, rows_a = fit(cfg, train, val, CPU)
@@ -120,3 +123,10 @@ def test_steps_per_epoch_counts_the_last_partial_batch_unless_dropped():
     assert steps_per_epoch(100, 32, drop_last=False) == 4
     assert steps_per_epoch(100, 32, drop_last=True) == 3
     assert steps_per_epoch(96, 32, drop_last=False) == 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's, on Linux")
+def test_retain_freed_memory_is_accepted_by_glibc():
+    """glibc refuses out-of-range values (an mmap threshold over 32 MiB, say) by returning 0."""
+    assert retain_freed_memory() is True
+
