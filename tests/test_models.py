@@ -86,9 +86,9 @@ def test_pool_places_each_blocks_max_pool(images, convs):
     tail = ["conv", "bn", "relu"] * (convs - 1)
     end = build_model(config("cnn", convs_per_block=convs, pool="end"))
     early = build_model(config("cnn", convs_per_block=convs, pool="early"))
-    assert layer_kinds(end) == (["conv", "bn", "relu", *tail, "pool"]) * 3
-    assert layer_kinds(early) == (["conv", "pool", "bn", "relu", *tail]) * 3
-    assert ([p.shape for p in end.parameters()] == [p.shape for p in early.parameters()])
+    assert layer_kinds(end) == ["conv", "bn", "relu", *tail, "pool"] * 3
+    assert layer_kinds(early) == ["conv", "pool", "bn", "relu", *tail] * 3
+    assert [p.shape for p in end.parameters()] == [p.shape for p in early.parameters()]
     with torch.no_grad():
         assert early.eval()(images).shape == (len(images), 10)
 
