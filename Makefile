@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 # `dvc` by name, and stages in a queued run's temporary copy find `python3` there.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: repro test setup bench exp predict clean-venv
+.PHONY: repro test setup bench exp predict clean-venv gpu-check
 
 setup: $(INSTALLED)
 
@@ -32,6 +32,11 @@ bench: $(INSTALLED)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# On a CUDA machine: check and measure the GPU path in one go (docs/gpu.md). Options in
+# GPU_CHECK_ARGS, e.g. make gpu-check GPU_CHECK_ARGS="--out /tmp/gpu --mirror ../shared/data/mnist"
+gpu-check: $(INSTALLED)
+	$(BIN)/python -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 # Classify image files with the trained model: make predict FILES="a.png b.jpg"
 predict: $(INSTALLED)

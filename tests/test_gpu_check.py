@@ -1,0 +1,87 @@
+"""benchmarks/gpu_check.py, the one-command GPU check (docs/gpu.md), on a machine without a GPU.
+
+Without CUDA it must stop at once with one line. Its own logic (project copies, two repros and their
+comparison, the torchrun launches, a preset variant, the summary) runs on the CPU with
+`--device cpu --quick` on the synthetic project, so that it cannot rot between GPU runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+from tests.synthetic import write_mirror
+
+
+def gpu_check(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", *args], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def test_without_a_cuda_gpu_it_stops_before_doing_anything(tmp_path):
+    # An empty CUDA_VISIBLE_DEVICES hides every GPU, so this holds on GPU machines too.
+    result = gpu_check("--out", str(tmp_path / "out"), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "gpu_check: no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False); run it on a "
+        "machine with one, or with --device cpu --quick to check the script itself"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_mirror_lacking_a_file_is_named_before_anything_runs(tmp_path):
+    write_mirror(tmp_path / "mirror")
+    (tmp_path / "mirror" / "t10k-labels-idx1-ubyte.gz").unlink()
+    result = gpu_check("--device", "cpu", "--mirror", str(tmp_path / "mirror"), "--out", str(tmp_path / "out"))
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"gpu_check: the MNIST mirror {tmp_path / 'mirror'} lacks t10k-labels-idx1-ubyte.gz"
+    assert not (tmp_path / "out").exists()
+
+
+def test_steps_that_no_longer_fit_the_budget_are_reported_as_skipped(tmp_path):
+    write_mirror(tmp_path / "mirror")
+    out = tmp_path / "out"
+    result = gpu_check("--device", "cpu", "--mirror", str(tmp_path / "mirror"), "--out", str(out), "--budget-s", "0")
+    assert result.returncode == 0, result.stderr
+    steps = {s["name"]: s for s in json.loads((out / "results.json").read_text())["steps"]}
+    assert steps["env"]["status"] == "ok"
+    assert [(s["name"], s["status"], s["detail"]) for s in steps.values() if s["name"] != "env"] == [
+        ("run1", "skipped", "out of time"), ("run2", "skipped", "out of time"), ("compare", "skipped", "out of time"),
+        ("ddp, tests, variants, frontier", "skipped", "they need run1's copy and data")]
+    assert sorted(p.name for p in out.iterdir()) == ["env.txt", "results.json", "summary.md"]
+    assert "| run1 | skipped | 0.0 | out of time |" in result.stdout
+
+
+@pytest.mark.integration
+def test_quick_cpu_run_goes_through_every_step(built_project, tmp_path):
+    out = tmp_path / "out"
+    result = gpu_check("--device", "cpu", "--quick", "--source", str(built_project.root),
+                       "--mirror", built_project.env["MNIST_MIRROR"], "--out", str(out),
+                       env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads((out / "results.json").read_text())
+    steps = {s["name"]: s for s in results["steps"]}
+    assert {name: s["status"] for name, s in steps.items()} == {
+        "env": "ok", "run1": "ok", "run2": "ok", "compare": "ok", "ddp": "ok", "tests": "skipped",
+        "variant fast-fp32": "ok", "frontier": "skipped"}
+    assert steps["tests"]["detail"] == "they need --device cuda"
+    # On a CPU the same params give the same weights: the comparison must say so.
+    assert steps["compare"]["detail"].startswith("weights bit-identical; eval.json equal")
+    run1, run2 = results["repros"]
+    assert run1["model_sha256"] == run2["model_sha256"]
+    assert run1["device"].startswith("cpu") and run1["train_s"] > 0 and run1["accuracy"] >= 0.9
+    assert "DDP probe over gloo: ok" in steps["ddp"]["detail"]
+    assert "ddp probe ok: backend gloo" in (out / "ddp" / "probe.log").read_text()
+    (variant,) = results["variants"]
+    assert variant["overrides"]["train.epochs"] == 1, "the fast preset was applied"
+    assert variant["train_s"] > 0 and variant["accuracy"] >= 0.9
+    for name in ("env.txt", "summary.md", "run1/repro.log", "run1/model.pt", "run2/eval.json",
+                 "variants/fast-fp32.log", "ddp/torchrun-train.log"):
+        assert (out / name).is_file(), name
+    assert not (out / "work").exists(), "the project copies are temporary"
+    assert result.stdout.rstrip().endswith((out / "summary.md").read_text().rstrip())
