@@ -69,3 +69,15 @@ def test_pixel_stats_no_uint8_overflow():
     mean, std = pixel_stats(torch.full((10, 28, 28), 255, dtype=torch.uint8))
     assert mean == pytest.approx(1.0, abs=1e-12)
     assert std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pixel_stats_are_exact_whatever_the_pixel_order():
+    """Exact sums: any order of the pixels (a float reduction's order depends on the CPU's vector
+    width and thread count) gives the same bits, equal to the correctly rounded float64 values."""
+    images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, size=(300, 28, 28), dtype=np.uint8))
+    shuffled = images.reshape(-1)[torch.randperm(images.numel(), generator=torch.Generator().manual_seed(0))]
+    assert pixel_stats(images) == pixel_stats(shuffled.reshape(images.shape))
+    pixels = images.numpy().astype(np.float64) / 255
+    mean, std = pixel_stats(images)
+    assert mean == pytest.approx(pixels.mean(), rel=1e-14)
+    assert std == pytest.approx(pixels.std(ddof=1), rel=1e-12)
