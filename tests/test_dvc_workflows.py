@@ -1,11 +1,11 @@
-"""The DVC workflows the README documents, run for real on the synthetic project (issue 4).
+"""The DVC workflows the docs document, run for real on the synthetic project (issue 4).
 
 Comparing branches (metrics, params and plots diffs), experiments (a run, a queued sweep, apply),
 remotes (a local directory and a real OpenSSH server: push, clone, pull), the run-cache shared
 between clones, which stages `dvc repro` re-runs after each kind of change, and `dvc gc` safety.
 
 RERUNS below is the one table of "what re-runs when X changes": the test is parametrized from it
-and the README's table is printed from it: `python -m tests.test_dvc_workflows`.
+and docs/workflows.md's table is printed from it: `python -m tests.test_dvc_workflows`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ OUTPUT_DIRS = ("data", "models", "metrics", "plots")
 
 class Rerun(NamedTuple):
     change: dict | str  # a params.yaml edit (deep-merged), or a file that gets a comment appended
-    what: str  # the change, for the README
+    what: str  # the change, for docs/workflows.md
     runs: frozenset[str]
     why: str
 
@@ -103,7 +103,7 @@ TABLE_HEADER = "| Change | Stages `dvc repro` runs | Why |"
 
 
 def rerun_table() -> str:
-    """The README's "which stages re-run" table, in markdown."""
+    """docs/workflows.md's "which stages re-run" table, in markdown."""
     rows = [TABLE_HEADER, "|---|---|---|"]
     for rerun in RERUNS.values():
         runs = ", ".join(f"`{stage}`" for stage in STAGES if stage in rerun.runs) or "nothing"
@@ -137,12 +137,9 @@ def test_only_what_changed_reruns_with_training(project, case):
     _check_reruns(project, case)
 
 
-def test_readme_rerun_table_is_current():
-    readme = PROJECT_ROOT / "README.md"
-    text = readme.read_text() if readme.exists() else ""
-    if TABLE_HEADER not in text:
-        pytest.skip("README.md has no re-run table yet: paste `python -m tests.test_dvc_workflows`")
-    assert rerun_table() in text, "README.md's re-run table is stale: paste `python -m tests.test_dvc_workflows`"
+def test_workflows_page_rerun_table_is_current():
+    text = (PROJECT_ROOT / "docs" / "workflows.md").read_text()
+    assert rerun_table() in text, "docs/workflows.md's re-run table is stale: paste `python -m tests.test_dvc_workflows`"
 
 
 # ---------------------------------------------------------------------------------------------
