@@ -16,6 +16,7 @@ Only the model file is read (no params.yaml), with torch's weights_only loader. 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -93,34 +95,30 @@ def reduction_factor(size: tuple[int, int]) -> int:
     return max(1, max(size) // WORK_SIDE)
 
 
-def decode(path: Path) -> Decoded:
-    """Opens and decodes the first frame of an image file; a large JPEG is reduced while decoding
-    (JPEG's DCT scaling, via Image.draft), other formats later by shrink(). Raises
+def decode(file: BinaryIO, path: Path) -> Decoded:
+    """Decodes the first frame of the image in `file` (opened from `path`); a large JPEG is
+    reduced while decoding (JPEG's DCT scaling, via Image.draft), other formats later by shrink(). Raises
     UnidentifiedImageError when Pillow knows no such format, PipelineError when the image is too
     large, and whatever the decoder raises on a damaged file."""
-    with warnings.catch_warnings():
-        # A warning printed by a decoder (corrupt EXIF, odd TIFF tags) would be a second line for
-        # this file; the bomb warning, in contrast, must stop it (only reached above MAX_PIXELS).
-        warnings.simplefilter("ignore")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with open(path, "rb") as file, Image.open(file) as image:
-                # Image.open read only the header: the size is known, no pixel is decoded yet.
-                pixels = image.width * image.height
-                if pixels > MAX_PIXELS:
-                    raise PipelineError(f"{path}: refused, {image.width}x{image.height} is {pixels:,} "
-                                        f"pixels, more than the {MAX_PIXELS:,}-pixel limit for an image "
-                                        "of a digit")
-                frames = getattr(image, "n_frames", 1)  # counting may seek; Pillow seeks back to 0
-                factor = reduction_factor(image.size)
-                if image.format == "JPEG" and factor > 1:
-                    # Decode at 1/2, 1/4 or 1/8 scale: the full-size pixels are never in memory.
-                    image.draft(image.mode, (image.width // factor, image.height // factor))
-                image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            # Pillow's own guard, hit only by sizes above MAX_PIXELS (e.g. a GIF frame larger than
-            # its declared screen).
-            raise PipelineError(f"{path}: refused, more than the {MAX_PIXELS:,}-pixel limit ({exc})") from None
+    try:
+        with Image.open(file) as image:
+            # Image.open read only the header: the size is known, no pixel is decoded yet.
+            pixels = image.width * image.height
+            if pixels > MAX_PIXELS:
+                raise PipelineError(f"{path}: refused, {image.width}x{image.height} is {pixels:,} "
+                                    f"pixels, more than the {MAX_PIXELS:,}-pixel limit for an image "
+                                    "of a digit")
+            frames = getattr(image, "n_frames", 1)  # counting may seek; Pillow seeks back to 0
+            factor = reduction_factor(image.size)
+            if image.format == "JPEG" and factor > 1:
+                # Decode at 1/2, 1/4 or 1/8 scale: the full-size pixels are never in memory.
+                image.draft(image.mode, (image.width // factor, image.height // factor))
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard, inside Image.open and so before the check above, for sizes beyond
+        # 89 MP (a warning, an error under pillow_warnings) or 179 MP (an error).
+        raise PipelineError(f"{path}: refused, more than the {MAX_PIXELS:,}-pixel limit for an image of a "
+                            f"digit (Pillow: {exc})") from None
     return Decoded(image, frames)
 
 
@@ -259,19 +257,37 @@ class Sample:
     frames: int = 1
 
 
+@contextlib.contextmanager
+def pillow_warnings() -> Iterator[None]:
+    """A warning printed by Pillow (corrupt EXIF, odd TIFF tags) would be a second line for the
+    file: silenced. The decompression-bomb warning (reached only above MAX_PIXELS) becomes an
+    error, which decode() reports as a refusal."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def damaged(path: Path, exc: Exception) -> PipelineError:
+    """The one-line error for a file Pillow failed on. Its decoders report damaged input with
+    OSError mostly, but also ValueError (PPM), SyntaxError, EOFError, struct.error, ... depending
+    on the plugin, and EXIF or mode conversion can fail on odd files; a file from outside must
+    cost one error line, never the run, so every Exception from Pillow ends here."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+    return PipelineError(f"{path}: damaged or unsupported image ({type(exc).__name__}: {reason})")
+
+
 def image_sample(path: Path, size: int) -> Sample:
-    """The Sample for an image file; UnidentifiedImageError when Pillow knows no such format."""
-    try:
-        decoded = decode(path)
-        gray = grey_ink(shrink(orient(decoded.image)))
-    except (PipelineError, UnidentifiedImageError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - see below
-        # Pillow's decoders report damaged input with OSError mostly, but also SyntaxError,
-        # ValueError, EOFError, struct.error, IndexError, ... depending on the plugin; a file from
-        # outside must cost one error line, never the run.
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
-        raise PipelineError(f"{path}: damaged or unsupported image ({type(exc).__name__}: {reason})") from None
+    """The Sample for an image file; UnidentifiedImageError when Pillow knows no such format,
+    OSError when the file cannot be opened."""
+    with pillow_warnings(), open(path, "rb") as file:
+        try:
+            decoded = decode(file, path)
+            gray = grey_ink(shrink(orient(decoded.image)))
+        except (PipelineError, UnidentifiedImageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - see damaged()
+            raise damaged(path, exc) from None
     ink = extract_ink(gray)
     blank = is_blank(ink)
     digit = np.zeros((size, size), np.uint8) if blank else fit_to_mnist(ink, size)
@@ -290,6 +306,8 @@ def idx_samples(path: Path, size: int) -> list[Sample]:
         array = array[None]
     if array.ndim != 3 or array.shape[1:] != (size, size):
         raise PipelineError(f"{path}: IDX images must be [N, {size}, {size}] or [{size}, {size}], found {array.shape}")
+    if len(array) == 0:
+        raise PipelineError(f"{path}: IDX file holds no images (dimensions {array.shape})")
     return [Sample(f"{path}[{i}]", image, is_blank(extract_ink(image))) for i, image in enumerate(array)]
 
 
