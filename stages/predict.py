@@ -43,14 +43,14 @@ INK_THRESHOLD = 0.1  # of the brightest value: fainter pixels don't define the d
 # Images with more pixels are refused before any pixel is decoded. 50 MP is above what phones and
 # cameras save by default (12-24 MP; 48-50 MP only in their full-resolution modes) and above an A4
 # page scanned at 600 dpi (35 MP), so no honest photo or scan of a digit is refused, while a
-# decompression bomb (a few KB of PNG declaring 20000x20000 = 400 MP) is. It also bounds memory for
+# decompression bomb (a 90 KB PNG declaring 20000x20000 = 400 MP) is. It also bounds memory for
 # formats that cannot be reduced while decoding (PNG, GIF, TIFF, WebP): at most 4 bytes a pixel,
 # 200 MB. Pillow's own guard (Image.MAX_IMAGE_PIXELS, 89 MP warning / 179 MP error) lies above it.
 MAX_PIXELS = 50_000_000
 # Working resolution, pixels on the longer side: images are reduced to between 1x and 2x this
 # while (JPEG) or right after (other formats) decoding. The digit ends up 20 px tall, so even a
-# digit filling a tenth of a photo keeps 5x the resolution it needs; and a 1024x1024 float64
-# working copy is 8 MB, so memory does not grow with the camera's resolution.
+# digit filling a tenth of a photo keeps 5x the resolution it needs; and a float64 working copy
+# is at most 2047x2047x8 bytes = 32 MB, whatever the camera's resolution.
 WORK_SIDE = 1024
 # The largest ink contrast (brightest ink minus the background, 0..255) below which an image is
 # blank: pencil on paper or a marker on a whiteboard differs from its background by 100+ levels,
@@ -68,7 +68,7 @@ class Decoded:
 
 
 # ---------------------------------------------------------------------------------------------
-# decode -> orient -> grey -> (blank?) -> to_mnist
+# decode -> orient -> shrink -> grey -> (blank?) -> to_mnist
 
 
 def check_file(path: Path) -> None:
