@@ -1,34 +1,196 @@
 """Classify image files with the trained model: `python -m stages.predict PATH... [--json]`.
 
-PNG/JPEG files of any size, dark-on-light or light-on-dark, are converted the way MNIST digits were
-made: grey, inverted when the background is light, the digit scaled to fit a 20x20 box and placed
-in the 28x28 image so that its centre of mass is at the centre. IDX files (plain or .gz) already
-hold MNIST-format images and are classified as they are, one result per image.
+Images (PNG, JPEG, GIF, TIFF, WebP, BMP, ... whatever Pillow reads) go through small pure steps:
+decode (bounded in size and memory) -> orient (EXIF) -> shrink -> grey, with the ink told from
+the background (alpha, palette transparency and 16-bit handled) -> blank? -> to_mnist, which
+makes the digit the way MNIST digits were made: inverted when the background is light, scaled to
+fit a 20x20 box and placed in the 28x28 image so that its centre of mass is at the centre.
+IDX files (plain or .gz) already hold MNIST-format images and are classified as they are, one
+result per image.
 
-Only the model file is read (no params.yaml), and it runs on the CPU unless told otherwise. A file
-that cannot be read gets a one-line error and the others are still classified; the exit status is
-1 if any file failed.
+Every file gets exactly one line: its class, `blank`, or a one-line error naming the file and the
+reason (on stderr); the run goes on with the next file and exits with status 1 if any file failed.
+Only the model file is read (no params.yaml), with torch's weights_only loader. See docs/predict.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
+import stat
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stages.common import PipelineError, log, run_main
 from stages.idx import IdxFormatError, parse_idx, read_bytes
-from stages.models import load_model
+from stages.models import load_model, predict_logits
 
 STAGE = "predict"
+PROG = "python -m stages.predict"
 DEFAULT_MODEL = Path("models/model.pt")
 FIT_BOX = 20  # MNIST: each digit was scaled to fit 20x20, then centred by mass in 28x28
 INK_THRESHOLD = 0.1  # of the brightest value: fainter pixels don't define the digit's bounding box
+# Images with more pixels are refused before any pixel is decoded. 50 MP is above what phones and
+# cameras save by default (12-24 MP; 48-50 MP only in their full-resolution modes) and above an A4
+# page scanned at 600 dpi (35 MP), so no honest photo or scan of a digit is refused, while a
+# decompression bomb (a 90 KB PNG declaring 20000x20000 = 400 MP) is. It also bounds memory for
+# formats that cannot be reduced while decoding (PNG, GIF, TIFF, WebP): at most 4 bytes a pixel,
+# 200 MB. Pillow's own guard (Image.MAX_IMAGE_PIXELS, 89 MP warning / 179 MP error) lies above it.
+MAX_PIXELS = 50_000_000
+# Working resolution, pixels on the longer side: images are reduced to between 1x and 2x this
+# while (JPEG) or right after (other formats) decoding. The digit ends up 20 px tall, so even a
+# digit filling a tenth of a photo keeps 5x the resolution it needs; and a float64 working copy
+# is at most 2047x2047x8 bytes = 32 MB, whatever the camera's resolution.
+WORK_SIDE = 1024
+# The largest ink contrast (brightest ink minus the background, 0..255) below which an image is
+# blank: pencil on paper or a marker on a whiteboard differs from its background by 100+ levels,
+# while JPEG noise, paper texture and a scanner's glass stay within about 10-20.
+BLANK_CONTRAST = 32
+BATCH = 256  # images per forward pass for IDX files: bounds activation memory for large files
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The first frame of an image file (JPEGs already reduced) and how many frames the file holds."""
+    image: Image.Image
+    frames: int
+
+
+# ---------------------------------------------------------------------------------------------
+# decode -> orient -> shrink -> grey -> (blank?) -> to_mnist
+
+
+def check_file(path: Path) -> None:
+    """PipelineError unless `path` is a non-empty regular file (stat follows symlinks, so a loop
+    or a dangling link is reported here rather than deep inside a decoder)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such file") from None
+    except OSError as exc:  # e.g. ELOOP "Too many levels of symbolic links", EACCES on a parent
+        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise PipelineError(f"{path}: is a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        # A FIFO or device would block or never end; an image is always a regular file.
+        raise PipelineError(f"{path}: not a regular file")
+    if info.st_size == 0:
+        raise PipelineError(f"{path}: empty file (0 bytes)")
+
+
+def reduction_factor(size: tuple[int, int]) -> int:
+    """Integer factor that brings the longer side of `size` (w, h) to between WORK_SIDE and
+    2 * WORK_SIDE; 1 when it is already smaller."""
+    return max(1, max(size) // WORK_SIDE)
+
+
+def decode(file: BinaryIO, path: Path) -> Decoded:
+    """Decodes the first frame of the image in `file` (opened from `path`); a large JPEG is
+    reduced while decoding (JPEG's DCT scaling, via Image.draft), other formats later by shrink(). Raises
+    UnidentifiedImageError when Pillow knows no such format, PipelineError when the image is too
+    large, and whatever the decoder raises on a damaged file."""
+    try:
+        with Image.open(file) as image:
+            # Image.open read only the header: the size is known, no pixel is decoded yet.
+            pixels = image.width * image.height
+            if pixels > MAX_PIXELS:
+                raise PipelineError(f"{path}: refused, {image.width}x{image.height} is {pixels:,} "
+                                    f"pixels, more than the {MAX_PIXELS:,}-pixel limit for an image "
+                                    "of a digit")
+            frames = getattr(image, "n_frames", 1)  # counting may seek; Pillow seeks back to 0
+            factor = reduction_factor(image.size)
+            if image.format == "JPEG" and factor > 1:
+                # Decode at 1/2, 1/4 or 1/8 scale: the full-size pixels are never in memory.
+                image.draft(image.mode, (image.width // factor, image.height // factor))
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard, inside Image.open and so before the check above, for sizes beyond
+        # 89 MP (a warning, an error under pillow_warnings) or 179 MP (an error).
+        raise PipelineError(f"{path}: refused, more than the {MAX_PIXELS:,}-pixel limit for an image of a "
+                            f"digit (Pillow: {exc})") from None
+    return Decoded(image, frames)
+
+
+def orient(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: phones store pixels as the sensor saw them and record the
+    rotation in the EXIF Orientation tag. Applied before anything looks at the pixels."""
+    return ImageOps.exif_transpose(image)
+
+
+def shrink(image: Image.Image) -> Image.Image:
+    """The image reduced by an integer factor (a box filter: each output pixel is the mean of a
+    factor x factor block) to between WORK_SIDE and 2 * WORK_SIDE on its longer side."""
+    factor = reduction_factor(image.size)
+    # reduce() handles neither palettes nor 16-bit modes: to_reducible converts those first.
+    return to_reducible(image).reduce(factor) if factor > 1 else image
+
+
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def to_reducible(image: Image.Image) -> Image.Image:
+    """The image in the smallest mode that keeps what grey_ink needs: L, LA (alpha kept), I
+    (16-bit values kept) or F; Image.reduce and grey_ink accept all four."""
+    if image.mode in ("L", "LA", "I", "F"):
+        return image
+    if image.mode in _SIXTEEN_BIT:
+        return image.convert("I")  # exact: I holds every 16-bit value
+    if has_alpha(image):
+        # Palette and tRNS transparency become a real alpha channel through RGBA.
+        return image.convert("RGBA").convert("LA")
+    return image.convert("L")  # 1, P, RGB, CMYK (Adobe inversion handled by Pillow), YCbCr, ...
+
+
+def composite_alpha(grey: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Grey [H, W] of a grey+alpha image (both 0..255) laid on the background its ink stands out from.
+
+    Two kinds of image have a transparent background. Keyed ones (palette or tRNS transparency,
+    a background removed by colour) keep their canvas colour under the transparent pixels and
+    their anti-aliased edges blend into it: laid on that colour, they look as they were drawn.
+    Where the colour under the transparent pixels says nothing (the same as the ink: a digit
+    drawn in alpha), the digit is laid on white when its visible pixels are dark on average and
+    on black when they are light (a digit made for dark themes). Opaque images are unchanged.
+    """
+    alpha = alpha / 255.0
+    visible = alpha > 0
+    if not visible.any():
+        return np.zeros_like(grey)  # fully transparent: blank
+    clear = ~visible
+    background = None
+    if clear.any():
+        canvas = float(grey[clear].mean())
+        if np.abs(grey[visible] - canvas).max() >= BLANK_CONTRAST:
+            background = canvas
+    if background is None:
+        background = 255.0 if (grey * alpha).sum() / alpha.sum() < 128 else 0.0
+    return grey * alpha + background * (1 - alpha)
+
+
+def grey_ink(image: Image.Image) -> np.ndarray:
+    """float64 [H, W] in 0..255 for an image from to_reducible (any mode is accepted)."""
+    image = to_reducible(image)
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode == "I":
+        # 16-bit (PNG, TIFF): 65535 is white. Pillow's convert("L") clips at 255 instead, which
+        # turns all but the darkest pixels white.
+        return np.clip(pixels * (255 / 65535), 0, 255)
+    if image.mode == "F":
+        return np.clip(np.nan_to_num(pixels), 0, 255)  # as Pillow's convert("L") does
+    if image.mode == "LA":
+        return composite_alpha(pixels[..., 0], pixels[..., 1])
+    return pixels
 
 
 def is_light_background(gray: np.ndarray) -> bool:
@@ -37,13 +199,23 @@ def is_light_background(gray: np.ndarray) -> bool:
     return float(np.median(border)) > 127
 
 
-def to_mnist(gray: np.ndarray, size: int = 28) -> np.ndarray:
-    """uint8 [size, size] MNIST-style digit from a greyscale image [H, W] with values 0..255."""
-    ink = gray.astype(np.float64)
+def extract_ink(gray: np.ndarray) -> np.ndarray:
+    """float64 [H, W]: ink >= 0 on a background of ~0, from a greyscale image with values 0..255,
+    dark-on-light or light-on-dark."""
+    ink = np.asarray(gray, dtype=np.float64)
     if is_light_background(ink):
         ink = 255 - ink
-    ink -= np.median(ink)  # background to ~0, whatever its grey level
-    ink = np.clip(ink, 0, None)
+    ink = ink - np.median(ink)  # background to ~0, whatever its grey level
+    return np.clip(ink, 0, None)
+
+
+def is_blank(ink: np.ndarray) -> bool:
+    """No ink after thresholding: nothing stands BLANK_CONTRAST levels above the background."""
+    return float(ink.max()) < BLANK_CONTRAST
+
+
+def fit_to_mnist(ink: np.ndarray, size: int = 28) -> np.ndarray:
+    """uint8 [size, size] MNIST-style digit from extract_ink's output [H, W]."""
     if ink.max() <= 0:
         return np.zeros((size, size), np.uint8)  # a blank image stays blank
     rows, cols = np.nonzero(ink > INK_THRESHOLD * ink.max())
@@ -54,8 +226,10 @@ def to_mnist(gray: np.ndarray, size: int = 28) -> np.ndarray:
     height, width = max(1, round(ink.shape[0] * scale)), max(1, round(ink.shape[1] * scale))
     resized = np.asarray(Image.fromarray(ink.astype(np.float32), mode="F").resize((width, height), Image.LANCZOS))
     resized = np.clip(resized, 0, 255)
-    # Place the box so its centre of mass lands on the image centre, clipped to stay inside.
     total = resized.sum()
+    if total <= 0:
+        return np.zeros((size, size), np.uint8)
+    # Place the box so its centre of mass lands on the image centre, clipped to stay inside.
     com_row = (resized.sum(axis=1) @ np.arange(height)) / total
     com_col = (resized.sum(axis=0) @ np.arange(width)) / total
     top = int(np.clip(round((size - 1) / 2 - com_row), 0, size - height))
@@ -65,18 +239,63 @@ def to_mnist(gray: np.ndarray, size: int = 28) -> np.ndarray:
     return np.round(out).astype(np.uint8)
 
 
-def load_images(path: Path, size: int) -> list[tuple[str, np.ndarray]]:
-    """(name, uint8 [size, size]) for each image in the file; raises PipelineError if unreadable."""
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such file")
-    try:
-        with Image.open(path) as image:
-            gray = np.asarray(image.convert("L"))
-        return [(str(path), to_mnist(gray, size))]
-    except UnidentifiedImageError:
-        pass  # not an image format Pillow knows: try IDX
-    except OSError as exc:
-        raise PipelineError(f"{path}: damaged image ({exc})") from None
+def to_mnist(gray: np.ndarray, size: int = 28) -> np.ndarray:
+    """uint8 [size, size] MNIST-style digit from a greyscale image [H, W] with values 0..255."""
+    return fit_to_mnist(extract_ink(gray), size)
+
+
+# ---------------------------------------------------------------------------------------------
+# One file -> one or more named 28x28 images
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image to classify: its name in the output, the 28x28 digit, and what to say about it."""
+    name: str
+    image: np.ndarray  # uint8 [size, size]
+    blank: bool
+    frames: int = 1
+
+
+@contextlib.contextmanager
+def pillow_warnings() -> Iterator[None]:
+    """A warning printed by Pillow (corrupt EXIF, odd TIFF tags) would be a second line for the
+    file: silenced. The decompression-bomb warning (reached only above MAX_PIXELS) becomes an
+    error, which decode() reports as a refusal."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def damaged(path: Path, exc: Exception) -> PipelineError:
+    """The one-line error for a file Pillow failed on. Its decoders report damaged input with
+    OSError mostly, but also ValueError (PPM), SyntaxError, EOFError, struct.error, ... depending
+    on the plugin, and EXIF or mode conversion can fail on odd files; a file from outside must
+    cost one error line, never the run, so every Exception from Pillow ends here."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+    return PipelineError(f"{path}: damaged or unsupported image ({type(exc).__name__}: {reason})")
+
+
+def image_sample(path: Path, size: int) -> Sample:
+    """The Sample for an image file; UnidentifiedImageError when Pillow knows no such format,
+    OSError when the file cannot be opened."""
+    with pillow_warnings(), open(path, "rb") as file:
+        try:
+            decoded = decode(file, path)
+            gray = grey_ink(shrink(orient(decoded.image)))
+        except (PipelineError, UnidentifiedImageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - see damaged()
+            raise damaged(path, exc) from None
+    ink = extract_ink(gray)
+    blank = is_blank(ink)
+    digit = np.zeros((size, size), np.uint8) if blank else fit_to_mnist(ink, size)
+    return Sample(str(path), digit, blank, decoded.frames)
+
+
+def idx_samples(path: Path, size: int) -> list[Sample]:
+    """One Sample per image of an IDX file (plain or gzip)."""
     try:
         array = parse_idx(read_bytes(path), str(path))
     except IdxFormatError as exc:
@@ -87,51 +306,119 @@ def load_images(path: Path, size: int) -> list[tuple[str, np.ndarray]]:
         array = array[None]
     if array.ndim != 3 or array.shape[1:] != (size, size):
         raise PipelineError(f"{path}: IDX images must be [N, {size}, {size}] or [{size}, {size}], found {array.shape}")
-    return [(f"{path}[{i}]", image) for i, image in enumerate(array)]
+    if len(array) == 0:
+        raise PipelineError(f"{path}: IDX file holds no images (dimensions {array.shape})")
+    return [Sample(f"{path}[{i}]", image, is_blank(extract_ink(image))) for i, image in enumerate(array)]
+
+
+def load_samples(path: Path, size: int) -> list[Sample]:
+    """The samples in one file; raises PipelineError (one line, naming the file) if unusable."""
+    check_file(path)
+    try:
+        return [image_sample(path, size)]
+    except UnidentifiedImageError:
+        pass  # not an image format Pillow knows: try IDX
+    except OSError as exc:  # opening failed (e.g. permission denied)
+        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return idx_samples(path, size)
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification and output
 
 
 @torch.no_grad()
 def classify(model: torch.nn.Module, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(predicted class index [N], its probability [N]) for uint8 images [N, H, W]."""
-    device = next(model.parameters()).device
-    probabilities = torch.softmax(model(torch.from_numpy(images).to(device)).float(), dim=1)
+    probabilities = torch.softmax(predict_logits(model, torch.from_numpy(images), BATCH), dim=1)
     best, index = probabilities.max(dim=1)
     return index.cpu().numpy(), best.cpu().numpy()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Classify PNG/JPEG/IDX files with the trained model.")
-    parser.add_argument("paths", nargs="+", type=Path)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of text lines")
-    args = parser.parse_args(argv)
+def result_rows(samples: list[Sample], index: np.ndarray, probability: np.ndarray,
+                classes: list[str]) -> list[dict]:
+    """The JSON objects for classified samples (every key always present; see docs/predict.md)."""
+    rows = []
+    for sample, k, p in zip(samples, index, probability):
+        row = {"file": sample.name, "status": "blank" if sample.blank else "ok",
+               "class": None, "label": None, "probability": None, "frames": sample.frames, "error": None}
+        if not sample.blank:
+            row.update({"class": int(k), "label": classes[int(k)], "probability": round(float(p), 6)})
+        rows.append(row)
+    return rows
+
+
+def error_row(path: Path, message: str) -> dict:
+    return {"file": str(path), "status": "error", "class": None, "label": None, "probability": None,
+            "frames": None, "error": message}
+
+
+def text_line(row: dict) -> str:
+    """The text-mode line for a classified or blank sample."""
+    if row["status"] == "blank":
+        line = f"{row['file']}: blank (no ink after thresholding)"
+    else:
+        line = f"{row['file']}: {row['label']} ({100 * row['probability']:.1f}%)"
+    if row["frames"] > 1:
+        line += f", first of {row['frames']} frames"
+    return line
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Classify image files (PNG, JPEG, GIF, TIFF, WebP, ...) and MNIST IDX files "
+                    "with the trained model. One line per image: its class, 'blank', or an error "
+                    "on stderr; the exit status is 1 if any file failed.")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image or IDX (.gz) files")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model file written by train")
+    parser.add_argument("--device", default="cpu", help="torch device to run on")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON list with an object per image (errors included) instead of text lines")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    args = build_parser(prog).parse_args(argv)
     model, meta = load_model(args.model, args.device)
     classes, size = meta["classes"], meta["config"]["image_size"]
-    results, failed = [], 0
+    rows, failed = [], 0
     for path in args.paths:
         try:
-            named = load_images(path, size)
+            samples = load_samples(path, size)
         except PipelineError as exc:
             log(STAGE, f"error: {exc}")
             failed += 1
+            if args.json:
+                rows.append(error_row(path, str(exc)))
             continue
-        index, probability = classify(model, np.stack([image for _, image in named]))
-        results += [{"file": name, "class": int(k), "label": classes[int(k)], "probability": round(float(p), 6)}
-                    for (name, _), k, p in zip(named, index, probability)]
+        new = result_rows(samples, *classify(model, np.stack([s.image for s in samples])), classes)
+        if args.json:
+            rows += new
+        else:
+            for row in new:
+                # Flushed line by line: results appear as they come, in order with the errors
+                # on stderr, and a closed pipe (`| head`) is noticed at once.
+                print(text_line(row), flush=True)
     if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for r in results:
-            print(f"{r['file']}: {r['label']} ({100 * r['probability']:.1f}%)")
+        print(json.dumps(rows, indent=2), flush=True)
     if failed:
         sys.exit(1)
 
 
-def cli() -> None:
+def cli(prog: str | None = None) -> None:
     """Console-script entry point (`mnist-predict`)."""
-    run_main(STAGE, main)
+    try:
+        run_main(STAGE, lambda: main(prog=prog))
+    except BrokenPipeError:
+        # The reader went away (`... | head -5`): stop quietly, as cat or grep do. Point stdout at
+        # /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
 
 
 if __name__ == "__main__":
-    cli()
+    cli(PROG)

@@ -78,7 +78,7 @@ def test_predict_on_idx_matches_evaluate_and_survives_bad_files(built_project, t
     assert result.returncode == 1, "a failed file makes the exit status non-zero"
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 2
-    assert errors[0].startswith(f"predict: error: {truncated}: damaged image")
+    assert errors[0].startswith(f"predict: error: {truncated}: damaged or unsupported image")
     assert errors[1].startswith(f"predict: error: {garbage}: neither an image Pillow can read")
     rows = json.loads(result.stdout)
     with open(built_project.path("metrics/confusion.csv")) as f:
@@ -86,7 +86,8 @@ def test_predict_on_idx_matches_evaluate_and_survives_bad_files(built_project, t
     idx_rows = [r for r in rows if r["file"].startswith(str(test_images))]
     assert [r["class"] for r in idx_rows] == evaluated
     assert rows[-1]["file"] == str(png)
-    assert set(rows[-1]) == {"file", "class", "label", "probability"} and 0 < rows[-1]["probability"] <= 1
+    assert rows[-1]["status"] == "ok" and 0 < rows[-1]["probability"] <= 1
+    assert [r["status"] for r in rows if r["file"] in (str(truncated), str(garbage))] == ["error", "error"]
 
     text = predict(built_project, str(png))
     assert text.returncode == 0

@@ -1,0 +1,179 @@
+"""predict on real MNIST digits saved the ways phones and image tools save them, and its peak memory.
+
+    MNIST_MIRROR=/work/shared/data/mnist python -m benchmarks.predict_check [--model M] [--digits N]
+
+1. Accuracy per format. Trains the `fast` preset with the train stage's fit() on MNIST's official
+   training images (the last 5,000 as val), unless --model names a model file; then saves each
+   of the first N test digits, scaled 4x to 112x112 and dark on white, in every format of
+   tests/test_predict_formats.FORMATS (the formats the tests check for invariance), classifies
+   every file through predict's own decoding and prints a markdown table. The first row is the
+   model on the raw 28x28 test images, the ceiling for the rest.
+2. Peak resident memory of a fresh process running predict's main() on: one 28x28 PNG (the
+   floor: the model and the output), a 24 MP JPEG, a 24 MP PNG, and 1,000 12 MP phone JPEGs
+   (hard links to 10 distinct files: the same decoding work, a hundredth of the disk). Measured
+   after the imports (torch alone is ~0.75-0.95 GB resident here, the same whatever the images),
+   so the figures show what the images add.
+
+Writes only into a temporary directory. Peak memory does not depend on the machine's load;
+nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.presets import preset_params
+from stages import predict
+from stages.common import PipelineError, resolve_device, run_main
+from stages.datasets import load_table
+from stages.idx import read_pair
+from stages.models import load_model, save_model
+from stages.preprocess import pixel_stats
+from stages.train import fit
+from tests.test_predict_formats import FORMATS, SCALE
+
+VAL = 5000  # the last 5,000 training images score each epoch, as the preprocess stage's val split
+
+
+def mnist(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    entry = load_table()["mnist"]
+    return read_pair(raw_dir / entry.files[f"{split}_images"].gz_name, raw_dir / entry.files[f"{split}_labels"].gz_name,
+                     entry.image_size, len(entry.classes))
+
+
+def train_fast_model(raw_dir: Path, path: Path) -> None:
+    """The `fast` preset's model, trained by fit() on the official training images."""
+    images, labels = mnist(raw_dir, "train")
+    images, labels = torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+    classes = list(load_table()["mnist"].classes)
+    mean, std = pixel_stats(images[:-VAL])
+    train = {"images": images[:-VAL], "labels": labels[:-VAL], "classes": classes, "mean": mean, "std": std}
+    val = {"images": images[-VAL:], "labels": labels[-VAL:], "classes": classes}
+    model, config, _ = fit(preset_params("fast").train, train, val, resolve_device("cpu"))
+    save_model(path, model.cpu(), config, classes)
+
+
+def format_accuracy(model_path: Path, raw_dir: Path, digits: int, work: Path) -> list[tuple[str, int]]:
+    """(format, digits classified right) for the raw images and each of FORMATS."""
+    model, _ = load_model(model_path)
+    images, labels = mnist(raw_dir, "test")
+    images, labels = images[:digits], labels[:digits]
+    index, _ = predict.classify(model, images.copy())  # a copy: parsed IDX arrays are read-only views
+    rows = [("raw 28x28 (IDX, no conversion)", int((index == labels).sum()))]
+    for name, (write, _, _) in FORMATS.items():
+        right = 0
+        for i, (image, label) in enumerate(zip(images, labels)):
+            directory = work / name / str(i)
+            directory.mkdir(parents=True)
+            ink = np.asarray(Image.fromarray(image).resize((28 * SCALE, 28 * SCALE), Image.BICUBIC))
+            [sample] = predict.load_samples(write(ink, directory), 28)
+            right += int(predict.classify(model, sample.image[None])[0][0] == label)
+        rows.append((name, right))
+    return rows
+
+
+# Run in a fresh process: imports predict (torch is most of a process's memory), then resets the
+# kernel's peak-RSS mark (writing 5 to /proc/self/clear_refs, Linux 4.0+) so that the peak read
+# afterwards is the one reached while predict.main worked on the files, model loading included.
+_MEASURE = """
+import contextlib, os, re, sys
+import stages.predict as predict
+def kib(key):
+    return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+start = kib("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+with open(os.devnull, "w") as out, contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+    predict.main(sys.argv[1:])
+print(start, kib("VmHWM"))
+"""
+
+
+def peak_rss_mib(model_path: Path, files: list[Path]) -> tuple[float, float]:
+    """(resident MiB once predict is imported, peak resident MiB while it classifies `files`),
+    of a fresh process."""
+    command = [sys.executable, "-c", _MEASURE, "--model", str(model_path), *map(str, files)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    start, peak = map(int, out.stdout.split()[-2:])
+    return start / 1024, peak / 1024
+
+
+def photo(size: tuple[int, int], seed: int) -> Image.Image:
+    """An RGB 'photo' of `size`: a dark digit-like stroke on noisy paper (noise keeps the
+    compressed files realistically large)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    pixels = rng.integers(200, 240, (height, width, 3), dtype=np.uint8)
+    pixels[height // 4:3 * height // 4, width // 2 - width // 40:width // 2 + width // 40] = 20
+    return Image.fromarray(pixels)
+
+
+def memory_figures(model_path: Path, work: Path) -> list[tuple[str, tuple[float, float]]]:
+    tiny = work / "tiny.png"
+    Image.new("L", (28, 28)).save(tiny)
+    jpeg24, png24 = work / "24mp.jpg", work / "24mp.png"
+    big = photo((6000, 4000), 0)
+    big.save(jpeg24, quality=90)
+    big.save(png24)
+    distinct = []
+    for seed in range(10):
+        distinct.append(work / f"phone{seed}.jpg")
+        photo((4032, 3024), seed).save(distinct[-1], quality=90)
+    batch = []
+    for i in range(1000):
+        batch.append(work / f"batch{i:04}.jpg")
+        os.link(distinct[i % 10], batch[-1])
+    return [("one 28x28 PNG (the floor: Python, torch, the model)", peak_rss_mib(model_path, [tiny])),
+            ("one 24 MP JPEG (6000x4000, RGB)", peak_rss_mib(model_path, [jpeg24])),
+            ("one 24 MP PNG (6000x4000, RGB)", peak_rss_mib(model_path, [png24])),
+            ("1,000 12 MP JPEGs (4032x3024, RGB) in one run", peak_rss_mib(model_path, batch))]
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", type=Path, help="model file to use instead of training the fast preset")
+    parser.add_argument("--digits", type=int, default=100, help="MNIST test digits per format")
+    parser.add_argument("--save-model", type=Path, help="keep the trained model at this path")
+    parser.add_argument("--skip-memory", action="store_true", help="only the accuracy table")
+    args = parser.parse_args(argv)
+    mirror = os.environ.get("MNIST_MIRROR")
+    if not mirror:
+        raise PipelineError("set MNIST_MIRROR to a directory holding MNIST's four .gz files")
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_path = args.model or args.save_model or work / "model.pt"
+        if args.model is None:
+            train_fast_model(Path(mirror), model_path)
+        print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; Pillow {Image.__version__}, torch {torch.__version__}")
+        print(f"\n| format | right of {args.digits} |\n|---|---:|")
+        for name, right in format_accuracy(model_path, Path(mirror), args.digits, work / "formats"):
+            print(f"| {name} | {right} |", flush=True)
+        if not args.skip_memory:
+            print("\n| input | resident after imports (MiB) | peak while classifying (MiB) | added (MiB) |\n"
+                  "|---|---:|---:|---:|")
+            for name, (start, peak) in memory_figures(model_path, work):
+                print(f"| {name} | {start:.0f} | {peak:.0f} | {peak - start:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    run_main("predict_check", main)

@@ -1,0 +1,413 @@
+"""predict on hostile and unusual images: every format and encoding gives the digit the plain
+greyscale PNG gives, memory stays bounded, and every bad file costs exactly one error line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageDraw, ImageFont, features
+
+from stages import predict
+from stages.common import PipelineError
+from stages.idx import write_idx
+from stages.models import FORMAT_VERSION
+from tests.conftest import PROJECT_ROOT
+from tests.test_models import Exploit
+
+SCALE = 4  # the 28x28 digit is saved at 112x112, as a small scan would be
+
+
+def mnist_like_digit(digit: str = "3") -> np.ndarray:
+    """uint8 [28, 28], light ink on black: a font digit put through the MNIST recipe."""
+    image = Image.new("L", (180, 240), 0)
+    ImageDraw.Draw(image).text((15, 5), digit, fill=255, font=ImageFont.load_default(size=150))
+    return predict.to_mnist(np.asarray(image))
+
+
+@pytest.fixture(scope="module")
+def ink() -> np.ndarray:
+    """uint8 [112, 112]: the digit's ink (0 = none, 255 = full) at scan size."""
+    return np.asarray(Image.fromarray(mnist_like_digit()).resize((28 * SCALE, 28 * SCALE), Image.BICUBIC))
+
+
+def derived(path: Path) -> predict.Sample:
+    [sample] = predict.load_samples(path, 28)
+    return sample
+
+
+@pytest.fixture(scope="module")
+def reference(ink, tmp_path_factory) -> np.ndarray:
+    """What predict derives from the plain 8-bit greyscale PNG: dark ink on white paper."""
+    path = tmp_path_factory.mktemp("reference") / "plain.png"
+    Image.fromarray(255 - ink).save(path)
+    return derived(path).image.astype(int)
+
+
+def rgba(ink: np.ndarray, colour: int) -> Image.Image:
+    """Ink drawn in alpha, in one colour over a fully transparent background."""
+    return Image.fromarray(np.dstack([np.full_like(ink, colour)] * 3 + [ink]), "RGBA")
+
+
+def palette_with_transparent_background(ink: np.ndarray) -> Image.Image:
+    image = Image.fromarray(255 - ink).convert("P")  # L -> P keeps the values, with a grey palette
+    image.info["transparency"] = 255  # the white background's palette index
+    return image
+
+
+def rotated_by_sensor(ink: np.ndarray, path: Path, **options) -> Path:
+    """The digit as a phone stores a photo taken in portrait: pixels turned 90 degrees, with EXIF
+    Orientation 6 ("rotate 90 degrees clockwise to view") saying so."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(255 - ink).transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, **options)
+    return path
+
+
+def save(image: Image.Image, path: Path, **options) -> Path:
+    image.save(path, **options)
+    return path
+
+
+def grey(ink: np.ndarray, mode: str = "L") -> Image.Image:
+    """Dark ink on white paper, in `mode`."""
+    return Image.fromarray(255 - ink).convert(mode)
+
+
+# name -> (writer(ink, directory) -> path, largest difference allowed per pixel, frames in the file)
+# Lossless encodings must give the reference exactly (alpha compositing may round by 1); JPEG's
+# loss moves a few pixels a little.
+FORMATS = {
+    "rgb-png": (lambda ink, d: save(grey(ink, "RGB"), d / "a.png"), 0, 1),
+    "rgba-png-black-ink-in-alpha": (lambda ink, d: save(rgba(ink, 0), d / "a.png"), 1, 1),
+    "rgba-png-white-ink-in-alpha": (lambda ink, d: save(rgba(ink, 255), d / "a.png"), 1, 1),
+    "la-png-ink-in-alpha": (lambda ink, d: save(rgba(ink, 0).convert("LA"), d / "a.png"), 1, 1),
+    "palette-png-transparent-background": (
+        lambda ink, d: save(palette_with_transparent_background(ink), d / "a.png", transparency=255), 1, 1),
+    "grey-16-bit-png": (
+        lambda ink, d: save(Image.fromarray((255 - ink).astype(np.uint16) * 257), d / "a.png"), 0, 1),
+    "png-exif-rotate-90": (lambda ink, d: rotated_by_sensor(ink, d / "a.png"), 0, 1),
+    "jpeg-exif-rotate-90": (lambda ink, d: rotated_by_sensor(ink, d / "a.jpg", quality=95), 24, 1),
+    "jpeg": (lambda ink, d: save(grey(ink), d / "a.jpg", quality=95), 24, 1),
+    "progressive-jpeg": (lambda ink, d: save(grey(ink, "RGB"), d / "a.jpg", quality=95, progressive=True), 24, 1),
+    "cmyk-jpeg": (lambda ink, d: save(grey(ink, "CMYK"), d / "a.jpg", quality=95), 24, 1),
+    "gif-two-frames": (lambda ink, d: save(grey(ink), d / "a.gif", save_all=True,
+                                           append_images=[Image.fromarray(ink)]), 0, 2),
+    "tiff-two-frames": (lambda ink, d: save(grey(ink), d / "a.tif", save_all=True,
+                                            append_images=[Image.fromarray(ink)]), 0, 2),
+    "webp-lossless": (lambda ink, d: save(grey(ink, "RGB"), d / "a.webp", lossless=True), 0, 1),
+    "bmp": (lambda ink, d: save(grey(ink), d / "a.bmp"), 0, 1),
+}
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_every_format_gives_the_digit_of_the_plain_greyscale_png(name, ink, reference, tmp_path):
+    if name.startswith("webp") and not features.check("webp"):
+        pytest.skip("this Pillow was built without WebP support")
+    write, tolerance, frames = FORMATS[name]
+    sample = derived(write(ink, tmp_path))
+    difference = np.abs(sample.image.astype(int) - reference)
+    assert difference.max() <= tolerance, f"{name}: differs by up to {difference.max()} levels"
+    assert difference.mean() <= max(tolerance / 8, 0.01)
+    assert not sample.blank and sample.frames == frames
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    """65535 is white: a mid-grey 16-bit pixel is mid-grey in 8 bits, not clipped to white."""
+    image = Image.fromarray(np.array([[0, 32896, 65535]], np.uint16))
+    assert predict.grey_ink(image).tolist() == [[0.0, 128.0, 255.0]]
+
+
+def test_alpha_is_composited_onto_the_background_the_ink_stands_out_from():
+    alpha = np.array([[0.0, 255.0, 128.0]])
+    black_ink = predict.composite_alpha(np.zeros((1, 3)), alpha)
+    white_ink = predict.composite_alpha(np.full((1, 3), 255.0), alpha)
+    assert np.allclose(black_ink, [[255.0, 0.0, 127.0]])  # laid on white
+    assert np.allclose(white_ink, [[0.0, 255.0, 128.0]])  # laid on black
+    # A keyed image: the canvas colour (white) under the transparent pixel, opaque light edges.
+    keyed = predict.composite_alpha(np.array([[255.0, 0.0, 230.0]]), np.array([[0.0, 255.0, 255.0]]))
+    assert keyed.tolist() == [[255.0, 0.0, 230.0]]
+    opaque = np.array([[10.0, 200.0, 30.0]])
+    assert predict.composite_alpha(opaque, np.full((1, 3), 255.0)).tolist() == opaque.tolist()
+
+
+def test_a_24_megapixel_jpeg_is_reduced_while_decoding(ink, reference, tmp_path):
+    """6000x4000: JPEG's DCT scaling decodes it at 1/4 (1500x1000), never at full size."""
+    photo = Image.new("L", (6000, 4000), 255)
+    photo.paste(Image.fromarray(255 - ink).resize((4000, 4000), Image.BICUBIC), (1000, 0))
+    path = save(photo, tmp_path / "photo.jpg", quality=90)
+    with open(path, "rb") as file:
+        decoded = predict.decode(file, path).image
+    assert decoded.size == (1500, 1000)
+    # The white margins move nothing: the digit is cut out by its ink.
+    assert np.abs(derived(path).image.astype(int) - reference).mean() <= 3
+
+
+def test_other_large_images_are_shrunk_before_the_pixel_work(tmp_path):
+    image = Image.new("I;16", (5000, 3000))
+    assert predict.shrink(image).size == (1250, 750)  # factor 4 brings 5000 into 1024..2047
+    assert predict.shrink(Image.new("P", (1000, 2000))).size == (1000, 2000)  # small enough
+
+
+def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch):
+    path = save(Image.new("L", (300, 200)), tmp_path / "big.png")
+    monkeypatch.setattr(predict, "MAX_PIXELS", 50_000)
+    with pytest.raises(PipelineError, match=r"big.png: refused, 300x200 is 60,000 pixels, more than the 50,000-pixel"):
+        predict.load_samples(path, 28)
+
+
+def test_a_decompression_bomb_is_refused(tmp_path):
+    """A 90 KB PNG that declares 20000x20000 pixels (400 MP)."""
+    path = save(Image.new("1", (20000, 20000), 1), tmp_path / "bomb.png")
+    assert path.stat().st_size < 200_000
+    with pytest.raises(PipelineError, match=r"bomb.png: refused, .*50,000,000-pixel limit"):
+        predict.load_samples(path, 28)
+
+
+@pytest.mark.parametrize("background, noise", [(255, 0), (250, 10), (0, 12), (128, 0)])
+def test_blank_and_nearly_blank_images_are_blank(background, noise, tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = np.clip(background + rng.integers(-noise, noise + 1, (60, 80)), 0, 255).astype(np.uint8)
+    sample = derived(save(Image.fromarray(pixels), tmp_path / "blank.png"))
+    assert sample.blank and sample.image.max() == 0
+
+
+def test_a_fully_transparent_image_is_blank(tmp_path):
+    assert derived(save(Image.new("RGBA", (40, 40), (0, 0, 0, 0)), tmp_path / "clear.png")).blank
+
+
+def test_a_faint_but_real_digit_is_not_blank(ink, tmp_path):
+    faint = (255 - ink.astype(int) * 60 // 255).astype(np.uint8)  # ink only 60 levels below white
+    assert not derived(save(Image.fromarray(faint), tmp_path / "faint.png")).blank
+
+
+def bad_files(directory: Path, ink: np.ndarray) -> dict[str, Path]:
+    """name -> a file (or not-a-file) that must get exactly one error line."""
+    png = save(grey(ink), directory / "good.png").read_bytes()
+    jpeg = save(grey(ink), directory / "good.jpg", quality=90).read_bytes()
+    files = {
+        "truncated-png": png[:len(png) // 2],
+        "truncated-jpeg": jpeg[:len(jpeg) // 2],
+        "zero-bytes": b"",
+        "random-bytes": bytes(range(256)) * 4,
+        "png-header-only": png[:33],
+        "idx-of-no-images": write_idx(np.zeros((0, 28, 28), np.uint8)),
+    }
+    paths = {}
+    for name, data in files.items():
+        paths[name] = directory / name
+        paths[name].write_bytes(data)
+    paths["directory"] = directory / "a-directory"
+    paths["directory"].mkdir()
+    paths["symlink-loop"] = directory / "loop-a"
+    os.symlink(directory / "loop-b", directory / "loop-a")
+    os.symlink(directory / "loop-a", directory / "loop-b")
+    paths["missing"] = directory / "missing.png"
+    return paths
+
+
+EXPECTED_REASONS = {
+    "truncated-png": "damaged or unsupported image",
+    "truncated-jpeg": "damaged or unsupported image",
+    "zero-bytes": "empty file (0 bytes)",
+    "random-bytes": "neither an image Pillow can read",
+    "png-header-only": "neither an image Pillow can read",  # Pillow's PNG plugin gives up at open
+    "idx-of-no-images": "IDX file holds no images",
+    "directory": "is a directory",
+    "symlink-loop": "cannot read (Too many levels of symbolic links)",
+    "missing": "no such file",
+}
+
+
+def test_each_bad_file_gets_its_own_one_line_reason(ink, tmp_path):
+    for name, path in bad_files(tmp_path, ink).items():
+        with pytest.raises(PipelineError) as raised:
+            predict.load_samples(path, 28)
+        message = str(raised.value)
+        assert message.startswith(f"{path}: {EXPECTED_REASONS[name]}"), message
+        assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# The command, with the small model of a synthetic pipeline run (see tests/conftest.py)
+
+
+def run_main(*argv: str) -> tuple[int, list[str], list[str]]:
+    """predict.main in this process: (exit status, stdout lines, stderr lines). Any exception
+    other than SystemExit escapes, failing the test."""
+    out, err = io.StringIO(), io.StringIO()
+    status = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            predict.main(list(argv))
+        except SystemExit as exc:
+            status = exc.code
+    return status, out.getvalue().splitlines(), err.getvalue().splitlines()
+
+
+def image_header(kind: str) -> bytes:
+    """A valid header of each format, for the fuzz test to append random bodies to."""
+    buffer = io.BytesIO()
+    Image.new("L", (16, 16), 200).save(buffer, format=kind)
+    data = buffer.getvalue()
+    return data[:{"PNG": 33, "JPEG": 20, "GIF": 13}[kind]]  # signature + IHDR / SOI + APP0 / screen
+
+
+HEADERS = [image_header(kind) for kind in ("PNG", "JPEG", "GIF")]
+
+
+def whole_image(kind: str, mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))).convert(mode).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+# Pillow's decoders differ in how they fail: PPM raises ValueError, TIFF warns about bad tags, ...
+WHOLE = [whole_image(kind) for kind in ("PNG", "JPEG", "GIF", "TIFF", "WEBP", "BMP", "PPM", "ICO", "TGA")]
+WHOLE += [whole_image("TIFF", "RGB"), whole_image("PNG", "RGBA"), whole_image("JPEG", "CMYK")]
+
+
+def corrupt(data: bytes, changes: list[tuple[int, int]]) -> bytes:
+    """`data` with the byte at each position (modulo its length) replaced."""
+    out = bytearray(data)
+    for position, value in changes:
+        out[position % len(out)] = value
+    return bytes(out)
+
+
+fuzzed_files = st.one_of(
+    st.binary(max_size=300),  # random bytes
+    # a valid header, a random body
+    st.tuples(st.sampled_from(HEADERS), st.binary(max_size=300)).map(lambda t: t[0] + t[1]),
+    st.tuples(st.sampled_from(WHOLE), st.floats(0, 1)).map(lambda t: t[0][:int(len(t[0]) * t[1])]),  # truncated
+    st.tuples(st.sampled_from(WHOLE),  # a few bytes changed
+              st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4)).map(
+        lambda t: corrupt(*t)),
+)
+
+
+@pytest.mark.integration
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(fuzzed_files, min_size=1, max_size=4))
+def test_fuzzed_files_get_one_line_each_and_never_a_traceback(built_project, files):
+    model = str(built_project.path("models/model.pt"))
+    with tempfile.TemporaryDirectory() as directory:
+        paths = []
+        for i, data in enumerate(files):
+            paths.append(Path(directory) / f"file{i}")
+            paths[-1].write_bytes(data)
+        status, out, err = run_main("--model", model, *map(str, paths))
+    assert len(out) + len(err) == len(files), (out, err)
+    lines = out + [line.removeprefix("predict: error: ") for line in err]
+    assert all(any(line.startswith(f"{p}: ") for line in lines) for p in paths)
+    assert status == (1 if err else 0)
+
+
+@pytest.fixture(scope="module")
+def mixed_files(ink, tmp_path_factory) -> tuple[Path, list[Path], dict[str, Path]]:
+    """(a blank image, four good images of different formats, bad_files)."""
+    directory = tmp_path_factory.mktemp("mixed")
+    good = []
+    for name in ("rgba-png-black-ink-in-alpha", "grey-16-bit-png", "jpeg-exif-rotate-90", "gif-two-frames"):
+        (directory / name).mkdir()
+        good.append(FORMATS[name][0](ink, directory / name))
+    blank = save(Image.new("L", (40, 40), 255), directory / "blank.png")
+    (directory / "bad").mkdir()
+    return blank, good, bad_files(directory / "bad", ink)
+
+
+@pytest.mark.integration
+def test_the_command_prints_one_line_per_file_in_order(built_project, mixed_files):
+    blank, good, bad = mixed_files
+    model = str(built_project.path("models/model.pt"))
+    files = [good[0], bad["zero-bytes"], blank, good[3], bad["symlink-loop"], good[1]]
+    status, out, err = run_main("--model", model, *map(str, files))
+    assert status == 1, "a failed file makes the exit status non-zero"
+    assert err == [f"predict: error: {bad['zero-bytes']}: empty file (0 bytes)",
+                   f"predict: error: {bad['symlink-loop']}: cannot read (Too many levels of symbolic links)"]
+    assert [line.split(": ")[0] for line in out] == [str(good[0]), str(blank), str(good[3]), str(good[1])]
+    assert out[1] == f"{blank}: blank (no ink after thresholding)"
+    assert out[2].endswith(", first of 2 frames") and "%)" in out[2]
+
+    assert run_main("--model", model, str(blank)) == (0, [f"{blank}: blank (no ink after thresholding)"], []), \
+        "a blank image is a result, not an error"
+
+
+@pytest.mark.integration
+def test_json_has_one_object_per_file_with_the_same_keys(built_project, mixed_files):
+    blank, good, bad = mixed_files
+    model = str(built_project.path("models/model.pt"))
+    status, out, err = run_main("--model", model, "--json", str(good[3]), str(blank), str(bad["directory"]))
+    rows = json.loads("\n".join(out))
+    assert status == 1 and err == [f"predict: error: {bad['directory']}: is a directory, not an image file"]
+    keys = {"file", "status", "class", "label", "probability", "frames", "error"}
+    assert [set(row) for row in rows] == [keys] * 3
+    ok, empty, error = rows
+    assert ok["status"] == "ok" and ok["frames"] == 2 and ok["error"] is None
+    assert ok["label"] == built_project_classes(built_project)[ok["class"]] and 0 < ok["probability"] <= 1
+    assert empty == {"file": str(blank), "status": "blank", "class": None, "label": None,
+                     "probability": None, "frames": 1, "error": None}
+    assert error == {"file": str(bad["directory"]), "status": "error", "class": None, "label": None,
+                     "probability": None, "frames": None,
+                     "error": f"{bad['directory']}: is a directory, not an image file"}
+
+
+def built_project_classes(project) -> list[str]:
+    return torch.load(project.path("models/model.pt"), weights_only=True)["classes"]
+
+
+def command(project, *args: str, shell: str | None = None) -> subprocess.CompletedProcess:
+    env = {**project.env, "PYTHONPATH": str(PROJECT_ROOT)}
+    argv = ["bash", "-o", "pipefail", "-c", shell] if shell else [sys.executable, "-m", "stages.predict", *args]
+    return subprocess.run(argv, cwd=project.root, capture_output=True, text=True, env=env)
+
+
+@pytest.mark.integration
+def test_a_closed_pipe_ends_the_run_quietly(built_project, tmp_path):
+    """`predict ... | head -1`: no BrokenPipeError traceback, the status cat and grep would give."""
+    many = tmp_path / "many.idx"  # 5,000 lines of output, more than a pipe buffers (64 KiB)
+    many.write_bytes(write_idx(np.random.default_rng(0).integers(0, 256, (5000, 28, 28), dtype=np.uint8)))
+    result = command(built_project, shell=f"{sys.executable} -m stages.predict {many} | head -1")
+    assert len(result.stdout.splitlines()) == 1 and result.stdout.startswith(f"{many}[0]: ")
+    assert result.stderr == ""
+    assert result.returncode == 141  # 128 + SIGPIPE, through pipefail
+
+
+@pytest.mark.integration
+def test_help_names_the_command_and_shows_defaults(built_project):
+    result = command(built_project, "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python -m stages.predict ")
+    assert "model file written by train (default: models/model.pt)" in result.stdout
+    assert "torch device to run on (default: cpu)" in result.stdout
+
+
+@pytest.mark.integration
+def test_runs_without_params_yaml_from_any_directory(built_project, mixed_files, tmp_path):
+    """Only the model file is read: a user's directory with no params.yaml is enough."""
+    _, good, _ = mixed_files
+    model = str(built_project.path("models/model.pt"))
+    result = subprocess.run([sys.executable, "-m", "stages.predict", "--model", model, str(good[1])], cwd=tmp_path,
+                            capture_output=True, text=True, env={**built_project.env, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{good[1]}: ")
+
+
+def test_a_model_file_that_would_run_code_is_refused(tmp_path):
+    """predict loads with weights_only=True (see tests/test_models.py for the loader itself)."""
+    marker, model = tmp_path / "pwned", tmp_path / "model.pt"
+    torch.save({"format_version": FORMAT_VERSION, "config": Exploit(marker), "classes": [], "state_dict": {}}, model)
+    with pytest.raises(PipelineError, match="model.pt"):
+        predict.main(["--model", str(model), str(tmp_path)])
+    assert not marker.exists()
