@@ -39,7 +39,7 @@ from stages.common import (describe_device, load_tensors, resolve_device, retain
                            seed_everything)
 from stages.datasets import load_table
 from stages.idx import read_pair
-from stages.models import build_model, model_config
+from stages.models import build_model
 from stages.params import TrainParams
 from stages.train import make_optimizer, steps_per_epoch, train_epoch
 
@@ -81,7 +81,7 @@ def official_train(raw_dir: Path, data_dir: Path) -> dict:
 def fresh_model(cfg: TrainParams, data: dict, device: torch.device) -> torch.nn.Module:
     """A newly initialised model of `cfg` for `data`, seeded as fit() seeds it."""
     seed_everything(cfg.seed, cfg.deterministic)
-    config = model_config(cfg, data["images"].shape[-1], len(data["classes"]), data["mean"], data["std"])
+    config = cfg.model_config(data["images"].shape[-1], len(data["classes"]), data["mean"], data["std"])
     return build_model(config).to(device)
 
 

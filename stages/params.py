@@ -22,6 +22,7 @@ import yaml
 
 from stages.common import PipelineError, resolve_device, run_main, write_text_atomic
 from stages.datasets import Dataset, load_table
+from stages.model_config import Architecture, ModelConfig, Pool
 
 DEFAULT_PATH = Path("params.yaml")
 VALID_MARKER = "params.yaml is valid\n"
@@ -90,12 +91,12 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    model: Literal["softmax", "mlp", "cnn"]
+    model: Architecture  # the architectures are listed once, in stages.model_config
     hidden: list[int]  # mlp: hidden layer widths, input to output
     dropout: float  # mlp: dropout probability after each hidden layer
     channels: list[int]  # cnn: output channels of its three conv blocks
     convs_per_block: int  # cnn: 3x3 convs in each block
-    pool: Literal["end", "early"]  # cnn: each block's max-pool after its last ReLU, or right after its first conv
+    pool: Pool  # cnn: each block's max-pool after its last ReLU, or right after its first conv
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: float  # peak learning rate for the onecycle schedule
     momentum: float  # sgd only
@@ -139,6 +140,13 @@ class TrainParams:
         _require(self.batch_size >= self.processes, "train.batch_size",
                  f"must be at least train.processes ({self.processes}): each process takes a share "
                  f"of every batch, got {self.batch_size}")
+
+    def model_config(self, image_size: int, num_classes: int, mean: float, std: float) -> ModelConfig:
+        """The network these params describe, for images of the train split (side, class count, and
+        pixel mean and std in [0, 1] units)."""
+        return ModelConfig(architecture=self.model, hidden=tuple(self.hidden), dropout=self.dropout,
+                           channels=tuple(self.channels), convs_per_block=self.convs_per_block, pool=self.pool,
+                           image_size=image_size, num_classes=num_classes, mean=mean, std=std)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from stages import params as params_mod
 from stages.common import (PipelineError, Rank, describe_device, load_tensors, log, rank_from_env,
                            resolve_device, retain_freed_memory, run_main, save_tensors, seed_everything,
                            write_text_atomic)
-from stages.models import build_model, count_parameters, model_config, predict_logits, save_model
+from stages.models import build_model, count_parameters, predict_logits, save_model
 from stages.params import TrainParams
 
 STAGE = "train"
@@ -179,7 +179,7 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     retain_freed_memory()
     classes = train["classes"]
     image_size = train["images"].shape[-1]
-    config = model_config(cfg, image_size, len(classes), train["mean"], train["std"])
+    config = cfg.model_config(image_size, len(classes), train["mean"], train["std"])
     model = build_model(config).to(device)
     if device.type == "cpu" and cfg.model == "cnn":
         # oneDNN's convolutions run ~1.7x faster on NHWC than on NCHW on CPU (measured here).

@@ -58,7 +58,7 @@ def test_fit_learns_and_is_bit_identical_when_repeated(data, cfg):
     assert rows_a[-1]["val_accuracy"] >= 0.9  # the synthetic classes are trivially separable
     assert rows_a == rows_b
     assert_same_weights(weights(model_a), weights(model_b))
-    assert config["model"] == cfg.model
+    assert config.architecture == cfg.model
 
 
 @pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_MLP], ids=["cnn-sgd", "mlp-adam"])
