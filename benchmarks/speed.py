@@ -14,7 +14,7 @@
    splits) and its accuracy on the test split.
 3. The peak resident memory of this process.
 
-Everything runs with the train stage's allocator setting (common.retain_freed_memory), applied
+Everything runs with the train stage's allocator setting (runtime.retain_freed_memory), applied
 before the first measurement, so that it favours neither side of the comparison.
 """
 
@@ -35,12 +35,12 @@ import torch.nn.functional as F
 
 from benchmarks.presets import (DATA_DIR, augmented, load_splits, preset_params, synchronize, test_accuracy,
                                 timed_fit)
-from stages.common import (describe_device, load_tensors, resolve_device, retain_freed_memory, run_main,
-                           seed_everything)
+from stages.common import load_tensors, run_main
 from stages.datasets import load_table
 from stages.idx import read_pair
 from stages.models import build_model
 from stages.params import TrainParams
+from stages.runtime import describe_device, resolve_device, retain_freed_memory, seed_everything
 from stages.train import make_optimizer, steps_per_epoch, train_epoch
 
 RAW_DIR = Path("data/raw")  # the fetch stage's output: the four IDX .gz files

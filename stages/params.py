@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+import torch
 import yaml
 
-from stages.common import PipelineError, resolve_device, run_main, write_text_atomic
+from stages.common import PipelineError, run_main, write_text_atomic
 from stages.datasets import Dataset, load_table
 from stages.model_config import Architecture, ModelConfig, Pool
 
@@ -269,11 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=DEFAULT_PATH)
     args = parser.parse_args(argv)
     params = load(args.params)
-    if params.train.device == "cuda":
-        try:  # fail now, before DVC deletes the model of the last run
-            resolve_device("cuda")
-        except PipelineError as exc:
-            raise ParamsError("train.device", str(exc).removeprefix("train.device: ")) from None
+    # Checked here, not only by train: DVC deletes the last run's model before running train.
+    _require(params.train.device != "cuda" or torch.cuda.is_available(), "train.device",
+             "'cuda' was requested but no CUDA GPU is available; use 'auto' (GPU when present, else CPU) or 'cpu'")
     write_text_atomic(args.marker, VALID_MARKER)
 
 

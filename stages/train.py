@@ -28,11 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stages import params as params_mod
-from stages.common import (PipelineError, Rank, describe_device, load_tensors, log, rank_from_env,
-                           resolve_device, retain_freed_memory, run_main, save_tensors, seed_everything,
-                           write_text_atomic)
+from stages.common import PipelineError, load_tensors, log, run_main, save_tensors, write_text_atomic
 from stages.models import build_model, count_parameters, predict_logits, save_model
 from stages.params import TrainParams
+from stages.runtime import Rank, describe_device, rank_from_env, resolve_device, retain_freed_memory, seed_everything
 
 STAGE = "train"
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy")

@@ -11,9 +11,9 @@ import torch
 import yaml
 
 import stages.train as train_mod
-from stages.common import retain_freed_memory, seed_everything
-from stages.train import fit, make_optimizer, make_schedule, steps_per_epoch
 from stages.params import parse
+from stages.runtime import retain_freed_memory, seed_everything
+from stages.train import fit, make_optimizer, make_schedule, steps_per_epoch
 from tests.conftest import PROJECT_ROOT
 from tests.synthetic import make_split
 
