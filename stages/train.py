@@ -195,14 +195,14 @@ def load_checkpoint(path: Path, run_id: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = load_tensors(path, required=("fingerprint", "epoch", "rows", "training"))
+        saved = load_tensors(path, required=("fingerprint", "epoch", "rows", "training"))
     except PipelineError as exc:
         log(STAGE, f"ignoring unreadable checkpoint ({exc}); starting from epoch 1")
         return None
-    if state["fingerprint"] != run_id:
+    if saved["fingerprint"] != run_id:
         log(STAGE, f"ignoring {path}: it belongs to other params or data; starting from epoch 1")
         return None
-    return state
+    return saved
 
 
 def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
