@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from stages import params as params_mod
-from stages.common import rank_from_env
-from stages.models import build_model, model_config
+from stages.models import build_model
+from stages.runtime import rank_from_env
 
 STEPS = 3
 BATCH = 64  # images per process and step
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group(args.backend)
     cfg = params_mod.load().train
     torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(model_config(cfg, 28, 10, 0.13, 0.31)).to(device)
+    model = build_model(cfg.model_config(28, 10, 0.13, 0.31)).to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
     generator = torch.Generator().manual_seed(1 + rank.rank)  # different data per rank

@@ -72,13 +72,18 @@ RERUNS: dict[str, Rerun] = {
     "stages/params.py": _rerun(
         "stages/params.py", "`stages/params.py`", ALL_STAGES, "every stage depends on it"),
     "stages/datasets.py": _rerun(
-        "stages/datasets.py", "`stages/datasets.py`", {"params", "fetch", "preprocess"},
-        "the prepared tensors come out identical, so `augment` and later do not run"),
+        "stages/datasets.py", "`stages/datasets.py`", ALL_STAGES,
+        "every stage reads params.yaml through `stages/params.py`, which checks it against the dataset table"),
     "stages/datasets.yaml": _rerun(
-        "stages/datasets.yaml", "`stages/datasets.yaml`", {"params", "fetch", "preprocess"},
-        "as for `datasets.py`"),
+        "stages/datasets.yaml", "`stages/datasets.yaml`", ALL_STAGES, "as for `datasets.py`"),
+    "stages/model_config.py": _rerun(
+        "stages/model_config.py", "`stages/model_config.py`", ALL_STAGES,
+        "`stages/params.py` builds the model's config, so every stage imports it"),
     "stages/common.py": _rerun(
         "stages/common.py", "`stages/common.py`", ALL_STAGES, "every stage depends on it"),
+    "stages/runtime.py": _rerun(
+        "stages/runtime.py", "`stages/runtime.py` (device, seeding, allocator)", {"train"},
+        "only train imports it; the model comes out bit-identical"),
     "stages/idx.py": _rerun("stages/idx.py", "`stages/idx.py`", {"fetch", "preprocess"}, "their outputs come out identical"),
     "stages/fetch.py": _rerun("stages/fetch.py", "`stages/fetch.py`", {"fetch"}, "its output comes out identical"),
     "stages/preprocess.py": _rerun(
