@@ -1,4 +1,4 @@
-"""Stage train: fit the model chosen in params.yaml; write the model file and a per-epoch log.
+"""Stage train: fit the model chosen in params.yaml; write the model file and its DVCLive log.
 
 Batches are drawn by indexing the in-memory tensors (on the GPU when training there), not through
 a per-sample DataLoader: on MNIST the loader, not the model, is what makes tutorials slow. The
@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import subprocess
 import sys
@@ -28,14 +26,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stages import params as params_mod
-from stages.common import (PipelineError, Rank, describe_device, load_tensors, log, rank_from_env,
-                           resolve_device, retain_freed_memory, run_main, save_tensors, seed_everything,
-                           write_text_atomic)
+from stages.common import (PipelineError, Progress, Rank, describe_device, load_tensors, log, rank_from_env,
+                           resolve_device, retain_freed_memory, run_main, save_tensors, seed_everything)
 from stages.models import build_model, count_parameters, model_config, predict_logits, save_model
 from stages.params import TrainParams
+from stages.tracking import TrainLog, step_log_interval
 
 STAGE = "train"
-LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy")
 VAL_BATCH = 2000  # images per forward pass when scoring val; memory only, never the result
 
 
@@ -70,8 +67,10 @@ def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
 def train_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
                 images: torch.Tensor, labels: torch.Tensor, cfg: TrainParams,
                 generator: torch.Generator, autocast: contextlib.AbstractContextManager,
-                rank: Rank = Rank()) -> float:
+                rank: Rank = Rank(), after_step=None) -> float:
     """One pass over a fresh permutation of the train tensors; returns the mean train loss.
+    `after_step`, if given, is called with the running [loss sum, images] tensor after each step
+    (see StepLog).
 
     Under torchrun every process draws the same permutation (same seed) and takes every
     world-th image of each batch, so a step still covers batch_size images in all and the
@@ -96,6 +95,8 @@ def train_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.optim.
             schedule.step()
         total_loss[0] += loss.detach() * len(batch)
         total_loss[1] += len(batch)
+        if after_step is not None:
+            after_step(total_loss)
     if rank.world > 1:
         torch.distributed.all_reduce(total_loss)
     return (total_loss[0] / total_loss[1]).item()
@@ -110,12 +111,36 @@ def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple
     return loss, accuracy
 
 
-def log_csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+class StepLog:
+    """Called by train_epoch after every step of one epoch: advances the progress line (rank 0),
+    every `interval` steps logs the mean train loss since the last point as `step_loss`, and keeps
+    the learning rate the last step used (`used_lr`; the optimizer's rate after a step is the next
+    step's, which for one-cycle after the last step is even below zero).
+
+    Reading the loss is a host sync, hence only every `interval` steps. Under torchrun every
+    process calls this (the loss is summed over the processes, a collective all must join).
+    """
+
+    def __init__(self, log: TrainLog, first_step: int, interval: int, optimizer: torch.optim.Optimizer,
+                 progress: Progress | None, world: int):
+        self.log, self.step, self.interval, self.progress, self.world = log, first_step, interval, progress, world
+        self.optimizer = optimizer
+        self.done = 0  # steps of this epoch
+        self._mark = None  # the [loss sum, images] tensor at the last point
+        self._next_lr = self.used_lr = optimizer.param_groups[0]["lr"]
+
+    def __call__(self, total_loss: torch.Tensor) -> None:
+        self.done += 1
+        self.used_lr, self._next_lr = self._next_lr, self.optimizer.param_groups[0]["lr"]
+        if self.progress is not None:
+            self.progress.update()
+        if self.done % self.interval:
+            return
+        window = total_loss - self._mark if self._mark is not None else total_loss.clone()
+        self._mark = total_loss.clone()
+        if self.world > 1:
+            torch.distributed.all_reduce(window)
+        self.log.log(self.step + self.done, {"step_loss": round((window[0] / window[1]).item(), 6)})
 
 
 def fingerprint(cfg: TrainParams, *input_files: Path) -> str:
@@ -128,10 +153,11 @@ def fingerprint(cfg: TrainParams, *input_files: Path) -> str:
 
 
 def save_checkpoint(path: Path, run_id: str, epoch: int, model: nn.Module, optimizer, schedule,
-                    generator: torch.Generator, rows: list[dict]) -> None:
-    """Everything that the rest of the run depends on, so that a resumed run ends bit-identical."""
+                    generator: torch.Generator, records: list[dict]) -> None:
+    """Everything that the rest of the run depends on, so that a resumed run ends bit-identical;
+    `records` are the TrainLog's points so far."""
     save_tensors(path, {
-        "fingerprint": run_id, "epoch": epoch, "rows": rows,
+        "fingerprint": run_id, "epoch": epoch, "log": records,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict() if schedule is not None else None,
         "batch_order_rng": generator.get_state(), "torch_rng": torch.get_rng_state(),
@@ -140,7 +166,7 @@ def save_checkpoint(path: Path, run_id: str, epoch: int, model: nn.Module, optim
 
 
 def restore_checkpoint(state: dict, model: nn.Module, optimizer, schedule, generator: torch.Generator) -> list[dict]:
-    """Puts the saved state back in place; returns the log rows of the epochs already done."""
+    """Puts the saved state back in place; returns the TrainLog records of the epochs already done."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if schedule is not None:
@@ -149,7 +175,7 @@ def restore_checkpoint(state: dict, model: nn.Module, optimizer, schedule, gener
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["rows"]
+    return state["log"]
 
 
 def load_checkpoint(path: Path, run_id: str) -> dict | None:
@@ -157,7 +183,7 @@ def load_checkpoint(path: Path, run_id: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = load_tensors(path, required=("fingerprint", "epoch", "model", "optimizer"))
+        state = load_tensors(path, required=("fingerprint", "epoch", "model", "optimizer", "log"))
     except PipelineError as exc:
         log(STAGE, f"ignoring unreadable checkpoint ({exc}); starting from epoch 1")
         return None
@@ -168,9 +194,10 @@ def load_checkpoint(path: Path, run_id: str) -> dict | None:
 
 
 def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
-        checkpoint: Path | None = None, run_id: str = "", rank: Rank = Rank()):
+        checkpoint: Path | None = None, run_id: str = "", rank: Rank = Rank(), train_log: TrainLog | None = None):
     """Trains from scratch, or from `checkpoint` when it holds an earlier epoch of the same run
     (`run_id`, see fingerprint). Returns (model on `device`, model config, per-epoch log rows).
+    Every point is logged to `train_log` (a resumed run first replays the checkpoint's points).
 
     Under torchrun (rank.world > 1) every process calls this; only rank 0 scores val, logs and
     writes the checkpoint, and its rows are the ones to keep.
@@ -193,7 +220,8 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     images, labels = train["images"].to(device), train["labels"].to(device)
     val_images, val_labels = val["images"].to(device), val["labels"].to(device)
     optimizer = make_optimizer(model, cfg)
-    total_steps = cfg.epochs * steps_per_epoch(len(labels), cfg.batch_size, cfg.drop_last)
+    epoch_steps = steps_per_epoch(len(labels), cfg.batch_size, cfg.drop_last)
+    total_steps = cfg.epochs * epoch_steps
     schedule = make_schedule(optimizer, cfg, total_steps)
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order, independent of model init
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -201,26 +229,34 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     say(f"{cfg.model}: {count_parameters(model):,} parameters; {len(labels):,} train and "
         f"{len(val_labels):,} val images; {cfg.epochs} epochs of {total_steps // cfg.epochs} steps"
         + (f", each shared by {rank.world} processes" if rank.world > 1 else ""))
-    rows: list[dict] = []
+    train_log = train_log if train_log is not None else TrainLog()
     state = load_checkpoint(checkpoint, run_id) if checkpoint else None
     if state:
-        rows = restore_checkpoint(state, model, optimizer, schedule, generator)
+        train_log.replay(restore_checkpoint(state, model, optimizer, schedule, generator))
         say(f"resuming from {checkpoint} after epoch {state['epoch']}")
-    for epoch in range(len(rows) + 1, cfg.epochs + 1):
+    for epoch in range(len(train_log.epochs()) + 1, cfg.epochs + 1):
         start = time.perf_counter()
+        # "training epoch", not "epoch": the line `train: epoch N/M: ...` says the epoch is done.
+        progress = Progress(STAGE, f"training epoch {epoch}/{cfg.epochs}", epoch_steps, "steps", rate_unit="images",
+                            rate_per_item=cfg.batch_size, after=(cfg.epochs - epoch) * epoch_steps) if rank.is_main else None
+        step_log = StepLog(train_log, (epoch - 1) * epoch_steps, step_log_interval(epoch_steps), optimizer,
+                           progress, rank.world)
         train_loss = train_epoch(model, step_model, optimizer, schedule, images, labels, cfg, generator,
-                                 autocast, rank)
+                                 autocast, rank, step_log)
+        end_step = epoch * epoch_steps
         if not rank.is_main:
-            rows.append({"epoch": epoch})  # keeps the epoch count; only rank 0's rows are written
+            train_log.log(end_step, {"epoch": epoch})  # keeps the epoch count; only rank 0's log is written
             continue
+        progress.close(summary=False)
         val_loss, val_accuracy = score(model, val_images, val_labels)
-        rows.append({"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
-                     "val_accuracy": round(val_accuracy, 6)})
+        train_log.log(end_step, {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
+                                 "val_accuracy": round(val_accuracy, 6),
+                                 "lr": round(float(step_log.used_lr), 9)})
         if checkpoint:  # rank 0 only: every process resumes from the one file
-            save_checkpoint(checkpoint, run_id, epoch, model, optimizer, schedule, generator, rows)
+            save_checkpoint(checkpoint, run_id, epoch, model, optimizer, schedule, generator, train_log.records)
         say(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"val accuracy {100 * val_accuracy:.2f}% ({time.perf_counter() - start:.1f} s)")
-    return model, config, rows
+    return model, config, train_log.epochs()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("train_in", type=Path)
     parser.add_argument("val_in", type=Path)
     parser.add_argument("model_out", type=Path)
-    parser.add_argument("log_out", type=Path)
+    parser.add_argument("live_dir", type=Path, help="DVCLive directory for the metrics (see stages/tracking.py)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="saved after every epoch and resumed from by a re-run with the same params "
                              "and inputs; removed once the model is written")
@@ -251,14 +287,15 @@ def main(argv: list[str] | None = None) -> None:
     val = load_tensors(args.val_in, required=("images", "labels"))
     start = time.perf_counter()
     run_id = fingerprint(cfg, args.train_in, args.val_in) if args.checkpoint else ""
-    model, config, rows = fit(cfg, train, val, device, args.checkpoint, run_id, rank)
+    # Only rank 0 writes DVCLive files; a fresh log even on resume (fit replays the checkpoint's points).
+    train_log = TrainLog(args.live_dir if rank.is_main else None)
+    model, config, _ = fit(cfg, train, val, device, args.checkpoint, run_id, rank, train_log)
     if rank.world > 1:
         torch.distributed.destroy_process_group()
     if not rank.is_main:
         return  # one run, one set of outputs: rank 0's
     log(STAGE, f"trained in {time.perf_counter() - start:.1f} s")
     save_model(args.model_out, model, config, train["classes"])
-    write_text_atomic(args.log_out, log_csv(rows))
     if args.checkpoint:
         args.checkpoint.unlink(missing_ok=True)
 
