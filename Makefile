@@ -26,8 +26,13 @@ repro: $(INSTALLED)
 test: $(INSTALLED)
 	DVC_NO_ANALYTICS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The bench extra (torchvision, for the tutorials' input pipeline) on top of the usual install.
+$(INSTALLED)-bench: $(INSTALLED)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,bench]'
+	touch $@
+
 # Options go in BENCH_ARGS: make bench BENCH_ARGS="--repeats 5"
-bench: $(INSTALLED)
+bench: $(INSTALLED)-bench
 	$(BIN)/python -m benchmarks.speed $(BENCH_ARGS)
 
 clean-venv:

@@ -24,11 +24,12 @@ import yaml
 
 from stages import params as params_mod
 from stages.augment import augment
-from stages.common import PipelineError, load_tensors, resolve_device, run_main
+from stages.common import PipelineError, load_tensors, run_main
 from stages.evaluate import test_metrics
 from stages.models import predict_logits
 from stages.params import AugmentParams, Params, TrainParams
 from stages.presets import apply, load_presets, resolve
+from stages.runtime import resolve_device
 from stages.train import fit
 
 DATA_DIR = Path("data/prepared")  # the preprocess stage's outputs

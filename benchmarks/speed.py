@@ -14,7 +14,7 @@
    splits) and its accuracy on the test split.
 3. The peak resident memory of this process.
 
-Everything runs with the train stage's allocator setting (common.retain_freed_memory), applied
+Everything runs with the train stage's allocator setting (runtime.retain_freed_memory), applied
 before the first measurement, so that it favours neither side of the comparison.
 """
 
@@ -35,13 +35,13 @@ import torch.nn.functional as F
 
 from benchmarks.presets import (DATA_DIR, augmented, load_splits, preset_params, synchronize, test_accuracy,
                                 timed_fit)
-from stages.common import (describe_device, load_tensors, resolve_device, retain_freed_memory, run_main,
-                           seed_everything)
+from stages.common import PipelineError, load_tensors, run_main
 from stages.datasets import load_table
 from stages.idx import read_pair
-from stages.models import build_model, model_config
+from stages.models import build_model
 from stages.params import TrainParams
-from stages.train import make_optimizer, steps_per_epoch, train_epoch
+from stages.runtime import describe_device, resolve_device, retain_freed_memory, seed_everything
+from stages.train import Batches, TrainingState, make_loss, make_optimizer, steps_per_epoch, train_epoch
 
 RAW_DIR = Path("data/raw")  # the fetch stage's output: the four IDX .gz files
 TUTORIAL_PRESET = "mlp-100-100"  # tutorials 000 and 003: MLP 784-100-100-10, Adam 0.01, batch 64
@@ -81,7 +81,7 @@ def official_train(raw_dir: Path, data_dir: Path) -> dict:
 def fresh_model(cfg: TrainParams, data: dict, device: torch.device) -> torch.nn.Module:
     """A newly initialised model of `cfg` for `data`, seeded as fit() seeds it."""
     seed_everything(cfg.seed, cfg.deterministic)
-    config = model_config(cfg, data["images"].shape[-1], len(data["classes"]), data["mean"], data["std"])
+    config = cfg.model_config(data["images"].shape[-1], len(data["classes"]), data["mean"], data["std"])
     return build_model(config).to(device)
 
 
@@ -91,7 +91,11 @@ def tutorial_dataset(raw_dir: Path):
     It reads root/MNIST/raw/ with the four *uncompressed* IDX files (it checks for those names; with
     download=False it raises rather than fetches when one is missing, and the .gz files alone would
     not do). It loads everything into memory, so the temporary root can go once it is built."""
-    from torchvision import datasets, transforms  # only this measurement needs torchvision
+    try:  # only this measurement needs torchvision: the bench extra, not a pipeline dependency
+        from torchvision import datasets, transforms
+    except ModuleNotFoundError:
+        raise PipelineError("torchvision is not installed: `make bench` installs it (the bench extra), "
+                            "or pass --skip-torchvision") from None
 
     with tempfile.TemporaryDirectory(prefix="mnist-torchvision-") as root:
         target = Path(root, "MNIST", "raw")
@@ -126,12 +130,13 @@ def tutorial_epoch(cfg: TrainParams, data: dict, dataset, device: torch.device) 
 def project_epoch(cfg: TrainParams, data: dict, device: torch.device) -> tuple[float, float]:
     """(seconds, mean train loss) of one epoch of this project's train_epoch on the same images."""
     model = fresh_model(cfg, data, device)
-    optimizer = make_optimizer(model, cfg)
-    images, labels = data["images"].to(device), data["labels"].to(device)
     generator = torch.Generator().manual_seed(cfg.seed)
+    state = TrainingState(model, make_optimizer(model, cfg), None, generator)
+    batches = Batches(data["images"].to(device), data["labels"].to(device), cfg.batch_size, cfg.drop_last, generator)
+    loss_of = make_loss(model, cfg, device)
     synchronize(device)
     start = time.perf_counter()
-    loss = train_epoch(model, model, optimizer, None, images, labels, cfg, generator, contextlib.nullcontext())
+    loss = train_epoch(state, batches, loss_of)
     synchronize(device)
     return time.perf_counter() - start, loss
 

@@ -1,25 +1,22 @@
-"""Helpers every stage shares: errors, atomic outputs, tensor files, device and seeding, entry points.
+"""Helpers every stage uses: errors, logging and progress, atomic outputs, tensor files, entry points.
 
-Kept free of stage logic so that a change here is the only code change that re-runs every stage.
+Every stage imports this module, so a change here re-runs the whole pipeline: it holds only what
+every stage needs. What train alone needs (device, seeding, torchrun rank) is in stages.runtime.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import os
 import pickle
-import random
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 
 
@@ -208,98 +205,6 @@ def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dic
     if missing:
         raise PipelineError(f"{path}: missing entries {missing}; was it written by another version?")
     return payload
-
-
-# ---------------------------------------------------------------------------------------------
-# Device, precision and seeding: resolved here and nowhere else.
-
-
-@dataclass(frozen=True)
-class Rank:
-    """This process's place in a torchrun launch; the defaults describe a single-process run."""
-
-    rank: int = 0  # global, 0..world-1
-    world: int = 1
-    local_rank: int = 0  # on this machine: which GPU to use
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def rank_from_env() -> Rank:
-    # torchrun sets these for every process it starts.
-    if "WORLD_SIZE" not in os.environ:
-        return Rank()
-    return Rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
-
-
-def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """`auto` picks the GPU when one is available; `cuda` without a GPU is an error, not a CPU run."""
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise PipelineError(
-                "train.device: 'cuda' was requested but no CUDA GPU is available; "
-                "use 'auto' (GPU when present, else CPU) or 'cpu'"
-            )
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seeds Python, NumPy and torch (CPU and every GPU), and optionally forbids nondeterministic kernels.
-
-    On CPU every kernel this project uses is deterministic for a fixed thread count. On CUDA, cuDNN
-    autotuning and atomics-based kernels (e.g. some conv backward passes) are not: `deterministic`
-    turns those off at some speed cost, and cuBLAS needs its workspace fixed before CUDA starts.
-    """
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # Set both ways: the flag is process-wide, and a fit after a deterministic one must not inherit it.
-    torch.use_deterministic_algorithms(deterministic)
-    # Under use_deterministic_algorithms torch also fills every new tensor with NaN, a debugging aid
-    # against reads of uninitialised memory, not something determinism needs; it cost about a quarter
-    # of a small CNN's CPU step here. Results are the same either way.
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    torch.backends.cudnn.benchmark = not deterministic  # autotuning picks kernels by timing: run-dependent
-
-
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-# The largest mmap threshold glibc accepts on 64-bit; a larger value is refused.
-_MMAP_THRESHOLD_BYTES = 32 << 20
-# Free memory at the top of the heap kept for reuse; well above a training step's working set
-# (about 100 MB for the default CNN at batch 128).
-_TRIM_THRESHOLD_BYTES = 512 << 20
-
-
-def retain_freed_memory() -> bool:
-    """Makes glibc's malloc keep freed blocks for the next training step; True if glibc took it.
-
-    Every step allocates and frees the same activation and gradient tensors, a few MB each. By
-    default glibc serves such blocks with mmap, or trims them off the top of the heap once freed,
-    so the next step faults the same pages back in from the kernel, zeroed. On this project's
-    2-core CPU a 6 MB max-pool gradient took 2.5 ms to fill for that reason, and keeping the
-    memory made CNN steps 15-25 % faster. Results are unchanged; resident memory no longer shrinks
-    below its peak. A no-op returning False where the C library is not glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:
-        return False
-    # mallopt returns 1 on success, 0 for a value it refuses. Both are process-wide settings.
-    return (mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
-            and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,13 +14,19 @@ import torch
 import torch.nn as nn
 
 from stages.common import PipelineError, load_tensors, save_tensors
-from stages.params import TrainParams
+from stages.model_config import ARCHITECTURES, ModelConfig
 
-FORMAT_VERSION = 3  # 2: the config gained convs_per_block; 3: it gained pool
-# What a config of an older format means in the current one: keys added since, with the value that
-# rebuilds the network that format described. Files of these formats still load.
-_UPGRADES = {2: {"pool": "end"}}
-ARCHITECTURES = ("softmax", "mlp", "cnn")
+# 2: the config gained convs_per_block; 3: it gained pool; 4: its `model` key became `architecture`
+# (the fields of ModelConfig).
+FORMAT_VERSION = 4
+
+
+# What a config of an older format means in the next one: each function takes the stored dict of
+# format N to format N + 1, so files of every format listed still load as the network they described.
+_UPGRADES = {
+    2: lambda config: {**config, "pool": "end"},
+    3: lambda config: {"architecture": config["model"], **{k: v for k, v in config.items() if k != "model"}},
+}
 
 
 class ModelFileError(PipelineError):
@@ -59,38 +65,30 @@ def _conv_block(c_in: int, c_out: int, convs: int, pool: str) -> list[nn.Module]
     return layers
 
 
-def build_model(config: dict[str, Any]) -> nn.Module:
-    """A fresh model from a config dict (see model_config); weights from the global torch RNG."""
-    size, classes = config["image_size"], config["num_classes"]
-    layers: list[nn.Module] = [Normalize(config["mean"], config["std"])]
-    if config["model"] == "softmax":
+def build_model(config: ModelConfig) -> nn.Module:
+    """A fresh model of `config`; weights from the global torch RNG."""
+    size, classes = config.image_size, config.num_classes
+    layers: list[nn.Module] = [Normalize(config.mean, config.std)]
+    if config.architecture == "softmax":
         layers += [nn.Flatten(), nn.Linear(size * size, classes)]
-    elif config["model"] == "mlp":
-        widths = [size * size, *config["hidden"]]
+    elif config.architecture == "mlp":
+        widths = [size * size, *config.hidden]
         layers.append(nn.Flatten())
         for w_in, w_out in zip(widths, widths[1:]):
             layers += [nn.Linear(w_in, w_out), nn.ReLU(inplace=True)]
-            if config["dropout"] > 0:
-                layers.append(nn.Dropout(config["dropout"]))
+            if config.dropout > 0:
+                layers.append(nn.Dropout(config.dropout))
         layers.append(nn.Linear(widths[-1], classes))
-    elif config["model"] == "cnn":
-        c1, c2, c3 = config["channels"]
-        convs, pool = config["convs_per_block"], config["pool"]
+    elif config.architecture == "cnn":
+        c1, c2, c3 = config.channels
+        convs, pool = config.convs_per_block, config.pool
         side = size // 8  # three 2x2 pools, flooring: 28 -> 14 -> 7 -> 3
         layers += [*_conv_block(1, c1, convs, pool), *_conv_block(c1, c2, convs, pool),
                    *_conv_block(c2, c3, convs, pool),
                    nn.Flatten(), nn.Linear(c3 * side * side, classes)]
     else:
-        raise ModelFileError(f"unknown model {config['model']!r}; known: {', '.join(ARCHITECTURES)}")
+        raise ModelFileError(f"unknown architecture {config.architecture!r}; known: {', '.join(ARCHITECTURES)}")
     return nn.Sequential(*layers)
-
-
-def model_config(cfg: TrainParams, image_size: int, num_classes: int, mean: float, std: float) -> dict[str, Any]:
-    """Everything needed to rebuild the network, as plain values (safe to store and load)."""
-    return {"model": cfg.model, "hidden": list(cfg.hidden), "dropout": cfg.dropout,
-            "channels": list(cfg.channels), "convs_per_block": cfg.convs_per_block, "pool": cfg.pool,
-            "image_size": image_size, "num_classes": num_classes,
-            "mean": mean, "std": std}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -108,14 +106,18 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> t
     return torch.cat(out)
 
 
-def save_model(path: Path, model: nn.Module, config: dict[str, Any], classes: list[str]) -> None:
+def save_model(path: Path, model: nn.Module, config: ModelConfig, classes: list[str]) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_tensors(path, {"format_version": FORMAT_VERSION, "config": config, "classes": list(classes),
+    # The config as plain values: the file loads with weights_only, which refuses project classes.
+    save_tensors(path, {"format_version": FORMAT_VERSION, "config": config.to_dict(), "classes": list(classes),
                         "state_dict": state})
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """(model in eval mode, file contents without the weights). Raises ModelFileError with the reason."""
+    """(model in eval mode, file contents without the weights). Raises ModelFileError with the reason.
+
+    The contents' "config" is the stored dict, upgraded to the current format;
+    ModelConfig.from_dict(meta["config"]) is the config the model was built from."""
     try:
         payload = load_tensors(path, required=("format_version", "config", "classes", "state_dict"))
     except PipelineError as exc:
@@ -126,14 +128,14 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
         raise ModelFileError(f"{path}: model file format {version}, this code reads {readable}; "
                              "re-run `dvc repro` to retrain")
     config = payload["config"]
-    if version in _UPGRADES and isinstance(config, dict):
-        config = {**config, **_UPGRADES[version]}
     try:
-        model = build_model(config)
+        for older in range(version, FORMAT_VERSION):
+            config = _UPGRADES[older](config)
+        model = build_model(ModelConfig.from_dict(config))
         model.load_state_dict(payload["state_dict"], strict=True)
     except ModelFileError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(f"{path}: weights do not fit the stored configuration "
                              f"{_describe(config)} ({first_line})") from None
@@ -149,4 +151,4 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
 def _describe(config: Any) -> str:
     if not isinstance(config, dict):
         return repr(type(config).__name__)
-    return "(" + ", ".join(f"{k}={config[k]}" for k in ("model", "hidden", "channels") if k in config) + ")"
+    return "(" + ", ".join(f"{k}={config[k]}" for k in ("architecture", "hidden", "channels") if k in config) + ")"

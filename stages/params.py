@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+import torch
 import yaml
 
-from stages.common import PipelineError, resolve_device, run_main, write_text_atomic
+from stages.common import PipelineError, run_main, write_text_atomic
 from stages.datasets import Dataset, load_table
+from stages.model_config import Architecture, ModelConfig, Pool
 
 DEFAULT_PATH = Path("params.yaml")
 VALID_MARKER = "params.yaml is valid\n"
@@ -90,12 +92,12 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    model: Literal["softmax", "mlp", "cnn"]
+    model: Architecture  # the architectures are listed once, in stages.model_config
     hidden: list[int]  # mlp: hidden layer widths, input to output
     dropout: float  # mlp: dropout probability after each hidden layer
     channels: list[int]  # cnn: output channels of its three conv blocks
     convs_per_block: int  # cnn: 3x3 convs in each block
-    pool: Literal["end", "early"]  # cnn: each block's max-pool after its last ReLU, or right after its first conv
+    pool: Pool  # cnn: each block's max-pool after its last ReLU, or right after its first conv
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: float  # peak learning rate for the onecycle schedule
     momentum: float  # sgd only
@@ -139,6 +141,13 @@ class TrainParams:
         _require(self.batch_size >= self.processes, "train.batch_size",
                  f"must be at least train.processes ({self.processes}): each process takes a share "
                  f"of every batch, got {self.batch_size}")
+
+    def model_config(self, image_size: int, num_classes: int, mean: float, std: float) -> ModelConfig:
+        """The network these params describe, for images of the train split (side, class count, and
+        pixel mean and std in [0, 1] units)."""
+        return ModelConfig(architecture=self.model, hidden=tuple(self.hidden), dropout=self.dropout,
+                           channels=tuple(self.channels), convs_per_block=self.convs_per_block, pool=self.pool,
+                           image_size=image_size, num_classes=num_classes, mean=mean, std=std)
 
 
 @dataclass(frozen=True)
@@ -261,11 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=DEFAULT_PATH)
     args = parser.parse_args(argv)
     params = load(args.params)
-    if params.train.device == "cuda":
-        try:  # fail now, before DVC deletes the model of the last run
-            resolve_device("cuda")
-        except PipelineError as exc:
-            raise ParamsError("train.device", str(exc).removeprefix("train.device: ")) from None
+    # Checked here, not only by train: DVC deletes the last run's model before running train.
+    _require(params.train.device != "cuda" or torch.cuda.is_available(), "train.device",
+             "'cuda' was requested but no CUDA GPU is available; use 'auto' (GPU when present, else CPU) or 'cpu'")
     write_text_atomic(args.marker, VALID_MARKER)
 
 

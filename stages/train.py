@@ -2,21 +2,22 @@
 
 Batches are drawn by indexing the in-memory tensors (on the GPU when training there), not through
 a per-sample DataLoader: on MNIST the loader, not the model, is what makes tutorials slow. The
-inner loop never synchronises with the host (no .item()): losses are summed on the device and read
-once per epoch. Only the train and val splits are read; the test split is evaluate's alone.
+inner loop synchronises with the host only to log: losses are summed on the device and read every
+tenth of an epoch (see StepLog) and once per epoch. Only the train and val splits are read; the test split is evaluate's alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 # torch.use_deterministic_algorithms (see seed_everything) imports this on its first call, 1-3 s on
@@ -26,10 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stages import params as params_mod
-from stages.common import (PipelineError, Progress, Rank, describe_device, load_tensors, log, rank_from_env,
-                           resolve_device, retain_freed_memory, run_main, save_tensors, seed_everything)
-from stages.models import build_model, count_parameters, model_config, predict_logits, save_model
+from stages.common import PipelineError, Progress, load_tensors, log, run_main, save_tensors
+from stages.models import build_model, count_parameters, predict_logits, save_model
 from stages.params import TrainParams
+from stages.runtime import Rank, describe_device, rank_from_env, resolve_device, retain_freed_memory, seed_everything
 from stages.tracking import TrainLog, step_log_interval
 
 STAGE = "train"
@@ -64,42 +65,100 @@ def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
-def train_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
-                images: torch.Tensor, labels: torch.Tensor, cfg: TrainParams,
-                generator: torch.Generator, autocast: contextlib.AbstractContextManager,
-                rank: Rank = Rank(), after_step=None) -> float:
-    """One pass over a fresh permutation of the train tensors; returns the mean train loss.
-    `after_step`, if given, is called with the running [loss sum, images] tensor after each step
-    (see StepLog).
+@dataclass
+class Batches:
+    """The mini-batches of one epoch, (images [B, H, W], labels [B]), each time it is iterated.
 
-    Under torchrun every process draws the same permutation (same seed) and takes every
-    world-th image of each batch, so a step still covers batch_size images in all and the
-    schedule is the same as in one process; DDP averages the gradients.
+    Every iteration draws a fresh permutation of the split from `generator` (on the CPU, so the
+    order is the same whatever the device) and slices it into batches of batch_size, the last one
+    smaller unless drop_last. Under torchrun every process draws the same permutation (same seed)
+    and takes every world-th image of each batch, so a step still covers batch_size images in all
+    and the schedule is the one of a single process; DDP averages the gradients.
     """
-    model.train()
-    n = len(labels)
-    order = torch.randperm(n, generator=generator).to(images.device)
-    total_loss = torch.zeros(2, device=images.device)  # [loss sum, images]: on device, no per-step sync
-    for step in range(steps_per_epoch(n, cfg.batch_size, cfg.drop_last)):
-        batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        if len(batch) < rank.world:
-            break  # a last, partial batch too small to give every process an image
-        batch = batch[rank.rank::rank.world]
+
+    images: torch.Tensor  # [N, H, W] uint8, on the training device
+    labels: torch.Tensor  # [N] int64, on the same device
+    batch_size: int
+    drop_last: bool
+    generator: torch.Generator
+    rank: Rank = Rank()
+
+    def __len__(self) -> int:
+        return steps_per_epoch(len(self.labels), self.batch_size, self.drop_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.labels), generator=self.generator).to(self.images.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            if len(batch) < self.rank.world:
+                return  # a last, partial batch too small to give every process an image
+            batch = batch[self.rank.rank::self.rank.world]
+            yield self.images[batch], self.labels[batch]
+
+
+@dataclass
+class TrainingState:
+    """Everything the rest of a run depends on, so that a run resumed from its state_dict() ends
+    bit-identical to one that was never stopped."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler | None  # None: a constant learning rate
+    generator: torch.Generator  # the batch order
+
+    def step(self) -> None:
+        self.optimizer.step()
+        if self.schedule is not None:
+            self.schedule.step()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+                "batch_order_rng": self.generator.get_state(),
+                # The global generators: dropout draws from them.
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"])
+        self.generator.set_state(state["batch_order_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def make_loss(network: nn.Module, cfg: TrainParams, device: torch.device) -> Callable[..., torch.Tensor]:
+    """loss(images, labels): the label-smoothed cross-entropy of `network` on a batch, a scalar, run
+    under bf16 autocast when train.precision asks for it (the loss itself in float32)."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    def loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast:
-            logits = step_model(images[batch])
-            loss = F.cross_entropy(logits.float(), labels[batch], label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
+            return F.cross_entropy(network(images).float(), labels, label_smoothing=cfg.label_smoothing)
+    return loss
+
+
+def train_epoch(state: TrainingState, batches: Batches, loss_of: Callable[..., torch.Tensor],
+                after_step: Callable[[torch.Tensor], None] | None = None) -> float:
+    """One pass over `batches`; returns the mean train loss (over every process under torchrun).
+    `after_step`, if given, is called with the running [loss sum, images] after each step (StepLog)."""
+    state.model.train()
+    total = torch.zeros(2, device=batches.images.device)  # [loss sum, images]: on device, no per-step sync
+    for images, labels in batches:
+        loss = loss_of(images, labels)
+        state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if schedule is not None:
-            schedule.step()
-        total_loss[0] += loss.detach() * len(batch)
-        total_loss[1] += len(batch)
+        state.step()
+        total[0] += loss.detach() * len(labels)
+        total[1] += len(labels)
         if after_step is not None:
-            after_step(total_loss)
-    if rank.world > 1:
-        torch.distributed.all_reduce(total_loss)
-    return (total_loss[0] / total_loss[1]).item()
+            after_step(total)
+    if batches.rank.world > 1:
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -152,30 +211,11 @@ def fingerprint(cfg: TrainParams, *input_files: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(path: Path, run_id: str, epoch: int, model: nn.Module, optimizer, schedule,
-                    generator: torch.Generator, records: list[dict]) -> None:
-    """Everything that the rest of the run depends on, so that a resumed run ends bit-identical;
-    `records` are the TrainLog's points so far."""
-    save_tensors(path, {
-        "fingerprint": run_id, "epoch": epoch, "log": records,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict() if schedule is not None else None,
-        "batch_order_rng": generator.get_state(), "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    })
-
-
-def restore_checkpoint(state: dict, model: nn.Module, optimizer, schedule, generator: torch.Generator) -> list[dict]:
-    """Puts the saved state back in place; returns the TrainLog records of the epochs already done."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if schedule is not None:
-        schedule.load_state_dict(state["schedule"])
-    generator.set_state(state["batch_order_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["log"]
+def save_checkpoint(path: Path, run_id: str, train_log: TrainLog, state: TrainingState) -> None:
+    """The run's state after the epochs logged so far, resumed from by a re-run with the same run_id.
+    The log's points travel with it: the resumed run replays them into its fresh DVCLive files."""
+    save_tensors(path, {"fingerprint": run_id, "epoch": len(train_log.epochs()), "log": train_log.records,
+                        "training": state.state_dict()})
 
 
 def load_checkpoint(path: Path, run_id: str) -> dict | None:
@@ -183,14 +223,14 @@ def load_checkpoint(path: Path, run_id: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = load_tensors(path, required=("fingerprint", "epoch", "model", "optimizer", "log"))
+        saved = load_tensors(path, required=("fingerprint", "epoch", "log", "training"))
     except PipelineError as exc:
         log(STAGE, f"ignoring unreadable checkpoint ({exc}); starting from epoch 1")
         return None
-    if state["fingerprint"] != run_id:
+    if saved["fingerprint"] != run_id:
         log(STAGE, f"ignoring {path}: it belongs to other params or data; starting from epoch 1")
         return None
-    return state
+    return saved
 
 
 def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
@@ -204,56 +244,52 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     """
     seed_everything(cfg.seed, cfg.deterministic)
     retain_freed_memory()
-    classes = train["classes"]
-    image_size = train["images"].shape[-1]
-    config = model_config(cfg, image_size, len(classes), train["mean"], train["std"])
-    model = build_model(config).to(device)
-    if device.type == "cpu" and cfg.model == "cnn":
+    config = cfg.model_config(train["images"].shape[-1], len(train["classes"]), train["mean"], train["std"])
+    model = build_model(config).to(device)  # first after seeding: the initial weights come from the seed
+    if device.type == "cpu" and config.architecture == "cnn":
         # oneDNN's convolutions run ~1.7x faster on NHWC than on NCHW on CPU (measured here).
         model = model.to(memory_format=torch.channels_last)
-    step_model = model
+    network = model  # what the steps run: the model, wrapped for DDP and compiled as asked
     if rank.world > 1:
-        step_model = nn.parallel.DistributedDataParallel(
+        network = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        step_model = torch.compile(step_model)
-    images, labels = train["images"].to(device), train["labels"].to(device)
+        network = torch.compile(network)
+    generator = torch.Generator().manual_seed(cfg.seed)  # batch order, independent of model init
+    batches = Batches(train["images"].to(device), train["labels"].to(device), cfg.batch_size, cfg.drop_last,
+                      generator, rank)
     val_images, val_labels = val["images"].to(device), val["labels"].to(device)
     optimizer = make_optimizer(model, cfg)
-    epoch_steps = steps_per_epoch(len(labels), cfg.batch_size, cfg.drop_last)
-    total_steps = cfg.epochs * epoch_steps
-    schedule = make_schedule(optimizer, cfg, total_steps)
-    generator = torch.Generator().manual_seed(cfg.seed)  # batch order, independent of model init
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    state = TrainingState(model, optimizer, make_schedule(optimizer, cfg, cfg.epochs * len(batches)), generator)
+    loss_of = make_loss(network, cfg, device)
     say = (lambda message: log(STAGE, message)) if rank.is_main else (lambda message: None)
-    say(f"{cfg.model}: {count_parameters(model):,} parameters; {len(labels):,} train and "
-        f"{len(val_labels):,} val images; {cfg.epochs} epochs of {total_steps // cfg.epochs} steps"
+    say(f"{cfg.model}: {count_parameters(model):,} parameters; {len(train['labels']):,} train and "
+        f"{len(val_labels):,} val images; {cfg.epochs} epochs of {len(batches)} steps"
         + (f", each shared by {rank.world} processes" if rank.world > 1 else ""))
     train_log = train_log if train_log is not None else TrainLog()
-    state = load_checkpoint(checkpoint, run_id) if checkpoint else None
-    if state:
-        train_log.replay(restore_checkpoint(state, model, optimizer, schedule, generator))
-        say(f"resuming from {checkpoint} after epoch {state['epoch']}")
+    saved = load_checkpoint(checkpoint, run_id) if checkpoint else None
+    if saved:
+        state.load_state_dict(saved["training"])
+        train_log.replay(saved["log"])
+        say(f"resuming from {checkpoint} after epoch {saved['epoch']}")
     for epoch in range(len(train_log.epochs()) + 1, cfg.epochs + 1):
         start = time.perf_counter()
         # "training epoch", not "epoch": the line `train: epoch N/M: ...` says the epoch is done.
-        progress = Progress(STAGE, f"training epoch {epoch}/{cfg.epochs}", epoch_steps, "steps", rate_unit="images",
-                            rate_per_item=cfg.batch_size, after=(cfg.epochs - epoch) * epoch_steps) if rank.is_main else None
-        step_log = StepLog(train_log, (epoch - 1) * epoch_steps, step_log_interval(epoch_steps), optimizer,
+        progress = Progress(STAGE, f"training epoch {epoch}/{cfg.epochs}", len(batches), "steps", rate_unit="images",
+                            rate_per_item=cfg.batch_size, after=(cfg.epochs - epoch) * len(batches)) if rank.is_main else None
+        step_log = StepLog(train_log, (epoch - 1) * len(batches), step_log_interval(len(batches)), optimizer,
                            progress, rank.world)
-        train_loss = train_epoch(model, step_model, optimizer, schedule, images, labels, cfg, generator,
-                                 autocast, rank, step_log)
-        end_step = epoch * epoch_steps
+        train_loss = train_epoch(state, batches, loss_of, step_log)
+        end_step = epoch * len(batches)
         if not rank.is_main:
             train_log.log(end_step, {"epoch": epoch})  # keeps the epoch count; only rank 0's log is written
             continue
         progress.close(summary=False)
         val_loss, val_accuracy = score(model, val_images, val_labels)
         train_log.log(end_step, {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
-                                 "val_accuracy": round(val_accuracy, 6),
-                                 "lr": round(float(step_log.used_lr), 9)})
+                                 "val_accuracy": round(val_accuracy, 6), "lr": round(float(step_log.used_lr), 9)})
         if checkpoint:  # rank 0 only: every process resumes from the one file
-            save_checkpoint(checkpoint, run_id, epoch, model, optimizer, schedule, generator, train_log.records)
+            save_checkpoint(checkpoint, run_id, train_log, state)
         say(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"val accuracy {100 * val_accuracy:.2f}% ({time.perf_counter() - start:.1f} s)")
     return model, config, train_log.epochs()

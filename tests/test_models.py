@@ -7,12 +7,15 @@ import os
 import pickle
 import random
 import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
 import yaml
 
-from stages.models import FORMAT_VERSION, ModelFileError, build_model, load_model, model_config, save_model
+from stages.model_config import ARCHITECTURES, ModelConfig
+from stages.models import FORMAT_VERSION, ModelFileError, build_model, load_model, save_model
 from stages.params import parse
 from tests.conftest import PROJECT_ROOT
 
@@ -21,9 +24,9 @@ TRAIN = parse(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())).train
 SMALL = dataclasses.replace(TRAIN, hidden=[32, 16], dropout=0.2, channels=[4, 8, 16])
 
 
-def config(model: str, **changes) -> dict:
-    """model_config of a small `model` (params.yaml's train section, shrunk)."""
-    return model_config(dataclasses.replace(SMALL, model=model, **changes), 28, 10, mean=0.13, std=0.31)
+def config(model: str, **changes) -> ModelConfig:
+    """The ModelConfig of a small `model` (params.yaml's train section, shrunk)."""
+    return dataclasses.replace(SMALL, model=model, **changes).model_config(28, 10, mean=0.13, std=0.31)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def rewrite(path, change) -> None:
     torch.save(payload, path)
 
 
-@pytest.mark.parametrize("model", ["softmax", "mlp", "cnn"])
+@pytest.mark.parametrize("model", ARCHITECTURES)
 def test_architecture_maps_images_to_logits(images, model):
     """Each architecture takes uint8 [N, 28, 28] and returns finite float logits [N, 10]."""
     net = build_model(config(model)).eval()
@@ -93,6 +96,36 @@ def test_pool_places_each_blocks_max_pool(images, convs):
         assert early.eval()(images).shape == (len(images), 10)
 
 
+def as_format_3(payload):
+    """A format-4 payload as format 3 wrote it: the architecture under the key `model`."""
+    config = payload["config"]
+    payload["config"] = {"model": config.pop("architecture"), **config}
+    payload["format_version"] = 3
+
+
+def as_format_2(payload):
+    """A format-4 payload as format 2 wrote it: format 3's, before `pool` existed."""
+    as_format_3(payload)
+    del payload["config"]["pool"]
+    payload["format_version"] = 2
+
+
+@pytest.mark.parametrize("model", ARCHITECTURES)
+def test_format_3_file_loads_as_written(tmp_path, images, model):
+    """Model files of format 3 (the config's architecture under `model`) still load, giving the
+    same outputs, with the config upgraded to the current one."""
+    torch.manual_seed(3)
+    cfg = config(model)
+    net = build_model(cfg).eval()
+    path = tmp_path / "model.pt"
+    save_model(path, net, cfg, CLASSES)
+    rewrite(path, as_format_3)
+    loaded, meta = load_model(path)
+    assert meta["format_version"] == 3 and ModelConfig.from_dict(meta["config"]) == cfg
+    with torch.no_grad():
+        assert torch.equal(loaded(images), net(images))
+
+
 def test_format_2_file_loads_as_pool_end(tmp_path, images):
     """Model files written before `pool` existed (format 2, no pool in the config) still load, as
     the network they described: pooling at the end of each block."""
@@ -101,18 +134,38 @@ def test_format_2_file_loads_as_pool_end(tmp_path, images):
     net = build_model(cfg).eval()
     path = tmp_path / "model.pt"
     save_model(path, net, cfg, CLASSES)
-
-    def as_format_2(payload):
-        del payload["config"]["pool"]
-        payload["format_version"] = 2
     rewrite(path, as_format_2)
     loaded, meta = load_model(path)
     assert meta["config"]["pool"] == "end" and meta["format_version"] == 2
+    assert ModelConfig.from_dict(meta["config"]) == cfg
     with torch.no_grad():
         assert torch.equal(loaded(images), net(images))
 
 
-@pytest.mark.parametrize("model", ["softmax", "mlp", "cnn"])
+def test_model_file_stores_the_config_as_plain_values(saved):
+    """The stored config is builtins only (a file loads with weights_only, which refuses project
+    classes) and rebuilds the same ModelConfig."""
+    path, _, cfg = saved
+    stored = torch.load(path, weights_only=True)["config"]
+    assert stored == {"architecture": "mlp", "hidden": [32, 16], "dropout": 0.2, "channels": [4, 8, 16],
+                      "convs_per_block": cfg.convs_per_block, "pool": cfg.pool, "image_size": 28,
+                      "num_classes": 10, "mean": 0.13, "std": 0.31}
+    assert ModelConfig.from_dict(stored) == cfg
+
+
+def test_predict_imports_no_params_datasets_or_yaml():
+    """The model file alone classifies: importing predict (and so stages.models) pulls in neither
+    params.yaml's reader, the dataset table, nor a YAML parser."""
+    code = ("import sys, stages.predict; "
+            "print(sorted(m for m in sys.modules if m == 'yaml' or m.startswith(('stages.', 'yaml.'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            check=True).stdout
+    for module in ("yaml", "stages.params", "stages.datasets"):
+        assert repr(module) not in loaded, loaded
+    assert "'stages.models'" in loaded  # the check above looked at a real import
+
+
+@pytest.mark.parametrize("model", ARCHITECTURES)
 def test_save_load_round_trip(tmp_path, images, model):
     """A loaded model gives exactly the outputs of the saved one, and the file's metadata comes back."""
     torch.manual_seed(1)
@@ -124,7 +177,7 @@ def test_save_load_round_trip(tmp_path, images, model):
     assert not loaded.training
     with torch.no_grad():
         assert torch.equal(loaded(images), net(images))
-    assert meta == {"format_version": FORMAT_VERSION, "config": cfg, "classes": CLASSES}
+    assert meta == {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "classes": CLASSES}
 
 
 def expect_model_file_error(path, *words: str) -> None:
@@ -159,15 +212,16 @@ def test_truncated_file(saved):
 @pytest.mark.parametrize("change", [
     lambda p: p["config"].update(hidden=[50]),
     lambda p: p["config"].update(hidden=[32, 16, 8]),
-    lambda p: p["config"].update(model="cnn"),
+    lambda p: p["config"].update(architecture="cnn"),
     lambda p: p["config"].update(image_size=32),
     lambda p: p["config"].pop("dropout"),
-    lambda p: p["config"].update(model="resnet"),
+    lambda p: p["config"].update(architecture="resnet"),
+    lambda p: p["config"].update(extra=1),
     lambda p: p.update(config=[1, 2]),
     lambda p: p.update(classes=CLASSES[:9]),
     lambda p: p.update(classes=10),
 ], ids=["fewer hidden", "more hidden", "other architecture", "image size", "key missing",
-        "unknown architecture", "config not a dict", "nine classes", "classes not a list"])
+        "unknown architecture", "unknown key", "config not a dict", "nine classes", "classes not a list"])
 def test_config_that_does_not_fit_the_weights(saved, change):
     """A stored configuration that does not describe the stored weights is a ModelFileError."""
     path = saved[0]

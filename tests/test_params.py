@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from stages.common import PipelineError
+from stages.model_config import ARCHITECTURES, ModelConfig
 from stages.params import VALID_MARKER, Params, ParamsError, TrainParams, load, parse
 from tests.conftest import PROJECT_ROOT
 
@@ -42,6 +43,17 @@ def test_real_params_parse():
     assert isinstance(params.fetch.timeout_s, float)  # written as the integer 30
     assert params.train.hidden == BASE["train"]["hidden"]
     assert params.dataset.name == BASE["fetch"]["dataset"]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_train_section_builds_the_model_config(architecture):
+    """Every architecture the model code knows is a valid train.model, and the train section
+    gives the ModelConfig of its network for the train split's image size, classes and statistics."""
+    train = parse(with_change("train", "model", architecture)).train
+    assert train.model_config(28, 10, mean=0.13, std=0.31) == ModelConfig(
+        architecture=architecture, hidden=tuple(BASE["train"]["hidden"]), dropout=BASE["train"]["dropout"],
+        channels=tuple(BASE["train"]["channels"]), convs_per_block=BASE["train"]["convs_per_block"],
+        pool=BASE["train"]["pool"], image_size=28, num_classes=10, mean=0.13, std=0.31)
 
 
 def test_load_reads_a_file(tmp_path):

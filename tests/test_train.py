@@ -11,9 +11,9 @@ import torch
 import yaml
 
 import stages.train as train_mod
-from stages.common import retain_freed_memory, seed_everything
-from stages.train import fit, make_optimizer, make_schedule, steps_per_epoch
 from stages.params import parse
+from stages.runtime import Rank, retain_freed_memory, seed_everything
+from stages.train import Batches, fit, make_optimizer, make_schedule, steps_per_epoch
 from tests.conftest import PROJECT_ROOT
 from tests.synthetic import make_split
 
@@ -58,7 +58,7 @@ def test_fit_learns_and_is_bit_identical_when_repeated(data, cfg):
     assert rows_a[-1]["val_accuracy"] >= 0.9  # the synthetic classes are trivially separable
     assert rows_a == rows_b
     assert_same_weights(weights(model_a), weights(model_b))
-    assert config["model"] == cfg.model
+    assert config.architecture == cfg.model
 
 
 @pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_MLP], ids=["cnn-sgd", "mlp-adam"])
@@ -117,6 +117,35 @@ def test_schedule_covers_every_step_of_the_run(schedule, drop_last):
         assert max(rates) == pytest.approx(cfg.lr, rel=0.02) and rates[-1] < cfg.lr / 1000
     else:
         assert rates[0] == cfg.lr and rates[-1] < cfg.lr / 1000
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_batches_cover_the_split_once_per_epoch_in_a_fresh_order(drop_last):
+    """Each iteration is one epoch: image/label pairs stay together, no image comes twice, the last
+    partial batch is kept unless drop_last, and the next epoch draws another permutation."""
+    ids = torch.arange(100)
+    batches = Batches(ids, ids.clone(), 32, drop_last, torch.Generator().manual_seed(0))
+    epoch = [(images.tolist(), labels.tolist()) for images, labels in batches]
+    assert all(images == labels for images, labels in epoch)
+    assert [len(images) for images, _ in epoch] == [32, 32, 32] + ([] if drop_last else [4])
+    assert len(epoch) == len(batches)
+    seen = [i for images, _ in epoch for i in images]
+    assert len(set(seen)) == len(seen) and (drop_last or sorted(seen) == list(range(100)))
+    assert [images.tolist() for images, _ in batches] != [images for images, _ in epoch]
+
+
+def test_batches_shard_each_batch_across_processes():
+    """Under torchrun every process draws the same order and takes its share of each batch: the
+    shards of a step together are the single-process batch. A last batch with fewer images than
+    processes is skipped by all of them."""
+    ids = torch.arange(10)
+    single = [images.tolist() for images, _ in Batches(ids, ids, 4, False, torch.Generator().manual_seed(0))]
+    shards = [[images.tolist() for images, _ in Batches(ids, ids, 4, False, torch.Generator().manual_seed(0),
+                                                       Rank(rank, 3, rank))]
+              for rank in range(3)]
+    assert [len(steps) for steps in shards] == [2, 2, 2]  # batches of 4, 4 and 2 (< 3 processes: skipped)
+    for step in range(2):
+        assert sorted(i for steps in shards for i in steps[step]) == sorted(single[step])
 
 
 def test_steps_per_epoch_counts_the_last_partial_batch_unless_dropped():

@@ -1,0 +1,48 @@
+"""What rebuilds a network: the model file stores it, params builds it, stages.models turns it into layers.
+
+A module of its own, free of torch and of params, because both sides need it: params.py checks
+train.model against ARCHITECTURES and builds a ModelConfig from the train section, and the model
+file (stages.models) stores one. Only the train, evaluate and predict stages import the network
+code; every stage imports params, so the layers kept here would make every stage depend on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+Architecture = Literal["softmax", "mlp", "cnn"]
+Pool = Literal["end", "early"]  # cnn: each block's max-pool after its last ReLU, or right after its first conv
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that rebuilds the network, weights aside; stored in the model file as plain values."""
+
+    architecture: Architecture
+    hidden: tuple[int, ...]  # mlp: hidden layer widths, input to output
+    dropout: float  # mlp: dropout probability after each hidden layer
+    channels: tuple[int, ...]  # cnn: output channels of its three conv blocks
+    convs_per_block: int  # cnn: 3x3 convs in each block
+    pool: Pool  # cnn
+    image_size: int  # images are [image_size, image_size]
+    num_classes: int  # logits per image
+    mean: float  # pixel mean and std of the train split, in [0, 1] units: the first layer normalises
+    std: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists, not tuples) for the model file."""
+        return {**dataclasses.asdict(self), "hidden": list(self.hidden), "channels": list(self.channels)}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> ModelConfig:
+        """The config of a model file; ValueError naming what is missing or unknown."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"the configuration is a {type(raw).__name__}, not a mapping")
+        names = [field.name for field in dataclasses.fields(cls)]
+        missing, unknown = [n for n in names if n not in raw], [k for k in raw if k not in names]
+        if missing or unknown:
+            raise ValueError(f"configuration keys missing: {missing}, unknown: {unknown}")
+        return cls(**{**raw, "hidden": tuple(raw["hidden"]), "channels": tuple(raw["channels"])})
