@@ -67,7 +67,7 @@ def panels(names: list[str]) -> list[list[str]]:
 def within_bounds(low: float, high: float) -> tuple[float, float]:
     """y-limits for data spanning [low, high]: a 5 % margin, but never below 0 for data that are
     not negative (losses, rates) nor above 1 for data that are at most 1 (accuracies, fractions)."""
-    margin = 0.05 * (high - low) or 0.05 * max(abs(high), 1e-3)
+    margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.05  # one value: 5 % of it
     bottom, top = low - margin, high + margin
     if low >= 0:
         bottom = max(bottom, 0.0)

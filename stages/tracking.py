@@ -13,7 +13,7 @@ series, so the per-epoch points and the every-N-steps train loss share a chart. 
     train_loss      mean train loss of the epoch (label smoothing included, as optimised)
     val_loss        mean cross-entropy on the validation split after the epoch
     val_accuracy    fraction (0..1) of validation images classified right after the epoch
-    lr              learning rate after the epoch's last step
+    lr              learning rate the epoch's last step used
 
 Nothing time-dependent is written (no timestamps, no durations): the same params give the same
 bytes, which DVC's run-cache and `dvc status` rely on. metrics.json is rewritten after every
