@@ -3,7 +3,8 @@
 Batches are drawn by indexing the in-memory tensors (on the GPU when training there), not through
 a per-sample DataLoader: on MNIST the loader, not the model, is what makes tutorials slow. The
 inner loop synchronises with the host only to log: losses are summed on the device and read every
-tenth of an epoch (see StepLog) and once per epoch. Only the train and val splits are read; the test split is evaluate's alone.
+tenth of an epoch (see StepLog) and once per epoch. Only the train and val splits are read; the
+test split is evaluate's alone.
 """
 
 from __future__ import annotations
