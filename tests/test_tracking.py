@@ -19,10 +19,12 @@ import pytest
 import torch
 import yaml
 
+from stages import fetch
 from stages.common import Progress
 from stages.plot import confusion_figure, curves_figure, panels, within_bounds
 from stages.tracking import TrainLog, step_log_interval
 from tests.conftest import PROJECT_ROOT, SMALL_PARAMS
+from tests.test_fetch import http_mirrors, mirror  # noqa: F401  (fixtures)
 
 LIVE = "metrics/train"
 SERIES = {"step_loss", "train_loss", "val_loss", "val_accuracy", "lr"}
@@ -253,3 +255,12 @@ def test_progress_without_a_total_counts_only():
     progress.update(5000)
     progress.close()
     assert out.getvalue().splitlines()[-1] == "fetch: downloading y: 5,000 bytes, 2,500 bytes/s"
+
+
+def test_fetch_shows_download_progress(mirror, http_mirrors, capsys):
+    directory, files = mirror
+    good, _ = http_mirrors
+    fetch.fetch_verified(good, files["train_images"], timeout_s=5)
+    size = len((directory / files["train_images"].gz_name).read_bytes())
+    err = capsys.readouterr().err
+    assert re.search(rf"fetch: downloading {re.escape(good)}\S+: {size:,}/{size:,} bytes \(100%\)", err), err
