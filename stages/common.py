@@ -30,28 +30,88 @@ def log(stage: str, message: str) -> None:
 
 
 class Progress:
-    """Prints `label: done/total (pct)` at most every `interval_s` seconds, and once at the end."""
+    """Progress of long work on stderr: `label: done/total unit (pct), rate, ETA`.
 
-    def __init__(self, stage: str, label: str, total: int | None, interval_s: float = 2.0):
-        self.stage, self.label, self.total, self.interval_s = stage, label, total, interval_s
+    On a terminal the line is redrawn in place a few times a second; otherwise (DVC captures the
+    stage's output, a CI log) a plain line is printed every `interval_s` seconds, so a log file
+    gets one line per ~10 s instead of thousands. `rate_unit`/`rate_per_item` turn the count into a
+    throughput, e.g. steps counted at 128 images each give images/s. `after` is work still to come
+    once this total is done (e.g. the rest of a training run's steps), at the same rate: with it the
+    ETA names both this part and all of it. `clock` and `stream` are for tests.
+    """
+
+    TTY_INTERVAL_S = 0.25
+
+    def __init__(self, stage: str, label: str, total: int | None, unit: str = "", *,
+                 rate_unit: str | None = None, rate_per_item: float = 1.0, after: int = 0,
+                 interval_s: float = 10.0, stream=None, clock: Callable[[], float] = time.monotonic):
+        self.stage, self.label, self.total, self.unit = stage, label, total, unit
+        self.rate_unit, self.rate_per_item, self.after = rate_unit or unit, rate_per_item, after
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval_s = self.TTY_INTERVAL_S if self.tty else interval_s
         self.done = 0
-        self._last = 0.0
+        self._start = self._last = clock()
 
-    def update(self, n: int) -> None:
+    def update(self, n: int = 1) -> None:
         self.done += n
-        now = time.monotonic()
+        now = self.clock()
         if now - self._last >= self.interval_s:
             self._last = now
-            self._print()
+            self._print(self.line(now - self._start), final=False)
 
-    def close(self) -> None:
-        self._print()
+    def close(self, summary: bool = True) -> None:
+        """Prints the final state, or with `summary=False` only erases the terminal line (for a
+        caller that prints its own summary)."""
+        if summary:
+            self._print(self.line(self.clock() - self._start), final=True)
+        elif self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
 
-    def _print(self) -> None:
+    def line(self, elapsed_s: float) -> str:
+        """The status text after `elapsed_s` seconds, e.g.
+        `epoch 2/8: 120/430 steps (28%), 5,210 images/s, ETA 0:59 here, 6:10 in all`."""
+        unit = f" {self.unit}" if self.unit else ""
         if self.total:
-            log(self.stage, f"{self.label}: {self.done:,}/{self.total:,} ({100 * self.done / self.total:.0f}%)")
+            text = f"{self.label}: {self.done:,}/{self.total:,}{unit} ({100 * self.done / self.total:.0f}%)"
         else:
-            log(self.stage, f"{self.label}: {self.done:,}")
+            text = f"{self.label}: {self.done:,}{unit}"
+        if self.done and elapsed_s > 0:
+            per_s = self.done / elapsed_s  # items per second
+            rate_unit = f" {self.rate_unit}" if self.rate_unit else ""
+            text += f", {_si(per_s * self.rate_per_item)}{rate_unit}/s"
+            if self.total:
+                left = max(self.total - self.done, 0)
+                text += f", ETA {_duration(left / per_s)}"
+                if self.after:
+                    text += f" here, {_duration((left + self.after) / per_s)} in all"
+        return text
+
+    def _print(self, text: str, final: bool) -> None:
+        text = f"{self.stage}: {text}"
+        if self.tty:
+            # \r returns to the line start, \x1b[K clears what a longer earlier line left behind.
+            self.stream.write(f"\r{text}\x1b[K" + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _si(value: float) -> str:
+    """A rate for people: 5,210 or 3.1M."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M")):
+        if value >= scale:
+            return f"{value / scale:.1f}{suffix}"
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
+
+
+def _duration(seconds: float) -> str:
+    """h:mm:ss or m:ss."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Stage evaluate: score the model file on the test split into metrics/eval.json.
 
 eval.json holds `accuracy`, `loss` (mean cross-entropy) and `per_class`, keyed by class index
-"0".."9", each with the class's accuracy (its recall) and its number of test images. The confusion
-data, one `actual,predicted` row per test image in test-set order, feeds DVC's confusion template
-and the plot stage.
+"0".."9", each with the class's accuracy (its recall; null for a class with no test images).
+Accuracies are fractions (0..1), as everywhere in the project. Class counts are not metrics (they
+never change with the model, and ten constant columns made `dvc metrics show` unreadable): they are
+the row counts of the confusion data, one `actual,predicted` row per test image in test-set order,
+which is what DVC's `confusion` template draws (`dvc plots show`) and what the plot stage reads.
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ STAGE = "evaluate"
 
 
 def test_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """Overall accuracy and loss, and per-class accuracy and count, from logits [N, C] and labels [N]
-    on any device (scikit-learn needs them on the CPU)."""
+    """Overall accuracy and loss, and per-class accuracy, from logits [N, C] and labels [N] on any
+    device (scikit-learn needs them on the CPU)."""
     logits, labels = logits.cpu(), labels.cpu()
     predicted = logits.argmax(1)
     matrix = confusion_matrix(labels.numpy(), predicted.numpy(), labels=np.arange(num_classes))
     counts = matrix.sum(axis=1)
     per_class = {
-        str(k): {"accuracy": float(matrix[k, k] / counts[k]) if counts[k] else None, "count": int(counts[k])}
+        str(k): {"accuracy": float(matrix[k, k] / counts[k]) if counts[k] else None}
         for k in range(num_classes)
     }
     return {"accuracy": float(np.trace(matrix) / matrix.sum()),

@@ -45,7 +45,7 @@ def _download(url: str, timeout_s: float) -> bytes:
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             total = response.length  # None when the server sends no Content-Length
-            progress = Progress(STAGE, f"downloading {url}", total)
+            progress = Progress(STAGE, f"downloading {url}", total, "bytes")
             chunks = []
             while chunk := response.read(_CHUNK):
                 chunks.append(chunk)

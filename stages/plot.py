@@ -1,7 +1,9 @@
-"""Stage plot: PNGs of the loss curves, the confusion matrix and misclassified test images.
+"""Stage plot: PNGs of the training curves, the confusion matrix and misclassified test images.
 
-Reads only what train and evaluate wrote (the per-epoch log and the per-image confusion data)
-plus the test images: no model is loaded and nothing is recomputed.
+Reads only what train and evaluate wrote (DVCLive's series files and the per-image confusion data)
+plus the test images: no model is loaded and nothing is recomputed. The curves are the series files
+that `dvc plots show` draws (dvc.yaml declares their directory), in the same units on the same
+x-axis: whatever series train logs appears in both, so a series is defined once, where it is logged.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ from stages.common import PipelineError, load_tensors, run_main, write_bytes_ato
 STAGE = "plot"
 
 
-def read_csv(path: Path) -> dict[str, np.ndarray]:
-    """Columns of a numeric CSV file with a header row."""
+X_LABEL = "optimizer step"  # the x_label of the series plots in dvc.yaml
+MARKER_POINTS = 20  # series this short get a marker on each point (a one-epoch val series is one point)
+
+
+def read_table(path: Path, delimiter: str = ",") -> dict[str, np.ndarray]:
+    """Columns of a numeric CSV (or, with delimiter "\t", TSV) file with a header row."""
     try:
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+            rows = list(csv.DictReader(f, delimiter=delimiter))
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found (run `dvc repro`)") from None
     if not rows:
@@ -36,15 +42,52 @@ def read_csv(path: Path) -> dict[str, np.ndarray]:
     return {key: np.array([float(row[key]) for row in rows]) for key in rows[0]}
 
 
-def loss_curves_figure(log: dict[str, np.ndarray]) -> plt.Figure:
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(log["epoch"], log["train_loss"], marker="o", label="train")
-    ax_loss.plot(log["epoch"], log["val_loss"], marker="o", label="val")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss", yscale="log")
-    ax_loss.legend()
-    ax_acc.plot(log["epoch"], 100 * log["val_accuracy"], marker="o", color="tab:green")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Validation accuracy")
-    for ax in (ax_loss, ax_acc):
+def read_series(directory: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """DVCLive's series files (`<name>.tsv`, columns step and <name>): name -> (steps, values)."""
+    files = sorted(directory.rglob("*.tsv"))
+    if not files:
+        raise PipelineError(f"{directory}: no DVCLive series (*.tsv) found (run `dvc repro train`)")
+    series = {}
+    for path in files:
+        table = read_table(path, delimiter="\t")
+        name = path.relative_to(directory).with_suffix("").as_posix()
+        if set(table) != {"step", path.stem}:
+            raise PipelineError(f"{path}: expected columns step and {path.stem}, found {sorted(table)}")
+        series[name] = (table["step"], table[path.stem])
+    return series
+
+
+def panels(names: list[str]) -> list[list[str]]:
+    """Series drawn together: every `*loss` series on one panel (one unit, cross-entropy), each
+    other series on its own."""
+    losses = [name for name in names if name.endswith("loss")]
+    return ([losses] if losses else []) + [[name] for name in names if name not in losses]
+
+
+def within_bounds(low: float, high: float) -> tuple[float, float]:
+    """y-limits for data spanning [low, high]: a 5 % margin, but never below 0 for data that are
+    not negative (losses, rates) nor above 1 for data that are at most 1 (accuracies, fractions)."""
+    margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.05  # one value: 5 % of it
+    bottom, top = low - margin, high + margin
+    if low >= 0:
+        bottom = max(bottom, 0.0)
+    if high <= 1:
+        top = min(top, 1.0)
+    return bottom, top
+
+
+def curves_figure(series: dict[str, tuple[np.ndarray, np.ndarray]]) -> plt.Figure:
+    groups = panels(list(series))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes.flat, groups):
+        for name in group:
+            steps, values = series[name]
+            ax.plot(steps, values, marker="o" if len(steps) <= MARKER_POINTS else None, label=name)
+        values = np.concatenate([series[name][1] for name in group])
+        ax.set_ylim(*within_bounds(float(values.min()), float(values.max())))
+        ax.set(xlabel=X_LABEL, ylabel="loss (cross-entropy)" if len(group) > 1 else group[0])
+        if len(group) > 1:
+            ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -55,6 +98,7 @@ def confusion_figure(actual: np.ndarray, predicted: np.ndarray, classes: list[st
     fig, ax = plt.subplots(figsize=(8, 7))
     ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=ax, colorbar=False, cmap="Blues",
                                                                  xticks_rotation=45)
+    ax.set(xlabel="predicted class", ylabel="actual class")  # as the dvc.yaml confusion plot
     ax.set_title(f"Test confusion matrix ({int(np.trace(matrix)):,} of {int(matrix.sum()):,} correct)")
     fig.tight_layout()
     return fig
@@ -88,20 +132,20 @@ def save_png(fig: plt.Figure, target: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("train_log", type=Path)
+    parser.add_argument("series_dir", type=Path, help="DVCLive's plots/metrics directory of the train stage")
     parser.add_argument("confusion", type=Path)
     parser.add_argument("test_in", type=Path)
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
     cfg = params_mod.load().plot
-    log = read_csv(args.train_log)
-    confusion = read_csv(args.confusion)
+    series = read_series(args.series_dir)
+    confusion = read_table(args.confusion)
     actual, predicted = confusion["actual"].astype(int), confusion["predicted"].astype(int)
     test = load_tensors(args.test_in, required=("images", "labels", "classes"))
     if len(actual) != len(test["labels"]):
         raise PipelineError(f"{args.confusion} has {len(actual)} rows for {len(test['labels'])} test images")
     classes = test["classes"]
-    save_png(loss_curves_figure(log), args.out_dir / "loss_curves.png")
+    save_png(curves_figure(series), args.out_dir / "loss_curves.png")
     save_png(confusion_figure(actual, predicted, classes), args.out_dir / "confusion_matrix.png")
     save_png(misclassified_figure(test["images"].numpy(), actual, predicted, classes, cfg.misclassified),
              args.out_dir / "misclassified.png")

@@ -1,18 +1,17 @@
-"""Stage train: fit the model chosen in params.yaml; write the model file and a per-epoch log.
+"""Stage train: fit the model chosen in params.yaml; write the model file and its DVCLive log.
 
 Batches are drawn by indexing the in-memory tensors (on the GPU when training there), not through
 a per-sample DataLoader: on MNIST the loader, not the model, is what makes tutorials slow. The
-inner loop never synchronises with the host (no .item()): losses are summed on the device and read
-once per epoch. Only the train and val splits are read; the test split is evaluate's alone.
+inner loop synchronises with the host only to log: losses are summed on the device and read every
+tenth of an epoch (see StepLog) and once per epoch. Only the train and val splits are read; the
+test split is evaluate's alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import subprocess
 import sys
@@ -29,13 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stages import params as params_mod
-from stages.common import PipelineError, load_tensors, log, run_main, save_tensors, write_text_atomic
+from stages.common import PipelineError, Progress, load_tensors, log, run_main, save_tensors
 from stages.models import build_model, count_parameters, predict_logits, save_model
 from stages.params import TrainParams
 from stages.runtime import Rank, describe_device, rank_from_env, resolve_device, retain_freed_memory, seed_everything
+from stages.tracking import TrainLog, step_log_interval
 
 STAGE = "train"
-LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy")
 VAL_BATCH = 2000  # images per forward pass when scoring val; memory only, never the result
 
 
@@ -143,8 +142,10 @@ def make_loss(network: nn.Module, cfg: TrainParams, device: torch.device) -> Cal
     return loss
 
 
-def train_epoch(state: TrainingState, batches: Batches, loss_of: Callable[..., torch.Tensor]) -> float:
-    """One pass over `batches`; returns the mean train loss (over every process under torchrun)."""
+def train_epoch(state: TrainingState, batches: Batches, loss_of: Callable[..., torch.Tensor],
+                after_step: Callable[[torch.Tensor], None] | None = None) -> float:
+    """One pass over `batches`; returns the mean train loss (over every process under torchrun).
+    `after_step`, if given, is called with the running [loss sum, images] after each step (StepLog)."""
     state.model.train()
     total = torch.zeros(2, device=batches.images.device)  # [loss sum, images]: on device, no per-step sync
     for images, labels in batches:
@@ -154,6 +155,8 @@ def train_epoch(state: TrainingState, batches: Batches, loss_of: Callable[..., t
         state.step()
         total[0] += loss.detach() * len(labels)
         total[1] += len(labels)
+        if after_step is not None:
+            after_step(total)
     if batches.rank.world > 1:
         torch.distributed.all_reduce(total)
     return (total[0] / total[1]).item()
@@ -168,12 +171,36 @@ def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple
     return loss, accuracy
 
 
-def log_csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+class StepLog:
+    """Called by train_epoch after every step of one epoch: advances the progress line (rank 0),
+    every `interval` steps logs the mean train loss since the last point as `step_loss`, and keeps
+    the learning rate the last step used (`used_lr`; the optimizer's rate after a step is the next
+    step's, which for one-cycle after the last step is even below zero).
+
+    Reading the loss is a host sync, hence only every `interval` steps. Under torchrun every
+    process calls this (the loss is summed over the processes, a collective all must join).
+    """
+
+    def __init__(self, log: TrainLog, first_step: int, interval: int, optimizer: torch.optim.Optimizer,
+                 progress: Progress | None, world: int):
+        self.log, self.step, self.interval, self.progress, self.world = log, first_step, interval, progress, world
+        self.optimizer = optimizer
+        self.done = 0  # steps of this epoch
+        self._mark = None  # the [loss sum, images] tensor at the last point
+        self._next_lr = self.used_lr = optimizer.param_groups[0]["lr"]
+
+    def __call__(self, total_loss: torch.Tensor) -> None:
+        self.done += 1
+        self.used_lr, self._next_lr = self._next_lr, self.optimizer.param_groups[0]["lr"]
+        if self.progress is not None:
+            self.progress.update()
+        if self.done % self.interval:
+            return
+        window = total_loss - self._mark if self._mark is not None else total_loss.clone()
+        self._mark = total_loss.clone()
+        if self.world > 1:
+            torch.distributed.all_reduce(window)
+        self.log.log(self.step + self.done, {"step_loss": round((window[0] / window[1]).item(), 6)})
 
 
 def fingerprint(cfg: TrainParams, *input_files: Path) -> str:
@@ -185,9 +212,11 @@ def fingerprint(cfg: TrainParams, *input_files: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(path: Path, run_id: str, rows: list[dict], state: TrainingState) -> None:
-    """The run's state after the epochs in `rows`, resumed from by a re-run with the same run_id."""
-    save_tensors(path, {"fingerprint": run_id, "epoch": len(rows), "rows": rows, "training": state.state_dict()})
+def save_checkpoint(path: Path, run_id: str, train_log: TrainLog, state: TrainingState) -> None:
+    """The run's state after the epochs logged so far, resumed from by a re-run with the same run_id.
+    The log's points travel with it: the resumed run replays them into its fresh DVCLive files."""
+    save_tensors(path, {"fingerprint": run_id, "epoch": len(train_log.epochs()), "log": train_log.records,
+                        "training": state.state_dict()})
 
 
 def load_checkpoint(path: Path, run_id: str) -> dict | None:
@@ -195,7 +224,7 @@ def load_checkpoint(path: Path, run_id: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        saved = load_tensors(path, required=("fingerprint", "epoch", "rows", "training"))
+        saved = load_tensors(path, required=("fingerprint", "epoch", "log", "training"))
     except PipelineError as exc:
         log(STAGE, f"ignoring unreadable checkpoint ({exc}); starting from epoch 1")
         return None
@@ -206,9 +235,10 @@ def load_checkpoint(path: Path, run_id: str) -> dict | None:
 
 
 def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
-        checkpoint: Path | None = None, run_id: str = "", rank: Rank = Rank()):
+        checkpoint: Path | None = None, run_id: str = "", rank: Rank = Rank(), train_log: TrainLog | None = None):
     """Trains from scratch, or from `checkpoint` when it holds an earlier epoch of the same run
     (`run_id`, see fingerprint). Returns (model on `device`, model config, per-epoch log rows).
+    Every point is logged to `train_log` (a resumed run first replays the checkpoint's points).
 
     Under torchrun (rank.world > 1) every process calls this; only rank 0 scores val, logs and
     writes the checkpoint, and its rows are the ones to keep.
@@ -237,26 +267,33 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     say(f"{cfg.model}: {count_parameters(model):,} parameters; {len(train['labels']):,} train and "
         f"{len(val_labels):,} val images; {cfg.epochs} epochs of {len(batches)} steps"
         + (f", each shared by {rank.world} processes" if rank.world > 1 else ""))
-    rows: list[dict] = []
+    train_log = train_log if train_log is not None else TrainLog()
     saved = load_checkpoint(checkpoint, run_id) if checkpoint else None
     if saved:
         state.load_state_dict(saved["training"])
-        rows = saved["rows"]
+        train_log.replay(saved["log"])
         say(f"resuming from {checkpoint} after epoch {saved['epoch']}")
-    for epoch in range(len(rows) + 1, cfg.epochs + 1):
+    for epoch in range(len(train_log.epochs()) + 1, cfg.epochs + 1):
         start = time.perf_counter()
-        train_loss = train_epoch(state, batches, loss_of)
+        # "training epoch", not "epoch": the line `train: epoch N/M: ...` says the epoch is done.
+        progress = Progress(STAGE, f"training epoch {epoch}/{cfg.epochs}", len(batches), "steps", rate_unit="images",
+                            rate_per_item=cfg.batch_size, after=(cfg.epochs - epoch) * len(batches)) if rank.is_main else None
+        step_log = StepLog(train_log, (epoch - 1) * len(batches), step_log_interval(len(batches)), optimizer,
+                           progress, rank.world)
+        train_loss = train_epoch(state, batches, loss_of, step_log)
+        end_step = epoch * len(batches)
         if not rank.is_main:
-            rows.append({"epoch": epoch})  # keeps the epoch count; only rank 0's rows are written
+            train_log.log(end_step, {"epoch": epoch})  # keeps the epoch count; only rank 0's log is written
             continue
+        progress.close(summary=False)
         val_loss, val_accuracy = score(model, val_images, val_labels)
-        rows.append({"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
-                     "val_accuracy": round(val_accuracy, 6)})
+        train_log.log(end_step, {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
+                                 "val_accuracy": round(val_accuracy, 6), "lr": round(float(step_log.used_lr), 9)})
         if checkpoint:  # rank 0 only: every process resumes from the one file
-            save_checkpoint(checkpoint, run_id, rows, state)
+            save_checkpoint(checkpoint, run_id, train_log, state)
         say(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"val accuracy {100 * val_accuracy:.2f}% ({time.perf_counter() - start:.1f} s)")
-    return model, config, rows
+    return model, config, train_log.epochs()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -264,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("train_in", type=Path)
     parser.add_argument("val_in", type=Path)
     parser.add_argument("model_out", type=Path)
-    parser.add_argument("log_out", type=Path)
+    parser.add_argument("live_dir", type=Path, help="DVCLive directory for the metrics (see stages/tracking.py)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="saved after every epoch and resumed from by a re-run with the same params "
                              "and inputs; removed once the model is written")
@@ -287,14 +324,15 @@ def main(argv: list[str] | None = None) -> None:
     val = load_tensors(args.val_in, required=("images", "labels"))
     start = time.perf_counter()
     run_id = fingerprint(cfg, args.train_in, args.val_in) if args.checkpoint else ""
-    model, config, rows = fit(cfg, train, val, device, args.checkpoint, run_id, rank)
+    # Only rank 0 writes DVCLive files; a fresh log even on resume (fit replays the checkpoint's points).
+    train_log = TrainLog(args.live_dir if rank.is_main else None)
+    model, config, _ = fit(cfg, train, val, device, args.checkpoint, run_id, rank, train_log)
     if rank.world > 1:
         torch.distributed.destroy_process_group()
     if not rank.is_main:
         return  # one run, one set of outputs: rank 0's
     log(STAGE, f"trained in {time.perf_counter() - start:.1f} s")
     save_model(args.model_out, model, config, train["classes"])
-    write_text_atomic(args.log_out, log_csv(rows))
     if args.checkpoint:
         args.checkpoint.unlink(missing_ok=True)
 

@@ -245,12 +245,16 @@ def test_branches_metrics_params_and_plots_diff(project, tmp_path):
             for rev in ("main", "slow"):
                 image = f"static/{rev}_{plot_id.replace('/', '_')}"
                 assert f'src="{image}"' in html and (out / image).is_file(), image
+        elif plot_id == "metrics/train/plots/metrics":  # DVCLive's directory: one chart per series file
+            for series in ("train_loss", "val_loss", "val_accuracy", "step_loss", "lr"):
+                spec = specs[f"metrics_train_plots_metrics_{series}_tsv"]
+                assert {row["rev"] for row in spec["data"]["values"]} == {"main", "slow"}, series
         else:
             spec = specs[plot_id.replace(" ", "_")]
             assert {row["rev"] for row in spec["data"]["values"]} == {"main", "slow"}, plot_id
-    # The loss curves: two epochs on main, one on the branch.
-    loss = [row for row in specs["Loss"]["data"]["values"] if row["field"] == "train_loss"]
-    assert sorted((row["rev"], row["epoch"]) for row in loss) == [("main", "1"), ("main", "2"), ("slow", "1")]
+    # The epoch train loss, by optimizer step: two epochs on main, one on the branch.
+    loss = specs["metrics_train_plots_metrics_train_loss_tsv"]["data"]["values"]
+    assert sorted((row["rev"], int(row["step"])) for row in loss) == [("main", 32), ("main", 64), ("slow", 32)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,7 +458,7 @@ def test_run_cache_restores_a_run_made_elsewhere(project, tmp_path):
     # because its git-tracked metric is not restored from the run-cache. Training is what is saved.
     assert ran == {"params", "evaluate"}, ran
     # The outputs are A's, checked out now, not computed.
-    for name in ("models/model.pt", "metrics/train_log.csv", "metrics/eval.json", "plots/loss_curves.png"):
+    for name in ("models/model.pt", "metrics/train/metrics.json", "metrics/eval.json", "plots/loss_curves.png"):
         assert sha256(b.path(name)) == sha256(a.path(name)), name
     assert b.path("models/model.pt").stat().st_mtime >= started - 1
     assert "Data and pipelines are up to date" in b.dvc("status").stdout

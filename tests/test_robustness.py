@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -80,11 +81,16 @@ def test_training_killed_after_an_epoch_resumes_to_identical_results(built_proje
     process.wait()
     assert not interrupted.path("models/model.pt").exists()
     assert interrupted.path("models/train-checkpoint.pt").exists()
+    # DVCLive's summary was updated live, after epoch 1, for `dvc exp show` to see a running run.
+    assert json.loads(interrupted.path("metrics/train/metrics.json").read_text())["epoch"] == 1
 
     interrupted.repro()
     assert "resuming from models/train-checkpoint.pt after epoch 1" in interrupted.last.stdout + interrupted.last.stderr
     assert "epoch 1/3" not in interrupted.last.stdout + interrupted.last.stderr
-    for name in ("models/model.pt", "metrics/eval.json", "metrics/train_log.csv"):
+    # DVCLive's files included: the resumed run replays the checkpoint's points into a fresh log.
+    live_files = sorted(str(f.relative_to(reference.root)) for f in reference.path("metrics/train").rglob("*") if f.is_file())
+    assert "metrics/train/plots/metrics/step_loss.tsv" in live_files
+    for name in ("models/model.pt", "metrics/eval.json", *live_files):
         assert digest(interrupted.path(name)) == digest(reference.path(name)), name
     assert not interrupted.path("models/train-checkpoint.pt").exists()
     assert "up to date" in interrupted.dvc("status").stdout

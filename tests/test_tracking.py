@@ -1,0 +1,266 @@
+"""DVC-native tracking: DVCLive files of train, metrics in `dvc exp show`, `dvc plots`, the model as an
+artifact, the PNG curves drawn from the same files, and the progress line.
+
+The resumed-after-a-kill equality of DVCLive's files is checked in tests/test_robustness.py, next to
+the model's.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from stages import fetch
+from stages.common import Progress
+from stages.plot import confusion_figure, curves_figure, panels, within_bounds
+from stages.tracking import TrainLog, step_log_interval
+from tests.conftest import PROJECT_ROOT, SMALL_PARAMS
+from tests.test_fetch import http_mirrors, mirror  # noqa: F401  (fixtures)
+
+LIVE = "metrics/train"
+SERIES = {"step_loss", "train_loss", "val_loss", "val_accuracy", "lr"}
+EPOCH_SERIES = SERIES - {"step_loss"}
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_tsv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def live_digests(project) -> dict[str, str]:
+    root = project.path(LIVE)
+    return {str(f.relative_to(root)): digest(f) for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def steps_per_epoch(project) -> int:
+    """Optimizer steps per epoch of the fixture's run: augment doubles the train split."""
+    n = len(torch.load(project.path("data/augmented/train.pt"), weights_only=True)["labels"])
+    return -(-n // SMALL_PARAMS["train"]["batch_size"])
+
+
+# ---------------------------------------------------------------------------------------------
+# After a real `dvc repro` (the session's synthetic project)
+
+
+@pytest.mark.integration
+def test_dvclive_files_hold_one_row_per_epoch_and_a_step_series(built_project):
+    p, epochs = built_project, SMALL_PARAMS["train"]["epochs"]
+    spe = steps_per_epoch(p)
+    files = {f.relative_to(p.path(LIVE)).as_posix() for f in p.path(LIVE).rglob("*") if f.is_file()}
+    assert files == {"metrics.json"} | {f"plots/metrics/{name}.tsv" for name in SERIES}
+    for name in EPOCH_SERIES:
+        rows = read_tsv(p.path(f"{LIVE}/plots/metrics/{name}.tsv"))
+        assert list(rows[0]) == ["step", name], "no timestamp column: DVC hashes these files"
+        assert [int(r["step"]) for r in rows] == [spe * e for e in range(1, epochs + 1)], name
+    interval = step_log_interval(spe)
+    steps = [int(r["step"]) for r in read_tsv(p.path(f"{LIVE}/plots/metrics/step_loss.tsv"))]
+    assert steps == [e * spe + k * interval for e in range(epochs) for k in range(1, spe // interval + 1)]
+    accuracy = [float(r["val_accuracy"]) for r in read_tsv(p.path(f"{LIVE}/plots/metrics/val_accuracy.tsv"))]
+    assert all(0 <= a <= 1 for a in accuracy), "a fraction, as in eval.json"
+    assert all(float(r["lr"]) > 0 for r in read_tsv(p.path(f"{LIVE}/plots/metrics/lr.tsv")))
+    summary = json.loads(p.path(f"{LIVE}/metrics.json").read_text())
+    assert summary["epoch"] == epochs and summary["step"] == epochs * spe
+    assert summary["val_accuracy"] == accuracy[-1]
+
+
+@pytest.mark.integration
+def test_validation_metrics_in_exp_show_and_the_one_screen_view(built_project):
+    p = built_project
+    shown = json.loads(p.dvc("exp", "show", "--json").stdout)
+    workspace = next(row for row in shown if row["rev"] == "workspace")
+    metrics = workspace["data"]["metrics"]
+    summary = json.loads(p.path(f"{LIVE}/metrics.json").read_text())
+    assert metrics[f"{LIVE}/metrics.json"]["data"]["val_accuracy"] == summary["val_accuracy"]
+    assert metrics[f"{LIVE}/metrics.json"]["data"]["val_loss"] == summary["val_loss"]
+    # eval.json: accuracy, loss and per-class accuracy, no constant per-class counts.
+    evaluated = metrics["metrics/eval.json"]["data"]
+    assert set(evaluated) == {"accuracy", "loss", "per_class"}
+    assert all(set(c) == {"accuracy"} for c in evaluated["per_class"].values())
+    # The one-screen comparison of docs/tracking.md, exactly as written there.
+    table = p.dvc("exp", "show", "--drop", ".*", "--keep",
+                  "Experiment|^accuracy$|^val_|^train.(model|lr|epochs)$").stdout
+    assert "val_accuracy" in table and "train.lr" in table and "per_class" not in table
+    assert max(len(line) for line in table.splitlines()) <= 100
+
+
+@pytest.mark.integration
+def test_plots_show_draws_every_series_with_named_axes_and_the_confusion_template(built_project, tmp_path):
+    p = built_project
+    shown = json.loads(p.dvc("plots", "show", "--json").stdout)["data"]
+    for name in SERIES:
+        (plot,) = shown[f"{LIVE}/plots/metrics/{name}.tsv"]
+        spec = plot["content"]
+        assert spec["encoding"]["x"]["title"] == "optimizer step"
+        assert re.search(rf'"title": "{name}"', json.dumps(spec)), f"{name}: y-axis not titled by its series"
+        assert {row[name] for row in spec["data"]["values"]}, name
+    (confusion,) = shown["Test confusion matrix"]
+    spec = json.dumps(confusion["content"])
+    assert '"rect"' in spec, "DVC's confusion template draws a grid of rects"
+    assert '"predicted class"' in spec and '"actual class"' in spec
+    # The HTML page a person opens: every series is on it.
+    page = p.dvc("plots", "show", "-o", str(tmp_path / "plots")).stdout
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "index.html" in page
+    for name in SERIES:
+        assert f"{name}.tsv" in html
+
+
+@pytest.mark.integration
+def test_same_params_give_byte_identical_dvclive_files(project):
+    before = live_digests(project)
+    assert project.repro("--force", "--single-item", "train") == {"train"}
+    assert live_digests(project) == before
+
+
+@pytest.mark.integration
+def test_artifacts_get_returns_the_model_byte_identical(project, tmp_path):
+    """The model registered as a version (a GTO tag) is fetched from a local git repo's DVC remote."""
+    p = project
+    p.dvc("remote", "add", "-d", "shared", str(tmp_path / "dvc-remote"))
+    p.dvc("push")
+    p.commit("a DVC remote")
+    p.run("git", "tag", "-a", "mnist-classifier@v1.0.0", "-m", "mnist-classifier v1.0.0")
+    target = tmp_path / "elsewhere" / "model.pt"
+    target.parent.mkdir()
+    result = p.dvc("artifacts", "get", str(p.root), "mnist-classifier", "-o", str(target))
+    assert "Downloaded 1 file(s)" in result.stdout
+    assert digest(target) == digest(p.path("models/model.pt"))
+
+
+def test_artifact_declared_in_dvc_yaml():
+    artifacts = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["artifacts"]
+    model = artifacts["mnist-classifier"]
+    assert model["path"] == "models/model.pt" and model["type"] == "model"
+    assert model["desc"] and model["labels"]
+
+
+# ---------------------------------------------------------------------------------------------
+# In process
+
+
+def test_replayed_log_writes_the_same_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # DVCLive looks for a DVC repository from the working directory
+    points = [(3, {"step_loss": 2.1}), (6, {"step_loss": 1.5}),
+              (6, {"epoch": 1, "train_loss": 1.8, "val_loss": 1.2, "val_accuracy": 0.5, "lr": 0.1}),
+              (9, {"step_loss": 0.9})]
+    direct = TrainLog(tmp_path / "direct")
+    for step, values in points:
+        direct.log(step, values)
+    replayed = TrainLog(tmp_path / "replayed")
+    replayed.replay(direct.records)
+    for path in sorted((tmp_path / "direct").rglob("*.*")):
+        assert path.read_bytes() == (tmp_path / "replayed" / path.relative_to(tmp_path / "direct")).read_bytes()
+    assert json.loads((tmp_path / "direct" / "metrics.json").read_text()) == {
+        "step_loss": 0.9, "step": 9, "epoch": 1, "train_loss": 1.8, "val_loss": 1.2, "val_accuracy": 0.5, "lr": 0.1}
+    assert not (tmp_path / "direct" / "plots" / "metrics" / "epoch.tsv").exists()
+    assert not (tmp_path / "dvc.yaml").exists(), "DVCLive must leave the project's dvc.yaml alone"
+    assert direct.epochs() == [{"step": 6, **points[2][1]}]
+
+
+def test_step_log_interval_is_a_tenth_of_an_epoch():
+    assert step_log_interval(430) == 43
+    assert step_log_interval(32) == 3
+    assert step_log_interval(4) == 1
+
+
+def test_curves_png_has_named_axes_within_range():
+    steps = np.arange(1, 11) * 10.0
+    series = {"step_loss": (steps, np.linspace(2.3, 0.1, 10)), "val_loss": (np.array([100.0]), np.array([0.2])),
+              "val_accuracy": (np.array([50.0, 100.0]), np.array([0.97, 1.0])), "lr": (steps, np.full(10, 0.1))}
+    assert panels(list(series)) == [["step_loss", "val_loss"], ["val_accuracy"], ["lr"]]
+    fig = curves_figure(series)
+    try:
+        loss, accuracy, lr = fig.axes
+        assert [ax.get_xlabel() for ax in fig.axes] == ["optimizer step"] * 3
+        assert (loss.get_ylabel(), accuracy.get_ylabel(), lr.get_ylabel()) == (
+            "loss (cross-entropy)", "val_accuracy", "lr")
+        assert loss.get_ylim()[0] == 0 and accuracy.get_ylim()[1] == 1.0
+        assert [t.get_text() for t in loss.get_legend().get_texts()] == ["step_loss", "val_loss"]
+    finally:
+        plt.close(fig)
+    fig = confusion_figure(np.array([0, 1, 1]), np.array([0, 1, 0]), ["a", "b"])
+    try:
+        assert (fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()) == ("predicted class", "actual class")
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("low, high, expected", [
+    (0.9, 1.0, (0.895, 1.0)),  # an accuracy never shows past 1
+    (0.1, 2.3, (0.0, 2.41)),  # a loss never shows below 0
+    (-1.0, 1.0, (-1.1, 1.0)),
+    (1.0, 1.0, (0.95, 1.0)),  # one point: a margin, still capped
+])
+def test_within_bounds(low, high, expected):
+    assert within_bounds(low, high) == pytest.approx(expected)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_prints_plain_lines_every_interval_when_not_a_terminal():
+    clock, out = FakeClock(), io.StringIO()
+    progress = Progress("train", "training epoch 2/8", 100, "steps", rate_unit="images", rate_per_item=32,
+                        after=300, interval_s=10, stream=out, clock=clock)
+    for _ in range(100):
+        clock.now += 0.5  # 2 steps/s: 64 images/s
+        progress.update()
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 5 + 1, "every 10 s over 50 s, then the final line"
+    assert lines[0] == "train: training epoch 2/8: 20/100 steps (20%), 64 images/s, ETA 0:40 here, 3:10 in all"
+    assert lines[-1] == "train: training epoch 2/8: 100/100 steps (100%), 64 images/s, ETA 0:00 here, 2:30 in all"
+    assert "\r" not in out.getvalue()
+
+
+def test_progress_redraws_in_place_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    clock, out = FakeClock(), Terminal()
+    progress = Progress("fetch", "downloading x", 4_000_000, "bytes", stream=out, clock=clock)
+    for _ in range(4):
+        clock.now += 1.0
+        progress.update(1_000_000)
+    progress.close(summary=False)
+    text = out.getvalue()
+    assert "\n" not in text, "one line, rewritten"
+    assert text.count("\r") == 5 and text.endswith("\r\x1b[K")
+    assert "fetch: downloading x: 3,000,000/4,000,000 bytes (75%), 1.0M bytes/s, ETA 0:01" in text
+
+
+def test_progress_without_a_total_counts_only():
+    clock, out = FakeClock(), io.StringIO()
+    progress = Progress("fetch", "downloading y", None, "bytes", stream=out, clock=clock)
+    clock.now = 2.0
+    progress.update(5000)
+    progress.close()
+    assert out.getvalue().splitlines()[-1] == "fetch: downloading y: 5,000 bytes, 2,500 bytes/s"
+
+
+def test_fetch_shows_download_progress(mirror, http_mirrors, capsys):
+    directory, files = mirror
+    good, _ = http_mirrors
+    fetch.fetch_verified(good, files["train_images"], timeout_s=5)
+    size = len((directory / files["train_images"].gz_name).read_bytes())
+    err = capsys.readouterr().err
+    assert re.search(rf"fetch: downloading {re.escape(good)}\S+: {size:,}/{size:,} bytes \(100%\)", err), err
