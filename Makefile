@@ -53,7 +53,7 @@ queue: $(INSTALLED)
 # dvc pull, but only from remotes that re-hash what they download (`verify = true`): without it
 # DVC places a remote object whose bytes changed in the workspace unnoticed (docs/sharing.md).
 pull: $(INSTALLED)
-	@for remote in $$($(BIN)/dvc remote list | cut -f1); do \
+	@for remote in $$($(BIN)/dvc config --list | sed -n 's/^remote\.\([^.]*\)\.url=.*/\1/p'); do \
 	  test "$$($(BIN)/dvc config remote.$$remote.verify)" = true || { \
 	    echo "make pull: remote '$$remote' has verify off, so a corrupt download would go unnoticed;" \
 	         "turn it on for everyone: dvc remote modify $$remote verify true && git commit .dvc/config"; \
