@@ -8,9 +8,9 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 # Every target sees the venv first on PATH, as if activated: DVC's experiment-queue workers start
 # `dvc` by name, and stages in a queued run's temporary copy find `python3` there.
-export PATH := $(CURDIR)/$(BIN):$(PATH)
+export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test setup bench exp predict clean-venv gpu-check
+.PHONY: repro test setup bench exp queue pull predict clean-venv gpu-check
 
 setup: $(INSTALLED)
 
@@ -48,7 +48,25 @@ predict: $(INSTALLED)
 	$(BIN)/python -m stages.predict $(FILES)
 
 # Run a preset of presets.yaml as a DVC experiment: make exp PRESET=mlp-512+aug
+# More `dvc exp run` options go in EXP_ARGS; a grid must be queued, and DVC then names the runs
+# PRESET-1, PRESET-2, ...: make exp PRESET=fast EXP_ARGS="--queue -S 'train.seed=range(0,3)'"
 exp: $(INSTALLED)
-	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name (see presets.yaml)"; exit 2; }
+	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [EXP_ARGS=...] (see presets.yaml)"; exit 2; }
 	options=$$($(BIN)/python -m stages.presets '$(PRESET)') && \
-	eval "$(BIN)/dvc exp run -n '$(subst +,-,$(PRESET))' $$options"
+	eval "$(BIN)/dvc exp run -n '$(subst +,-,$(PRESET))' $$options $(EXP_ARGS)"
+
+# Run every queued experiment on JOBS parallel workers and wait for them: make queue JOBS=2
+JOBS ?= 1
+queue: $(INSTALLED)
+	$(BIN)/dvc exp run --run-all -j $(JOBS)
+
+# dvc pull, but only from remotes that re-hash what they download (`verify = true`): without it
+# DVC places a remote object whose bytes changed in the workspace unnoticed (docs/sharing.md).
+pull: $(INSTALLED)
+	@for remote in $$($(BIN)/dvc config --list | sed -n 's/^remote\.\([^.]*\)\.url=.*/\1/p'); do \
+	  test "$$($(BIN)/dvc config remote.$$remote.verify)" = true || { \
+	    echo "make pull: remote '$$remote' has verify off, so a corrupt download would go unnoticed;" \
+	         "turn it on for everyone: dvc remote modify $$remote verify true && git commit .dvc/config"; \
+	    exit 2; }; \
+	done
+	$(BIN)/dvc pull $(PULL_ARGS)
