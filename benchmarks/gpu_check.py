@@ -209,8 +209,9 @@ def run_repro(name: str, source: Path, work: Path, out: Path, env: dict, device:
     result = {"name": name, "status": outcome(command), "repro_s": round(command.seconds, 1),
               "train_s": trained_seconds(command.output), "device": device_line(command.output)}
     if command.returncode == 0:
-        for relative in ("params.yaml", "dvc.lock", "metrics/eval.json", "metrics/train_log.csv", "models/model.pt"):
+        for relative in ("params.yaml", "dvc.lock", "metrics/eval.json", "models/model.pt"):
             shutil.copy2(project / relative, out / name / Path(relative).name)
+        shutil.copytree(project / "metrics/train", out / name / "train")  # the DVCLive files
         result["accuracy"] = json.loads((project / "metrics/eval.json").read_text())["accuracy"]
         result["model_sha256"] = sha256(project / "models/model.pt")
     return result
@@ -238,8 +239,10 @@ def compare_runs(first: dict, second: dict, out: Path) -> Step:
     if first.get("status") != "ok" or second.get("status") != "ok":
         return Step("compare", "skipped", 0.0, "needs both repro runs to succeed")
     same_weights = first["model_sha256"] == second["model_sha256"]
-    files = ("eval.json", "train_log.csv", "dvc.lock")
-    differing = [f for f in files if (out / first["name"] / f).read_bytes() != (out / second["name"] / f).read_bytes()]
+    files = ("eval.json", "dvc.lock", *sorted(str(p.relative_to(out / first["name"]))
+                                             for p in (out / first["name"] / "train").rglob("*") if p.is_file()))
+    differing = [f for f in files if not (out / second["name"] / f).is_file()
+                 or (out / first["name"] / f).read_bytes() != (out / second["name"] / f).read_bytes()]
     detail = (f"weights {'bit-identical' if same_weights else 'DIFFER'}; "
               f"eval.json {'equal' if 'eval.json' not in differing else 'DIFFERS'} "
               f"(accuracy {first['accuracy']:.4f} vs {second['accuracy']:.4f})")
@@ -290,7 +293,7 @@ def run_ddp(project: Path, out: Path, env: dict, device: str, timeout_s: float) 
     stage = run_logged(dvc("repro", "augment"), project, env, out / "ddp" / "augment.log", timeout_s)
     if stage.returncode == 0:
         stage = run_logged([*torchrun, "-m", "stages.train", "data/augmented/train.pt", "data/prepared/val.pt",
-                            str(out / "ddp" / "model.pt"), str(out / "ddp" / "train_log.csv")],
+                            str(out / "ddp" / "model.pt"), str(out / "ddp" / "train")],
                            project, env, out / "ddp" / "torchrun-train.log", max(1.0, end - time.monotonic()))
     probe = run_logged([*torchrun, "-m", "benchmarks.gpu_check_ddp", "--backend", backend], project,
                        {**env, "PYTHONPATH": str(PROJECT_ROOT)}, out / "ddp" / "probe.log",

@@ -84,9 +84,8 @@ def test_train_stage_and_ddp_with_nccl_under_torchrun(project, tmp_path):
     project.set_params({"train": {"device": DEVICE}})
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torch.cuda.device_count()}"]
     trained = run_stage(project, [*torchrun, "-m", "stages.train", "data/augmented/train.pt", "data/prepared/val.pt",
-                                  str(tmp_path / "model.pt"), str(tmp_path / "log.csv")])
+                                  str(tmp_path / "model.pt"), str(tmp_path / "train")])
     assert trained.stderr.count("train: trained in") == 1
-    with open(tmp_path / "log.csv") as f:
-        assert float(list(csv.DictReader(f))[-1]["val_accuracy"]) >= SYNTHETIC_ACCURACY
+    assert json.loads((tmp_path / "train" / "metrics.json").read_text())["val_accuracy"] >= SYNTHETIC_ACCURACY
     probe = run_stage(project, [*torchrun, "-m", "benchmarks.gpu_check_ddp", "--backend", "nccl"])
     assert "ddp probe ok: backend nccl" in probe.stdout

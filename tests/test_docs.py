@@ -73,7 +73,7 @@ NOT_RUN = {
         "synthetic mirror, and CI fetches real MNIST from that directory",
     'make bench BENCH_ARGS="--repeats 5"': "a timing benchmark on real MNIST, minutes long",
     "torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint host0:29500 "
-    "-m stages.train data/augmented/train.pt data/prepared/val.pt models/model.pt metrics/train_log.csv":
+    "-m stages.train data/augmented/train.pt data/prepared/val.pt models/model.pt metrics/train":
         "needs two machines with 8 GPUs each; tests/test_distributed.py runs the stage under torchrun on one",
 }
 
