@@ -1,10 +1,13 @@
-"""Every command that README.md and the docs pages below show is run by a test.
+"""Every command that README.md and the pages in docs/ show is run by a test, and every link
+between them leads somewhere.
 
 `documented_commands` reads the commands out of the pages' code blocks: the `$ ` lines of any
-block, and every line of a `sh` block. Each one must be a key of RUN_BY (the test that runs it) or
-of NOT_RUN (why no test can: real MNIST, a second machine). The walkthroughs that are cheap on the
-synthetic project run here exactly as written, block by block (`run_block`), and the output a page
-shows for a command is checked where the synthetic project gives the same output.
+block (with backslash continuations), and every line of a `sh` block. Each one must be a key of
+RUN_BY (the test that runs it) or of NOT_RUN (why no test can: real MNIST, a GPU, a second
+machine). The walkthroughs that are cheap on the synthetic project run here exactly as written,
+block by block (`run_block`), and the output a page shows for a command is checked where the
+synthetic project gives the same output. `broken_links` checks every relative link's file and
+#anchor, without network.
 """
 
 from __future__ import annotations
