@@ -3,6 +3,11 @@
 Each copy draws its own rotation, translation and scale *per image* (torchvision's v2.RandomAffine
 draws one transform per call, i.e. one for a whole batch). The warp is one batched affine_grid +
 grid_sample over a chunk of images, on whatever device the images are on.
+
+Then, each only when its param is on (off, it draws no random numbers, so the output is the same
+bytes as without it): a shift by whole pixels (zero-pad and crop back), a horizontal flip, and
+random erasing (a black square). Each is a batched function of a chunk [N, H, W] uint8, drawing
+per-image values from the stage's seeded generator.
 """
 
 from __future__ import annotations
@@ -49,6 +54,56 @@ def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return warped.squeeze(1).round().clamp_(0, 255).to(torch.uint8)
 
 
+def pad_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Shifts each image [N, H, W] by its own (dy, dx), each uniform in {-pad, ..., pad} pixels, filling
+    with 0: zero-pad by `pad` on every side, then crop an H x W window at a random offset."""
+    n, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))  # [N, H+2p, W+2p]
+    offset = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=images.device)
+    rows = offset[:, :1] + torch.arange(h, device=images.device)  # [N, H]: source row of each output row
+    cols = offset[:, 1:] + torch.arange(w, device=images.device)  # [N, W]
+    index = torch.arange(n, device=images.device)[:, None, None]
+    return padded[index, rows[:, :, None], cols[:, None, :]]
+
+
+def random_flip(images: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Mirrors each image [N, H, W] left-right with the given probability."""
+    flip = torch.rand(len(images), generator=generator, device=images.device) < probability  # [N]
+    return torch.where(flip[:, None, None], images.flip(-1), images)
+
+
+def random_erase(images: torch.Tensor, probability: float, area_min: float, area_max: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Blacks out, with the given probability, one square per image [N, H, W]: its area is
+    U(area_min, area_max) of the image's (side rounded to whole pixels, at least 1), placed uniformly
+    where it lies wholly inside the image."""
+    n, h, w = images.shape
+    device = images.device
+    erase = torch.rand(n, generator=generator, device=device) < probability  # [N]
+    area = area_min + (area_max - area_min) * torch.rand(n, generator=generator, device=device)
+    side = (area * h * w).sqrt().round().clamp(1, min(h, w)).long()  # [N] pixels
+    top = (torch.rand(n, generator=generator, device=device) * (h - side + 1)).long()  # in [0, H - side]
+    left = (torch.rand(n, generator=generator, device=device) * (w - side + 1)).long()
+    rows = torch.arange(h, device=device)[None, :, None]  # [1, H, 1]
+    cols = torch.arange(w, device=device)[None, None, :]  # [1, 1, W]
+    inside = ((rows >= top[:, None, None]) & (rows < (top + side)[:, None, None])
+              & (cols >= left[:, None, None]) & (cols < (left + side)[:, None, None]))  # [N, H, W]
+    return images.masked_fill(inside & erase[:, None, None], 0)
+
+
+def transform(images: torch.Tensor, cfg: AugmentParams, generator: torch.Generator) -> torch.Tensor:
+    """One random transformed view of each image of a chunk [N, H, W] uint8, on the chunk's device:
+    affine warp, then (those switched on) pixel shift, flip, erasing."""
+    out = warp(images, random_affine(len(images), cfg, generator, images.device))
+    if cfg.pad > 0:
+        out = pad_crop(out, cfg.pad, generator)
+    if cfg.flip > 0:
+        out = random_flip(out, cfg.flip, generator)
+    if cfg.erase > 0:
+        out = random_erase(out, cfg.erase, cfg.erase_area_min, cfg.erase_area_max, generator)
+    return out
+
+
 def augment(images: torch.Tensor, labels: torch.Tensor, cfg: AugmentParams,
             generator: torch.Generator, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns the originals followed by cfg.copies transformed copies: [(copies+1) N, H, W], labels to match."""
@@ -56,7 +111,7 @@ def augment(images: torch.Tensor, labels: torch.Tensor, cfg: AugmentParams,
     for _ in range(cfg.copies):
         for start in range(0, len(images), CHUNK):
             chunk = images[start:start + CHUNK]
-            out.append(warp(chunk, random_affine(len(chunk), cfg, generator, images.device)))
+            out.append(transform(chunk, cfg, generator))
             if progress:
                 progress.update(len(chunk))
     return torch.cat(out), labels.repeat(cfg.copies + 1)

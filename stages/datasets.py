@@ -34,13 +34,14 @@ class Dataset:
     test_count: int
     image_size: int  # images are image_size x image_size, one uint8 channel
     classes: tuple[str, ...]
+    flippable: bool  # an image mirrored left-right keeps its class (a shoe; not a digit)
 
 
 def _parse_entry(name: str, raw: object) -> Dataset:
     where = f"{TABLE_PATH.name}: {name}"
     if not isinstance(raw, dict):
         raise PipelineError(f"{where}: expected a mapping")
-    expected = {"files", "train_count", "test_count", "image_size", "classes"}
+    expected = {"files", "train_count", "test_count", "image_size", "classes", "flippable"}
     if set(raw) != expected:
         raise PipelineError(f"{where}: expected keys {sorted(expected)}, found {sorted(raw)}")
     files_raw = raw["files"]
@@ -59,7 +60,10 @@ def _parse_entry(name: str, raw: object) -> Dataset:
     classes = raw["classes"]
     if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
         raise PipelineError(f"{where}.classes: expected a list of at least two names")
-    return Dataset(name, files, raw["train_count"], raw["test_count"], raw["image_size"], tuple(classes))
+    if not isinstance(raw["flippable"], bool):
+        raise PipelineError(f"{where}.flippable: expected true or false")
+    return Dataset(name, files, raw["train_count"], raw["test_count"], raw["image_size"], tuple(classes),
+                   raw["flippable"])
 
 
 def load_table(path: Path = TABLE_PATH) -> dict[str, Dataset]:

@@ -76,9 +76,15 @@ class AugmentParams:
     translate: float  # and shifted by U(-translate, translate) of the image side, per axis
     scale_min: float  # and scaled by U(scale_min, scale_max)
     scale_max: float
+    pad: int  # then shifted by whole pixels, U{-pad..pad} per axis (zero-pad, crop back); 0 = off
+    flip: float  # then mirrored left-right with this probability; 0 = off
+    allow_flip: bool  # true: flip even a dataset that datasets.yaml marks `flippable: false`
+    erase: float  # then, with this probability, a black square is erased; 0 = off
+    erase_area_min: float  # its area is U(erase_area_min, erase_area_max) of the image's
+    erase_area_max: float
     seed: int
 
-    def check(self) -> None:
+    def check(self, dataset: Dataset) -> None:
         _require(0 <= self.copies <= 50, "augment.copies", f"must be between 0 and 50, got {self.copies}")
         _require(0 <= self.rotation_deg <= 180, "augment.rotation_deg",
                  f"must be between 0 and 180 degrees, got {self.rotation_deg}")
@@ -87,6 +93,17 @@ class AugmentParams:
         _require(0 < self.scale_min <= 4, "augment.scale_min", f"must be in (0, 4], got {self.scale_min}")
         _require(self.scale_min <= self.scale_max <= 4, "augment.scale_max",
                  f"must be between scale_min ({self.scale_min}) and 4, got {self.scale_max}")
+        _require(0 <= self.pad <= dataset.image_size // 2, "augment.pad",
+                 f"must be between 0 and {dataset.image_size // 2} pixels (half the image side), got {self.pad}")
+        _require(0 <= self.flip <= 1, "augment.flip", f"must be a probability in [0, 1], got {self.flip}")
+        _require(self.flip == 0 or dataset.flippable or self.allow_flip, "augment.flip",
+                 f"{dataset.name} images change class when mirrored (datasets.yaml: flippable: false), "
+                 f"so flipping is refused; set augment.flip to 0, or augment.allow_flip to true to flip anyway")
+        _require(0 <= self.erase <= 1, "augment.erase", f"must be a probability in [0, 1], got {self.erase}")
+        _require(0 < self.erase_area_min <= 1, "augment.erase_area_min",
+                 f"must be in (0, 1] (a fraction of the image area), got {self.erase_area_min}")
+        _require(self.erase_area_min <= self.erase_area_max <= 1, "augment.erase_area_max",
+                 f"must be between erase_area_min ({self.erase_area_min}) and 1, got {self.erase_area_max}")
         _require(self.seed >= 0, "augment.seed", f"must be >= 0, got {self.seed}")
 
 
@@ -246,7 +263,7 @@ def parse(raw: Any) -> Params:
     params.fetch.check(table)
     dataset = table[params.fetch.dataset]
     params.preprocess.check(dataset)
-    params.augment.check()
+    params.augment.check(dataset)
     params.train.check(train_split_size=dataset.train_count - params.preprocess.val_size)
     params.evaluate.check()
     params.plot.check()

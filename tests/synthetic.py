@@ -49,4 +49,4 @@ def write_mirror(directory: Path, n_train: int = 600, n_test: int = 200, seed: i
         (directory / f"{NAMES[role]}.gz").write_bytes(gzip.compress(content))
         files[role] = {"name": NAMES[role], "sha256": hashlib.sha256(content).hexdigest()}
     return {"files": files, "train_count": n_train, "test_count": n_test, "image_size": SIZE,
-            "classes": [str(k) for k in range(NUM_CLASSES)]}
+            "classes": [str(k) for k in range(NUM_CLASSES)], "flippable": False}

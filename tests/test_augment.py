@@ -1,4 +1,5 @@
-"""stages.augment: per-image random affine copies with the configured ranges and sane geometry."""
+"""stages.augment: per-image random affine copies with the configured ranges and sane geometry, and
+the optional pixel shift, flip and erasing."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from stages.augment import augment, random_affine, warp
+from stages.augment import augment, pad_crop, random_affine, random_erase, random_flip, transform, warp
 from stages.params import AugmentParams
 from tests.synthetic import make_split
 
-CFG = AugmentParams(copies=1, rotation_deg=15.0, translate=0.1, scale_min=0.8, scale_max=1.2, seed=0)
+CFG = AugmentParams(copies=1, rotation_deg=15.0, translate=0.1, scale_min=0.8, scale_max=1.2, pad=0, flip=0.0,
+                    allow_flip=False, erase=0.0, erase_area_min=0.02, erase_area_max=0.25, seed=0)
 IDENTITY = dataclasses.replace(CFG, rotation_deg=0.0, translate=0.0, scale_min=1.0, scale_max=1.0)
 CPU = torch.device("cpu")
 
@@ -131,3 +133,117 @@ def test_translation_moves_center_of_mass():
     expected = torch.stack([shift[:, 1], shift[:, 0]], 1) * 28 / 2  # (rows, cols) in pixels
     assert (moved - expected).abs().max() < 0.25, (moved, expected)
     assert expected.abs().max() <= 0.1 * 28 + 1e-4 and expected.abs().max() > 0.8 * 0.1 * 28
+
+
+# --- pixel shift, flip and erasing -----------------------------------------------------------------
+
+ALL_ON = dataclasses.replace(CFG, pad=3, flip=0.5, erase=0.5)
+DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+def dots(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n black images with one white pixel each at a random (row, col) at least 4 pixels from the
+    edge; returns them [n, 28, 28] uint8 and the positions [n, 2]."""
+    where = torch.randint(4, 24, (n, 2), generator=generator(5))
+    images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+    images[torch.arange(n), where[:, 0], where[:, 1]] = 255
+    return images, where
+
+
+def test_new_transforms_off_draw_nothing(data):
+    """pad, flip and erase off: transform is exactly the affine warp and leaves the generator where
+    the warp left it, so augment's output for MNIST is the same bytes as before these existed."""
+    images = data[0]
+    g_new, g_old = generator(7), generator(7)
+    new = transform(images, CFG, g_new)
+    old = warp(images, random_affine(len(images), CFG, g_old, CPU))
+    assert torch.equal(new, old)
+    assert torch.equal(g_new.get_state(), g_old.get_state())
+
+
+def test_pad_crop_shifts_by_at_most_pad():
+    """Each image moves by its own whole-pixel (dy, dx) within [-pad, pad], content intact, and the
+    draws cover the whole range."""
+    images, where = dots(2000)
+    out = pad_crop(images, 3, generator())
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert torch.equal(out.flatten(1).sum(1), images.flatten(1).sum(1))  # the dot stays inside
+    found = (out == 255).flatten(1).int().argmax(1)
+    moved = torch.stack([found // 28, found % 28], 1) - where
+    assert moved.abs().max() == 3
+    assert len(torch.unique(moved[:, 0])) == 7 and len(torch.unique(moved[:, 1])) == 7
+    assert not torch.equal(moved[:, 0], moved[:, 1])  # the two axes are drawn independently
+
+
+def test_pad_crop_fills_with_black():
+    """What is shifted in from outside the image is 0."""
+    images = torch.full((200, 28, 28), 255, dtype=torch.uint8)
+    out = pad_crop(images, 2, generator())
+    black = (out == 0).flatten(1).sum(1)  # [N] pixels shifted in
+    assert black.min() == 0 and black.max() == 28 * 28 - 26 * 26  # a 2-pixel shift on both axes
+    assert set(torch.unique(out).tolist()) == {0, 255}
+
+
+def test_flip_mirrors_left_right(data):
+    """Probability 1 mirrors every image, 0 none; 0.5 mirrors each image or leaves it whole, about half."""
+    images = data[0]
+    assert torch.equal(random_flip(images, 1.0, generator()), images.flip(-1))
+    assert torch.equal(random_flip(images, 0.0, generator()), images)
+    many = images.repeat(50, 1, 1)  # 1000 images
+    out = random_flip(many, 0.5, generator())
+    mirrored = (out == many.flip(-1)).flatten(1).all(1)
+    kept = (out == many).flatten(1).all(1)
+    assert (mirrored | kept).all()
+    assert 400 < mirrored.sum() < 600
+
+
+def test_erase_blacks_out_one_square_inside_the_image():
+    """Probability 1: each image of white pixels gets one black square, wholly inside the image, its
+    area within the range (up to the rounding of its side to whole pixels), of varied sizes."""
+    images = torch.full((500, 28, 28), 255, dtype=torch.uint8)
+    out = random_erase(images, 1.0, 0.05, 0.3, generator())
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    black = out == 0
+    rows, cols = black.any(2), black.any(1)  # [N, H], [N, W]
+    height, width = rows.sum(1), cols.sum(1)
+    assert torch.equal(height, width)  # a square...
+    assert torch.equal(black.flatten(1).sum(1), height * width)  # ...filled, one per image
+    side_min, side_max = round(math.sqrt(0.05) * 28), round(math.sqrt(0.3) * 28)
+    assert height.min() >= side_min and height.max() <= side_max
+    assert len(torch.unique(height)) >= side_max - side_min  # sizes spread over the range
+    assert rows[:, 0].any() and rows[:, -1].any() and cols[:, 0].any() and cols[:, -1].any()  # reaches edges
+
+
+def test_erase_probability(data):
+    """Probability 0 erases nothing; 0.5 erases about half the images."""
+    images = torch.full((1000, 28, 28), 255, dtype=torch.uint8)
+    assert torch.equal(random_erase(images, 0.0, 0.1, 0.2, generator()), images)
+    erased = (random_erase(images, 0.5, 0.1, 0.2, generator()) == 0).flatten(1).any(1)
+    assert 400 < erased.sum() < 600
+
+
+def test_all_on_is_seeded_and_per_image(data):
+    """With shift, flip and erasing on, the same seed gives the same bytes, another seed others."""
+    images = data[0].repeat(10, 1, 1)
+    first = transform(images, ALL_ON, generator(0))
+    assert torch.equal(first, transform(images, ALL_ON, generator(0)))
+    assert not torch.equal(first, transform(images, ALL_ON, generator(1)))
+    copies = first.view(10, 20, 28, 28)
+    assert not torch.equal(copies[0], copies[1])  # the same image gets a different view each time
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_transforms_follow_the_device(data, device):
+    """Each transform returns uint8 images of the input's shape on the input's device."""
+    images = data[0].to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    for out in (pad_crop(images, 2, g), random_flip(images, 0.5, g), random_erase(images, 0.5, 0.02, 0.25, g),
+                transform(images, ALL_ON, g)):
+        assert out.device == images.device and out.shape == images.shape and out.dtype == torch.uint8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to compare devices")
+def test_cuda_result_has_the_cpu_geometry(data):
+    """On the GPU, flipping with probability 1 is the same mirror as on the CPU."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    assert torch.equal(random_flip(data[0].cuda(), 1.0, g).cpu(), data[0].flip(-1))

@@ -113,6 +113,22 @@ def _bad_cases():
     scale_inverted = c("augment", "scale_min", 1.2)
     scale_inverted["augment"]["scale_max"] = 1.1
     yield "scale_max below scale_min", scale_inverted, "augment.scale_max", ["between scale_min"]
+    yield "pad negative", c("augment", "pad", -1), "augment.pad", ["between 0 and 14 pixels"]
+    yield "pad over half the side", c("augment", "pad", 15), "augment.pad", ["between 0 and 14 pixels"]
+    yield "pad not int", c("augment", "pad", 2.5), "augment.pad", ["integer"]
+    yield "flip negative", c("augment", "flip", -0.1), "augment.flip", ["probability in [0, 1]"]
+    yield "flip over one", c("augment", "flip", 1.5), "augment.flip", ["probability in [0, 1]"]
+    yield ("flip on digits", c("augment", "flip", 0.5), "augment.flip",
+           ["mnist", "flippable: false", "augment.allow_flip"])
+    yield "allow_flip not bool", c("augment", "allow_flip", "yes"), "augment.allow_flip", ["true or false"]
+    yield "erase over one", c("augment", "erase", 1.01), "augment.erase", ["probability in [0, 1]"]
+    yield "erase negative", c("augment", "erase", -0.5), "augment.erase", ["probability in [0, 1]"]
+    yield "erase area zero", c("augment", "erase_area_min", 0.0), "augment.erase_area_min", ["(0, 1]"]
+    yield ("erase area over one", c("augment", "erase_area_max", 1.5), "augment.erase_area_max",
+           ["between erase_area_min"])
+    erase_inverted = c("augment", "erase_area_min", 0.3)
+    erase_inverted["augment"]["erase_area_max"] = 0.2
+    yield "erase_area_max below min", erase_inverted, "augment.erase_area_max", ["between erase_area_min (0.3)"]
     no_mirrors = copy.deepcopy(BASE)
     no_mirrors["fetch"]["mirrors"]["mnist"] = []
     yield "no mirrors", no_mirrors, "fetch.mirrors.mnist", ["at least one"]
@@ -137,6 +153,38 @@ def test_bad_value_is_refused_naming_the_key(raw, key, words):
     assert f"params.yaml: {key}:" in message
     for word in words:
         assert word in message, f"{word!r} missing from {message!r}"
+
+
+def test_new_augmentations_are_off_by_default():
+    """The committed params (MNIST) neither shift by pixels, flip nor erase: the default result stays."""
+    augment = parse(copy.deepcopy(BASE)).augment
+    assert (augment.pad, augment.flip, augment.erase, augment.allow_flip) == (0, 0.0, 0.0, False)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
+def test_augmentation_bounds_are_inclusive(dataset):
+    """Probabilities 0 and 1, a shift of half the side and an erased square of the whole image are
+    accepted; flipping is accepted on a flippable dataset as it is."""
+    for flip, erase, pad, area in [(0.0, 0.0, 0, 1.0), (1.0, 1.0, 14, 1.0)]:
+        raw = with_change("fetch", "dataset", dataset)
+        raw["augment"].update(flip=flip, erase=erase, pad=pad, erase_area_min=area, erase_area_max=area,
+                              allow_flip=dataset == "mnist")
+        augment = parse(raw).augment
+        assert (augment.flip, augment.erase, augment.pad) == (flip, erase, pad)
+
+
+def test_flip_on_digits_needs_allow_flip():
+    """datasets.yaml marks MNIST unflippable and Fashion-MNIST flippable; flipping digits is refused
+    unless augment.allow_flip says so."""
+    assert not parse(copy.deepcopy(BASE)).dataset.flippable
+    fashion = with_change("fetch", "dataset", "fashion-mnist")
+    fashion["augment"]["flip"] = 0.5
+    assert parse(fashion).dataset.flippable and parse(fashion).augment.flip == 0.5
+    digits = with_change("augment", "flip", 0.5)
+    with pytest.raises(ParamsError):
+        parse(digits)
+    digits["augment"]["allow_flip"] = True
+    assert parse(digits).augment.flip == 0.5
 
 
 @pytest.mark.parametrize(("section", "key"), [("train", "lr"), ("train", "weight_decay"), ("fetch", "timeout_s")])
