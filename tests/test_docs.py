@@ -175,6 +175,14 @@ NOT_RUN = {
         "progress lines come every 10 s, longer than the synthetic run trains; tests/test_tracking.py::"
         "test_progress_prints_plain_lines_every_interval_when_not_a_terminal checks the lines train prints "
         "when its output is not a terminal",
+    "apt-get install dataset-fashion-mnist": "installs a system package as root, from Debian's servers",
+    "make exp PRESET=fashion":
+        "trains on real Fashion-MNIST (twice the default run's work); tests/test_fashion.py validates the "
+        "preset and runs its augment params through DVC on a synthetic dataset",
+    "MNIST_MIRROR=/usr/share/datasets/fashion-mnist make exp PRESET=fashion":
+        "as `make exp PRESET=fashion`, with the Debian package's files as the mirror",
+    "python -m benchmarks.presets fashion --set train.seed=1 --set augment.seed=1":
+        "a benchmark on real Fashion-MNIST, tens of minutes on a 2-core CPU",
     "dvc pull -v 2>&1 | grep corrupt":
         "a line of DVC's debug log, worded by DVC; tests/test_sharing.py::"
         "test_corrupt_remote_object_is_refused_with_verify_only checks that the same pull fails and names the files",
