@@ -8,6 +8,7 @@ Images are 3-d [count, rows, cols] (magic 0x00000803), labels 1-d [count] (magic
 from __future__ import annotations
 
 import gzip
+import io
 import zlib
 from pathlib import Path
 
@@ -57,19 +58,30 @@ def write_idx(array: np.ndarray) -> bytes:
     return header + array.tobytes()
 
 
-def gunzip_if_compressed(data: bytes, name: str = "<bytes>") -> bytes:
-    """`data` gunzipped when it is gzip (by content, not name), else unchanged; IdxFormatError if damaged."""
+def gunzip_if_compressed(data: bytes, name: str = "<bytes>", max_size: int | None = None) -> bytes:
+    """`data` gunzipped when it is gzip (by content, not name), else unchanged; IdxFormatError if
+    damaged, or if the content is larger than `max_size` bytes (when given)."""
     if data[:2] != _GZIP_MAGIC:
-        return data
-    try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise IdxFormatError(f"{name}: damaged gzip data ({exc})") from None
+        content = data
+    else:
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+                # Reading at most one byte past the limit: a gzip bomb (a few KB that inflate to
+                # gigabytes) is refused after max_size bytes of memory, not after all of them.
+                content = stream.read(-1 if max_size is None else max_size + 1)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise IdxFormatError(f"{name}: damaged gzip data ({exc})") from None
+    if max_size is not None and len(content) > max_size:
+        raise IdxFormatError(f"{name}: content larger than {max_size:,} bytes (refused)")
+    return content
 
 
-def read_bytes(path: Path) -> bytes:
-    """The uncompressed content of `path`."""
-    return gunzip_if_compressed(Path(path).read_bytes(), str(path))
+def read_bytes(path: Path, max_size: int | None = None) -> bytes:
+    """The uncompressed content of `path`; with `max_size`, refused (IdxFormatError) above that
+    many bytes, read or inflated, so the memory it takes is bounded whatever the file holds."""
+    with open(path, "rb") as f:
+        data = f.read(-1 if max_size is None else max_size + 1)
+    return gunzip_if_compressed(data, str(path), max_size)
 
 
 def read_images(path: Path, image_size: int) -> np.ndarray:

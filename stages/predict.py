@@ -47,6 +47,7 @@ INK_THRESHOLD = 0.1  # of the brightest value: fainter pixels don't define the d
 # formats that cannot be reduced while decoding (PNG, GIF, TIFF, WebP): at most 4 bytes a pixel,
 # 200 MB. Pillow's own guard (Image.MAX_IMAGE_PIXELS, 89 MP warning / 179 MP error) lies above it.
 MAX_PIXELS = 50_000_000
+IDX_HEADER_ALLOWANCE = 1024  # bytes: magic number and dimensions, 4 bytes each
 # Working resolution, pixels on the longer side: images are reduced to between 1x and 2x this
 # while (JPEG) or right after (other formats) decoding. The digit ends up 20 px tall, so even a
 # digit filling a tenth of a photo keeps 5x the resolution it needs; and a float64 working copy
@@ -297,7 +298,8 @@ def image_sample(path: Path, size: int) -> Sample:
 def idx_samples(path: Path, size: int) -> list[Sample]:
     """One Sample per image of an IDX file (plain or gzip)."""
     try:
-        array = parse_idx(read_bytes(path), str(path))
+        # The images' pixel limit bounds an IDX file too: one uint8 a pixel, plus a short header.
+        array = parse_idx(read_bytes(path, max_size=MAX_PIXELS + IDX_HEADER_ALLOWANCE), str(path))
     except IdxFormatError as exc:
         reason = str(exc).removeprefix(f"{path}: ")
         raise PipelineError(f"{path}: neither an image Pillow can read (PNG, JPEG, ...) "

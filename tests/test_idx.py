@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from stages.idx import IdxFormatError, parse_idx, read_images, read_labels, read_pair, write_idx
+from stages.idx import IdxFormatError, parse_idx, read_bytes, read_images, read_labels, read_pair, write_idx
 
 SIZE = 28
 CLASSES = 10
@@ -193,3 +193,15 @@ def idx_like(draw) -> bytes:
 def test_fuzz_valid_looking_headers(data):
     """Headers that look valid, with any dims, parse or raise IdxFormatError: never another error."""
     check_parse(data)
+
+
+def test_a_size_limit_bounds_plain_and_gzip_content(tmp_path):
+    """With max_size, content over the limit is refused whether stored plain or gzipped (a gzip
+    bomb is not inflated past the limit); content within it comes back whole."""
+    content = write_idx(np.zeros((10, 28, 28), np.uint8))
+    for name, data in (("plain", content), ("packed.gz", gzip.compress(content))):
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert read_bytes(path, max_size=len(content)) == content
+        with pytest.raises(IdxFormatError, match=rf"{name}: content larger than {len(content) - 1:,} bytes"):
+            read_bytes(path, max_size=len(content) - 1)

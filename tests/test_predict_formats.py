@@ -4,6 +4,7 @@ greyscale PNG gives, memory stays bounded, and every bad file costs exactly one 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import os
@@ -172,6 +173,17 @@ def test_a_decompression_bomb_is_refused(tmp_path):
     path = save(Image.new("1", (20000, 20000), 1), tmp_path / "bomb.png")
     assert path.stat().st_size < 200_000
     with pytest.raises(PipelineError, match=r"bomb.png: refused, .*50,000,000-pixel limit"):
+        predict.load_samples(path, 28)
+
+
+def test_a_gzip_bomb_idx_file_is_refused_within_bounded_memory(tmp_path):
+    """60 KB of gzip declaring 80,000 MNIST images (63 MB): refused at the 50 MP limit, read no further."""
+    count = 80_000
+    header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (count, 28, 28))
+    path = tmp_path / "bomb-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(header + bytes(count * 28 * 28), compresslevel=9))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(PipelineError, match=r"bomb-images-idx3-ubyte.gz: .*content larger than 50,001,024 bytes"):
         predict.load_samples(path, 28)
 
 
