@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.augment import augment, random_affine, warp
+from stages.augment import augment, augmented_split, random_affine, warp
 from stages.params import AugmentParams
 from tests.synthetic import make_split
 
@@ -131,3 +131,18 @@ def test_translation_moves_center_of_mass():
     expected = torch.stack([shift[:, 1], shift[:, 0]], 1) * 28 / 2  # (rows, cols) in pixels
     assert (moved - expected).abs().max() < 0.25, (moved, expected)
     assert expected.abs().max() <= 0.1 * 28 + 1e-4 and expected.abs().max() > 0.8 * 0.1 * 28
+
+
+def test_augmented_split_records_its_views_and_is_reproducible(data):
+    """The stage's output: the train mapping with originals then `copies` views, `views` = copies,
+    the same bytes for the same seed and independently drawn views (view 1 differs from view 2)."""
+    images, labels = data
+    split = {"images": images, "labels": labels, "classes": list("0123456789"), "mean": 0.1, "std": 0.3}
+    cfg = dataclasses.replace(CFG, copies=3)
+    out = augmented_split(split, cfg)
+    n = len(images)
+    assert out["views"] == 3 and out["classes"] == split["classes"] and out["mean"] == 0.1
+    assert out["images"].shape == (4 * n, 28, 28) and torch.equal(out["images"][:n], images)
+    assert not torch.equal(out["images"][n:2 * n], out["images"][2 * n:3 * n])
+    assert torch.equal(augmented_split(split, cfg)["images"], out["images"])
+    assert augmented_split(split, dataclasses.replace(CFG, copies=0))["views"] == 0
