@@ -48,13 +48,14 @@ from stages.datasets import load_table
 from stages.params import Params, PreprocessParams
 from stages.presets import apply, load_presets, resolve
 from stages.preprocess import prepare
-from stages.runtime import describe_device, resolve_device, resolve_precision, retain_freed_memory
+from stages.runtime import cpu_has_bf16, describe_device, resolve_device, resolve_precision, retain_freed_memory
 from stages.train import fit
 
 DEFAULT_PRESETS = ("default", "fast", "cnn-max", "mlp-best")
 PLOT_PATH = Path("benchmarks/frontier.png")
 # --quick: a tiny synthetic MNIST (tests/synthetic.py) and one epoch of everything.
-QUICK_TRAIN, QUICK_TEST, QUICK_VAL = 600, 200, 100
+# At least a few batches of 128 per epoch: OneCycleLR divides by zero when warm-up is under one step.
+QUICK_TRAIN, QUICK_TEST, QUICK_VAL = 1200, 200, 100
 QUICK_OVERRIDES = {"train.epochs": 1}
 
 
@@ -135,12 +136,14 @@ def quick_data(root: Path) -> tuple[Path, dict[str, dict]]:
     return root / "raw", prepare(root / "raw", load_table()["mnist"], PreprocessParams(val_size=QUICK_VAL, seed=0))
 
 
-def machine_line(device: torch.device, precisions: set[str]) -> str:
+def machine_line(device: torch.device, precisions: dict[str, str]) -> str:
     # The vector ISA decides which oneDNN kernels run (and whether bf16 is native): "EPYC" alone
     # names CPUs from AVX2-only to AVX-512 with bf16.
-    return (f"CPU: {cpu_model()} (torch ISA {torch.backends.cpu.get_cpu_capability()}); torch threads "
+    bf16 = "with" if cpu_has_bf16() else "without"
+    return (f"CPU: {cpu_model()} (torch ISA {torch.backends.cpu.get_cpu_capability()}, {bf16} bf16 "
+            f"instructions); torch threads "
             f"{torch.get_num_threads()}; torch {torch.__version__}; device {describe_device(device)}; "
-            f"preset precision: {', '.join(sorted(precisions))}")
+            f"precision: {', '.join(f'{name} {value}' for name, value in precisions.items())}")
 
 
 def table(runs: list[PresetRun], reference_epoch_s: float) -> str:
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             raw_dir = args.raw
             splits = load_or_prepare(args.data, raw_dir, first.preprocess, first.fetch.dataset)
         train_set, test_set = torchvision_mnist(raw_dir, Path(temp, "torchvision"))
-    precisions = {f"{name}: {resolve_precision(p.train.precision, device)}" for (name, _), p in all_params.items()}
+    precisions = {name: resolve_precision(p.train.precision, device) for (name, _), p in all_params.items()}
     print(machine_line(device, precisions), flush=True)
     memory = PeakMemory()
     reference_epochs = train_reference(train_set, test_set, args.reference_epochs, seed=0, device=device)
