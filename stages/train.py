@@ -91,13 +91,16 @@ class Batches:
     rank: Rank = Rank()
     rows: torch.Tensor | None = None  # [M] int64 on the device: the images of this epoch; None: all
 
+    @property
+    def count(self) -> int:
+        """Images per epoch."""
+        return len(self.labels) if self.rows is None else len(self.rows)
+
     def __len__(self) -> int:
-        count = len(self.labels) if self.rows is None else len(self.rows)
-        return steps_per_epoch(count, self.batch_size, self.drop_last)
+        return steps_per_epoch(self.count, self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        count = len(self.labels) if self.rows is None else len(self.rows)
-        order = torch.randperm(count, generator=self.generator).to(self.images.device)
+        order = torch.randperm(self.count, generator=self.generator).to(self.images.device)
         if self.rows is not None:
             order = self.rows[order]
         for start in range(0, len(self) * self.batch_size, self.batch_size):
