@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 # `dvc` by name, and stages in a queued run's temporary copy find `python3` there.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test setup bench exp queue pull predict clean-venv gpu-check
+.PHONY: repro test setup bench frontier exp queue pull predict clean-venv gpu-check
 
 setup: $(INSTALLED)
 
@@ -34,6 +34,11 @@ $(INSTALLED)-bench: $(INSTALLED)
 # Options go in BENCH_ARGS: make bench BENCH_ARGS="--repeats 5"
 bench: $(INSTALLED)-bench
 	$(BIN)/python -m benchmarks.speed $(BENCH_ARGS)
+
+# The speed frontier (benchmarks/frontier.py): every preset against the pytorch/examples recipe.
+# Options go in FRONTIER_ARGS: make frontier FRONTIER_ARGS="--presets default,fast --seeds 0"
+frontier: $(INSTALLED)-bench
+	$(BIN)/python -m benchmarks.frontier $(FRONTIER_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

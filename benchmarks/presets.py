@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from stages import params as params_mod
-from stages.augment import augment
+from stages.augment import augmented_split
 from stages.common import PipelineError, load_tensors, run_main
 from stages.evaluate import test_metrics
 from stages.models import predict_logits
@@ -64,9 +64,7 @@ def load_splits(data_dir: Path = DATA_DIR) -> tuple[dict, dict, dict]:
 
 def augmented(train: dict, cfg: AugmentParams) -> dict:
     """The train split as the augment stage writes it for `cfg` (same generator, same seed)."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    images, labels = augment(train["images"], train["labels"], cfg, generator)
-    return {**train, "images": images, "labels": labels}
+    return augmented_split(train, cfg)
 
 
 def synchronize(device: torch.device) -> None:

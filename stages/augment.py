@@ -1,5 +1,10 @@
 """Stage augment: the train split plus `copies` randomly transformed copies of it.
 
+The output is train.pt's mapping with images [(copies + 1) N, H, W] uint8: the N originals, then
+view 1, ..., view `copies`, N images each, in the originals' order; labels [(copies + 1) N] to
+match; and `views` = copies. train.fresh_views trains each epoch on the originals and one view (see
+stages.train.epoch_rows), else on all of them.
+
 Each copy draws its own rotation, translation and scale *per image* (torchvision's v2.RandomAffine
 draws one transform per call, i.e. one for a whole batch). The warp is one batched affine_grid +
 grid_sample over a chunk of images, on whatever device the images are on.
@@ -117,6 +122,14 @@ def augment(images: torch.Tensor, labels: torch.Tensor, cfg: AugmentParams,
     return torch.cat(out), labels.repeat(cfg.copies + 1)
 
 
+def augmented_split(data: dict, cfg: AugmentParams, progress: Progress | None = None) -> dict:
+    """The augment stage's output for the train split `data`: its mapping with the views appended
+    (see the module docstring), drawn from a generator seeded with cfg.seed."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images, labels = augment(data["images"], data["labels"], cfg, generator, progress)
+    return {**data, "images": images, "labels": labels, "views": cfg.copies}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("train_in", type=Path)
@@ -124,11 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = params_mod.load().augment
     data = load_tensors(args.train_in, required=("images", "labels"))
-    generator = torch.Generator().manual_seed(cfg.seed)
     progress = Progress(STAGE, "images transformed", cfg.copies * len(data["labels"]))
-    images, labels = augment(data["images"], data["labels"], cfg, generator, progress)
-    log(STAGE, f"{len(data['labels']):,} originals + {cfg.copies} copies = {len(labels):,} train images")
-    save_tensors(args.train_out, {**data, "images": images, "labels": labels})
+    out = augmented_split(data, cfg, progress)
+    log(STAGE, f"{len(data['labels']):,} originals + {cfg.copies} copies = {len(out['labels']):,} train images")
+    save_tensors(args.train_out, out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ from sklearn.model_selection import train_test_split
 
 from stages import params as params_mod
 from stages.common import log, run_main, save_tensors
+from stages.datasets import Dataset
 from stages.idx import read_pair
+from stages.params import PreprocessParams
 
 STAGE = "preprocess"
 
@@ -56,18 +58,14 @@ def _tensors(images: np.ndarray, labels: np.ndarray) -> dict:
             "labels": torch.from_numpy(labels.astype(np.int64))}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("raw_dir", type=Path)
-    parser.add_argument("out_dir", type=Path)
-    args = parser.parse_args(argv)
-    params = params_mod.load()
-    dataset, cfg = params.dataset, params.preprocess
+def prepare(raw_dir: Path, dataset: Dataset, cfg: PreprocessParams) -> dict[str, dict]:
+    """The prepared splits {"train", "val", "test"} of the IDX files in `raw_dir`, as this stage
+    writes them (train also carries the pixel mean and std)."""
     classes = list(dataset.classes)
 
     def read(split: str) -> tuple[np.ndarray, np.ndarray]:
-        return read_pair(args.raw_dir / dataset.files[f"{split}_images"].gz_name,
-                         args.raw_dir / dataset.files[f"{split}_labels"].gz_name,
+        return read_pair(raw_dir / dataset.files[f"{split}_images"].gz_name,
+                         raw_dir / dataset.files[f"{split}_labels"].gz_name,
                          dataset.image_size, len(classes))
 
     images, labels = read("train")
@@ -75,12 +73,24 @@ def main(argv: list[str] | None = None) -> None:
     train_idx, val_idx = stratified_split(labels, cfg.val_size, cfg.seed)
     train = _tensors(images[train_idx], labels[train_idx])
     mean, std = pixel_stats(train["images"])
-    log(STAGE, f"train {len(train_idx):,}, val {len(val_idx):,}, test {len(test_labels):,} images; "
-               f"train pixel mean {mean:.4f}, std {std:.4f}")
-    save_tensors(args.out_dir / "train.pt", {**train, "classes": classes, "mean": mean, "std": std})
-    save_tensors(args.out_dir / "val.pt", {**_tensors(images[val_idx], labels[val_idx]), "classes": classes})
-    save_tensors(args.out_dir / "test.pt", {**_tensors(test_images, test_labels), "classes": classes})
+    return {"train": {**train, "classes": classes, "mean": mean, "std": std},
+            "val": {**_tensors(images[val_idx], labels[val_idx]), "classes": classes},
+            "test": {**_tensors(test_images, test_labels), "classes": classes}}
 
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("raw_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+    params = params_mod.load()
+    splits = prepare(args.raw_dir, params.dataset, params.preprocess)
+    train = splits["train"]
+    log(STAGE, f"train {len(train['labels']):,}, val {len(splits['val']['labels']):,}, "
+               f"test {len(splits['test']['labels']):,} images; "
+               f"train pixel mean {train['mean']:.4f}, std {train['std']:.4f}")
+    for name, split in splits.items():
+        save_tensors(args.out_dir / f"{name}.pt", split)
 
 if __name__ == "__main__":
     run_main(STAGE, main)

@@ -50,6 +50,25 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512_BF16 dot products or AMX tiles); without
+    them oneDNN emulates bf16 with conversions and autocast makes training slower, not faster."""
+    # Private helpers, present in torch 2.x; a torch without them gets the safe answer, fp32.
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """train.precision as it runs on `device`: 'fp32' or 'bf16'. 'auto' is bf16 where the hardware
+    has bf16 arithmetic (a CUDA GPU that supports it, a CPU with AVX512_BF16 or AMX) and fp32
+    elsewhere. The one place that decides: the train stage logs the outcome, the benchmarks use it."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"

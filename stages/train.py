@@ -26,12 +26,14 @@ import torch
 import torch._inductor.config  # noqa: F401
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages import params as params_mod
 from stages.common import PipelineError, Progress, load_tensors, log, run_main, save_tensors
 from stages.models import build_model, count_parameters, predict_logits, save_model
 from stages.params import TrainParams
-from stages.runtime import Rank, describe_device, rank_from_env, resolve_device, retain_freed_memory, seed_everything
+from stages.runtime import (Rank, describe_device, rank_from_env, resolve_device, resolve_precision,
+                            retain_freed_memory, seed_everything)
 from stages.tracking import TrainLog, step_log_interval
 
 STAGE = "train"
@@ -75,6 +77,9 @@ class Batches:
     smaller unless drop_last. Under torchrun every process draws the same permutation (same seed)
     and takes every world-th image of each batch, so a step still covers batch_size images in all
     and the schedule is the one of a single process; DDP averages the gradients.
+
+    With `rows` set, an epoch covers only those images (indices into `images`), in a fresh order:
+    how an epoch trains on the originals and one augmented view (see epoch_rows).
     """
 
     images: torch.Tensor  # [N, H, W] uint8, on the training device
@@ -83,18 +88,35 @@ class Batches:
     drop_last: bool
     generator: torch.Generator
     rank: Rank = Rank()
+    rows: torch.Tensor | None = None  # [M] int64 on the device: the images of this epoch; None: all
+
+    @property
+    def count(self) -> int:
+        """Images per epoch."""
+        return len(self.labels) if self.rows is None else len(self.rows)
 
     def __len__(self) -> int:
-        return steps_per_epoch(len(self.labels), self.batch_size, self.drop_last)
+        return steps_per_epoch(self.count, self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.labels), generator=self.generator).to(self.images.device)
+        order = torch.randperm(self.count, generator=self.generator).to(self.images.device)
+        if self.rows is not None:
+            order = self.rows[order]
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch = order[start:start + self.batch_size]
             if len(batch) < self.rank.world:
                 return  # a last, partial batch too small to give every process an image
             batch = batch[self.rank.rank::self.rank.world]
             yield self.images[batch], self.labels[batch]
+
+
+def epoch_rows(originals: int, views: int, epoch: int) -> torch.Tensor:
+    """The images epoch `epoch` (from 1) trains on when train.fresh_views is set: indices [2 N] into
+    the augment stage's [(views + 1) N, H, W] layout (originals, then view 1, ..., view K, N each),
+    the originals and view ((epoch - 1) mod K) + 1. The view follows from the epoch number alone,
+    so a resumed run picks the same one."""
+    view = (epoch - 1) % views + 1
+    return torch.cat([torch.arange(originals), torch.arange(view * originals, (view + 1) * originals)])
 
 
 @dataclass
@@ -106,15 +128,19 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler | None  # None: a constant learning rate
     generator: torch.Generator  # the batch order
+    average: AveragedModel | None = None  # train.ema: the moving average of the weights; None: off
 
     def step(self) -> None:
         self.optimizer.step()
         if self.schedule is not None:
             self.schedule.step()
+        if self.average is not None:
+            self.average.update_parameters(self.model)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+                "average": self.average.state_dict() if self.average is not None else None,
                 "batch_order_rng": self.generator.get_state(),
                 # The global generators: dropout draws from them.
                 "torch_rng": torch.get_rng_state(),
@@ -125,6 +151,8 @@ class TrainingState:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.schedule is not None:
             self.schedule.load_state_dict(state["schedule"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
         self.generator.set_state(state["batch_order_rng"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
@@ -133,8 +161,9 @@ class TrainingState:
 
 def make_loss(network: nn.Module, cfg: TrainParams, device: torch.device) -> Callable[..., torch.Tensor]:
     """loss(images, labels): the label-smoothed cross-entropy of `network` on a batch, a scalar, run
-    under bf16 autocast when train.precision asks for it (the loss itself in float32)."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    under bf16 autocast when train.precision resolves to bf16 on `device` (the loss itself in float32)."""
+    bf16 = resolve_precision(cfg.precision, device) == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast:
@@ -259,9 +288,18 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order, independent of model init
     batches = Batches(train["images"].to(device), train["labels"].to(device), cfg.batch_size, cfg.drop_last,
                       generator, rank)
+    # The augment stage records how many views follow the originals; a split straight from
+    # preprocess has none.
+    views = int(train.get("views", 0))
+    originals = len(train["labels"]) // (views + 1)
+    if cfg.fresh_views and views > 0:
+        batches.rows = epoch_rows(originals, views, 1).to(device)  # every epoch has as many images
     val_images, val_labels = val["images"].to(device), val["labels"].to(device)
     optimizer = make_optimizer(model, cfg)
-    state = TrainingState(model, optimizer, make_schedule(optimizer, cfg, cfg.epochs * len(batches)), generator)
+    # use_buffers: BatchNorm's running statistics are averaged too, so the average is a model of its own.
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    state = TrainingState(model, optimizer, make_schedule(optimizer, cfg, cfg.epochs * len(batches)), generator,
+                          average)
     loss_of = make_loss(network, cfg, device)
     say = (lambda message: log(STAGE, message)) if rank.is_main else (lambda message: None)
     say(f"{cfg.model}: {count_parameters(model):,} parameters; {len(train['labels']):,} train and "
@@ -275,6 +313,8 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
         say(f"resuming from {checkpoint} after epoch {saved['epoch']}")
     for epoch in range(len(train_log.epochs()) + 1, cfg.epochs + 1):
         start = time.perf_counter()
+        if batches.rows is not None:
+            batches.rows = epoch_rows(originals, views, epoch).to(device)
         # "training epoch", not "epoch": the line `train: epoch N/M: ...` says the epoch is done.
         progress = Progress(STAGE, f"training epoch {epoch}/{cfg.epochs}", len(batches), "steps", rate_unit="images",
                             rate_per_item=cfg.batch_size, after=(cfg.epochs - epoch) * len(batches)) if rank.is_main else None
@@ -293,7 +333,21 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
             save_checkpoint(checkpoint, run_id, train_log, state)
         say(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"val accuracy {100 * val_accuracy:.2f}% ({time.perf_counter() - start:.1f} s)")
+    if average is not None and rank.is_main:
+        model = pick_average(model, average.module, val_images, val_labels,
+                             train_log.epochs()[-1]["val_accuracy"], say)
     return model, config, train_log.epochs()
+
+
+def pick_average(model: nn.Module, averaged: nn.Module, val_images: torch.Tensor, val_labels: torch.Tensor,
+                 model_accuracy: float, say: Callable[[str], None]) -> nn.Module:
+    """The moving average of the weights if it scores at least as well on val as the weights of
+    the last step, else those weights."""
+    _, averaged_accuracy = score(averaged, val_images, val_labels)
+    better = averaged_accuracy >= model_accuracy
+    say(f"weight average (train.ema): val accuracy {100 * averaged_accuracy:.2f}% against "
+        f"{100 * model_accuracy:.2f}%; saving {'the average' if better else 'the last weights'}")
+    return averaged if better else model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -319,7 +373,10 @@ def main(argv: list[str] | None = None) -> None:
     if rank.is_main:
         if cfg.device == "auto" and device.type == "cpu":
             log(STAGE, "device auto: no CUDA GPU available, training on the CPU")
-        log(STAGE, f"device: {describe_device(device)}; precision {cfg.precision}")
+        precision = resolve_precision(cfg.precision, device)
+        log(STAGE, f"device: {describe_device(device)}; precision {precision}"
+                   + (" (auto: this device has bf16 arithmetic)" if cfg.precision == "auto" and precision == "bf16"
+                      else " (auto: no bf16 arithmetic on this device)" if cfg.precision == "auto" else ""))
     train = load_tensors(args.train_in, required=("images", "labels", "classes", "mean", "std"))
     val = load_tensors(args.val_in, required=("images", "labels"))
     start = time.perf_counter()

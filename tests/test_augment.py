@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.augment import augment, pad_crop, random_affine, random_erase, random_flip, transform, warp
+from stages.augment import (augment, augmented_split, pad_crop, random_affine, random_erase, random_flip,
+                            transform, warp)
 from stages.params import AugmentParams
 from tests.synthetic import make_split
 
@@ -247,3 +248,18 @@ def test_cuda_result_has_the_cpu_geometry(data):
     """On the GPU, flipping with probability 1 is the same mirror as on the CPU."""
     g = torch.Generator(device="cuda").manual_seed(0)
     assert torch.equal(random_flip(data[0].cuda(), 1.0, g).cpu(), data[0].flip(-1))
+
+
+def test_augmented_split_records_its_views_and_is_reproducible(data):
+    """The stage's output: the train mapping with originals then `copies` views, `views` = copies,
+    the same bytes for the same seed and independently drawn views (view 1 differs from view 2)."""
+    images, labels = data
+    split = {"images": images, "labels": labels, "classes": list("0123456789"), "mean": 0.1, "std": 0.3}
+    cfg = dataclasses.replace(CFG, copies=3)
+    out = augmented_split(split, cfg)
+    n = len(images)
+    assert out["views"] == 3 and out["classes"] == split["classes"] and out["mean"] == 0.1
+    assert out["images"].shape == (4 * n, 28, 28) and torch.equal(out["images"][:n], images)
+    assert not torch.equal(out["images"][n:2 * n], out["images"][2 * n:3 * n])
+    assert torch.equal(augmented_split(split, cfg)["images"], out["images"])
+    assert augmented_split(split, dataclasses.replace(CFG, copies=0))["views"] == 0

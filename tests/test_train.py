@@ -11,9 +11,11 @@ import torch
 import yaml
 
 import stages.train as train_mod
-from stages.params import parse
-from stages.runtime import Rank, retain_freed_memory, seed_everything
-from stages.train import Batches, fit, make_optimizer, make_schedule, steps_per_epoch
+from stages.params import AugmentParams, parse
+import stages.runtime as runtime_mod
+from stages.augment import augmented_split
+from stages.runtime import Rank, resolve_precision, retain_freed_memory, seed_everything
+from stages.train import Batches, epoch_rows, fit, make_optimizer, make_schedule, steps_per_epoch
 from tests.conftest import PROJECT_ROOT
 from tests.synthetic import make_split
 
@@ -24,6 +26,8 @@ SMALL_CNN = dataclasses.replace(TRAIN, model="cnn", channels=[4, 8, 16], epochs=
 SMALL_CNN_POOL_EARLY = dataclasses.replace(SMALL_CNN, pool="early")
 SMALL_MLP = dataclasses.replace(TRAIN, model="mlp", hidden=[32], optimizer="adam", lr=0.01, schedule="constant",
                                 epochs=2, batch_size=32, device="cpu")
+SMALL_CNN_FRESH_VIEWS = dataclasses.replace(SMALL_CNN_POOL_EARLY, fresh_views=True, epochs=3)
+SMALL_CNN_EMA = dataclasses.replace(SMALL_CNN, ema=0.9)
 CPU = torch.device("cpu")
 
 
@@ -36,6 +40,14 @@ def split(n: int, seed: int) -> dict:
 @pytest.fixture(scope="module")
 def data() -> tuple[dict, dict]:
     return split(320, seed=1), split(100, seed=2)
+
+
+@pytest.fixture(scope="module")
+def views_data(data) -> tuple[dict, dict]:
+    """The train split as the augment stage writes it with two views, and val."""
+    train, val = data
+    views = AugmentParams(copies=2, rotation_deg=10.0, translate=0.1, scale_min=0.9, scale_max=1.1, seed=0)
+    return augmented_split(train, views), val
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -61,11 +73,13 @@ def test_fit_learns_and_is_bit_identical_when_repeated(data, cfg):
     assert config.architecture == cfg.model
 
 
-@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_MLP], ids=["cnn-sgd", "mlp-adam"])
-def test_interrupted_fit_resumes_to_the_uninterrupted_result(data, cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_MLP, SMALL_CNN_FRESH_VIEWS, SMALL_CNN_EMA],
+                         ids=["cnn-sgd", "mlp-adam", "cnn-fresh-views", "cnn-ema"])
+def test_interrupted_fit_resumes_to_the_uninterrupted_result(data, views_data, cfg, tmp_path, monkeypatch):
     """Stopped after epoch 1's checkpoint, a second fit() picks up the model, optimizer (momentum,
-    Adam moments), schedule and batch-order state and ends exactly where one unbroken run ends."""
-    train, val = data
+    Adam moments), schedule, weight average and batch-order state, and the view of each epoch, and
+    ends exactly where one unbroken run ends."""
+    train, val = views_data if cfg.fresh_views else data
     unbroken, _, unbroken_rows = fit(cfg, train, val, CPU)
 
     checkpoint = tmp_path / "checkpoint.pt"
@@ -158,4 +172,77 @@ def test_steps_per_epoch_counts_the_last_partial_batch_unless_dropped():
 def test_retain_freed_memory_is_accepted_by_glibc():
     """glibc refuses out-of-range values (an mmap threshold over 32 MiB, say) by returning 0."""
     assert retain_freed_memory() is True
+
+
+
+def test_epoch_rows_take_the_originals_and_each_view_in_turn():
+    """Layout [(K + 1) N]: originals, view 1, ..., view K. Epoch e trains on the originals and view
+    ((e - 1) mod K) + 1."""
+    n, views = 5, 3
+    for epoch, view in [(1, 1), (2, 2), (3, 3), (4, 1), (7, 1)]:
+        rows = epoch_rows(n, views, epoch)
+        assert rows.tolist() == list(range(n)) + list(range(view * n, (view + 1) * n))
+
+
+def test_batches_with_rows_cover_exactly_those_rows():
+    ids = torch.arange(30)
+    batches = Batches(ids, ids.clone(), 4, False, torch.Generator().manual_seed(0), rows=epoch_rows(10, 2, 2))
+    seen = [i for images, labels in batches for i in images.tolist()]
+    assert len(batches) == 5 and sorted(seen) == list(range(10)) + list(range(20, 30))
+
+
+def test_fresh_views_train_on_one_view_per_epoch(views_data, monkeypatch):
+    """With fresh_views each epoch sees 2 N images (originals + one view): as many steps as a run on
+    one fixed copy; without it, all 3 N. The fresh-view run is bit-identical when repeated and
+    differs from training on every view."""
+    train, val = views_data
+    seen: list[int] = []
+    real_train_epoch = train_mod.train_epoch
+
+    def counting(state, batches, loss_of):
+        seen.append(len(batches))
+        return real_train_epoch(state, batches, loss_of)
+
+    monkeypatch.setattr(train_mod, "train_epoch", counting)
+    model_a, _, rows_a = fit(SMALL_CNN_FRESH_VIEWS, train, val, CPU)
+    model_b, _, rows_b = fit(SMALL_CNN_FRESH_VIEWS, train, val, CPU)
+    all_views, _, _ = fit(dataclasses.replace(SMALL_CNN_FRESH_VIEWS, fresh_views=False), train, val, CPU)
+    n = len(train["labels"]) // 3
+    assert seen == [steps_per_epoch(2 * n, 32, False)] * 6 + [steps_per_epoch(3 * n, 32, False)] * 3
+    assert rows_a == rows_b and rows_a[-1]["val_accuracy"] >= 0.9
+    assert_same_weights(weights(model_a), weights(model_b))
+    assert not torch.equal(weights(model_a)["1.weight"], weights(all_views)["1.weight"])
+
+
+def test_ema_saves_the_average_only_when_it_scores_at_least_as_well_on_val(data, monkeypatch):
+    train, val = data
+    chosen = {}
+    real_pick = train_mod.pick_average
+
+    def spy(model, averaged, *args):
+        chosen["model"], chosen["average"] = model, averaged
+        chosen["result"] = real_pick(model, averaged, *args)
+        return chosen["result"]
+
+    monkeypatch.setattr(train_mod, "pick_average", spy)
+    model, _, rows = fit(SMALL_CNN_EMA, train, val, CPU)
+    assert model is chosen["result"]
+    averaged_accuracy = train_mod.score(chosen["average"], val["images"], val["labels"])[1]
+    expected = chosen["average"] if averaged_accuracy >= rows[-1]["val_accuracy"] else chosen["model"]
+    assert model is expected
+    assert not torch.equal(weights(chosen["average"])["1.weight"], weights(chosen["model"])["1.weight"])
+    say = lambda message: None  # noqa: E731
+    # A model that is right on val beats an average that is not, and a tie goes to the average.
+    assert real_pick(chosen["model"], chosen["average"], val["images"], val["labels"], 2.0, say) is chosen["model"]
+    assert real_pick(chosen["model"], chosen["average"], val["images"], val["labels"], 0.0, say) is chosen["average"]
+
+
+@pytest.mark.parametrize(("requested", "device", "cpu_bf16", "cuda_bf16", "expected"), [
+    ("fp32", "cpu", True, False, "fp32"), ("bf16", "cpu", False, False, "bf16"),
+    ("auto", "cpu", True, False, "bf16"), ("auto", "cpu", False, False, "fp32"),
+    ("auto", "cuda", False, True, "bf16"), ("auto", "cuda", True, False, "fp32")])
+def test_precision_auto_follows_the_hardware(monkeypatch, requested, device, cpu_bf16, cuda_bf16, expected):
+    monkeypatch.setattr(runtime_mod, "cpu_has_bf16", lambda: cpu_bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: cuda_bf16)
+    assert resolve_precision(requested, torch.device(device)) == expected
 

@@ -1,0 +1,243 @@
+"""The speed frontier: test accuracy against training time of each preset, in reference epochs (`make frontier`).
+
+    python -m benchmarks.frontier [--presets default,fast,cnn-max,mlp-best] [--seeds 0,1,2]
+                                  [--reference-epochs 3] [--device auto|cpu|cuda] [--quick]
+
+In one process, interleaved (reference epoch 1, every preset for the first seed, reference epoch 2,
+every preset for the next seed, ...) so that a change in the machine's load falls on both sides:
+
+- the reference recipe (benchmarks.reference: pytorch/examples' MNIST CNN, torchvision DataLoader,
+  Adadelta), epoch by epoch, with its training seconds and test accuracy after each epoch. The
+  median of its epoch times is the *reference epoch*, the unit of every time below;
+- each preset, for each seed (train.seed and augment.seed both set to it), run through the stages'
+  own functions: the augment stage's augmented_split, the train stage's fit() on train and val, and
+  the evaluate stage's accuracy on test. "Training seconds" is fit()'s wall time, as the train stage
+  logs it; the augmentation is not in it.
+
+`default` is params.yaml as committed; other names are entries of presets.yaml applied to it. The
+prepared splits come from data/prepared/*.pt, or are built from the raw .gz files (data/raw) by the
+preprocess stage's function when they are missing. Prints a table and the machine (CPU with its
+vector ISA, threads, torch); writes benchmarks/frontier.png (accuracy against time, log x axis).
+`--quick` runs everything on tiny synthetic data for one epoch, in seconds: a smoke test of the
+script (the test suite runs it), its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from benchmarks.presets import DATA_DIR, load_splits, synchronize, test_accuracy
+from benchmarks.reference import torchvision_mnist, train_reference
+from benchmarks.speed import RAW_DIR, cpu_model
+from stages import params as params_mod
+from stages.augment import augmented_split
+from stages.common import run_main
+from stages.datasets import load_table
+from stages.params import Params, PreprocessParams
+from stages.presets import apply, load_presets, resolve
+from stages.preprocess import prepare
+from stages.runtime import cpu_has_bf16, describe_device, resolve_device, resolve_precision, retain_freed_memory
+from stages.train import fit
+
+DEFAULT_PRESETS = ("default", "fast", "cnn-max", "mlp-best")
+PLOT_PATH = Path("benchmarks/frontier.png")
+# --quick: a tiny synthetic MNIST (tests/synthetic.py) and one epoch of everything.
+# At least a few batches of 128 per epoch: OneCycleLR divides by zero when warm-up is under one step.
+QUICK_TRAIN, QUICK_TEST, QUICK_VAL = 1200, 200, 100
+QUICK_OVERRIDES = {"train.epochs": 1}
+
+
+@dataclass
+class PresetRun:
+    preset: str
+    seed: int
+    test_accuracy: float  # in [0, 1]
+    train_seconds: float
+    peak_rss_mib: float  # the whole process's resident memory at its peak during this run
+
+
+def preset_params(name: str, seed: int, extra: dict[str, Any]) -> Params:
+    """params.yaml with preset `name` (none for 'default'), the seeds and `extra` applied, validated."""
+    changes = {} if name == "default" else resolve(name, load_presets())
+    changes = {**changes, "train.seed": seed, "augment.seed": seed, **extra}
+    return params_mod.parse(apply(yaml.safe_load(params_mod.DEFAULT_PATH.read_text()), changes))
+
+
+class PeakMemory:
+    """Samples this process's resident set size every few ms; `peak` is the largest seen since
+    reset(). ru_maxrss cannot do this: it is the peak of the whole process's life."""
+
+    PERIOD_S = 0.01
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def current() -> int:
+        try:  # Linux: /proc/self/statm's second field is resident pages
+            return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+        except OSError:  # elsewhere: the lifetime peak (KiB on Linux, bytes on macOS), an upper bound
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.PERIOD_S):
+            self.peak = max(self.peak, self.current())
+
+    def reset(self) -> None:
+        self.peak = self.current()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_preset(name: str, seed: int, params: Params, splits: dict[str, dict], device: torch.device,
+               memory: PeakMemory) -> PresetRun:
+    train = augmented_split(splits["train"], params.augment)
+    memory.reset()
+    synchronize(device)
+    start = time.perf_counter()
+    model, _, _ = fit(params.train, train, splits["val"], device)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = max(memory.peak, memory.current())
+    accuracy = test_accuracy(model, splits["test"], len(train["classes"]), params.evaluate.batch_size)
+    return PresetRun(name, seed, accuracy, seconds, peak / 2**20)
+
+
+def load_or_prepare(data_dir: Path, raw_dir: Path, preprocess: PreprocessParams, dataset_name: str) -> dict[str, dict]:
+    """The prepared splits: data_dir's files if all three are there, else built from raw_dir's
+    .gz files by the preprocess stage's own function."""
+    if all((data_dir / f"{name}.pt").is_file() for name in ("train", "val", "test")):
+        return dict(zip(("train", "val", "test"), load_splits(data_dir)))
+    return prepare(raw_dir, load_table()[dataset_name], preprocess)
+
+
+def quick_data(root: Path) -> tuple[Path, dict[str, dict]]:
+    """--quick: (raw dir, prepared splits) of a tiny synthetic MNIST written under `root`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
+    from tests.synthetic import write_mirror  # the test suite's generator: only --quick needs it
+    write_mirror(root / "raw", n_train=QUICK_TRAIN, n_test=QUICK_TEST)
+    return root / "raw", prepare(root / "raw", load_table()["mnist"], PreprocessParams(val_size=QUICK_VAL, seed=0))
+
+
+def machine_line(device: torch.device, precisions: dict[str, str]) -> str:
+    # The vector ISA decides which oneDNN kernels run (and whether bf16 is native): "EPYC" alone
+    # names CPUs from AVX2-only to AVX-512 with bf16.
+    bf16 = "with" if cpu_has_bf16() else "without"
+    return (f"CPU: {cpu_model()} (torch ISA {torch.backends.cpu.get_cpu_capability()}, {bf16} bf16 "
+            f"instructions); torch threads "
+            f"{torch.get_num_threads()}; torch {torch.__version__}; device {describe_device(device)}; "
+            f"precision: {', '.join(f'{name} {value}' for name, value in precisions.items())}")
+
+
+def table(runs: list[PresetRun], reference_epoch_s: float) -> str:
+    lines = ["| preset | seeds | mean test acc. | min test acc. | train s (mean) | reference epochs | peak RSS MiB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name in dict.fromkeys(run.preset for run in runs):
+        mine = [run for run in runs if run.preset == name]
+        accuracies = [run.test_accuracy for run in mine]
+        seconds = statistics.mean(run.train_seconds for run in mine)
+        lines.append(f"| {name} | {','.join(str(run.seed) for run in mine)} | {100 * statistics.mean(accuracies):.2f}% "
+                     f"| {100 * min(accuracies):.2f}% | {seconds:.1f} | {seconds / reference_epoch_s:.2f} "
+                     f"| {max(run.peak_rss_mib for run in mine):.0f} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[PresetRun], reference: list, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    elapsed = list(torch.tensor([r.train_seconds for r in reference]).cumsum(0).tolist())
+    axes.plot(elapsed, [100 * r.test_accuracy for r in reference], "k.-", label="reference recipe, by epoch")
+    for name in dict.fromkeys(run.preset for run in runs):
+        mine = [run for run in runs if run.preset == name]
+        axes.scatter([run.train_seconds for run in mine], [100 * run.test_accuracy for run in mine], label=name)
+    axes.set_xscale("log")
+    axes.set_xlabel("training seconds (log scale)")
+    axes.set_ylabel("test accuracy (%)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", type=comma_list, default=list(DEFAULT_PRESETS),
+                        help="comma-separated: 'default' (params.yaml) and presets.yaml names")
+    parser.add_argument("--seeds", type=lambda text: [int(s) for s in comma_list(text)], default=[0, 1, 2],
+                        help="comma-separated; each preset runs once per seed (train.seed = augment.seed)")
+    parser.add_argument("--reference-epochs", type=int, default=3,
+                        help="epochs of the reference recipe; the median epoch time is the unit")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                        help="where every run trains (presets' train.device is overridden)")
+    parser.add_argument("--quick", action="store_true", help="tiny synthetic data, one epoch: a smoke test")
+    parser.add_argument("--raw", type=Path, default=RAW_DIR, help="directory of the MNIST IDX .gz files")
+    parser.add_argument("--data", type=Path, default=DATA_DIR, help="directory of train.pt, val.pt, test.pt")
+    parser.add_argument("--plot", type=Path, default=PLOT_PATH, help="where to write the figure")
+    args = parser.parse_args(argv)
+    if args.reference_epochs < 1 or not args.seeds or not args.presets:
+        parser.error("--reference-epochs must be >= 1, and --seeds and --presets non-empty")
+    device = resolve_device(args.device)
+    extra = {"train.device": device.type, **(QUICK_OVERRIDES if args.quick else {})}
+    # Every preset and seed checked before anything runs.
+    all_params = {(name, seed): preset_params(name, seed, extra) for seed in args.seeds for name in args.presets}
+    retain_freed_memory()  # the train stage's allocator setting, for the reference as much as the presets
+    first = next(iter(all_params.values()))
+    with tempfile.TemporaryDirectory(prefix="frontier-") as temp:
+        if args.quick:
+            raw_dir, splits = quick_data(Path(temp))
+        else:
+            raw_dir = args.raw
+            splits = load_or_prepare(args.data, raw_dir, first.preprocess, first.fetch.dataset)
+        train_set, test_set = torchvision_mnist(raw_dir, Path(temp, "torchvision"))
+    precisions = {name: resolve_precision(p.train.precision, device) for (name, _), p in all_params.items()}
+    print(machine_line(device, precisions), flush=True)
+    memory = PeakMemory()
+    reference_epochs = train_reference(train_set, test_set, args.reference_epochs, seed=0, device=device)
+    reference, runs = [], []
+    for round_ in range(max(args.reference_epochs, len(args.seeds))):
+        if round_ < args.reference_epochs:
+            reference.append(next(reference_epochs))
+            print(f"reference epoch {reference[-1].epoch}: {reference[-1].train_seconds:.1f} s, "
+                  f"test accuracy {100 * reference[-1].test_accuracy:.2f}%", flush=True)
+        if round_ < len(args.seeds):
+            seed = args.seeds[round_]
+            for name in args.presets:
+                runs.append(run_preset(name, seed, all_params[(name, seed)], splits, device, memory))
+                print(f"{name} seed {seed}: {runs[-1].train_seconds:.1f} s, "
+                      f"test accuracy {100 * runs[-1].test_accuracy:.2f}%", flush=True)
+    memory.stop()
+    reference_epoch_s = statistics.median(r.train_seconds for r in reference)
+    print(f"\nreference epoch (median of {len(reference)}): {reference_epoch_s:.1f} s")
+    print(table(runs, reference_epoch_s))
+    plot(runs, reference, args.plot)
+    print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    run_main("benchmarks.frontier", main)

@@ -1,0 +1,132 @@
+"""The reference clock of benchmarks.frontier: the MNIST recipe of pytorch/examples, as most users run it.
+
+Written for this project from the recipe's description (not copied): a network of two 3x3 convs
+(32 and 64 channels) with ReLU, a 2x2 max-pool, dropout 0.25, a 128-unit hidden layer, dropout 0.5
+and 10 log-softmax outputs; torchvision's MNIST dataset with ToTensor + Normalize(0.1307, 0.3081)
+behind a DataLoader(batch_size=64, shuffle=True); Adadelta with lr 1.0 and StepLR(step 1, gamma 0.7);
+negative log-likelihood loss. One epoch of it is the unit every time target of the speed frontier
+is measured in.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stages.common import PipelineError
+
+BATCH_SIZE = 64
+TEST_BATCH_SIZE = 1000
+LR = 1.0
+GAMMA = 0.7
+MEAN, STD = 0.1307, 0.3081  # the recipe's normalisation constants: MNIST's pixel mean and std
+
+
+class ReferenceNet(nn.Module):
+    """[B, 1, 28, 28] normalised images -> [B, 10] log-probabilities."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.ReLU(),  # 28 -> 26
+            nn.Conv2d(32, 64, 3), nn.ReLU(),  # 26 -> 24
+            nn.MaxPool2d(2), nn.Dropout(0.25),  # 24 -> 12
+            nn.Flatten())
+        self.classifier = nn.Sequential(
+            nn.Linear(64 * 12 * 12, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.classifier(self.features(x)), dim=1)
+
+
+def torchvision_mnist(raw_dir: Path, root: Path) -> tuple:
+    """(train, test) torchvision MNIST datasets with the recipe's transform, read from the four
+    IDX .gz files in `raw_dir`. torchvision looks for the *uncompressed* files in root/MNIST/raw/
+    and, with download=False, raises rather than fetches when one is missing; the datasets load
+    everything into memory, so `root` may go once they are built."""
+    try:  # only the benchmarks need torchvision: the bench extra, not a pipeline dependency
+        from torchvision import datasets, transforms
+    except ModuleNotFoundError:
+        raise PipelineError("torchvision is not installed: `make frontier` installs it (the bench extra)") from None
+    target = root / "MNIST" / "raw"
+    target.mkdir(parents=True, exist_ok=True)
+    for gz_file in raw_dir.glob("*-ubyte.gz"):
+        with gzip.open(gz_file) as src, open(target / gz_file.stem, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
+    return (datasets.MNIST(str(root), train=True, transform=transform, download=False),
+            datasets.MNIST(str(root), train=False, transform=transform, download=False))
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_seconds: float  # this epoch's training loop alone (no test pass), host-synchronised
+    test_accuracy: float  # in [0, 1], after this epoch
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _test_accuracy(model: nn.Module, loader, device: torch.device) -> float:
+    model.eval()
+    correct = total = 0
+    for images, labels in loader:
+        predictions = model(images.to(device)).argmax(1).cpu()
+        correct += int((predictions == labels).sum())
+        total += len(labels)
+    return correct / total
+
+
+def train_reference(train_set, test_set, epochs: int, seed: int, device: torch.device) -> Iterator[EpochResult]:
+    """Runs the recipe for `epochs` epochs, yielding each epoch's time and test accuracy as it ends
+    (so that a caller can interleave other work between epochs)."""
+    torch.manual_seed(seed)
+    model = ReferenceNet().to(device)
+    loader_generator = torch.Generator().manual_seed(seed)  # the shuffle order
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=BATCH_SIZE, shuffle=True,
+                                               generator=loader_generator)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=TEST_BATCH_SIZE)
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=LR)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=GAMMA)
+    for epoch in range(1, epochs + 1):
+        _synchronize(device)
+        start = time.perf_counter()
+        model.train()
+        for images, labels in train_loader:
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad()
+            loss = F.nll_loss(model(images), labels)
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+        yield EpochResult(epoch, seconds, _test_accuracy(model, test_loader, device))
+
+
+def main() -> None:
+    """python -m benchmarks.reference [EPOCHS]: the recipe alone on data/raw, one line per epoch."""
+    import sys
+    epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory(prefix="mnist-reference-") as root:
+        train_set, test_set = torchvision_mnist(Path("data/raw"), Path(root))
+    for result in train_reference(train_set, test_set, epochs, seed=1, device=device):
+        print(f"epoch {result.epoch}: {result.train_seconds:.1f} s, test accuracy {100 * result.test_accuracy:.2f}%")
+
+
+if __name__ == "__main__":
+    main()

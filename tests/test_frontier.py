@@ -1,0 +1,40 @@
+"""benchmarks.frontier --quick: the whole benchmark on tiny synthetic data, so the script cannot rot.
+
+Not a timing test: the numbers it prints are not checked, only that every part ran and reported.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.common import PipelineError
+
+# The reference recipe reads MNIST through torchvision, the optional `bench` extra (see pyproject).
+pytest.importorskip("torchvision", reason="torchvision (the bench extra) is not installed")
+
+from benchmarks import frontier  # noqa: E402
+
+
+def test_quick_run_interleaves_reference_and_presets_and_reports(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    plot = tmp_path / "frontier.png"
+    frontier.main(["--quick", "--presets", "default,fast", "--seeds", "0,1", "--reference-epochs", "2",
+                   "--plot", str(plot)])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("CPU: ") and "torch threads" in lines[0] and "torch " in lines[0]
+    progress = [line.split(":")[0] for line in lines[1:7]]
+    assert progress == ["reference epoch 1", "default seed 0", "fast seed 0",
+                        "reference epoch 2", "default seed 1", "fast seed 1"]
+    rows = [line for line in lines if line.startswith("| default ") or line.startswith("| fast ")]
+    assert [row.split("|")[1].strip() for row in rows] == ["default", "fast"]
+    assert all(row.split("|")[2].strip() == "0,1" for row in rows)
+    assert "reference epoch (median of 2)" in out
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_unknown_preset_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(PipelineError, match="unknown preset 'nope'"):
+        frontier.main(["--quick", "--presets", "default,nope", "--plot", str(tmp_path / "f.png")])
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "f.png").exists()

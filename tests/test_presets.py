@@ -1,0 +1,27 @@
+"""presets.yaml: every preset, applied to the committed params.yaml, is a valid set of params."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from stages.common import PipelineError
+from stages.params import parse
+from stages.presets import apply, load_presets, resolve
+from tests.conftest import PROJECT_ROOT
+
+PRESETS = load_presets(PROJECT_ROOT / "presets.yaml")
+RAW = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_validates_against_params_yaml(name):
+    params = parse(apply(RAW, resolve(name, PRESETS)))
+    for dotted, value in PRESETS[name].items():
+        section, key = dotted.split(".", 1)
+        assert getattr(getattr(params, section), key) == value, dotted
+
+
+def test_unknown_key_in_a_preset_is_refused():
+    with pytest.raises(PipelineError, match="'train.nope' is not a key of params.yaml"):
+        apply(RAW, {"train.nope": 1})
