@@ -46,7 +46,8 @@ def data() -> tuple[dict, dict]:
 def views_data(data) -> tuple[dict, dict]:
     """The train split as the augment stage writes it with two views, and val."""
     train, val = data
-    views = AugmentParams(copies=2, rotation_deg=10.0, translate=0.1, scale_min=0.9, scale_max=1.1, seed=0)
+    views = AugmentParams(copies=2, rotation_deg=10.0, translate=0.1, scale_min=0.9, scale_max=1.1, pad=0, flip=0.0,
+                          allow_flip=False, erase=0.0, erase_area_min=0.02, erase_area_max=0.25, seed=0)
     return augmented_split(train, views), val
 
 
@@ -199,9 +200,9 @@ def test_fresh_views_train_on_one_view_per_epoch(views_data, monkeypatch):
     seen: list[int] = []
     real_train_epoch = train_mod.train_epoch
 
-    def counting(state, batches, loss_of):
+    def counting(state, batches, loss_of, after_step=None):
         seen.append(len(batches))
-        return real_train_epoch(state, batches, loss_of)
+        return real_train_epoch(state, batches, loss_of, after_step)
 
     monkeypatch.setattr(train_mod, "train_epoch", counting)
     model_a, _, rows_a = fit(SMALL_CNN_FRESH_VIEWS, train, val, CPU)
