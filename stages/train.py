@@ -56,8 +56,12 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainParams, total_step
     if cfg.schedule == "onecycle":
         # Linear warm-up to lr over `warmup` of the steps, then linear decay to ~0: the schedule
         # behind the fastest small-CNN MNIST runs. Momentum is left alone (SGD may have none).
+        # OneCycleLR's warm-up ends at step warmup * total_steps - 1 and it divides by that length,
+        # so a warm-up of one step or less (a run of a few steps: tiny data, a large batch) would
+        # divide by zero or count backwards; such a run starts at the peak and only decays.
+        warmup = cfg.warmup if cfg.warmup * total_steps > 1 else 0.0
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup,
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=warmup,
             anneal_strategy="linear", cycle_momentum=False, div_factor=25.0, final_div_factor=1e3)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)

@@ -111,6 +111,27 @@ def test_seed_everything_sets_determinism_both_ways():
         seed_everything(0, deterministic=TRAIN.deterministic)
 
 
+@pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 8])
+def test_onecycle_of_a_few_steps_never_divides_by_zero(total):
+    """Runs of a few steps: with warm-up 0.25, up to 4 steps leave at most one step to warm up,
+    where OneCycleLR would divide by zero (4 steps) or count backwards; those runs start near the
+    peak and only decay. Every rate stays within [0, lr] and the last is ~0."""
+    cfg = dataclasses.replace(SMALL_MLP, schedule="onecycle", warmup=0.25)
+    optimizer = make_optimizer(torch.nn.Linear(2, 2), cfg)
+    schedule = make_schedule(optimizer, cfg, total)
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert all(0 < rate <= cfg.lr * (1 + 1e-9) for rate in rates)
+    assert rates[-1] < cfg.lr / 1000
+    if total <= 4:  # no warm-up: decaying from the first step
+        assert rates == sorted(rates, reverse=True) and rates[0] >= cfg.lr * (1 - 1 / total) * (1 - 1e-9)
+    else:
+        assert rates[0] < rates[1]  # a warm-up step
+
+
 @pytest.mark.parametrize("schedule", ["constant", "onecycle", "cosine"])
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_schedule_covers_every_step_of_the_run(schedule, drop_last):
