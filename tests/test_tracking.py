@@ -97,8 +97,8 @@ def test_validation_metrics_in_exp_show_and_the_one_screen_view(built_project):
 
 
 @pytest.mark.integration
-def test_plots_show_draws_every_series_with_named_axes_and_the_confusion_template(built_project, tmp_path):
-    p = built_project
+def test_plots_show_draws_every_series_with_named_axes_and_the_confusion_template(project, tmp_path):
+    p = project  # a copy: `dvc plots show` writes its page (dvc_plots/) into the repository
     shown = json.loads(p.dvc("plots", "show", "--json").stdout)["data"]
     for name in SERIES:
         (plot,) = shown[f"{LIVE}/plots/metrics/{name}.tsv"]
