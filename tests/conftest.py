@@ -32,6 +32,11 @@ SMALL_PARAMS = {
 }
 
 os.environ["DVC_NO_ANALYTICS"] = "1"
+# `make test` (CI) exports its level and flags: a `make` that a test runs would then be a sub-make
+# and print "make[1]: Entering directory ..." around the output the test reads. Tests see the
+# same make whether pytest was started by make or by hand.
+for variable in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS"):
+    os.environ.pop(variable, None)
 
 
 def deep_update(base: dict, changes: dict) -> dict:
