@@ -31,6 +31,11 @@ class ModelConfig:
     num_classes: int  # logits per image
     mean: float  # pixel mean and std of the train split, in [0, 1] units: the first layer normalises
     std: float
+    # Test-time augmentation: in eval mode the logits are averaged over the image and its views,
+    # its mirror image (flip) and its shifts by tta_shift pixels left, right, up and down (0: none).
+    # Part of the model, so that val scoring in train, evaluate and predict all see the same outputs.
+    tta_flip: bool = False
+    tta_shift: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists, not tuples) for the model file."""

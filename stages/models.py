@@ -17,8 +17,8 @@ from stages.common import PipelineError, load_tensors, save_tensors
 from stages.model_config import ARCHITECTURES, ModelConfig
 
 # 2: the config gained convs_per_block; 3: it gained pool; 4: its `model` key became `architecture`
-# (the fields of ModelConfig).
-FORMAT_VERSION = 4
+# (the fields of ModelConfig); 5: it gained tta_flip and tta_shift.
+FORMAT_VERSION = 5
 
 
 # What a config of an older format means in the next one: each function takes the stored dict of
@@ -26,6 +26,7 @@ FORMAT_VERSION = 4
 _UPGRADES = {
     2: lambda config: {**config, "pool": "end"},
     3: lambda config: {"architecture": config["model"], **{k: v for k, v in config.items() if k != "model"}},
+    4: lambda config: {**config, "tta_flip": False, "tta_shift": 0},
 }
 
 
@@ -65,6 +66,41 @@ def _conv_block(c_in: int, c_out: int, convs: int, pool: str) -> list[nn.Module]
     return layers
 
 
+def shifted(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """[..., H, W] images moved dx pixels right and dy down (negative: left, up), background (0)
+    shifted in."""
+    h, w = images.shape[-2:]
+    pad = max(abs(dx), abs(dy))
+    padded = nn.functional.pad(images, (pad, pad, pad, pad))
+    return padded[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
+
+
+class Network(nn.Sequential):
+    """The layers in order; in eval mode with test-time augmentation, the mean of their logits over
+    the image's views (ModelConfig.tta_flip, tta_shift). Training always sees the plain images.
+    A Sequential, so the weights keep their names whatever the augmentation."""
+
+    def __init__(self, *layers: nn.Module, tta_flip: bool = False, tta_shift: int = 0):
+        super().__init__(*layers)
+        self.tta_flip, self.tta_shift = tta_flip, tta_shift
+
+    def views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """[N, H, W] images -> the views whose logits are averaged, the images themselves first."""
+        views = [images]
+        if self.tta_flip:
+            views.append(images.flip(-1))
+        s = self.tta_shift
+        if s:
+            views += [shifted(images, dx, dy) for dx, dy in ((s, 0), (-s, 0), (0, s), (0, -s))]
+        return views
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        layers = super().forward
+        if self.training or not (self.tta_flip or self.tta_shift):
+            return layers(images)
+        return torch.stack([layers(view) for view in self.views(images)]).mean(0)  # [views, N, C] -> [N, C]
+
+
 def build_model(config: ModelConfig) -> nn.Module:
     """A fresh model of `config`; weights from the global torch RNG."""
     size, classes = config.image_size, config.num_classes
@@ -88,7 +124,7 @@ def build_model(config: ModelConfig) -> nn.Module:
                    nn.Flatten(), nn.Linear(c3 * side * side, classes)]
     else:
         raise ModelFileError(f"unknown architecture {config.architecture!r}; known: {', '.join(ARCHITECTURES)}")
-    return nn.Sequential(*layers)
+    return Network(*layers, tta_flip=config.tta_flip, tta_shift=config.tta_shift)
 
 
 def count_parameters(model: nn.Module) -> int:

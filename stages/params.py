@@ -135,6 +135,12 @@ class TrainParams:
     # e.g. 0.999; 0 = off. When on, the average is scored on val after the last epoch and saved
     # as the model if its val accuracy is at least the raw weights'.
     ema: float
+    # Test-time augmentation, stored in the model (stages.model_config): in eval mode its logits are
+    # averaged over the image, its mirror image (tta_flip) and its shifts by tta_shift pixels in the
+    # four directions (0 = none). Val scoring during training sees it too, so choices made on val
+    # include it. Costs 1 + tta_flip + 4 * (tta_shift > 0) forward passes per image when scoring.
+    tta_flip: bool
+    tta_shift: int
     seed: int
     device: Literal["auto", "cpu", "cuda"]
     # bf16 autocast, or fp32; auto: bf16 on a CUDA GPU that supports it and on a CPU with bf16
@@ -167,6 +173,7 @@ class TrainParams:
         _require(1 <= self.epochs <= 1000, "train.epochs", f"must be between 1 and 1000, got {self.epochs}")
         _require(self.ema == 0 or 0.5 <= self.ema < 1, "train.ema",
                  f"must be 0 (off) or in [0.5, 1) (decay per step), got {self.ema}")
+        _require(0 <= self.tta_shift <= 2, "train.tta_shift", f"must be 0 (off), 1 or 2 pixels, got {self.tta_shift}")
         _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
         _require(1 <= self.processes <= 64, "train.processes", f"must be between 1 and 64, got {self.processes}")
         _require(self.batch_size >= self.processes, "train.batch_size",
@@ -178,7 +185,8 @@ class TrainParams:
         pixel mean and std in [0, 1] units)."""
         return ModelConfig(architecture=self.model, hidden=tuple(self.hidden), dropout=self.dropout,
                            channels=tuple(self.channels), convs_per_block=self.convs_per_block, pool=self.pool,
-                           image_size=image_size, num_classes=num_classes, mean=mean, std=std)
+                           image_size=image_size, num_classes=num_classes, mean=mean, std=std,
+                           tta_flip=self.tta_flip, tta_shift=self.tta_shift)
 
 
 @dataclass(frozen=True)
@@ -279,6 +287,11 @@ def parse(raw: Any) -> Params:
     params.preprocess.check(dataset)
     params.augment.check(dataset)
     params.train.check(train_split_size=dataset.train_count - params.preprocess.val_size)
+    # The same rule as augment.flip: a mirrored digit is another digit (or none).
+    _require(not params.train.tta_flip or dataset.flippable or params.augment.allow_flip, "train.tta_flip",
+             f"{dataset.name} images change class when mirrored (datasets.yaml: flippable: false), so "
+             f"averaging over mirror images is refused; set train.tta_flip to false, or augment.allow_flip "
+             f"to true to flip anyway")
     params.evaluate.check()
     params.plot.check()
     return params

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from stages.model_config import ARCHITECTURES, ModelConfig
-from stages.models import FORMAT_VERSION, ModelFileError, build_model, load_model, save_model
+from stages.models import FORMAT_VERSION, ModelFileError, build_model, load_model, save_model, shifted
 from stages.params import parse
 from tests.conftest import PROJECT_ROOT
 
@@ -96,8 +96,16 @@ def test_pool_places_each_blocks_max_pool(images, convs):
         assert early.eval()(images).shape == (len(images), 10)
 
 
+def as_format_4(payload):
+    """A format-5 payload as format 4 wrote it: before the test-time augmentation fields."""
+    for key in ("tta_flip", "tta_shift"):
+        del payload["config"][key]
+    payload["format_version"] = 4
+
+
 def as_format_3(payload):
-    """A format-4 payload as format 3 wrote it: the architecture under the key `model`."""
+    """A format-5 payload as format 3 wrote it: format 4's, with the architecture under the key `model`."""
+    as_format_4(payload)
     config = payload["config"]
     payload["config"] = {"model": config.pop("architecture"), **config}
     payload["format_version"] = 3
@@ -108,6 +116,22 @@ def as_format_2(payload):
     as_format_3(payload)
     del payload["config"]["pool"]
     payload["format_version"] = 2
+
+
+@pytest.mark.parametrize("model", ARCHITECTURES)
+def test_format_4_file_loads_without_test_time_augmentation(tmp_path, images, model):
+    """Model files of format 4 (no tta fields) load as the network they were: no averaging."""
+    torch.manual_seed(4)
+    cfg = config(model)
+    net = build_model(cfg).eval()
+    path = tmp_path / "model.pt"
+    save_model(path, net, cfg, CLASSES)
+    rewrite(path, as_format_4)
+    loaded, meta = load_model(path)
+    assert meta["format_version"] == 4 and meta["config"]["tta_flip"] is False and meta["config"]["tta_shift"] == 0
+    assert ModelConfig.from_dict(meta["config"]) == cfg
+    with torch.no_grad():
+        assert torch.equal(loaded(images), net(images))
 
 
 @pytest.mark.parametrize("model", ARCHITECTURES)
@@ -149,8 +173,36 @@ def test_model_file_stores_the_config_as_plain_values(saved):
     stored = torch.load(path, weights_only=True)["config"]
     assert stored == {"architecture": "mlp", "hidden": [32, 16], "dropout": 0.2, "channels": [4, 8, 16],
                       "convs_per_block": cfg.convs_per_block, "pool": cfg.pool, "image_size": 28,
-                      "num_classes": 10, "mean": 0.13, "std": 0.31}
+                      "num_classes": 10, "mean": 0.13, "std": 0.31, "tta_flip": False, "tta_shift": 0}
     assert ModelConfig.from_dict(stored) == cfg
+
+
+def test_shifted_moves_pixels_and_shifts_in_background():
+    image = torch.arange(1, 10, dtype=torch.uint8).reshape(1, 3, 3)
+    assert shifted(image, 1, 0).tolist() == [[[0, 1, 2], [0, 4, 5], [0, 7, 8]]]  # right
+    assert shifted(image, 0, -1).tolist() == [[[4, 5, 6], [7, 8, 9], [0, 0, 0]]]  # up
+    assert torch.equal(shifted(image, 0, 0), image)
+
+
+@pytest.mark.parametrize("tta_flip, tta_shift", [(True, 0), (False, 1), (True, 2)])
+def test_test_time_augmentation_averages_the_views_logits_in_eval_only(images, tta_flip, tta_shift):
+    """With tta_flip / tta_shift the model in eval mode returns the mean of the plain network's
+    logits over the image, its mirror image and its four shifts; in training mode the plain
+    network's; and the weights are the same tensors under the same names, so a file loads either way."""
+    torch.manual_seed(5)
+    plain = build_model(config("cnn")).eval()
+    tta = build_model(config("cnn", tta_flip=tta_flip, tta_shift=tta_shift))
+    tta.load_state_dict(plain.state_dict(), strict=True)
+    tta.eval()
+    views = [images] + ([images.flip(-1)] if tta_flip else []) + (
+        [shifted(images, dx, dy) for dx, dy in ((tta_shift, 0), (-tta_shift, 0), (0, tta_shift), (0, -tta_shift))]
+        if tta_shift else [])
+    with torch.no_grad():
+        expected = torch.stack([plain(view) for view in views]).mean(0)
+        assert torch.allclose(tta(images), expected, atol=1e-6)
+        assert not torch.allclose(tta(images), plain(images), atol=1e-4)  # the views do change the logits
+        tta.train(), plain.train()
+        assert torch.equal(tta(images), plain(images))  # BatchNorm in batch mode: the same batch, the same output
 
 
 def test_predict_imports_no_params_datasets_or_yaml():

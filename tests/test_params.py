@@ -125,6 +125,11 @@ def _bad_cases():
     yield ("flip on digits", c("augment", "flip", 0.5), "augment.flip",
            ["mnist", "flippable: false", "augment.allow_flip"])
     yield "allow_flip not bool", c("augment", "allow_flip", "yes"), "augment.allow_flip", ["true or false"]
+    yield ("tta_flip on digits", c("train", "tta_flip", True), "train.tta_flip",
+           ["mnist", "flippable: false", "augment.allow_flip"])
+    yield "tta_flip not bool", c("train", "tta_flip", 1), "train.tta_flip", ["true or false"]
+    yield "tta_shift negative", c("train", "tta_shift", -1), "train.tta_shift", ["0 (off), 1 or 2 pixels"]
+    yield "tta_shift over two", c("train", "tta_shift", 3), "train.tta_shift", ["0 (off), 1 or 2 pixels"]
     yield "erase over one", c("augment", "erase", 1.01), "augment.erase", ["probability in [0, 1]"]
     yield "erase negative", c("augment", "erase", -0.5), "augment.erase", ["probability in [0, 1]"]
     yield "erase area zero", c("augment", "erase_area_min", 0.0), "augment.erase_area_min", ["(0, 1]"]
@@ -189,6 +194,18 @@ def test_flip_on_digits_needs_allow_flip():
         parse(digits)
     digits["augment"]["allow_flip"] = True
     assert parse(digits).augment.flip == 0.5
+
+
+def test_test_time_flip_follows_the_flip_rule_and_reaches_the_model_config():
+    """train.tta_flip is accepted on a flippable dataset, or on digits with augment.allow_flip, and
+    lands in the ModelConfig the model file stores, with tta_shift."""
+    fashion = with_change("fetch", "dataset", "fashion-mnist")
+    fashion["train"].update(tta_flip=True, tta_shift=1)
+    config = parse(fashion).train.model_config(28, 10, mean=0.29, std=0.35)
+    assert (config.tta_flip, config.tta_shift) == (True, 1)
+    digits = with_change("train", "tta_flip", True)
+    digits["augment"]["allow_flip"] = True
+    assert parse(digits).train.tta_flip
 
 
 @pytest.mark.parametrize(("section", "key"), [("train", "lr"), ("train", "weight_decay"), ("fetch", "timeout_s")])
