@@ -40,6 +40,15 @@ def _require(ok: bool, key: str, problem: str) -> None:
         raise ParamsError(key, problem)
 
 
+def _refuse_mirroring(key: str, mirrors: bool, off: str, what: str, dataset: Dataset, allow_flip: bool) -> None:
+    """The one rule for every use of mirror images (augment.flip, train.tta_flip): a mirrored digit
+    is another digit, or none, so a dataset marked `flippable: false` refuses them unless
+    augment.allow_flip says otherwise. `off` is the value that turns `key` off, `what` its action."""
+    _require(not mirrors or dataset.flippable or allow_flip, key,
+             f"{dataset.name} images change class when mirrored (datasets.yaml: flippable: false), so {what} "
+             f"is refused; set {key} to {off}, or augment.allow_flip to true to flip anyway")
+
+
 @dataclass(frozen=True)
 class FetchParams:
     dataset: str
@@ -96,9 +105,7 @@ class AugmentParams:
         _require(0 <= self.pad <= dataset.image_size // 2, "augment.pad",
                  f"must be between 0 and {dataset.image_size // 2} pixels (half the image side), got {self.pad}")
         _require(0 <= self.flip <= 1, "augment.flip", f"must be a probability in [0, 1], got {self.flip}")
-        _require(self.flip == 0 or dataset.flippable or self.allow_flip, "augment.flip",
-                 f"{dataset.name} images change class when mirrored (datasets.yaml: flippable: false), "
-                 f"so flipping is refused; set augment.flip to 0, or augment.allow_flip to true to flip anyway")
+        _refuse_mirroring("augment.flip", self.flip > 0, "0", "flipping", dataset, self.allow_flip)
         _require(0 <= self.erase <= 1, "augment.erase", f"must be a probability in [0, 1], got {self.erase}")
         _require(0 < self.erase_area_min <= 1, "augment.erase_area_min",
                  f"must be in (0, 1] (a fraction of the image area), got {self.erase_area_min}")
@@ -287,11 +294,9 @@ def parse(raw: Any) -> Params:
     params.preprocess.check(dataset)
     params.augment.check(dataset)
     params.train.check(train_split_size=dataset.train_count - params.preprocess.val_size)
-    # The same rule as augment.flip: a mirrored digit is another digit (or none).
-    _require(not params.train.tta_flip or dataset.flippable or params.augment.allow_flip, "train.tta_flip",
-             f"{dataset.name} images change class when mirrored (datasets.yaml: flippable: false), so "
-             f"averaging over mirror images is refused; set train.tta_flip to false, or augment.allow_flip "
-             f"to true to flip anyway")
+    # Across sections: augment.allow_flip also allows mirror images at test time.
+    _refuse_mirroring("train.tta_flip", params.train.tta_flip, "false", "averaging over mirror images", dataset,
+                      params.augment.allow_flip)
     params.evaluate.check()
     params.plot.check()
     return params

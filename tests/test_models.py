@@ -45,6 +45,19 @@ def saved(tmp_path) -> tuple:
     return path, model, cfg
 
 
+def save_and_load(tmp_path, cfg: ModelConfig, seed: int, as_older=None) -> tuple:
+    """Saves a fresh model of `cfg` (weights drawn after seeding with `seed`), rewritten by `as_older`
+    into an older file format if given, and loads the file: (saved model, loaded model, metadata)."""
+    torch.manual_seed(seed)
+    net = build_model(cfg).eval()
+    path = tmp_path / "model.pt"
+    save_model(path, net, cfg, CLASSES)
+    if as_older:
+        rewrite(path, as_older)
+    loaded, meta = load_model(path)
+    return net, loaded, meta
+
+
 def rewrite(path, change) -> None:
     """Loads the model file's payload, applies `change` to it and saves the result back."""
     payload = torch.load(path, weights_only=True)
@@ -121,13 +134,8 @@ def as_format_2(payload):
 @pytest.mark.parametrize("model", ARCHITECTURES)
 def test_format_4_file_loads_without_test_time_augmentation(tmp_path, images, model):
     """Model files of format 4 (no tta fields) load as the network they were: no averaging."""
-    torch.manual_seed(4)
     cfg = config(model)
-    net = build_model(cfg).eval()
-    path = tmp_path / "model.pt"
-    save_model(path, net, cfg, CLASSES)
-    rewrite(path, as_format_4)
-    loaded, meta = load_model(path)
+    net, loaded, meta = save_and_load(tmp_path, cfg, 4, as_format_4)
     assert meta["format_version"] == 4 and meta["config"]["tta_flip"] is False and meta["config"]["tta_shift"] == 0
     assert ModelConfig.from_dict(meta["config"]) == cfg
     with torch.no_grad():
@@ -138,13 +146,8 @@ def test_format_4_file_loads_without_test_time_augmentation(tmp_path, images, mo
 def test_format_3_file_loads_as_written(tmp_path, images, model):
     """Model files of format 3 (the config's architecture under `model`) still load, giving the
     same outputs, with the config upgraded to the current one."""
-    torch.manual_seed(3)
     cfg = config(model)
-    net = build_model(cfg).eval()
-    path = tmp_path / "model.pt"
-    save_model(path, net, cfg, CLASSES)
-    rewrite(path, as_format_3)
-    loaded, meta = load_model(path)
+    net, loaded, meta = save_and_load(tmp_path, cfg, 3, as_format_3)
     assert meta["format_version"] == 3 and ModelConfig.from_dict(meta["config"]) == cfg
     with torch.no_grad():
         assert torch.equal(loaded(images), net(images))
@@ -153,13 +156,8 @@ def test_format_3_file_loads_as_written(tmp_path, images, model):
 def test_format_2_file_loads_as_pool_end(tmp_path, images):
     """Model files written before `pool` existed (format 2, no pool in the config) still load, as
     the network they described: pooling at the end of each block."""
-    torch.manual_seed(2)
     cfg = config("cnn", pool="end")
-    net = build_model(cfg).eval()
-    path = tmp_path / "model.pt"
-    save_model(path, net, cfg, CLASSES)
-    rewrite(path, as_format_2)
-    loaded, meta = load_model(path)
+    net, loaded, meta = save_and_load(tmp_path, cfg, 2, as_format_2)
     assert meta["config"]["pool"] == "end" and meta["format_version"] == 2
     assert ModelConfig.from_dict(meta["config"]) == cfg
     with torch.no_grad():
@@ -220,12 +218,8 @@ def test_predict_imports_no_params_datasets_or_yaml():
 @pytest.mark.parametrize("model", ARCHITECTURES)
 def test_save_load_round_trip(tmp_path, images, model):
     """A loaded model gives exactly the outputs of the saved one, and the file's metadata comes back."""
-    torch.manual_seed(1)
     cfg = config(model)
-    net = build_model(cfg).eval()
-    path = tmp_path / "model.pt"
-    save_model(path, net, cfg, CLASSES)
-    loaded, meta = load_model(path)
+    net, loaded, meta = save_and_load(tmp_path, cfg, 1)
     assert not loaded.training
     with torch.no_grad():
         assert torch.equal(loaded(images), net(images))
