@@ -9,6 +9,9 @@ Each copy draws its own rotation, translation and scale *per image* (torchvision
 draws one transform per call, i.e. one for a whole batch). The warp is one batched affine_grid +
 grid_sample over a chunk of images, on whatever device the images are on.
 
+With elastic_alpha > 0 the same warp also displaces every pixel by a smooth random field (elastic
+distortions, Simard et al. 2003), drawn per image.
+
 Then, each only when its param is on (off, it draws no random numbers, so the output is the same
 bytes as without it): a shift by whole pixels (zero-pad and crop back), a horizontal flip, and
 random erasing (a black square). Each is a batched function of a chunk [N, H, W] uint8, drawing
@@ -51,10 +54,50 @@ def random_affine(n: int, cfg: AugmentParams, generator: torch.Generator, device
     return torch.cat([inverse, offset], dim=-1)
 
 
-def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Applies theta [N, 2, 3] to uint8 images [N, H, W]; bilinear, black outside; returns uint8."""
+def gaussian_matrix(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[size, size] matrix M such that x @ M blurs each row of x [..., size] with a Gaussian of `sigma`
+    pixels, edges mirrored (a kernel of +-3 sigma, cut to the side). As a matrix product the blur of a
+    whole chunk is one GEMM: 27x faster than conv2d with a 1 x 25 kernel on 1 channel (8,192 fields
+    [2, 28, 28], sigma 4, one thread: 0.19 s against 5.1 s)."""
+    radius = min(math.ceil(3 * sigma), size - 1)
+    taps = torch.arange(-radius, radius + 1, device=device)
+    kernel = torch.exp(-0.5 * (taps.to(dtype) / sigma) ** 2)
+    kernel = kernel / kernel.sum()  # [2 radius + 1]
+    out = torch.arange(size, device=device)[:, None]  # [size, 1]: output pixel j
+    src = (out + taps).abs()  # [size, taps]: pixel j + t, mirrored at 0 ...
+    src = torch.where(src > size - 1, 2 * (size - 1) - src, src)  # ... and at size - 1
+    matrix = torch.zeros(size, size, dtype=dtype, device=device)
+    matrix.index_put_((src, out.expand_as(src)), kernel.expand_as(src), accumulate=True)  # M[src, j] += k[t]
+    return matrix
+
+
+def gaussian_smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blurs each [H, W] plane of field [..., H, W] with a Gaussian of `sigma` pixels, separably, edges
+    mirrored. (torchvision's gaussian_blur does the same with a convolution, but torchvision is not a
+    dependency of the stages; see gaussian_matrix for why a matrix product.)"""
+    h, w = field.shape[-2:]
+    along_w = field @ gaussian_matrix(w, sigma, field.dtype, field.device)
+    return gaussian_matrix(h, sigma, field.dtype, field.device).T @ along_w
+
+
+def elastic_displacement(n: int, size: int, alpha: float, sigma: float, generator: torch.Generator,
+                         device: torch.device) -> torch.Tensor:
+    """[n, size, size, 2] per-pixel (x, y) displacements in affine_grid's units (an image side is 2):
+    U(-1, 1) per pixel and axis, Gaussian-smoothed by `sigma` pixels, times `alpha` pixels (Simard et
+    al. 2003, and torchvision's ElasticTransform). On 28 x 28 images sigma 4 with alpha 34 (Simard's
+    values) moves a pixel by 2.1 pixels on average (99th percentile 5.6), alpha 20 by 1.3 (3.3)."""
+    noise = 2 * torch.rand(n, 2, size, size, generator=generator, device=device) - 1  # [n, 2, H, W]
+    pixels = alpha * gaussian_smooth(noise, sigma)
+    return (pixels * (2 / size)).permute(0, 2, 3, 1)
+
+
+def warp(images: torch.Tensor, theta: torch.Tensor, displacement: torch.Tensor | None = None) -> torch.Tensor:
+    """Applies theta [N, 2, 3] and then, if given, displacement [N, H, W, 2] (added to the sampling
+    grid) to uint8 images [N, H, W]; bilinear, black outside; returns uint8."""
     x = images.unsqueeze(1).float()  # [N, 1, H, W]
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # [N, H, W, 2]: source of each output pixel
+    if displacement is not None:
+        grid = grid + displacement
     warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return warped.squeeze(1).round().clamp_(0, 255).to(torch.uint8)
 
@@ -98,8 +141,13 @@ def random_erase(images: torch.Tensor, probability: float, area_min: float, area
 
 def transform(images: torch.Tensor, cfg: AugmentParams, generator: torch.Generator) -> torch.Tensor:
     """One random transformed view of each image of a chunk [N, H, W] uint8, on the chunk's device:
-    affine warp, then (those switched on) pixel shift, flip, erasing."""
-    out = warp(images, random_affine(len(images), cfg, generator, images.device))
+    affine warp (with the elastic field when on), then (those switched on) pixel shift, flip, erasing."""
+    n, h, _ = images.shape  # square: every dataset has one image_size (stages/datasets.yaml)
+    theta = random_affine(n, cfg, generator, images.device)
+    displacement = None
+    if cfg.elastic_alpha > 0:
+        displacement = elastic_displacement(n, h, cfg.elastic_alpha, cfg.elastic_sigma, generator, images.device)
+    out = warp(images, theta, displacement)
     if cfg.pad > 0:
         out = pad_crop(out, cfg.pad, generator)
     if cfg.flip > 0:

@@ -85,6 +85,11 @@ class AugmentParams:
     translate: float  # and shifted by U(-translate, translate) of the image side, per axis
     scale_min: float  # and scaled by U(scale_min, scale_max)
     scale_max: float
+    # and, when elastic_alpha > 0, displaced by an elastic field (Simard et al. 2003): per pixel and
+    # axis U(-1, 1), smoothed by a Gaussian of elastic_sigma pixels, times elastic_alpha pixels
+    # (torchvision's ElasticTransform convention). Sampled once, with the affine warp.
+    elastic_alpha: float
+    elastic_sigma: float
     pad: int  # then shifted by whole pixels, U{-pad..pad} per axis (zero-pad, crop back); 0 = off
     flip: float  # then mirrored left-right with this probability; 0 = off
     allow_flip: bool  # true: flip even a dataset that datasets.yaml marks `flippable: false`
@@ -102,6 +107,11 @@ class AugmentParams:
         _require(0 < self.scale_min <= 4, "augment.scale_min", f"must be in (0, 4], got {self.scale_min}")
         _require(self.scale_min <= self.scale_max <= 4, "augment.scale_max",
                  f"must be between scale_min ({self.scale_min}) and 4, got {self.scale_max}")
+        _require(0 <= self.elastic_alpha <= 100, "augment.elastic_alpha",
+                 f"must be between 0 (off) and 100 (pixels, before smoothing), got {self.elastic_alpha}")
+        _require(0.5 <= self.elastic_sigma <= dataset.image_size / 2, "augment.elastic_sigma",
+                 f"must be between 0.5 and {dataset.image_size / 2:g} pixels (half the image side), "
+                 f"got {self.elastic_sigma}")
         _require(0 <= self.pad <= dataset.image_size // 2, "augment.pad",
                  f"must be between 0 and {dataset.image_size // 2} pixels (half the image side), got {self.pad}")
         _require(0 <= self.flip <= 1, "augment.flip", f"must be a probability in [0, 1], got {self.flip}")

@@ -117,6 +117,10 @@ def _bad_cases():
     scale_inverted = c("augment", "scale_min", 1.2)
     scale_inverted["augment"]["scale_max"] = 1.1
     yield "scale_max below scale_min", scale_inverted, "augment.scale_max", ["between scale_min"]
+    yield "elastic alpha negative", c("augment", "elastic_alpha", -1.0), "augment.elastic_alpha", ["0 (off) and 100"]
+    yield "elastic alpha huge", c("augment", "elastic_alpha", 500), "augment.elastic_alpha", ["0 (off) and 100"]
+    yield "elastic sigma zero", c("augment", "elastic_sigma", 0.0), "augment.elastic_sigma", ["between 0.5 and 14 pixels"]
+    yield "elastic sigma over half", c("augment", "elastic_sigma", 15), "augment.elastic_sigma", ["between 0.5 and 14"]
     yield "pad negative", c("augment", "pad", -1), "augment.pad", ["between 0 and 14 pixels"]
     yield "pad over half the side", c("augment", "pad", 15), "augment.pad", ["between 0 and 14 pixels"]
     yield "pad not int", c("augment", "pad", 2.5), "augment.pad", ["integer"]
@@ -168,6 +172,7 @@ def test_new_augmentations_are_off_by_default():
     """The committed params (MNIST) neither shift by pixels, flip nor erase: the default result stays."""
     augment = parse(copy.deepcopy(BASE)).augment
     assert (augment.pad, augment.flip, augment.erase, augment.allow_flip) == (0, 0.0, 0.0, False)
+    assert augment.elastic_alpha == 0.0
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])

@@ -46,7 +46,8 @@ def data() -> tuple[dict, dict]:
 def views_data(data) -> tuple[dict, dict]:
     """The train split as the augment stage writes it with two views, and val."""
     train, val = data
-    views = AugmentParams(copies=2, rotation_deg=10.0, translate=0.1, scale_min=0.9, scale_max=1.1, pad=0, flip=0.0,
+    views = AugmentParams(copies=2, rotation_deg=10.0, translate=0.1, scale_min=0.9, scale_max=1.1,
+                          elastic_alpha=0.0, elastic_sigma=4.0, pad=0, flip=0.0,
                           allow_flip=False, erase=0.0, erase_area_min=0.02, erase_area_max=0.25, seed=0)
     return augmented_split(train, views), val
 
