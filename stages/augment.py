@@ -80,15 +80,17 @@ def gaussian_smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
     return gaussian_matrix(h, sigma, field.dtype, field.device).T @ along_w
 
 
-def elastic_displacement(n: int, size: int, alpha: float, sigma: float, generator: torch.Generator,
-                         device: torch.device) -> torch.Tensor:
-    """[n, size, size, 2] per-pixel (x, y) displacements in affine_grid's units (an image side is 2):
+def elastic_displacement(n: int, height: int, width: int, alpha: float, sigma: float,
+                         generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """[n, H, W, 2] per-pixel (x, y) displacements in affine_grid's units (an image side is 2):
     U(-1, 1) per pixel and axis, Gaussian-smoothed by `sigma` pixels, times `alpha` pixels (Simard et
-    al. 2003, and torchvision's ElasticTransform). On 28 x 28 images sigma 4 with alpha 34 (Simard's
-    values) moves a pixel by 2.1 pixels on average (99th percentile 5.6), alpha 20 by 1.3 (3.3)."""
-    noise = 2 * torch.rand(n, 2, size, size, generator=generator, device=device) - 1  # [n, 2, H, W]
+    al. 2003's convention; torchvision's ElasticTransform scales the same field to alpha / 2 pixels).
+    On 28 x 28 images sigma 4 with alpha 34 (Simard's values) moves a pixel by 2.1 pixels on average
+    (99th percentile 5.6), alpha 20 by 1.3 (3.3)."""
+    noise = 2 * torch.rand(n, 2, height, width, generator=generator, device=device) - 1  # [n, (x, y), H, W]
     pixels = alpha * gaussian_smooth(noise, sigma)
-    return (pixels * (2 / size)).permute(0, 2, 3, 1)
+    to_grid = torch.tensor([2 / width, 2 / height], dtype=pixels.dtype, device=device)  # grid units per pixel
+    return pixels.permute(0, 2, 3, 1) * to_grid
 
 
 def warp(images: torch.Tensor, theta: torch.Tensor, displacement: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,11 +144,11 @@ def random_erase(images: torch.Tensor, probability: float, area_min: float, area
 def transform(images: torch.Tensor, cfg: AugmentParams, generator: torch.Generator) -> torch.Tensor:
     """One random transformed view of each image of a chunk [N, H, W] uint8, on the chunk's device:
     affine warp (with the elastic field when on), then (those switched on) pixel shift, flip, erasing."""
-    n, h, _ = images.shape  # square: every dataset has one image_size (stages/datasets.yaml)
+    n, h, w = images.shape
     theta = random_affine(n, cfg, generator, images.device)
     displacement = None
     if cfg.elastic_alpha > 0:
-        displacement = elastic_displacement(n, h, cfg.elastic_alpha, cfg.elastic_sigma, generator, images.device)
+        displacement = elastic_displacement(n, h, w, cfg.elastic_alpha, cfg.elastic_sigma, generator, images.device)
     out = warp(images, theta, displacement)
     if cfg.pad > 0:
         out = pad_crop(out, cfg.pad, generator)

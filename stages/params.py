@@ -86,8 +86,8 @@ class AugmentParams:
     scale_min: float  # and scaled by U(scale_min, scale_max)
     scale_max: float
     # and, when elastic_alpha > 0, displaced by an elastic field (Simard et al. 2003): per pixel and
-    # axis U(-1, 1), smoothed by a Gaussian of elastic_sigma pixels, times elastic_alpha pixels
-    # (torchvision's ElasticTransform convention). Sampled once, with the affine warp.
+    # axis U(-1, 1), smoothed by a Gaussian of elastic_sigma pixels, times elastic_alpha pixels.
+    # Sampled once, with the affine warp.
     elastic_alpha: float
     elastic_sigma: float
     pad: int  # then shifted by whole pixels, U{-pad..pad} per axis (zero-pad, crop back); 0 = off
@@ -108,7 +108,7 @@ class AugmentParams:
         _require(self.scale_min <= self.scale_max <= 4, "augment.scale_max",
                  f"must be between scale_min ({self.scale_min}) and 4, got {self.scale_max}")
         _require(0 <= self.elastic_alpha <= 100, "augment.elastic_alpha",
-                 f"must be between 0 (off) and 100 (pixels, before smoothing), got {self.elastic_alpha}")
+                 f"must be between 0 (off) and 100 (pixels per unit of the smoothed field), got {self.elastic_alpha}")
         _require(0.5 <= self.elastic_sigma <= dataset.image_size / 2, "augment.elastic_sigma",
                  f"must be between 0.5 and {dataset.image_size / 2:g} pixels (half the image side), "
                  f"got {self.elastic_sigma}")

@@ -163,6 +163,22 @@ def test_new_transforms_off_draw_nothing(data):
     assert torch.equal(g_new.get_state(), g_old.get_state())
 
 
+def test_gaussian_smooth_matches_a_mirrored_convolution():
+    """The matrix form equals the textbook blur: the field mirror-padded and convolved with the
+    normalised Gaussian kernel along W, then along H (edges included, non-square planes too)."""
+    field = torch.rand(3, 2, 20, 28, generator=generator(), dtype=torch.float64)
+    sigma, radius = 2.5, 8  # the kernel spans +-ceil(3 sigma) pixels
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = field.reshape(6, 1, 20, 28)
+    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (radius, radius, 0, 0), mode="reflect"),
+                                   kernel.view(1, 1, 1, -1))
+    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 0, radius, radius), mode="reflect"),
+                                   kernel.view(1, 1, -1, 1))
+    assert torch.allclose(gaussian_smooth(field, sigma), x.reshape(3, 2, 20, 28), atol=1e-12)
+
+
 def test_gaussian_smooth_keeps_constants_and_mass():
     """A normalised blur: a constant field stays constant (mirrored edges), and an impulse spreads
     symmetrically with the Gaussian's variance along each axis."""
@@ -182,7 +198,7 @@ def test_elastic_displacement_is_smooth_scaled_and_seeded():
     """The field is [n, H, W, 2] in grid units (an image side is 2), proportional to alpha, smoother
     for a larger sigma, and the same for the same seed."""
     def field(alpha, sigma, seed=0):
-        return elastic_displacement(500, 28, alpha, sigma, generator(seed), CPU)
+        return elastic_displacement(500, 28, 28, alpha, sigma, generator(seed), CPU)
     d = field(20.0, 4.0)
     assert d.shape == (500, 28, 28, 2)
     assert torch.allclose(field(40.0, 4.0), 2 * d, atol=1e-6)
