@@ -14,6 +14,7 @@ import gzip
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -71,7 +72,36 @@ def torchvision_mnist(raw_dir: Path, root: Path) -> tuple:
 class EpochResult:
     epoch: int
     train_seconds: float  # this epoch's training loop alone (no test pass), host-synchronised
+    train_loss: float  # mean negative log-likelihood over this epoch's batches
     test_accuracy: float  # in [0, 1], after this epoch
+
+
+class _OwnRandomStream:
+    """The recipe's own stream of torch's global random numbers (its model init and dropout masks).
+
+    A caller interleaves other work between the epochs (benchmarks.frontier runs presets whose fit()
+    reseeds and draws from the global generator), so each epoch runs inside fork_rng with this
+    stream's state set, and saves it back at the end: the recipe's results depend on its seed alone,
+    and the caller's random state is left as it was."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self._devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=self._devices):
+            torch.manual_seed(seed)
+            self._save()
+
+    def _save(self) -> None:
+        self._cpu = torch.get_rng_state()
+        self._cuda = [torch.cuda.get_rng_state(d) for d in self._devices]
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self._devices):
+            torch.set_rng_state(self._cpu)
+            for device, state in zip(self._devices, self._cuda):
+                torch.cuda.set_rng_state(state, device)
+            yield
+            self._save()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -92,9 +122,10 @@ def _test_accuracy(model: nn.Module, loader, device: torch.device) -> float:
 
 def train_reference(train_set, test_set, epochs: int, seed: int, device: torch.device) -> Iterator[EpochResult]:
     """Runs the recipe for `epochs` epochs, yielding each epoch's time and test accuracy as it ends
-    (so that a caller can interleave other work between epochs)."""
-    torch.manual_seed(seed)
-    model = ReferenceNet().to(device)
+    (so that a caller can interleave other work between epochs, which does not change them)."""
+    randomness = _OwnRandomStream(seed, device)
+    with randomness.active():
+        model = ReferenceNet().to(device)
     loader_generator = torch.Generator().manual_seed(seed)  # the shuffle order
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=BATCH_SIZE, shuffle=True,
                                                generator=loader_generator)
@@ -102,19 +133,24 @@ def train_reference(train_set, test_set, epochs: int, seed: int, device: torch.d
     optimizer = torch.optim.Adadelta(model.parameters(), lr=LR)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=GAMMA)
     for epoch in range(1, epochs + 1):
-        _synchronize(device)
-        start = time.perf_counter()
-        model.train()
-        for images, labels in train_loader:
-            images, labels = images.to(device), labels.to(device)
-            optimizer.zero_grad()
-            loss = F.nll_loss(model(images), labels)
-            loss.backward()
-            optimizer.step()
-        schedule.step()
-        _synchronize(device)
-        seconds = time.perf_counter() - start
-        yield EpochResult(epoch, seconds, _test_accuracy(model, test_loader, device))
+        with randomness.active():
+            _synchronize(device)
+            start = time.perf_counter()
+            model.train()
+            loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+            for images, labels in train_loader:
+                images, labels = images.to(device), labels.to(device)
+                optimizer.zero_grad()
+                loss = F.nll_loss(model(images), labels)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach()
+            schedule.step()
+            _synchronize(device)
+            seconds = time.perf_counter() - start
+            # Inside too: iterating a DataLoader draws its base seed from the global generator.
+            accuracy = _test_accuracy(model, test_loader, device)
+        yield EpochResult(epoch, seconds, loss_sum.item() / len(train_loader), accuracy)
 
 
 def main() -> None:
@@ -125,7 +161,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mnist-reference-") as root:
         train_set, test_set = torchvision_mnist(Path("data/raw"), Path(root))
     for result in train_reference(train_set, test_set, epochs, seed=1, device=device):
-        print(f"epoch {result.epoch}: {result.train_seconds:.1f} s, test accuracy {100 * result.test_accuracy:.2f}%")
+        print(f"epoch {result.epoch}: {result.train_seconds:.1f} s, train loss {result.train_loss:.4f}, test accuracy {100 * result.test_accuracy:.2f}%")
 
 
 if __name__ == "__main__":

@@ -37,3 +37,39 @@ def test_unknown_preset_is_refused_before_anything_runs(tmp_path, capsys):
         frontier.main(["--quick", "--presets", "default,nope", "--plot", str(tmp_path / "f.png")])
     assert capsys.readouterr().out == ""
     assert not (tmp_path / "f.png").exists()
+
+
+def test_reference_epochs_do_not_depend_on_random_numbers_drawn_between_them(tmp_path):
+    """The frontier runs presets (which reseed and draw from torch's global generator) between the
+    reference recipe's epochs; its dropout masks, hence its losses, must not change with them, and
+    the caller's random state must not change with the recipe."""
+    import torch
+
+    from benchmarks.reference import torchvision_mnist, train_reference
+    from tests.synthetic import write_mirror
+
+    write_mirror(tmp_path / "raw", n_train=192, n_test=64)
+    train_set, test_set = torchvision_mnist(tmp_path / "raw", tmp_path / "torchvision")
+    device = torch.device("cpu")
+
+    def losses(between) -> list[float]:
+        return [result.train_loss for result in _interleaved(train_reference(train_set, test_set, 3, 0, device), between)]
+
+    def _interleaved(epochs, between):
+        for result in epochs:
+            yield result
+            between()
+
+    def reseed_and_draw() -> None:
+        torch.manual_seed(123)
+        torch.rand(1000)
+
+    alone = losses(lambda: None)
+    assert losses(reseed_and_draw) == alone
+    assert len(set(alone)) == 3  # three different epochs, not a constant
+
+    torch.manual_seed(7)
+    expected = torch.rand(5)
+    torch.manual_seed(7)
+    next(train_reference(train_set, test_set, 1, 0, device))
+    assert torch.equal(torch.rand(5), expected)
