@@ -16,13 +16,20 @@ Then, each only when its param is on (off, it draws no random numbers, so the ou
 bytes as without it): a shift by whole pixels (zero-pad and crop back), a horizontal flip, and
 random erasing (a black square). Each is a batched function of a chunk [N, H, W] uint8, drawing
 per-image values from the stage's seeded generator.
+
+With on_the_fly: true nothing is stored: the output is the originals with `views` = 0 and
+`on_the_fly` = this section's params, and train draws the views batch by batch with view_drawer
+(the same transform, on the training device). A change of any augment param still changes this
+output, so DVC re-runs train exactly when the views it would draw change.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -174,10 +181,24 @@ def augment(images: torch.Tensor, labels: torch.Tensor, cfg: AugmentParams,
 
 def augmented_split(data: dict, cfg: AugmentParams, progress: Progress | None = None) -> dict:
     """The augment stage's output for the train split `data`: its mapping with the views appended
-    (see the module docstring), drawn from a generator seeded with cfg.seed."""
+    (see the module docstring), drawn from a generator seeded with cfg.seed; with cfg.on_the_fly,
+    the split itself and the params train draws its views with."""
+    if cfg.on_the_fly:  # copies is 0 (params checks it): nothing to draw here
+        return {**data, "views": 0, "on_the_fly": dataclasses.asdict(cfg)}
     generator = torch.Generator().manual_seed(cfg.seed)
     images, labels = augment(data["images"], data["labels"], cfg, generator, progress)
     return {**data, "images": images, "labels": labels, "views": cfg.copies}
+
+
+def view_drawer(recipe: dict, epoch: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """on_the_fly: the function that draws, in training epoch `epoch` (from 1), one view of each image
+    of a batch [B, H, W] uint8 on `device`, with the transform of `recipe` (the `on_the_fly` entry of
+    this stage's output). Its generator lives on `device` and is seeded by the recipe's seed and the
+    epoch alone, so a run resumed at an epoch draws what the unbroken run drew."""
+    cfg = AugmentParams(**recipe)
+    # train.epochs <= 1000 < 1024: a distinct seed per (seed, epoch), within manual_seed's 64 bits.
+    generator = torch.Generator(device=device).manual_seed((cfg.seed * 1024 + epoch) % 2**63)
+    return lambda images: transform(images, cfg, generator)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,7 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     data = load_tensors(args.train_in, required=("images", "labels"))
     progress = Progress(STAGE, "images transformed", cfg.copies * len(data["labels"]))
     out = augmented_split(data, cfg, progress)
-    log(STAGE, f"{len(data['labels']):,} originals + {cfg.copies} copies = {len(out['labels']):,} train images")
+    if cfg.on_the_fly:
+        log(STAGE, f"{len(data['labels']):,} train images; train draws a fresh view of each every epoch (on_the_fly)")
+    else:
+        log(STAGE, f"{len(data['labels']):,} originals + {cfg.copies} copies = {len(out['labels']):,} train images")
     save_tensors(args.train_out, out)
 
 

@@ -81,6 +81,9 @@ class PreprocessParams:
 @dataclass(frozen=True)
 class AugmentParams:
     copies: int  # randomly transformed copies of the train split added to it; 0 = pass through
+    # true: no views stored (copies must be 0); train draws a fresh view of every image each epoch,
+    # batch by batch, with the transform below (stages.augment.view_drawer)
+    on_the_fly: bool
     rotation_deg: float  # each copy is rotated by U(-rotation_deg, rotation_deg) degrees
     translate: float  # and shifted by U(-translate, translate) of the image side, per axis
     scale_min: float  # and scaled by U(scale_min, scale_max)
@@ -100,6 +103,9 @@ class AugmentParams:
 
     def check(self, dataset: Dataset) -> None:
         _require(0 <= self.copies <= 50, "augment.copies", f"must be between 0 and 50, got {self.copies}")
+        _require(not (self.on_the_fly and self.copies), "augment.copies",
+                 f"must be 0 with augment.on_the_fly: true (train draws the views; stored ones would go unused), "
+                 f"got {self.copies}")
         _require(0 <= self.rotation_deg <= 180, "augment.rotation_deg",
                  f"must be between 0 and 180 degrees, got {self.rotation_deg}")
         _require(0 <= self.translate <= 0.5, "augment.translate",

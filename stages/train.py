@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages import params as params_mod
+from stages.augment import view_drawer
 from stages.common import PipelineError, Progress, load_tensors, log, run_main, save_tensors
 from stages.models import build_model, count_parameters, predict_logits, save_model
 from stages.params import TrainParams
@@ -84,6 +85,10 @@ class Batches:
 
     With `rows` set, an epoch covers only those images (indices into `images`), in a fresh order:
     how an epoch trains on the originals and one augmented view (see epoch_rows).
+
+    With `draw_view` set (augment.on_the_fly), an epoch covers every image twice, in a fresh order:
+    as itself and as a view that draw_view makes when its batch comes up (train sets a new one,
+    seeded for the epoch, before each epoch). The same cost in steps as the originals + one stored view.
     """
 
     images: torch.Tensor  # [N, H, W] uint8, on the training device
@@ -93,11 +98,13 @@ class Batches:
     generator: torch.Generator
     rank: Rank = Rank()
     rows: torch.Tensor | None = None  # [M] int64 on the device: the images of this epoch; None: all
+    draw_view: Callable[[torch.Tensor], torch.Tensor] | None = None  # [B, H, W] uint8 -> a view of each
 
     @property
     def count(self) -> int:
         """Images per epoch."""
-        return len(self.labels) if self.rows is None else len(self.rows)
+        images = len(self.labels) if self.rows is None else len(self.rows)
+        return 2 * images if self.draw_view is not None else images
 
     def __len__(self) -> int:
         return steps_per_epoch(self.count, self.batch_size, self.drop_last)
@@ -111,7 +118,14 @@ class Batches:
             if len(batch) < self.rank.world:
                 return  # a last, partial batch too small to give every process an image
             batch = batch[self.rank.rank::self.rank.world]
-            yield self.images[batch], self.labels[batch]
+            if self.draw_view is None:
+                yield self.images[batch], self.labels[batch]
+                continue
+            # Order positions [0, 2N): below N the image itself, from N on a view of image (i - N).
+            source = batch % len(self.labels)
+            images, drawn = self.images[source], batch >= len(self.labels)  # [B, H, W], [B]
+            images[drawn] = self.draw_view(images[drawn])
+            yield images, self.labels[source]
 
 
 def epoch_rows(originals: int, views: int, epoch: int) -> torch.Tensor:
@@ -298,6 +312,9 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     originals = len(train["labels"]) // (views + 1)
     if cfg.fresh_views and views > 0:
         batches.rows = epoch_rows(originals, views, 1).to(device)  # every epoch has as many images
+    on_the_fly = train.get("on_the_fly")  # augment.on_the_fly: the params to draw views with, or None
+    if on_the_fly:
+        batches.draw_view = view_drawer(on_the_fly, 1, device)  # set per epoch below; here for len()
     val_images, val_labels = val["images"].to(device), val["labels"].to(device)
     optimizer = make_optimizer(model, cfg)
     # use_buffers: BatchNorm's running statistics are averaged too, so the average is a model of its own.
@@ -308,6 +325,7 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     say = (lambda message: log(STAGE, message)) if rank.is_main else (lambda message: None)
     say(f"{cfg.model}: {count_parameters(model):,} parameters; {len(train['labels']):,} train and "
         f"{len(val_labels):,} val images; {cfg.epochs} epochs of {len(batches)} steps"
+        + (", each over the originals and a view of each drawn on the fly" if on_the_fly else "")
         + (f", each shared by {rank.world} processes" if rank.world > 1 else ""))
     train_log = train_log if train_log is not None else TrainLog()
     saved = load_checkpoint(checkpoint, run_id) if checkpoint else None
@@ -319,6 +337,8 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
         start = time.perf_counter()
         if batches.rows is not None:
             batches.rows = epoch_rows(originals, views, epoch).to(device)
+        if on_the_fly:
+            batches.draw_view = view_drawer(on_the_fly, epoch, device)
         # "training epoch", not "epoch": the line `train: epoch N/M: ...` says the epoch is done.
         progress = Progress(STAGE, f"training epoch {epoch}/{cfg.epochs}", len(batches), "steps", rate_unit="images",
                             rate_per_item=cfg.batch_size, after=(cfg.epochs - epoch) * len(batches)) if rank.is_main else None

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from stages.augment import (augment, augmented_split, elastic_displacement, gaussian_smooth, pad_crop,
-                            random_affine, random_erase, random_flip, transform, warp)
+                            random_affine, random_erase, random_flip, transform, view_drawer, warp)
 from stages.params import AugmentParams
 from tests.synthetic import make_split
 
-CFG = AugmentParams(copies=1, rotation_deg=15.0, translate=0.1, scale_min=0.8, scale_max=1.2,
+CFG = AugmentParams(copies=1, on_the_fly=False, rotation_deg=15.0, translate=0.1, scale_min=0.8, scale_max=1.2,
                     elastic_alpha=0.0, elastic_sigma=4.0, pad=0, flip=0.0,
                     allow_flip=False, erase=0.0, erase_area_min=0.02, erase_area_max=0.25, seed=0)
 IDENTITY = dataclasses.replace(CFG, rotation_deg=0.0, translate=0.0, scale_min=1.0, scale_max=1.0)
@@ -325,3 +325,32 @@ def test_augmented_split_records_its_views_and_is_reproducible(data):
     assert not torch.equal(out["images"][n:2 * n], out["images"][2 * n:3 * n])
     assert torch.equal(augmented_split(split, cfg)["images"], out["images"])
     assert augmented_split(split, dataclasses.replace(CFG, copies=0))["views"] == 0
+
+
+def test_on_the_fly_stores_no_views_but_the_recipe(data):
+    """on_the_fly: the split unchanged (same tensor, views 0) and the params train draws with,
+    plain values that load back into the same AugmentParams."""
+    images, labels = data
+    split = {"images": images, "labels": labels, "classes": list("0123456789"), "mean": 0.1, "std": 0.3}
+    cfg = dataclasses.replace(CFG, copies=0, on_the_fly=True, seed=5)
+    out = augmented_split(split, cfg)
+    assert out["views"] == 0 and out["images"] is images and out["labels"] is labels
+    assert AugmentParams(**out["on_the_fly"]) == cfg
+    assert "on_the_fly" not in augmented_split(split, dataclasses.replace(CFG, copies=0))
+
+
+def test_view_drawer_draws_the_transform_seeded_by_seed_and_epoch(data):
+    """The drawer of epoch e is transform() from its own generator: the same (seed, epoch) draws the
+    same views (a resumed run's epoch matches), another epoch or seed different ones; it keeps
+    the batch's shape and dtype and changes the images."""
+    images = data[0]
+    recipe = dataclasses.asdict(dataclasses.replace(CFG, copies=0, on_the_fly=True))
+    first = view_drawer(recipe, 1, CPU)(images)
+    assert first.shape == images.shape and first.dtype == torch.uint8
+    assert not torch.equal(first, images)
+    assert torch.equal(view_drawer(recipe, 1, CPU)(images), first)
+    assert torch.equal(first, transform(images, CFG, torch.Generator().manual_seed(0 * 1024 + 1)))
+    assert not torch.equal(view_drawer(recipe, 2, CPU)(images), first)
+    assert not torch.equal(view_drawer({**recipe, "seed": 1}, 1, CPU)(images), first)
+    draw = view_drawer(recipe, 1, CPU)  # one generator per epoch: successive batches differ
+    assert not torch.equal(draw(images), draw(images))

@@ -114,6 +114,8 @@ def _bad_cases():
     yield "translate negative", c("augment", "translate", -0.1), "augment.translate", ["between 0 and 0.5"]
     yield "scale_min negative", c("augment", "scale_min", -0.5), "augment.scale_min", ["(0, 4]"]
     yield "copies negative", c("augment", "copies", -1), "augment.copies", ["between 0 and 50"]
+    yield "on_the_fly with stored copies", c("augment", "on_the_fly", True), "augment.copies", ["must be 0", "on_the_fly"]
+    yield "on_the_fly not bool", c("augment", "on_the_fly", "yes"), "augment.on_the_fly", ["true or false"]
     scale_inverted = c("augment", "scale_min", 1.2)
     scale_inverted["augment"]["scale_max"] = 1.1
     yield "scale_max below scale_min", scale_inverted, "augment.scale_max", ["between scale_min"]

@@ -57,6 +57,19 @@ def test_augment_param_does_not_rerun_fetch_or_preprocess(project):
     assert project.repro() == {"params", "augment", "train", "evaluate", "plot"}
 
 
+def test_views_drawn_on_the_fly_store_nothing_and_train(project):
+    """augment.on_the_fly through the stages: augment stores the originals alone with the recipe,
+    train draws the views (as many steps as originals + one stored view) and learns."""
+    project.set_params({"augment": {"copies": 0, "on_the_fly": True}})
+    assert project.repro() == {"params", "augment", "train", "evaluate", "plot"}
+    stored = torch.load(project.path("data/augmented/train.pt"), weights_only=True)
+    prepared = torch.load(project.path("data/prepared/train.pt"), weights_only=True)
+    assert torch.equal(stored["images"], prepared["images"]) and stored["views"] == 0
+    assert stored["on_the_fly"]["on_the_fly"] is True and stored["on_the_fly"]["rotation_deg"] > 0
+    assert "a view of each drawn on the fly" in project.last.stdout + project.last.stderr
+    assert json.loads(project.path("metrics/eval.json").read_text())["accuracy"] >= 0.9
+
+
 def test_plot_param_reruns_plot_only(project):
     project.set_params({"plot": {"misclassified": 5}})
     assert project.repro() == {"params", "plot"}

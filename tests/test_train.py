@@ -46,14 +46,38 @@ def data() -> tuple[dict, dict]:
 def views_data(data) -> tuple[dict, dict]:
     """The train split as the augment stage writes it with two views, and val."""
     train, val = data
-    views = AugmentParams(copies=2, rotation_deg=10.0, translate=0.1, scale_min=0.9, scale_max=1.1,
+    views = AugmentParams(copies=2, on_the_fly=False, rotation_deg=10.0, translate=0.1, scale_min=0.9, scale_max=1.1,
                           elastic_alpha=0.0, elastic_sigma=4.0, pad=0, flip=0.0,
                           allow_flip=False, erase=0.0, erase_area_min=0.02, erase_area_max=0.25, seed=0)
     return augmented_split(train, views), val
 
 
+@pytest.fixture(scope="module")
+def on_the_fly_data(data) -> tuple[dict, dict]:
+    """The train split as the augment stage writes it with augment.on_the_fly (no views stored, the
+    recipe to draw them with), and val."""
+    train, val = data
+    recipe = AugmentParams(copies=0, on_the_fly=True, rotation_deg=10.0, translate=0.1, scale_min=0.9, scale_max=1.1,
+                           elastic_alpha=0.0, elastic_sigma=4.0, pad=0, flip=0.0,
+                           allow_flip=False, erase=0.0, erase_area_min=0.02, erase_area_max=0.25, seed=0)
+    return augmented_split(train, recipe), val
+
+
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def count_steps_per_epoch(monkeypatch) -> list[int]:
+    """A list that each epoch of fit() appends its number of steps to, from now on."""
+    seen: list[int] = []
+    real_train_epoch = train_mod.train_epoch
+
+    def counting(state, batches, loss_of, after_step=None):
+        seen.append(len(batches))
+        return real_train_epoch(state, batches, loss_of, after_step)
+
+    monkeypatch.setattr(train_mod, "train_epoch", counting)
+    return seen
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -75,13 +99,14 @@ def test_fit_learns_and_is_bit_identical_when_repeated(data, cfg):
     assert config.architecture == cfg.model
 
 
-@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_MLP, SMALL_CNN_FRESH_VIEWS, SMALL_CNN_EMA],
-                         ids=["cnn-sgd", "mlp-adam", "cnn-fresh-views", "cnn-ema"])
-def test_interrupted_fit_resumes_to_the_uninterrupted_result(data, views_data, cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cfg, dataset", [(SMALL_CNN, "data"), (SMALL_MLP, "data"), (SMALL_CNN_FRESH_VIEWS, "views_data"),
+                                          (SMALL_CNN_EMA, "data"), (SMALL_CNN_FRESH_VIEWS, "on_the_fly_data")],
+                         ids=["cnn-sgd", "mlp-adam", "cnn-fresh-views", "cnn-ema", "cnn-on-the-fly"])
+def test_interrupted_fit_resumes_to_the_uninterrupted_result(request, cfg, dataset, tmp_path, monkeypatch):
     """Stopped after epoch 1's checkpoint, a second fit() picks up the model, optimizer (momentum,
-    Adam moments), schedule, weight average and batch-order state, and the view of each epoch, and
-    ends exactly where one unbroken run ends."""
-    train, val = views_data if cfg.fresh_views else data
+    Adam moments), schedule, weight average and batch-order state, and the view of each epoch
+    (stored or drawn on the fly), and ends exactly where one unbroken run ends."""
+    train, val = request.getfixturevalue(dataset)
     unbroken, _, unbroken_rows = fit(cfg, train, val, CPU)
 
     checkpoint = tmp_path / "checkpoint.pt"
@@ -219,14 +244,7 @@ def test_fresh_views_train_on_one_view_per_epoch(views_data, monkeypatch):
     one fixed copy; without it, all 3 N. The fresh-view run is bit-identical when repeated and
     differs from training on every view."""
     train, val = views_data
-    seen: list[int] = []
-    real_train_epoch = train_mod.train_epoch
-
-    def counting(state, batches, loss_of, after_step=None):
-        seen.append(len(batches))
-        return real_train_epoch(state, batches, loss_of, after_step)
-
-    monkeypatch.setattr(train_mod, "train_epoch", counting)
+    seen = count_steps_per_epoch(monkeypatch)
     model_a, _, rows_a = fit(SMALL_CNN_FRESH_VIEWS, train, val, CPU)
     model_b, _, rows_b = fit(SMALL_CNN_FRESH_VIEWS, train, val, CPU)
     all_views, _, _ = fit(dataclasses.replace(SMALL_CNN_FRESH_VIEWS, fresh_views=False), train, val, CPU)
@@ -235,6 +253,36 @@ def test_fresh_views_train_on_one_view_per_epoch(views_data, monkeypatch):
     assert rows_a == rows_b and rows_a[-1]["val_accuracy"] >= 0.9
     assert_same_weights(weights(model_a), weights(model_b))
     assert not torch.equal(weights(model_a)["1.weight"], weights(all_views)["1.weight"])
+
+
+def test_batches_with_a_view_drawer_give_each_image_as_itself_and_as_a_view():
+    """draw_view set: an epoch is 2 N images in a fresh order, each image once as itself and once
+    as drawn (here: + 100), its label beside it, in as many steps as originals + one stored view."""
+    ids = torch.arange(10, dtype=torch.uint8)[:, None, None]  # [N, 1, 1] "images" that name themselves
+    batches = Batches(ids, torch.arange(10), 4, False, torch.Generator().manual_seed(0),
+                      draw_view=lambda images: images + 100)
+    epoch = [(images.flatten().tolist(), labels.tolist()) for images, labels in batches]
+    assert len(batches) == len(epoch) == steps_per_epoch(20, 4, False)
+    assert all(image % 100 == label for images, labels in epoch for image, label in zip(images, labels))
+    assert sorted(i for images, _ in epoch for i in images) == list(range(10)) + list(range(100, 110))
+    assert ids.flatten().tolist() == list(range(10))  # the split itself is left as it was
+
+
+def test_on_the_fly_views_train_bit_identically_and_differ_from_the_originals_alone(data, on_the_fly_data, monkeypatch):
+    """augment.on_the_fly: each epoch 2 N images (the steps of originals + one stored view), views
+    drawn anew per epoch from a seeded generator, so a repeat is bit-identical; the run learns,
+    and differs from training on the originals alone."""
+    train, val = on_the_fly_data
+    seen = count_steps_per_epoch(monkeypatch)
+    model_a, _, rows_a = fit(SMALL_CNN_FRESH_VIEWS, train, val, CPU)
+    model_b, _, rows_b = fit(SMALL_CNN_FRESH_VIEWS, train, val, CPU)
+    originals_only, _, _ = fit(SMALL_CNN_FRESH_VIEWS, data[0], val, CPU)
+    n = len(train["labels"])
+    assert seen == [steps_per_epoch(2 * n, 32, False)] * 6 + [steps_per_epoch(n, 32, False)] * 3
+    assert rows_a == rows_b and rows_a[-1]["val_accuracy"] >= 0.9
+    assert_same_weights(weights(model_a), weights(model_b))
+    assert not torch.equal(weights(model_a)["1.weight"], weights(originals_only)["1.weight"])
+    assert torch.equal(train["images"], data[0]["images"])  # drawing views never writes into the split
 
 
 def test_ema_saves_the_average_only_when_it_scores_at_least_as_well_on_val(data, monkeypatch):
