@@ -76,8 +76,9 @@ class EpochResult:
     test_accuracy: float  # in [0, 1], after this epoch
 
 
-class _OwnRandomStream:
-    """The recipe's own stream of torch's global random numbers (its model init and dropout masks).
+class _IsolatedState:
+    """The recipe's own stream of torch's global random numbers (its model init and dropout masks),
+    run with torch's default (non-deterministic) algorithms.
 
     A caller interleaves other work between the epochs (benchmarks.frontier runs presets whose fit()
     reseeds and draws from the global generator), so each epoch runs inside fork_rng with this
@@ -96,12 +97,20 @@ class _OwnRandomStream:
 
     @contextmanager
     def active(self) -> Iterator[None]:
+        # fit() also switches deterministic algorithms on, process-wide; the recipe runs as users
+        # run it, with the defaults (this changes kernels on CUDA, not on the CPU).
+        deterministic = (torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled())
         with torch.random.fork_rng(devices=self._devices):
             torch.set_rng_state(self._cpu)
             for device, state in zip(self._devices, self._cuda):
                 torch.cuda.set_rng_state(state, device)
-            yield
-            self._save()
+            torch.use_deterministic_algorithms(False)
+            try:
+                yield
+                self._save()
+            finally:
+                torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
 
 def _synchronize(device: torch.device) -> None:
@@ -123,7 +132,7 @@ def _test_accuracy(model: nn.Module, loader, device: torch.device) -> float:
 def train_reference(train_set, test_set, epochs: int, seed: int, device: torch.device) -> Iterator[EpochResult]:
     """Runs the recipe for `epochs` epochs, yielding each epoch's time and test accuracy as it ends
     (so that a caller can interleave other work between epochs, which does not change them)."""
-    randomness = _OwnRandomStream(seed, device)
+    randomness = _IsolatedState(seed, device)
     with randomness.active():
         model = ReferenceNet().to(device)
     loader_generator = torch.Generator().manual_seed(seed)  # the shuffle order

@@ -82,7 +82,7 @@ class PreprocessParams:
 class AugmentParams:
     copies: int  # randomly transformed copies of the train split added to it; 0 = pass through
     # true: no views stored (copies must be 0); train draws a fresh view of every image each epoch,
-    # batch by batch, with the transform below (stages.augment.view_drawer)
+    # batch by batch, with the transform below (stages.views.view_drawer)
     on_the_fly: bool
     rotation_deg: float  # each copy is rotated by U(-rotation_deg, rotation_deg) degrees
     translate: float  # and shifted by U(-translate, translate) of the image side, per axis

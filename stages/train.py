@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages import params as params_mod
-from stages.augment import view_drawer
 from stages.common import PipelineError, Progress, load_tensors, log, run_main, save_tensors
 from stages.models import build_model, count_parameters, predict_logits, save_model
 from stages.params import TrainParams
 from stages.runtime import (Rank, describe_device, rank_from_env, resolve_device, resolve_precision,
                             retain_freed_memory, seed_everything)
 from stages.tracking import TrainLog, step_log_interval
+from stages.views import view_drawer
 
 STAGE = "train"
 VAL_BATCH = 2000  # images per forward pass when scoring val; memory only, never the result
@@ -117,15 +117,17 @@ class Batches:
             batch = order[start:start + self.batch_size]
             if len(batch) < self.rank.world:
                 return  # a last, partial batch too small to give every process an image
-            batch = batch[self.rank.rank::self.rank.world]
+            share = slice(self.rank.rank, None, self.rank.world)
             if self.draw_view is None:
-                yield self.images[batch], self.labels[batch]
+                yield self.images[batch[share]], self.labels[batch[share]]
                 continue
             # Order positions [0, 2N): below N the image itself, from N on a view of image (i - N).
+            # Views are drawn for the whole batch, then shared out: every process draws the same
+            # numbers, so the views are those of a single process whatever the process count.
             source = batch % len(self.labels)
             images, drawn = self.images[source], batch >= len(self.labels)  # [B, H, W], [B]
             images[drawn] = self.draw_view(images[drawn])
-            yield images, self.labels[source]
+            yield images[share], self.labels[source[share]]
 
 
 def epoch_rows(originals: int, views: int, epoch: int) -> torch.Tensor:

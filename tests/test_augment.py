@@ -1,4 +1,4 @@
-"""stages.augment: per-image random affine copies with the configured ranges and sane geometry, and
+"""stages.augment and stages.views: per-image random affine copies with the configured ranges and sane geometry, and
 the optional pixel shift, flip and erasing."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.augment import (augment, augmented_split, elastic_displacement, gaussian_smooth, pad_crop,
-                            random_affine, random_erase, random_flip, transform, view_drawer, warp)
+from stages.augment import augment, augmented_split
+from stages.views import (elastic_displacement, gaussian_smooth, pad_crop, random_affine, random_erase, random_flip,
+                          transform, view_drawer, warp)
 from stages.params import AugmentParams
 from tests.synthetic import make_split
 

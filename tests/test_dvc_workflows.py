@@ -88,9 +88,10 @@ RERUNS: dict[str, Rerun] = {
     "stages/fetch.py": _rerun("stages/fetch.py", "`stages/fetch.py`", {"fetch"}, "its output comes out identical"),
     "stages/preprocess.py": _rerun(
         "stages/preprocess.py", "`stages/preprocess.py`", {"preprocess"}, "its outputs come out identical"),
-    "stages/augment.py": _rerun(
-        "stages/augment.py", "`stages/augment.py`", {"augment", "train"},
-        "train imports it to draw views on the fly (`augment.on_the_fly`); both outputs come out identical"),
+    "stages/augment.py": _rerun("stages/augment.py", "`stages/augment.py`", {"augment"}, "its output comes out identical"),
+    "stages/views.py": _rerun(
+        "stages/views.py", "`stages/views.py` (the transforms)", {"augment", "train"},
+        "augment stores views with it, train draws them on the fly with it (`augment.on_the_fly`); both outputs come out identical"),
     "stages/models.py": _rerun(
         "stages/models.py", "`stages/models.py`", {"train", "evaluate"},
         "both depend on it; training is deterministic, so `plot` does not run"),

@@ -268,6 +268,52 @@ def test_batches_with_a_view_drawer_give_each_image_as_itself_and_as_a_view():
     assert ids.flatten().tolist() == list(range(10))  # the split itself is left as it was
 
 
+def test_views_drawn_on_the_fly_are_those_of_one_process_whatever_the_process_count():
+    """Under torchrun every process draws the views of the whole batch from the same generator and
+    keeps its share, so the shards of a step are exactly the single process's batch, views included
+    (drawing per shard would give rank 0's k-th view the same transform as rank 1's k-th)."""
+    ids = torch.arange(12, dtype=torch.uint8)[:, None, None]
+
+    def batches(rank: Rank) -> list[tuple[list[int], list[int]]]:
+        draws = torch.Generator().manual_seed(7)  # a random "view": a shift of the id by 100 + U{0..99}
+        view = lambda images: images + 100 + torch.randint(0, 100, (len(images), 1, 1), generator=draws,
+                                                           dtype=torch.uint8)
+        return [(images.flatten().tolist(), labels.tolist())
+                for images, labels in Batches(ids, torch.arange(12), 6, False, torch.Generator().manual_seed(0), rank,
+                                              draw_view=view)]
+
+    single = batches(Rank())
+    shards = [batches(Rank(rank, 3, rank)) for rank in range(3)]
+    for step, (images, labels) in enumerate(single):
+        for rank in range(3):
+            assert shards[rank][step] == (images[rank::3], labels[rank::3])
+
+
+def test_fit_draws_each_epochs_views_with_that_epochs_drawer(on_the_fly_data, monkeypatch):
+    """fit() makes a new drawer per epoch, for that epoch (a drawer seeded for epoch 1 throughout
+    would draw the same views every epoch)."""
+    epochs: list[int] = []
+    real_view_drawer = train_mod.view_drawer
+
+    def recording(recipe, epoch, device):
+        epochs.append(epoch)
+        return real_view_drawer(recipe, epoch, device)
+
+    monkeypatch.setattr(train_mod, "view_drawer", recording)
+    fit(SMALL_CNN_FRESH_VIEWS, *on_the_fly_data, CPU)
+    assert epochs[-3:] == [1, 2, 3]
+
+
+def test_batches_of_one_image_draw_views_or_none(on_the_fly_data):
+    """A batch (or a process's share of one) may hold no view to draw: it trains as it is."""
+    train = on_the_fly_data[0]
+    n = 8
+    batches = Batches(train["images"][:n], train["labels"][:n], 1, False, torch.Generator().manual_seed(0),
+                      draw_view=train_mod.view_drawer(train["on_the_fly"], 1, CPU))
+    epoch = list(batches)
+    assert len(epoch) == 2 * n and all(images.shape == (1, 28, 28) for images, _ in epoch)
+
+
 def test_on_the_fly_views_train_bit_identically_and_differ_from_the_originals_alone(data, on_the_fly_data, monkeypatch):
     """augment.on_the_fly: each epoch 2 N images (the steps of originals + one stored view), views
     drawn anew per epoch from a seeded generator, so a repeat is bit-identical; the run learns,
