@@ -2,6 +2,7 @@
 
     python -m benchmarks.frontier [--presets default,fast,cnn-max,mlp-best] [--seeds 0,1,2]
                                   [--reference-epochs 3] [--device auto|cpu|cuda] [--quick]
+                                  [--set section.key=value ...]
 
 In one process, interleaved (reference epoch 1, every preset for the first seed, reference epoch 2,
 every preset for the next seed, ...) so that a change in the machine's load falls on both sides:
@@ -12,7 +13,9 @@ every preset for the next seed, ...) so that a change in the machine's load fall
 - each preset, for each seed (train.seed and augment.seed both set to it), run through the stages'
   own functions: the augment stage's augmented_split, the train stage's fit() on train and val, and
   the evaluate stage's accuracy on test. "Training seconds" is fit()'s wall time, as the train stage
-  logs it; the augmentation is not in it.
+  logs it; the augmentation is not in it. The val accuracy after the last epoch is reported beside
+  the test accuracy: choices between candidates (`--set` runs every preset with a change, e.g. a
+  lever to measure) are made on it.
 
 `default` is params.yaml as committed; other names are entries of presets.yaml applied to it. The
 prepared splits come from data/prepared/*.pt, or are built from the raw .gz files (data/raw) by the
@@ -25,7 +28,6 @@ script (the test suite runs it), its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import resource
 import statistics
 import sys
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 import yaml
 
-from benchmarks.presets import DATA_DIR, load_splits, synchronize, test_accuracy
+from benchmarks.presets import DATA_DIR, load_splits, parse_override, synchronize, test_accuracy
 from benchmarks.reference import torchvision_mnist, train_reference
 from benchmarks.speed import RAW_DIR, cpu_model
 from stages import params as params_mod
@@ -49,7 +51,8 @@ from stages.datasets import load_table
 from stages.params import Params, PreprocessParams
 from stages.presets import apply, load_presets, resolve
 from stages.preprocess import prepare
-from stages.runtime import cpu_has_bf16, describe_device, resolve_device, resolve_precision, retain_freed_memory
+from stages.runtime import (cpu_has_bf16, describe_device, release_freed_memory, resolve_device,
+                            resolve_precision, retain_freed_memory)
 from stages.train import fit
 
 DEFAULT_PRESETS = ("default", "fast", "cnn-max", "mlp-best")
@@ -65,6 +68,7 @@ class PresetRun:
     preset: str
     seed: int
     test_accuracy: float  # in [0, 1]
+    val_accuracy: float  # after the last epoch, as train logs it
     train_seconds: float
     peak_rss_mib: float  # the whole process's resident memory at its peak during this run
 
@@ -107,18 +111,6 @@ class PeakMemory:
         self._thread.join()
 
 
-def release_freed_memory() -> bool:
-    """Hands the heap's free blocks back to the kernel (glibc's malloc_trim); True if it released any.
-
-    The allocator setting every run uses (runtime.retain_freed_memory) keeps freed memory for reuse,
-    so without this the process's resident memory only grows from run to run (by the end of a
-    four-preset run, 5.7-7 GB against the train stage's 1.6 GB alone) and each run's peak would
-    include every earlier run's garbage (the augment stage's per-chunk views: 1.3 GB for mlp-best).
-    A no-op returning False where the C library is not glibc."""
-    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
-    return bool(malloc_trim(0)) if malloc_trim is not None else False
-
-
 def run_preset(name: str, seed: int, params: Params, splits: dict[str, dict], device: torch.device,
                memory: PeakMemory) -> PresetRun:
     train = augmented_split(splits["train"], params.augment)
@@ -126,12 +118,12 @@ def run_preset(name: str, seed: int, params: Params, splits: dict[str, dict], de
     memory.reset()
     synchronize(device)
     start = time.perf_counter()
-    model, _, _ = fit(params.train, train, splits["val"], device)
+    model, _, rows = fit(params.train, train, splits["val"], device)
     synchronize(device)
     seconds = time.perf_counter() - start
     peak = max(memory.peak, memory.current())
     accuracy = test_accuracy(model, splits["test"], len(train["classes"]), params.evaluate.batch_size)
-    return PresetRun(name, seed, accuracy, seconds, peak / 2**20)
+    return PresetRun(name, seed, accuracy, rows[-1]["val_accuracy"], seconds, peak / 2**20)
 
 
 def load_or_prepare(data_dir: Path, raw_dir: Path, preprocess: PreprocessParams, dataset_name: str) -> dict[str, dict]:
@@ -161,14 +153,16 @@ def machine_line(device: torch.device, precisions: dict[str, str]) -> str:
 
 
 def table(runs: list[PresetRun], reference_epoch_s: float) -> str:
-    lines = ["| preset | seeds | mean test acc. | min test acc. | train s (mean) | reference epochs | peak RSS MiB |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| preset | seeds | mean test acc. | min test acc. | mean val acc. | train s (mean) | reference epochs "
+             "| peak RSS MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name in dict.fromkeys(run.preset for run in runs):
         mine = [run for run in runs if run.preset == name]
         accuracies = [run.test_accuracy for run in mine]
         seconds = statistics.mean(run.train_seconds for run in mine)
         lines.append(f"| {name} | {','.join(str(run.seed) for run in mine)} | {100 * statistics.mean(accuracies):.2f}% "
-                     f"| {100 * min(accuracies):.2f}% | {seconds:.1f} | {seconds / reference_epoch_s:.2f} "
+                     f"| {100 * min(accuracies):.2f}% | {100 * statistics.mean(run.val_accuracy for run in mine):.2f}% "
+                     f"| {seconds:.1f} | {seconds / reference_epoch_s:.2f} "
                      f"| {max(run.peak_rss_mib for run in mine):.0f} |")
     return "\n".join(lines)
 
@@ -213,11 +207,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--raw", type=Path, default=RAW_DIR, help="directory of the MNIST IDX .gz files")
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="directory of train.pt, val.pt, test.pt")
     parser.add_argument("--plot", type=Path, default=PLOT_PATH, help="where to write the figure")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
+                        metavar="SECTION.KEY=VALUE", help="a param for every preset, after its own (repeatable)")
     args = parser.parse_args(argv)
     if args.reference_epochs < 1 or not args.seeds or not args.presets:
         parser.error("--reference-epochs must be >= 1, and --seeds and --presets non-empty")
     device = resolve_device(args.device)
-    extra = {"train.device": device.type, **(QUICK_OVERRIDES if args.quick else {})}
+    extra = {"train.device": device.type, **(QUICK_OVERRIDES if args.quick else {}), **dict(args.overrides)}
     # Every preset and seed checked before anything runs.
     all_params = {(name, seed): preset_params(name, seed, extra) for seed in args.seeds for name in args.presets}
     retain_freed_memory()  # the train stage's allocator setting, for the reference as much as the presets
@@ -243,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
             seed = args.seeds[round_]
             for name in args.presets:
                 runs.append(run_preset(name, seed, all_params[(name, seed)], splits, device, memory))
-                print(f"{name} seed {seed}: {runs[-1].train_seconds:.1f} s, "
-                      f"test accuracy {100 * runs[-1].test_accuracy:.2f}%", flush=True)
+                print(f"{name} seed {seed}: {runs[-1].train_seconds:.1f} s, test accuracy "
+                      f"{100 * runs[-1].test_accuracy:.2f}%, val {100 * runs[-1].val_accuracy:.2f}%", flush=True)
     memory.stop()
     reference_epoch_s = statistics.median(r.train_seconds for r in reference)
     print(f"\nreference epoch (median of {len(reference)}): {reference_epoch_s:.1f} s")

@@ -158,6 +158,9 @@ class TrainParams:
     # e.g. 0.999; 0 = off. When on, the average is scored on val after the last epoch and saved
     # as the model if its val accuracy is at least the raw weights'.
     ema: float
+    # Lookahead (stages.train.Lookahead): the largest fraction of the slow weights a sync every 5
+    # steps keeps, reached at the end of the run; 0 = off. airbench uses 0.95^5 = 0.774.
+    lookahead: float
     # Test-time augmentation, stored in the model (stages.model_config): in eval mode its logits are
     # averaged over the image, its mirror image (tta_flip) and its shifts by tta_shift pixels in the
     # four directions (0 = none). Val scoring during training sees it too, so choices made on val
@@ -196,6 +199,8 @@ class TrainParams:
         _require(1 <= self.epochs <= 1000, "train.epochs", f"must be between 1 and 1000, got {self.epochs}")
         _require(self.ema == 0 or 0.5 <= self.ema < 1, "train.ema",
                  f"must be 0 (off) or in [0.5, 1) (decay per step), got {self.ema}")
+        _require(0 <= self.lookahead < 1, "train.lookahead",
+                 f"must be 0 (off) or in (0, 1) (decay per sync), got {self.lookahead}")
         _require(0 <= self.tta_shift <= 2, "train.tta_shift", f"must be 0 (off), 1 or 2 pixels, got {self.tta_shift}")
         _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
         _require(1 <= self.processes <= 64, "train.processes", f"must be between 1 and 64, got {self.processes}")

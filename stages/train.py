@@ -139,6 +139,45 @@ def epoch_rows(originals: int, views: int, epoch: int) -> torch.Tensor:
     return torch.cat([torch.arange(originals), torch.arange(view * originals, (view + 1) * originals)])
 
 
+class Lookahead:
+    """Lookahead (Zhang et al. 2019) on the schedule of KellerJordan's airbench: every `EVERY`
+    steps a slow copy of the weights moves towards the trained ones by a fraction (1 - decay), and
+    training goes on from the slow copy. decay grows as peak * (step / total)^3, so the first half
+    of the run is nearly untouched and its last steps average the weights over the last few
+    hundred steps; after the last step the model holds the slow copy. Only parameters: BatchNorm's
+    running statistics are already averages.
+    """
+
+    EVERY = 5  # steps between syncs, airbench's
+
+    def __init__(self, model: nn.Module, peak: float, total_steps: int):
+        self.params = list(model.parameters())
+        self.slow = [p.detach().clone() for p in self.params]
+        self.peak, self.total, self.done = peak, total_steps, 0
+
+    def decay(self, step: int) -> float:
+        """How much of the slow weights a sync after step `step` (from 1) keeps; 1 after the last."""
+        return 1.0 if step >= self.total else self.peak * (step / self.total) ** 3
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.done += 1
+        if self.done % self.EVERY and self.done < self.total:
+            return
+        weight = 1.0 - self.decay(self.done)
+        for slow, param in zip(self.slow, self.params):
+            slow.lerp_(param, weight)
+            param.copy_(slow)
+
+    def state_dict(self) -> dict:
+        return {"slow": [w.clone() for w in self.slow], "done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        for w, saved in zip(self.slow, state["slow"]):
+            w.copy_(saved)
+        self.done = state["done"]
+
+
 @dataclass
 class TrainingState:
     """Everything the rest of a run depends on, so that a run resumed from its state_dict() ends
@@ -149,11 +188,14 @@ class TrainingState:
     schedule: torch.optim.lr_scheduler.LRScheduler | None  # None: a constant learning rate
     generator: torch.Generator  # the batch order
     average: AveragedModel | None = None  # train.ema: the moving average of the weights; None: off
+    lookahead: Lookahead | None = None  # train.lookahead; None: off
 
     def step(self) -> None:
         self.optimizer.step()
         if self.schedule is not None:
             self.schedule.step()
+        if self.lookahead is not None:
+            self.lookahead.step()
         if self.average is not None:
             self.average.update_parameters(self.model)
 
@@ -161,6 +203,7 @@ class TrainingState:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict() if self.schedule is not None else None,
                 "average": self.average.state_dict() if self.average is not None else None,
+                "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
                 "batch_order_rng": self.generator.get_state(),
                 # The global generators: dropout draws from them.
                 "torch_rng": torch.get_rng_state(),
@@ -173,6 +216,8 @@ class TrainingState:
             self.schedule.load_state_dict(state["schedule"])
         if self.average is not None:
             self.average.load_state_dict(state["average"])
+        if self.lookahead is not None:
+            self.lookahead.load_state_dict(state["lookahead"])
         self.generator.set_state(state["batch_order_rng"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
@@ -321,8 +366,9 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     optimizer = make_optimizer(model, cfg)
     # use_buffers: BatchNorm's running statistics are averaged too, so the average is a model of its own.
     average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
-    state = TrainingState(model, optimizer, make_schedule(optimizer, cfg, cfg.epochs * len(batches)), generator,
-                          average)
+    total_steps = cfg.epochs * len(batches)
+    lookahead = Lookahead(model, cfg.lookahead, total_steps) if cfg.lookahead else None
+    state = TrainingState(model, optimizer, make_schedule(optimizer, cfg, total_steps), generator, average, lookahead)
     loss_of = make_loss(network, cfg, device)
     say = (lambda message: log(STAGE, message)) if rank.is_main else (lambda message: None)
     say(f"{cfg.model}: {count_parameters(model):,} parameters; {len(train['labels']):,} train and "

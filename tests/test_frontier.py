@@ -30,8 +30,22 @@ def test_quick_run_interleaves_reference_and_presets_and_reports(tmp_path, capsy
     rows = [line for line in lines if line.startswith("| default ") or line.startswith("| fast ")]
     assert [row.split("|")[1].strip() for row in rows] == ["default", "fast"]
     assert all(row.split("|")[2].strip() == "0,1" for row in rows)
+    assert all(row.split("|")[5].strip().endswith("%") for row in rows)  # mean val accuracy
     assert "reference epoch (median of 2)" in out
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_set_applies_a_param_to_every_preset_after_its_own(tmp_path, monkeypatch):
+    """--set measures a lever across the presets: each run's params carry it, validated first."""
+    seen = []
+    monkeypatch.setattr(frontier, "run_preset", lambda name, seed, params, *rest: seen.append(params) or
+                        frontier.PresetRun(name, seed, 0.5, 0.5, 1.0, 1.0))
+    frontier.main(["--quick", "--presets", "default,fast", "--seeds", "0", "--reference-epochs", "1",
+                   "--set", "train.lookahead=0.5", "--set", "train.epochs=2", "--plot", str(tmp_path / "f.png")])
+    assert [(p.train.lookahead, p.train.epochs) for p in seen] == [(0.5, 2), (0.5, 2)]
+    assert seen[1].train.channels == [8, 24, 48]  # fast's own params kept
+    with pytest.raises(PipelineError, match="train.lookahead"):
+        frontier.main(["--quick", "--set", "train.lookahead=2", "--plot", str(tmp_path / "g.png")])
 
 
 def test_unknown_preset_is_refused_before_anything_runs(tmp_path, capsys):
@@ -89,11 +103,11 @@ def test_release_freed_memory_hands_the_heap_back_between_runs():
     (called before each preset run, so its peak is its own) gives them back."""
     import torch
 
-    from stages.runtime import retain_freed_memory
+    from stages.runtime import release_freed_memory, retain_freed_memory
 
     assert retain_freed_memory()
     blocks = [torch.ones(1 << 20) for _ in range(100)]  # 100 x 4 MiB, under the 32 MiB mmap threshold: heap
     del blocks
     before = frontier.PeakMemory.current()
-    assert frontier.release_freed_memory() is True
+    assert release_freed_memory() is True
     assert before - frontier.PeakMemory.current() >= 200 << 20

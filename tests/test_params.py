@@ -108,6 +108,8 @@ def _bad_cases():
     yield "ema negative", c("train", "ema", -0.1), "train.ema", ["0 (off)", "[0.5, 1)"]
     yield "ema one", c("train", "ema", 1.0), "train.ema", ["0 (off)", "[0.5, 1)"]
     yield "ema too fast", c("train", "ema", 0.3), "train.ema", ["0 (off)", "[0.5, 1)"]
+    yield "lookahead negative", c("train", "lookahead", -0.1), "train.lookahead", ["0 (off)", "(0, 1)"]
+    yield "lookahead one", c("train", "lookahead", 1.0), "train.lookahead", ["0 (off)", "(0, 1)"]
     yield "fresh_views not bool", c("train", "fresh_views", "yes"), "train.fresh_views", ["true or false"]
     yield "dropout one", c("train", "dropout", 1.0), "train.dropout", ["[0, 1)"]
     yield "rotation negative", c("augment", "rotation_deg", -1.0), "augment.rotation_deg", ["between 0 and 180"]

@@ -25,3 +25,16 @@ def test_every_preset_validates_against_params_yaml(name):
 def test_unknown_key_in_a_preset_is_refused():
     with pytest.raises(PipelineError, match="'train.nope' is not a key of params.yaml"):
         apply(RAW, {"train.nope": 1})
+
+
+TUTORIAL_PRESETS = list(PRESETS)[:list(PRESETS).index("aug")]  # presets.yaml lists them before `aug`
+
+
+@pytest.mark.parametrize("name", TUTORIAL_PRESETS)
+def test_tutorial_presets_train_as_the_tutorials_do_whatever_the_defaults_add(name):
+    """A tutorial preset reproduces a published recipe, so none of this project's training tricks
+    may reach it through params.yaml's defaults: no weight averaging, no lookahead, no test-time
+    augmentation, no augmentation, fp32."""
+    train = parse(apply(RAW, resolve(name, PRESETS))).train
+    assert (train.ema, train.lookahead, train.tta_shift, train.tta_flip, train.precision) == (0.0, 0.0, 0, False, "fp32")
+    assert parse(apply(RAW, resolve(name, PRESETS))).augment.copies == 0

@@ -15,7 +15,7 @@ from stages.params import AugmentParams, parse
 import stages.runtime as runtime_mod
 from stages.augment import augmented_split
 from stages.runtime import Rank, resolve_precision, retain_freed_memory, seed_everything
-from stages.train import Batches, epoch_rows, fit, make_optimizer, make_schedule, steps_per_epoch
+from stages.train import Batches, Lookahead, epoch_rows, fit, make_optimizer, make_schedule, steps_per_epoch
 from tests.conftest import PROJECT_ROOT
 from tests.synthetic import make_split
 
@@ -28,6 +28,7 @@ SMALL_MLP = dataclasses.replace(TRAIN, model="mlp", hidden=[32], optimizer="adam
                                 epochs=2, batch_size=32, device="cpu")
 SMALL_CNN_FRESH_VIEWS = dataclasses.replace(SMALL_CNN_POOL_EARLY, fresh_views=True, epochs=3)
 SMALL_CNN_EMA = dataclasses.replace(SMALL_CNN, ema=0.9)
+SMALL_CNN_LOOKAHEAD = dataclasses.replace(SMALL_CNN, lookahead=0.77)
 CPU = torch.device("cpu")
 
 
@@ -100,11 +101,12 @@ def test_fit_learns_and_is_bit_identical_when_repeated(data, cfg):
 
 
 @pytest.mark.parametrize("cfg, dataset", [(SMALL_CNN, "data"), (SMALL_MLP, "data"), (SMALL_CNN_FRESH_VIEWS, "views_data"),
-                                          (SMALL_CNN_EMA, "data"), (SMALL_CNN_FRESH_VIEWS, "on_the_fly_data")],
-                         ids=["cnn-sgd", "mlp-adam", "cnn-fresh-views", "cnn-ema", "cnn-on-the-fly"])
+                                          (SMALL_CNN_EMA, "data"), (SMALL_CNN_FRESH_VIEWS, "on_the_fly_data"),
+                                          (SMALL_CNN_LOOKAHEAD, "data")],
+                         ids=["cnn-sgd", "mlp-adam", "cnn-fresh-views", "cnn-ema", "cnn-on-the-fly", "cnn-lookahead"])
 def test_interrupted_fit_resumes_to_the_uninterrupted_result(request, cfg, dataset, tmp_path, monkeypatch):
     """Stopped after epoch 1's checkpoint, a second fit() picks up the model, optimizer (momentum,
-    Adam moments), schedule, weight average and batch-order state, and the view of each epoch
+    Adam moments), schedule, weight average, lookahead's slow weights and batch-order state, and the view of each epoch
     (stored or drawn on the fly), and ends exactly where one unbroken run ends."""
     train, val = request.getfixturevalue(dataset)
     unbroken, _, unbroken_rows = fit(cfg, train, val, CPU)
@@ -352,6 +354,40 @@ def test_ema_saves_the_average_only_when_it_scores_at_least_as_well_on_val(data,
     # A model that is right on val beats an average that is not, and a tie goes to the average.
     assert real_pick(chosen["model"], chosen["average"], val["images"], val["labels"], 2.0, say) is chosen["model"]
     assert real_pick(chosen["model"], chosen["average"], val["images"], val["labels"], 0.0, say) is chosen["average"]
+
+
+def test_lookahead_pulls_the_weights_back_to_a_slow_copy_every_five_steps():
+    """Between syncs the weights move freely; at a sync the slow copy moves (1 - decay) of the way
+    to them and the weights restart from it; decay ramps as peak * (step / total)^3; after the last
+    step (a sync whatever its number) the weights are the slow copy, which the step never reached."""
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    lookahead = Lookahead(model, peak=0.5, total_steps=12)
+    assert [lookahead.decay(step) for step in (5, 10, 12)] == [0.5 * (5 / 12) ** 3, 0.5 * (10 / 12) ** 3, 1.0]
+    expected_slow = torch.zeros(1, 2)
+    for step in range(1, 13):
+        with torch.no_grad():
+            model.weight += 1.0  # an optimizer step
+        before = model.weight.detach().clone()
+        lookahead.step()
+        if step in (5, 10, 12):
+            decay = lookahead.decay(step)
+            expected_slow = decay * expected_slow + (1 - decay) * before
+            assert torch.allclose(model.weight, expected_slow)
+        else:
+            assert torch.equal(model.weight, before)  # no sync: untouched
+    assert torch.allclose(model.weight, expected_slow) and model.weight[0, 0] < 12  # lagging the raw steps
+    restored = Lookahead(model, peak=0.5, total_steps=12)
+    restored.load_state_dict(lookahead.state_dict())
+    assert restored.done == 12 and torch.equal(restored.slow[0], lookahead.slow[0])
+
+
+def test_lookahead_changes_training_and_is_off_at_zero(data):
+    train, val = data
+    plain, _, _ = fit(dataclasses.replace(SMALL_CNN_LOOKAHEAD, lookahead=0.0), train, val, CPU)
+    ahead, _, rows = fit(SMALL_CNN_LOOKAHEAD, train, val, CPU)
+    assert rows[-1]["val_accuracy"] >= 0.9
+    assert not torch.equal(weights(plain)["1.weight"], weights(ahead)["1.weight"])
 
 
 @pytest.mark.parametrize(("requested", "device", "cpu_bf16", "cuda_bf16", "expected"), [
