@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.reference_epochs < 1 or not args.seeds or not args.presets:
         parser.error("--reference-epochs must be >= 1, and --seeds and --presets non-empty")
+    seeded = sorted({"train.seed", "augment.seed"} & dict(args.overrides).keys())
+    if seeded:
+        parser.error(f"--set {', '.join(seeded)}: the seeds come from --seeds (each run sets both)")
     device = resolve_device(args.device)
     extra = {"train.device": device.type, **(QUICK_OVERRIDES if args.quick else {}), **dict(args.overrides)}
     # Every preset and seed checked before anything runs.

@@ -143,9 +143,10 @@ class Lookahead:
     """Lookahead (Zhang et al. 2019) on the schedule of KellerJordan's airbench: every `EVERY`
     steps a slow copy of the weights moves towards the trained ones by a fraction (1 - decay), and
     training goes on from the slow copy. decay grows as peak * (step / total)^3, so the first half
-    of the run is nearly untouched and its last steps average the weights over the last few
-    hundred steps; after the last step the model holds the slow copy. Only parameters: BatchNorm's
-    running statistics are already averages.
+    of the run is nearly untouched and its last steps average the weights; after the last step
+    the model takes the slow copy (that step's sync first, when it falls on one, as airbench does).
+    Only parameters, unlike airbench, which also averages BatchNorm's running statistics: they are
+    moving averages already.
     """
 
     EVERY = 5  # steps between syncs, airbench's
@@ -156,25 +157,24 @@ class Lookahead:
         self.peak, self.total, self.done = peak, total_steps, 0
 
     def decay(self, step: int) -> float:
-        """How much of the slow weights a sync after step `step` (from 1) keeps; 1 after the last."""
-        return 1.0 if step >= self.total else self.peak * (step / self.total) ** 3
+        """The fraction of the slow weights that a sync after step `step` (from 1) keeps."""
+        return self.peak * (step / self.total) ** 3
 
     @torch.no_grad()
     def step(self) -> None:
         self.done += 1
-        if self.done % self.EVERY and self.done < self.total:
-            return
-        weight = 1.0 - self.decay(self.done)
-        for slow, param in zip(self.slow, self.params):
-            slow.lerp_(param, weight)
-            param.copy_(slow)
+        # _foreach_*: one call over every tensor, as torch's own optimizers update them.
+        if self.done % self.EVERY == 0:
+            torch._foreach_lerp_(self.slow, self.params, 1.0 - self.decay(self.done))
+            torch._foreach_copy_(self.params, self.slow)
+        elif self.done >= self.total:
+            torch._foreach_copy_(self.params, self.slow)
 
     def state_dict(self) -> dict:
         return {"slow": [w.clone() for w in self.slow], "done": self.done}
 
     def load_state_dict(self, state: dict) -> None:
-        for w, saved in zip(self.slow, state["slow"]):
-            w.copy_(saved)
+        torch._foreach_copy_(self.slow, state["slow"])
         self.done = state["done"]
 
 

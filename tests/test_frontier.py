@@ -46,6 +46,8 @@ def test_set_applies_a_param_to_every_preset_after_its_own(tmp_path, monkeypatch
     assert seen[1].train.channels == [8, 24, 48]  # fast's own params kept
     with pytest.raises(PipelineError, match="train.lookahead"):
         frontier.main(["--quick", "--set", "train.lookahead=2", "--plot", str(tmp_path / "g.png")])
+    with pytest.raises(SystemExit):  # every "seed" would be the same run
+        frontier.main(["--quick", "--set", "train.seed=3", "--plot", str(tmp_path / "h.png")])
 
 
 def test_unknown_preset_is_refused_before_anything_runs(tmp_path, capsys):

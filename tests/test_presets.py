@@ -37,4 +37,5 @@ def test_tutorial_presets_train_as_the_tutorials_do_whatever_the_defaults_add(na
     augmentation, no augmentation, fp32."""
     train = parse(apply(RAW, resolve(name, PRESETS))).train
     assert (train.ema, train.lookahead, train.tta_shift, train.tta_flip, train.precision) == (0.0, 0.0, 0, False, "fp32")
-    assert parse(apply(RAW, resolve(name, PRESETS))).augment.copies == 0
+    augment = parse(apply(RAW, resolve(name, PRESETS))).augment
+    assert (augment.copies, augment.on_the_fly) == (0, False)

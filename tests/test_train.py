@@ -28,7 +28,9 @@ SMALL_MLP = dataclasses.replace(TRAIN, model="mlp", hidden=[32], optimizer="adam
                                 epochs=2, batch_size=32, device="cpu")
 SMALL_CNN_FRESH_VIEWS = dataclasses.replace(SMALL_CNN_POOL_EARLY, fresh_views=True, epochs=3)
 SMALL_CNN_EMA = dataclasses.replace(SMALL_CNN, ema=0.9)
-SMALL_CNN_LOOKAHEAD = dataclasses.replace(SMALL_CNN, lookahead=0.77)
+# Batches of 30: 11 steps an epoch, so the checkpoint after epoch 1 falls between two syncs, when the
+# weights and the slow copy differ and both must be restored.
+SMALL_CNN_LOOKAHEAD = dataclasses.replace(SMALL_CNN, lookahead=0.77, batch_size=30)
 CPU = torch.device("cpu")
 
 
@@ -356,33 +358,37 @@ def test_ema_saves_the_average_only_when_it_scores_at_least_as_well_on_val(data,
     assert real_pick(chosen["model"], chosen["average"], val["images"], val["labels"], 0.0, say) is chosen["average"]
 
 
-def test_lookahead_pulls_the_weights_back_to_a_slow_copy_every_five_steps():
+@pytest.mark.parametrize("total", [10, 12])
+def test_lookahead_pulls_the_weights_back_to_a_slow_copy_every_five_steps(total):
     """Between syncs the weights move freely; at a sync the slow copy moves (1 - decay) of the way
-    to them and the weights restart from it; decay ramps as peak * (step / total)^3; after the last
-    step (a sync whatever its number) the weights are the slow copy, which the step never reached."""
+    to them and the weights restart from it; decay ramps as peak * (step / total)^3. After the last
+    step the weights are the slow copy: that step's own sync first when it falls on one (total 10),
+    else the last sync's (total 12: steps 11 and 12 are dropped, as in airbench)."""
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
-    lookahead = Lookahead(model, peak=0.5, total_steps=12)
-    assert [lookahead.decay(step) for step in (5, 10, 12)] == [0.5 * (5 / 12) ** 3, 0.5 * (10 / 12) ** 3, 1.0]
+    lookahead = Lookahead(model, peak=0.5, total_steps=total)
+    assert lookahead.decay(5) == 0.5 * (5 / total) ** 3
     expected_slow = torch.zeros(1, 2)
-    for step in range(1, 13):
+    for step in range(1, total + 1):
         with torch.no_grad():
             model.weight += 1.0  # an optimizer step
         before = model.weight.detach().clone()
         lookahead.step()
-        if step in (5, 10, 12):
-            decay = lookahead.decay(step)
+        if step % 5 == 0:
+            decay = 0.5 * (step / total) ** 3
             expected_slow = decay * expected_slow + (1 - decay) * before
+            assert torch.allclose(model.weight, expected_slow)
+        elif step == total:
             assert torch.allclose(model.weight, expected_slow)
         else:
             assert torch.equal(model.weight, before)  # no sync: untouched
-    assert torch.allclose(model.weight, expected_slow) and model.weight[0, 0] < 12  # lagging the raw steps
-    restored = Lookahead(model, peak=0.5, total_steps=12)
+    assert model.weight[0, 0] < 10  # lagging the raw steps
+    restored = Lookahead(model, peak=0.5, total_steps=total)
     restored.load_state_dict(lookahead.state_dict())
-    assert restored.done == 12 and torch.equal(restored.slow[0], lookahead.slow[0])
+    assert restored.done == total and torch.equal(restored.slow[0], lookahead.slow[0])
 
 
-def test_lookahead_changes_training_and_is_off_at_zero(data):
+def test_lookahead_changes_training(data):
     train, val = data
     plain, _, _ = fit(dataclasses.replace(SMALL_CNN_LOOKAHEAD, lookahead=0.0), train, val, CPU)
     ahead, _, rows = fit(SMALL_CNN_LOOKAHEAD, train, val, CPU)
