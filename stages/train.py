@@ -119,7 +119,8 @@ class Batches:
                 return  # a last, partial batch too small to give every process an image
             share = slice(self.rank.rank, None, self.rank.world)
             if self.draw_view is None:
-                yield self.images[batch[share]], self.labels[batch[share]]
+                mine = batch[share]
+                yield self.images[mine], self.labels[mine]
                 continue
             # Order positions [0, 2N): below N the image itself, from N on a view of image (i - N).
             # Views are drawn for the whole batch, then shared out: every process draws the same

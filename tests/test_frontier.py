@@ -5,6 +5,7 @@ Not a timing test: the numbers it prints are not checked, only that every part r
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -13,7 +14,9 @@ import pytest
 import torchvision  # noqa: F401
 
 from benchmarks import frontier
+from stages import params as params_mod
 from stages.common import PipelineError
+from stages.presets import load_presets
 
 
 def test_quick_run_interleaves_reference_and_presets_and_reports(tmp_path, capsys, monkeypatch):
@@ -43,7 +46,7 @@ def test_set_applies_a_param_to_every_preset_after_its_own(tmp_path, monkeypatch
     frontier.main(["--quick", "--presets", "default,fast", "--seeds", "0", "--reference-epochs", "1",
                    "--set", "train.lookahead=0.5", "--set", "train.epochs=2", "--plot", str(tmp_path / "f.png")])
     assert [(p.train.lookahead, p.train.epochs) for p in seen] == [(0.5, 2), (0.5, 2)]
-    assert seen[1].train.channels == [8, 24, 48]  # fast's own params kept
+    assert seen[1].train.channels == load_presets()["fast"]["train.channels"]  # fast's own params kept
     with pytest.raises(PipelineError, match="train.lookahead"):
         frontier.main(["--quick", "--set", "train.lookahead=2", "--plot", str(tmp_path / "g.png")])
     with pytest.raises(SystemExit):  # every "seed" would be the same run
@@ -113,3 +116,11 @@ def test_release_freed_memory_hands_the_heap_back_between_runs():
     before = frontier.PeakMemory.current()
     assert release_freed_memory() is True
     assert before - frontier.PeakMemory.current() >= 200 << 20
+
+
+def test_default_is_params_yaml_as_committed_with_the_seeds():
+    """'default' goes through presets.yaml's `cnn`, which must stay empty for this to hold."""
+    committed = params_mod.load()
+    assert frontier.preset_params("default", 7, {}) == dataclasses.replace(
+        committed, train=dataclasses.replace(committed.train, seed=7),
+        augment=dataclasses.replace(committed.augment, seed=7))

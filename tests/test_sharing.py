@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from stages.presets import load_presets
 from tests.conftest import PROJECT_ROOT, VENV_BIN, DvcProject
 from tests.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
 from tests.sshd import Sshd
@@ -253,7 +254,9 @@ def test_preset_grid_sweep_through_make(project):
     assert sorted(data["params"]["params.yaml"]["data"]["train"]["seed"] for data in fast.values()) == [0, 1]
     for data in fast.values():  # the preset's params, on top of the grid's seed
         train = data["params"]["params.yaml"]["data"]["train"]
-        assert (train["channels"], train["pool"], train["epochs"]) == ([8, 24, 48], "early", 1), train
+        preset = load_presets()["fast"]
+        assert (train["channels"], train["pool"], train["epochs"]) == (
+            preset["train.channels"], preset["train.pool"], preset["train.epochs"]), train
     metrics = [data["metrics"]["metrics/eval.json"]["data"] for data in fast.values()]
     mean = subprocess.run(["bash", "-c", SEED_MEAN], cwd=p.root, env=p.env, capture_output=True, text=True, check=True)
     runs, _, _, accuracy, _, loss = mean.stdout.split()  # "2 runs: accuracy A loss L"
