@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.presets import comma_ints
 from benchmarks.speed import cpu_model
 from stages.common import run_main
 
@@ -31,15 +32,13 @@ def time_batchnorm(shape: tuple[int, int, int, int], dtype: torch.dtype, channel
                    iterations: int, repeats: int) -> tuple[float, float]:
     """(forward µs, backward µs) of training-mode batch_norm on a [N, C, H, W] input, the fastest loop."""
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(shape, generator=generator).to(dtype)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    images = torch.randn(shape, generator=generator).to(dtype).contiguous(memory_format=layout)
     images.requires_grad_(True)
     channels = shape[1]
     weight, bias = torch.ones(channels, requires_grad=True), torch.zeros(channels, requires_grad=True)
     running_mean, running_var = torch.zeros(channels), torch.ones(channels)
-    grad = torch.randn(images.shape, generator=generator).to(dtype).contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    grad = torch.randn(shape, generator=generator).to(dtype).contiguous(memory_format=layout)
 
     def forward() -> torch.Tensor:
         return F.batch_norm(images, running_mean, running_var, weight, bias, training=True)
@@ -66,9 +65,8 @@ def time_batchnorm(shape: tuple[int, int, int, int], dtype: torch.dtype, channel
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ints = lambda text: [int(part) for part in text.split(",")]  # noqa: E731
-    parser.add_argument("--channels", type=ints, default=[8, 12, 16, 24, 32, 48, 64])
-    parser.add_argument("--sizes", type=ints, default=[14, 7, 3],
+    parser.add_argument("--channels", type=comma_ints, default=[8, 12, 16, 24, 32, 48, 64])
+    parser.add_argument("--sizes", type=comma_ints, default=[14, 7, 3],
                         help="image sides (where the fast CNN's three BatchNorms run, pooling early)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")

@@ -41,7 +41,8 @@ from typing import Any
 import torch
 
 from benchmarks import presets
-from benchmarks.presets import DATA_DIR, load_splits, parse_override, synchronize, test_accuracy
+from benchmarks.presets import (DATA_DIR, comma_ints, comma_list, load_splits, parse_override, synchronize,
+                                test_accuracy)
 from benchmarks.reference import torchvision_mnist, train_reference
 from benchmarks.speed import RAW_DIR, cpu_model
 from stages.augment import augmented_split
@@ -186,15 +187,11 @@ def plot(runs: list[PresetRun], reference: list, path: Path) -> None:
     plt.close(figure)
 
 
-def comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", type=comma_list, default=list(DEFAULT_PRESETS),
                         help="comma-separated: 'default' (params.yaml) and presets.yaml names")
-    parser.add_argument("--seeds", type=lambda text: [int(s) for s in comma_list(text)], default=[0, 1, 2],
+    parser.add_argument("--seeds", type=comma_ints, default=[0, 1, 2],
                         help="comma-separated; each preset runs once per seed (train.seed = augment.seed)")
     parser.add_argument("--reference-epochs", type=int, default=3,
                         help="epochs of the reference recipe; the median epoch time is the unit")

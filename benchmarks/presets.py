@@ -108,6 +108,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(value)
 
 
+def comma_list(text: str) -> list[str]:
+    """An argparse type: "a, b,c" -> ["a", "b", "c"]."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def comma_ints(text: str) -> list[int]:
+    """An argparse type: "0,1,2" -> [0, 1, 2]."""
+    return [int(item) for item in comma_list(text)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("specs", nargs="*", metavar="PRESET",

@@ -252,9 +252,9 @@ def test_preset_grid_sweep_through_make(project):
     runs = _experiment_names(p)
     fast = {name: data for name, data in runs.items() if name.startswith("fast-")}
     assert sorted(data["params"]["params.yaml"]["data"]["train"]["seed"] for data in fast.values()) == [0, 1]
+    preset = load_presets()["fast"]
     for data in fast.values():  # the preset's params, on top of the grid's seed
         train = data["params"]["params.yaml"]["data"]["train"]
-        preset = load_presets()["fast"]
         assert (train["channels"], train["pool"], train["epochs"]) == (
             preset["train.channels"], preset["train.pool"], preset["train.epochs"]), train
     metrics = [data["metrics"]["metrics/eval.json"]["data"] for data in fast.values()]
