@@ -34,6 +34,8 @@ def test_quick_run_interleaves_reference_and_presets_and_reports(tmp_path, capsy
     assert [row.split("|")[1].strip() for row in rows] == ["default", "fast"]
     assert all(row.split("|")[2].strip() == "0,1" for row in rows)
     assert all(row.split("|")[5].strip().endswith("%") for row in rows)  # mean val accuracy
+    ratios = [row.split("|")[7].strip() for row in rows]  # reference epochs, 3 significant digits
+    assert all(float(ratio) > 0 and len(ratio.lstrip("0.").replace(".", "")) <= 3 for ratio in ratios)
     assert "reference epoch (median of 2)" in out
     assert plot.read_bytes().startswith(b"\x89PNG")
 
