@@ -126,3 +126,11 @@ def test_default_is_params_yaml_as_committed_with_the_seeds():
     assert frontier.preset_params("default", 7, {}) == dataclasses.replace(
         committed, train=dataclasses.replace(committed.train, seed=7),
         augment=dataclasses.replace(committed.augment, seed=7))
+
+
+def test_table_gives_means_minimum_and_the_ratio_to_three_significant_digits():
+    """0.0829 and 0.0792 must not both print as 0.08 next to a 0.08 target."""
+    runs = [frontier.PresetRun("fast", 0, 0.9907, 0.9896, 5.0, 1200.0),
+            frontier.PresetRun("fast", 1, 0.9925, 0.9904, 5.46, 1300.4)]
+    header, rule, row = frontier.table(runs, reference_epoch_s=63.1).splitlines()
+    assert row == "| fast | 0,1 | 99.16% | 99.07% | 99.00% | 5.2 | 0.0829 | 1300 |"
