@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 Architecture = Literal["softmax", "mlp", "cnn"]
 Pool = Literal["end", "early"]  # cnn: each block's max-pool after its last ReLU, or right after its first conv
+Stem = Literal["pool", "stride"]  # cnn: the first block halves the image by its max-pool, or by a stride-2 first conv
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 
 
@@ -36,6 +37,10 @@ class ModelConfig:
     # Part of the model, so that val scoring in train, evaluate and predict all see the same outputs.
     tta_flip: bool = False
     tta_shift: int = 0
+    # cnn: how the first block halves the image. "pool": its max-pool, like the other blocks;
+    # "stride": its first conv steps 2 pixels (no max-pool in that block), so no layer works at the
+    # full 28x28 resolution. The weights have the same shapes either way.
+    stem: Stem = "pool"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists, not tuples) for the model file."""

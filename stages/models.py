@@ -17,8 +17,8 @@ from stages.common import PipelineError, load_tensors, save_tensors
 from stages.model_config import ARCHITECTURES, ModelConfig
 
 # 2: the config gained convs_per_block; 3: it gained pool; 4: its `model` key became `architecture`
-# (the fields of ModelConfig); 5: it gained tta_flip and tta_shift.
-FORMAT_VERSION = 5
+# (the fields of ModelConfig); 5: it gained tta_flip and tta_shift; 6: it gained stem.
+FORMAT_VERSION = 6
 
 
 # What a config of an older format means in the next one: each function takes the stored dict of
@@ -27,6 +27,7 @@ _UPGRADES = {
     2: lambda config: {**config, "pool": "end"},
     3: lambda config: {"architecture": config["model"], **{k: v for k, v in config.items() if k != "model"}},
     4: lambda config: {**config, "tta_flip": False, "tta_shift": 0},
+    5: lambda config: {**config, "stem": "pool"},
 }
 
 
@@ -47,7 +48,7 @@ class Normalize(nn.Module):
         return ((images.float() - self.mean) / self.std).unsqueeze(1)
 
 
-def _conv_block(c_in: int, c_out: int, convs: int, pool: str) -> list[nn.Module]:
+def _conv_block(c_in: int, c_out: int, convs: int, pool: str, stride: bool = False) -> list[nn.Module]:
     # `convs` 3x3 convs, each keeping H and W and followed by BatchNorm (which makes a high
     # one-cycle learning rate stable, and the conv bias redundant) and ReLU, and one 2x2 max-pool
     # that halves H and W. Two stacked 3x3 convs see 5x5 pixels with fewer weights than one 5x5.
@@ -55,13 +56,18 @@ def _conv_block(c_in: int, c_out: int, convs: int, pool: str) -> list[nn.Module]
     # KellerJordan's airbench does: max-pooling commutes with ReLU, and with BatchNorm's per-channel
     # affine map wherever its scale is positive, so the network is nearly the same while
     # BatchNorm and ReLU, memory-bound on a CPU, touch a quarter of the pixels.
+    # stride: the first conv halves H and W itself (evaluated at every other pixel; padding 1 keeps
+    # 28 -> 14) and the block has no max-pool: a quarter of that conv's work, and no full-resolution
+    # activations at all (ModelConfig.stem).
     layers: list[nn.Module] = []
     for i in range(convs):
-        layers.append(nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=False))
-        if i == 0 and pool == "early":
+        first = i == 0
+        layers.append(nn.Conv2d(c_in if first else c_out, c_out, 3, stride=2 if first and stride else 1,
+                                padding=1, bias=False))
+        if first and pool == "early" and not stride:
             layers.append(nn.MaxPool2d(2))
         layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-    if pool == "end":
+    if pool == "end" and not stride:
         layers.append(nn.MaxPool2d(2))
     return layers
 
@@ -117,9 +123,10 @@ def build_model(config: ModelConfig) -> nn.Module:
         layers.append(nn.Linear(widths[-1], classes))
     elif config.architecture == "cnn":
         c1, c2, c3 = config.channels
-        convs, pool = config.convs_per_block, config.pool
-        side = size // 8  # three 2x2 pools, flooring: 28 -> 14 -> 7 -> 3
-        layers += [*_conv_block(1, c1, convs, pool), *_conv_block(c1, c2, convs, pool),
+        convs, pool, stride = config.convs_per_block, config.pool, config.stem == "stride"
+        # Three halvings: a 2x2 pool floors (28 -> 14 -> 7 -> 3), a stride-2 conv with padding 1 rounds up.
+        side = (size + 1) // 2 // 4 if stride else size // 8
+        layers += [*_conv_block(1, c1, convs, pool, stride), *_conv_block(c1, c2, convs, pool),
                    *_conv_block(c2, c3, convs, pool),
                    nn.Flatten(), nn.Linear(c3 * side * side, classes)]
     else:

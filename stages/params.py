@@ -23,7 +23,7 @@ import yaml
 
 from stages.common import PipelineError, run_main, write_text_atomic
 from stages.datasets import Dataset, load_table
-from stages.model_config import Architecture, ModelConfig, Pool
+from stages.model_config import Architecture, ModelConfig, Pool, Stem
 
 DEFAULT_PATH = Path("params.yaml")
 VALID_MARKER = "params.yaml is valid\n"
@@ -138,6 +138,7 @@ class TrainParams:
     channels: list[int]  # cnn: output channels of its three conv blocks
     convs_per_block: int  # cnn: 3x3 convs in each block
     pool: Pool  # cnn: each block's max-pool after its last ReLU, or right after its first conv
+    stem: Stem  # cnn: the first block halves the image by its max-pool, or by a stride-2 first conv
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: float  # peak learning rate for the onecycle schedule
     momentum: float  # sgd only
@@ -214,7 +215,7 @@ class TrainParams:
         return ModelConfig(architecture=self.model, hidden=tuple(self.hidden), dropout=self.dropout,
                            channels=tuple(self.channels), convs_per_block=self.convs_per_block, pool=self.pool,
                            image_size=image_size, num_classes=num_classes, mean=mean, std=std,
-                           tta_flip=self.tta_flip, tta_shift=self.tta_shift)
+                           tta_flip=self.tta_flip, tta_shift=self.tta_shift, stem=self.stem)
 
 
 @dataclass(frozen=True)

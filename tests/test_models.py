@@ -109,15 +109,41 @@ def test_pool_places_each_blocks_max_pool(images, convs):
         assert early.eval()(images).shape == (len(images), 10)
 
 
+@pytest.mark.parametrize("pool, convs", [("early", 1), ("early", 2), ("end", 2)])
+def test_stride_stem_halves_the_image_in_the_first_conv(images, pool, convs):
+    """stem "stride": the first block's first conv steps 2 pixels and that block has no max-pool, so
+    its output is 14x14 as with the pool, from 28x28 input, without any 28x28 activations; the other
+    blocks keep theirs, and the weights have the pool stem's shapes (same parameter count)."""
+    tail = ["conv", "bn", "relu"] * (convs - 1)
+    stride = build_model(config("cnn", convs_per_block=convs, pool=pool, stem="stride"))
+    pooled = build_model(config("cnn", convs_per_block=convs, pool=pool))
+    block = ["conv", "pool", "bn", "relu", *tail] if pool == "early" else ["conv", "bn", "relu", *tail, "pool"]
+    assert layer_kinds(stride) == ["conv", "bn", "relu", *tail, *block, *block]
+    convs_of = [m for m in stride if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs_of] == [(2, 2)] + [(1, 1)] * (len(convs_of) - 1)
+    assert [p.shape for p in stride.parameters()] == [p.shape for p in pooled.parameters()]
+    first_block = torch.nn.Sequential(*list(stride)[:1 + 3 * convs])  # Normalize, then the block's layers
+    with torch.no_grad():
+        assert first_block(images).shape == (len(images), 4, 14, 14)
+        assert stride.eval()(images).shape == (len(images), 10)
+
+
+def as_format_5(payload):
+    """A format-6 payload as format 5 wrote it: before `stem`."""
+    del payload["config"]["stem"]
+    payload["format_version"] = 5
+
+
 def as_format_4(payload):
-    """A format-5 payload as format 4 wrote it: before the test-time augmentation fields."""
+    """A format-6 payload as format 4 wrote it: format 5's, before the test-time augmentation fields."""
+    as_format_5(payload)
     for key in ("tta_flip", "tta_shift"):
         del payload["config"][key]
     payload["format_version"] = 4
 
 
 def as_format_3(payload):
-    """A format-5 payload as format 3 wrote it: format 4's, with the architecture under the key `model`."""
+    """A format-6 payload as format 3 wrote it: format 4's, with the architecture under the key `model`."""
     as_format_4(payload)
     config = payload["config"]
     payload["config"] = {"model": config.pop("architecture"), **config}
@@ -125,10 +151,21 @@ def as_format_3(payload):
 
 
 def as_format_2(payload):
-    """A format-4 payload as format 2 wrote it: format 3's, before `pool` existed."""
+    """A format-6 payload as format 2 wrote it: format 3's, before `pool` existed."""
     as_format_3(payload)
     del payload["config"]["pool"]
     payload["format_version"] = 2
+
+
+def test_format_5_file_loads_with_the_pool_stem(tmp_path, images):
+    """Model files of format 5 (no stem in the config) load as the network they were: the first
+    block halves the image by its max-pool."""
+    cfg = config("cnn")
+    net, loaded, meta = save_and_load(tmp_path, cfg, 5, as_format_5)
+    assert meta["format_version"] == 5 and meta["config"]["stem"] == "pool"
+    assert ModelConfig.from_dict(meta["config"]) == cfg
+    with torch.no_grad():
+        assert torch.equal(loaded(images), net(images))
 
 
 @pytest.mark.parametrize("model", ARCHITECTURES)
@@ -171,7 +208,8 @@ def test_model_file_stores_the_config_as_plain_values(saved):
     stored = torch.load(path, weights_only=True)["config"]
     assert stored == {"architecture": "mlp", "hidden": [32, 16], "dropout": 0.2, "channels": [4, 8, 16],
                       "convs_per_block": cfg.convs_per_block, "pool": cfg.pool, "image_size": 28,
-                      "num_classes": 10, "mean": 0.13, "std": 0.31, "tta_flip": False, "tta_shift": 0}
+                      "num_classes": 10, "mean": 0.13, "std": 0.31, "tta_flip": False, "tta_shift": 0,
+                      "stem": "pool"}
     assert ModelConfig.from_dict(stored) == cfg
 
 

@@ -53,7 +53,7 @@ def test_train_section_builds_the_model_config(architecture):
     assert train.model_config(28, 10, mean=0.13, std=0.31) == ModelConfig(
         architecture=architecture, hidden=tuple(BASE["train"]["hidden"]), dropout=BASE["train"]["dropout"],
         channels=tuple(BASE["train"]["channels"]), convs_per_block=BASE["train"]["convs_per_block"],
-        pool=BASE["train"]["pool"], image_size=28, num_classes=10, mean=0.13, std=0.31)
+        pool=BASE["train"]["pool"], image_size=28, num_classes=10, mean=0.13, std=0.31, stem=BASE["train"]["stem"])
 
 
 def test_load_reads_a_file(tmp_path):
@@ -96,7 +96,7 @@ def _bad_cases():
     yield "val_size negative", c("preprocess", "val_size", -5), "preprocess.val_size", ["between"]
     yield "val_size whole set", c("preprocess", "val_size", 60000), "preprocess.val_size", ["between", "60000"]
     for key, bad in [("model", "resnet"), ("optimizer", "lbfgs"), ("device", "tpu"),
-                     ("schedule", "step"), ("precision", "fp16"), ("pool", "before")]:
+                     ("schedule", "step"), ("precision", "fp16"), ("pool", "before"), ("stem", "strided")]:
         allowed = [repr(v) for v in get_args(get_type_hints(TrainParams)[key])]
         yield f"unknown {key}", c("train", key, bad), f"train.{key}", ["one of", repr(bad), *allowed]
     mlp_no_hidden = c("train", "model", "mlp")
