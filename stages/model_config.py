@@ -55,4 +55,9 @@ class ModelConfig:
         missing, unknown = [n for n in names if n not in raw], [k for k in raw if k not in names]
         if missing or unknown:
             raise ValueError(f"configuration keys missing: {missing}, unknown: {unknown}")
+        # Choices the network code would otherwise read as "not the other one" (an unknown stem
+        # would build the pool stem): refused by name, like params.yaml's.
+        for name, choices in (("pool", get_args(Pool)), ("stem", get_args(Stem))):
+            if raw[name] not in choices:
+                raise ValueError(f"configuration {name} {raw[name]!r} is not one of {', '.join(map(repr, choices))}")
         return cls(**{**raw, "hidden": tuple(raw["hidden"]), "channels": tuple(raw["channels"])})

@@ -128,6 +128,37 @@ def test_stride_stem_halves_the_image_in_the_first_conv(images, pool, convs):
         assert stride.eval()(images).shape == (len(images), 10)
 
 
+@pytest.mark.parametrize("side", [28, 31, 15])
+def test_stride_stem_sizes_the_classifier_for_any_image_side(side):
+    """A stride-2 conv with padding 1 rounds the side up (31 -> 16), where a 2x2 pool floors it
+    (31 -> 15): the Linear layer takes what the last block gives, and the network saves and loads."""
+    cfg = dataclasses.replace(config("cnn", stem="stride"), image_size=side)
+    images = torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert build_model(cfg).eval()(images).shape == (3, 10)
+
+
+def test_stride_stem_round_trips_through_the_model_file(tmp_path, images):
+    cfg = config("cnn", stem="stride")
+    net, loaded, meta = save_and_load(tmp_path, cfg, 6)
+    assert meta["config"]["stem"] == "stride" and ModelConfig.from_dict(meta["config"]) == cfg
+    with torch.no_grad():
+        assert torch.equal(loaded(images), net(images))
+
+
+@pytest.mark.parametrize("key, value", [("stem", "strided"), ("pool", "before")])
+def test_model_file_with_an_unknown_choice_is_refused(tmp_path, key, value):
+    """A stored stem or pool that the code does not know is an error naming it, not a network of
+    another shape (an unknown stem would otherwise build the pool stem)."""
+    cfg = config("cnn")
+    torch.manual_seed(0)
+    path = tmp_path / "model.pt"
+    save_model(path, build_model(cfg), cfg, CLASSES)
+    rewrite(path, lambda payload: payload["config"].update({key: value}))
+    with pytest.raises(ModelFileError, match=f"configuration {key} '{value}' is not one of"):
+        load_model(path)
+
+
 def as_format_5(payload):
     """A format-6 payload as format 5 wrote it: before `stem`."""
     del payload["config"]["stem"]

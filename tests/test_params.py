@@ -49,11 +49,13 @@ def test_real_params_parse():
 def test_train_section_builds_the_model_config(architecture):
     """Every architecture the model code knows is a valid train.model, and the train section
     gives the ModelConfig of its network for the train split's image size, classes and statistics."""
-    train = parse(with_change("train", "model", architecture)).train
+    raw = with_change("train", "model", architecture)
+    raw["train"]["stem"] = "stride"  # not ModelConfig's default, so that it must come from the params
+    train = parse(raw).train
     assert train.model_config(28, 10, mean=0.13, std=0.31) == ModelConfig(
         architecture=architecture, hidden=tuple(BASE["train"]["hidden"]), dropout=BASE["train"]["dropout"],
         channels=tuple(BASE["train"]["channels"]), convs_per_block=BASE["train"]["convs_per_block"],
-        pool=BASE["train"]["pool"], image_size=28, num_classes=10, mean=0.13, std=0.31, stem=BASE["train"]["stem"])
+        pool=BASE["train"]["pool"], image_size=28, num_classes=10, mean=0.13, std=0.31, stem="stride")
 
 
 def test_load_reads_a_file(tmp_path):
