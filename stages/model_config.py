@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 Architecture = Literal["softmax", "mlp", "cnn"]
 Pool = Literal["end", "early"]  # cnn: each block's max-pool after its last ReLU, or right after its first conv
@@ -55,9 +55,11 @@ class ModelConfig:
         missing, unknown = [n for n in names if n not in raw], [k for k in raw if k not in names]
         if missing or unknown:
             raise ValueError(f"configuration keys missing: {missing}, unknown: {unknown}")
-        # Choices the network code would otherwise read as "not the other one" (an unknown stem
-        # would build the pool stem): refused by name, like params.yaml's.
-        for name, choices in (("pool", get_args(Pool)), ("stem", get_args(Stem))):
-            if raw[name] not in choices:
+        # Every Literal field's value must be one of its choices: the network code would otherwise
+        # read an unknown one as "not the other one" (an unknown stem would build the pool stem).
+        hints = get_type_hints(cls)
+        for name in names:
+            choices = get_args(hints[name]) if get_origin(hints[name]) is Literal else None
+            if choices and raw[name] not in choices:
                 raise ValueError(f"configuration {name} {raw[name]!r} is not one of {', '.join(map(repr, choices))}")
         return cls(**{**raw, "hidden": tuple(raw["hidden"]), "channels": tuple(raw["channels"])})

@@ -131,7 +131,7 @@ def test_stride_stem_halves_the_image_in_the_first_conv(images, pool, convs):
 @pytest.mark.parametrize("side", [28, 31, 15])
 def test_stride_stem_sizes_the_classifier_for_any_image_side(side):
     """A stride-2 conv with padding 1 rounds the side up (31 -> 16), where a 2x2 pool floors it
-    (31 -> 15): the Linear layer takes what the last block gives, and the network saves and loads."""
+    (31 -> 15): the Linear layer takes what the last block gives."""
     cfg = dataclasses.replace(config("cnn", stem="stride"), image_size=side)
     images = torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -146,10 +146,10 @@ def test_stride_stem_round_trips_through_the_model_file(tmp_path, images):
         assert torch.equal(loaded(images), net(images))
 
 
-@pytest.mark.parametrize("key, value", [("stem", "strided"), ("pool", "before")])
+@pytest.mark.parametrize("key, value", [("stem", "strided"), ("pool", "before"), ("architecture", "resnet")])
 def test_model_file_with_an_unknown_choice_is_refused(tmp_path, key, value):
-    """A stored stem or pool that the code does not know is an error naming it, not a network of
-    another shape (an unknown stem would otherwise build the pool stem)."""
+    """A stored choice (stem, pool, architecture) that the code does not know is an error naming it,
+    not a network of another shape (an unknown stem would otherwise build the pool stem)."""
     cfg = config("cnn")
     torch.manual_seed(0)
     path = tmp_path / "model.pt"
