@@ -46,7 +46,7 @@ from benchmarks.presets import (DATA_DIR, comma_ints, comma_list, load_splits, p
 from benchmarks.reference import torchvision_mnist, train_reference
 from benchmarks.speed import RAW_DIR, cpu_model
 from stages.augment import augmented_split
-from stages.common import run_main
+from stages.common import PipelineError, run_main
 from stages.datasets import load_table
 from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
@@ -215,6 +215,11 @@ def main(argv: list[str] | None = None) -> None:
     extra = {"train.device": device.type, **(QUICK_OVERRIDES if args.quick else {}), **overrides}
     # Every preset and seed checked before anything runs.
     all_params = {(name, seed): preset_params(name, seed, extra) for seed in args.seeds for name in args.presets}
+    # The reference recipe is torchvision's MNIST: a preset of another dataset has no reference here.
+    other = sorted({name for (name, _), params in all_params.items() if params.fetch.dataset != "mnist"})
+    if other:
+        raise PipelineError(f"{', '.join(other)}: fetch.dataset is not mnist; the frontier measures MNIST "
+                            "presets against the MNIST reference recipe")
     retain_freed_memory()  # the train stage's allocator setting, for the reference as much as the presets
     first = next(iter(all_params.values()))
     with tempfile.TemporaryDirectory(prefix="frontier-") as temp:

@@ -1,6 +1,6 @@
 """predict on real MNIST digits saved the ways phones and image tools save them, and its peak memory.
 
-    MNIST_MIRROR=/work/shared/data/mnist python -m benchmarks.predict_check [--model M] [--digits N]
+    MNIST_MIRROR=../shared/data/mnist python -m benchmarks.predict_check [--model M] [--digits N]
 
 1. Accuracy per format. Trains the `fast` preset with the train stage's fit() on MNIST's official
    training images (the last 5,000 as val), unless --model names a model file; then saves each

@@ -25,6 +25,7 @@ import yaml
 from stages import params as params_mod
 from stages.augment import augmented_split
 from stages.common import PipelineError, load_tensors, run_main
+from stages.datasets import load_table
 from stages.evaluate import test_metrics
 from stages.models import predict_logits
 from stages.params import AugmentParams, Params, TrainParams
@@ -46,6 +47,14 @@ def default_specs(presets: dict[str, dict[str, Any]]) -> list[str]:
     split = names.index(AUG)
     tutorial, own = names[:split], names[split + 1:]
     return [spec for name in tutorial for spec in (name, f"{name}+{AUG}")] + own
+
+
+def on_other_data(specs: list[str], all_params: list[Params], classes: list[str]) -> list[str]:
+    """The specs whose fetch.dataset is not the one the prepared splits hold (told by its class
+    names): trained and scored on those splits, they would report another dataset's accuracy."""
+    table = load_table()
+    return [spec for spec, params in zip(specs, all_params)
+            if list(table[params.fetch.dataset].classes) != list(classes)]
 
 
 def preset_params(spec: str, overrides: dict[str, Any] | None = None,
@@ -132,11 +141,19 @@ def main(argv: list[str] | None = None) -> None:
     specs = args.specs or default_specs(load_presets())
     all_params = [preset_params(spec, overrides) for spec in specs]  # every preset checked before any run
     splits = load_splits(args.data)
+    other = on_other_data(specs, all_params, splits[0]["classes"])
+    if other and (args.specs or len(other) == len(specs)):
+        raise PipelineError(f"{', '.join(other)}: fetch.dataset is not the dataset prepared in {args.data}; "
+                            "prepare it first (`dvc repro preprocess` with the preset applied)")
+    if other:  # the default list: those of the prepared dataset run, the rest are named
+        print(f"benchmarks.presets: skipping {', '.join(other)}: another dataset than {args.data}'s",
+              file=sys.stderr)
+    runs = [(spec, params) for spec, params in zip(specs, all_params) if spec not in other]
     suffix = "".join(f" {key}={value}" for key, value in overrides.items())
     sys.stdout.write(TABLE_HEADER)
     if args.out:
         args.out.write_text(TABLE_HEADER)
-    for spec, params in zip(specs, all_params):
+    for spec, params in runs:
         row = table_row(spec + suffix, *run_preset(params, splits))
         sys.stdout.write(row)
         sys.stdout.flush()

@@ -62,6 +62,14 @@ def test_unknown_preset_is_refused_before_anything_runs(tmp_path, capsys):
     assert not (tmp_path / "f.png").exists()
 
 
+def test_a_preset_of_another_dataset_is_refused_before_anything_runs(tmp_path, capsys):
+    # `fashion` has no reference recipe here, and would be trained on MNIST's splits.
+    with pytest.raises(PipelineError, match=r"^fashion: fetch.dataset is not mnist"):
+        frontier.main(["--quick", "--presets", "default,fashion", "--plot", str(tmp_path / "f.png")])
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "f.png").exists()
+
+
 def test_reference_epochs_do_not_depend_on_random_numbers_drawn_between_them(tmp_path):
     """The frontier runs presets (which reseed and draw from torch's global generator) between the
     reference recipe's epochs; its dropout masks, hence its losses, must not change with them, and
