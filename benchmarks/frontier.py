@@ -228,6 +228,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             raw_dir = args.raw
             splits = load_or_prepare(args.data, raw_dir, first.preprocess, first.fetch.dataset)
+            if list(splits["train"]["classes"]) != list(load_table()["mnist"].classes):
+                # e.g. after a `fashion` repro: data/prepared, and data/raw under the same names, hold garments
+                raise PipelineError(f"{args.data} holds another dataset than MNIST (class names "
+                                    f"{list(splits['train']['classes'])[:3]}...); run `dvc repro preprocess` "
+                                    "with fetch.dataset: mnist, or point --data and --raw at MNIST's files")
         train_set, test_set = torchvision_mnist(raw_dir, Path(temp, "torchvision"))
     precisions = {name: resolve_precision(p.train.precision, device) for (name, _), p in all_params.items()}
     print(machine_line(device, precisions), flush=True)

@@ -327,7 +327,9 @@ def run_variant(project: Path, out: Path, env: dict, device: str, variant: tuple
 
 
 def run_frontier(project: Path, out: Path, env: dict, device: str, timeout_s: float) -> Step:
-    # In the copy, whose data/ the first repro prepared; benchmarks/ comes from the checkout.
+    # In the copy, whose data/ the first repro prepared; benchmarks/ comes from the checkout. The
+    # frontier reads the copy's params.yaml as its default: run1's, not the last variant's or ddp's.
+    (project / "params.yaml").write_text((out / "run1" / "params.yaml").read_text())
     command = run_logged([sys.executable, "-m", "benchmarks.frontier", "--device", device, *FRONTIER_ARGS], project,
                          {**env, "PYTHONPATH": str(PROJECT_ROOT)}, out / "frontier.log", timeout_s)
     return Step("frontier", outcome(command), command.seconds, "see frontier.log")

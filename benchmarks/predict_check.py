@@ -3,7 +3,7 @@
     MNIST_MIRROR=../shared/data/mnist python -m benchmarks.predict_check [--model M] [--digits N]
 
 1. Accuracy per format. Trains the `fast` preset with the train stage's fit() on MNIST's official
-   training images (the last 5,000 as val), unless --model names a model file; then saves each
+   training images (the last 5,000 as val: a plain slice, not the preprocess stage's stratified split), unless --model names a model file; then saves each
    of the first N test digits, scaled 4x to 112x112 and dark on white, in every format of
    tests/test_predict_formats.FORMATS (the formats the tests check for invariance), classifies
    every file through predict's own decoding and prints a markdown table. The first row is the
@@ -43,7 +43,7 @@ from stages.runtime import resolve_device
 from stages.train import fit
 from tests.test_predict_formats import FORMATS, SCALE
 
-VAL = 5000  # the last 5,000 training images score each epoch, as the preprocess stage's val split
+VAL = 5000  # the last 5,000 training images score each epoch (a plain slice; preprocess draws a stratified split)
 
 
 def mnist(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

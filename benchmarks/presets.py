@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     splits = load_splits(args.data)
     other = on_other_data(specs, all_params, splits[0]["classes"])
     if other and (args.specs or len(other) == len(specs)):
-        raise PipelineError(f"{', '.join(other)}: fetch.dataset is not the dataset prepared in {args.data}; "
-                            "prepare it first (`dvc repro preprocess` with the preset applied)")
+        which = ", ".join(other) if args.specs else "every preset of the default list"
+        raise PipelineError(f"{which}: fetch.dataset is not the dataset prepared in {args.data}; prepare "
+                            "that one first (`dvc repro preprocess` with these params), or point --data at it")
     if other:  # the default list: those of the prepared dataset run, the rest are named
         print(f"benchmarks.presets: skipping {', '.join(other)}: another dataset than {args.data}'s",
               file=sys.stderr)

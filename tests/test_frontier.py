@@ -17,6 +17,7 @@ from benchmarks import frontier
 from stages import params as params_mod
 from stages.common import PipelineError
 from stages.presets import load_presets
+from tests.synthetic import write_prepared
 
 
 def test_quick_run_interleaves_reference_and_presets_and_reports(tmp_path, capsys, monkeypatch):
@@ -66,6 +67,16 @@ def test_a_preset_of_another_dataset_is_refused_before_anything_runs(tmp_path, c
     # `fashion` has no reference recipe here, and would be trained on MNIST's splits.
     with pytest.raises(PipelineError, match=r"^fashion: fetch.dataset is not mnist"):
         frontier.main(["--quick", "--presets", "default,fashion", "--plot", str(tmp_path / "f.png")])
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_prepared_splits_of_another_dataset_are_refused_before_anything_runs(tmp_path, capsys):
+    # After a `fashion` repro data/prepared holds garments: an MNIST preset must not be timed on them.
+    write_prepared(tmp_path, ["T-shirt/top", "Trouser", *map(str, range(8))])
+    with pytest.raises(PipelineError, match="holds another dataset than MNIST"):
+        frontier.main(["--presets", "fast", "--seeds", "0", "--data", str(tmp_path), "--raw", str(tmp_path),
+                       "--plot", str(tmp_path / "f.png")])
     assert capsys.readouterr().out == ""
     assert not (tmp_path / "f.png").exists()
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import yaml
 
 from benchmarks import presets as bench
-from stages.common import PipelineError, save_tensors
+from stages.common import PipelineError
 from stages.params import parse
 from stages.presets import apply, load_presets, resolve
 from tests.conftest import PROJECT_ROOT
+from tests.synthetic import write_prepared
 
 PRESETS = load_presets(PROJECT_ROOT / "presets.yaml")
 RAW = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
@@ -43,21 +43,30 @@ def test_tutorial_presets_train_as_the_tutorials_do_whatever_the_defaults_add(na
     assert (augment.copies, augment.on_the_fly) == (0, False)
 
 
-def _prepared_mnist(directory):
-    """Three tiny prepared splits with MNIST's class names, as the preprocess stage writes them."""
-    classes = [str(d) for d in range(10)]
-    images, labels = torch.zeros(20, 28, 28, dtype=torch.uint8), torch.arange(20) % 10
-    save_tensors(directory / "train.pt", {"images": images, "labels": labels, "classes": classes,
-                                          "mean": 0.1, "std": 0.3})
-    for split in ("val", "test"):
-        save_tensors(directory / f"{split}.pt", {"images": images, "labels": labels, "classes": classes})
+MNIST_CLASSES = [str(d) for d in range(10)]
 
 
-def test_preset_benchmark_refuses_a_preset_of_another_dataset_before_training(tmp_path, capsys):
+def test_preset_benchmark_refuses_a_named_preset_of_another_dataset_before_training(tmp_path, capsys):
     """`fashion` on MNIST's prepared splits would print a row of digit accuracy under its name."""
-    _prepared_mnist(tmp_path)
+    write_prepared(tmp_path, MNIST_CLASSES)
     with pytest.raises(PipelineError, match=r"^fashion: fetch.dataset is not the dataset prepared in"):
         bench.main(["fast", "fashion", "--data", str(tmp_path)])
     assert capsys.readouterr().out == ""  # refused before any row, header included
-    params = [bench.preset_params(spec) for spec in ("fast", "fashion", "cnn")]
-    assert bench.on_other_data(["fast", "fashion", "cnn"], params, [str(d) for d in range(10)]) == ["fashion"]
+
+
+def test_preset_benchmark_default_list_skips_the_other_dataset_and_runs_the_rest(tmp_path, capsys, monkeypatch):
+    write_prepared(tmp_path, MNIST_CLASSES)
+    monkeypatch.setattr(bench, "default_specs", lambda presets: ["fast", "fashion", "cnn"])
+    ran = []
+    monkeypatch.setattr(bench, "run_preset", lambda params, splits: ran.append(params.fetch.dataset) or (0.5, 1.0))
+    bench.main(["--data", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert ran == ["mnist", "mnist"]
+    assert [line.split(" |")[0] for line in out.splitlines()[2:]] == ["| fast", "| cnn"], out
+    assert "skipping fashion: another dataset" in err, err
+
+    # Every entry of the list on another dataset (here by an override): refused, nothing run.
+    ran.clear()
+    with pytest.raises(PipelineError, match="every preset of the default list: fetch.dataset is not the dataset prepared"):
+        bench.main(["--data", str(tmp_path), "--set", "fetch.dataset=fashion-mnist"])
+    assert ran == []
