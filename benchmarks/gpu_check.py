@@ -309,13 +309,17 @@ def run_ddp(project: Path, out: Path, env: dict, device: str, timeout_s: float) 
     return Step("ddp", status, time.perf_counter() - start, detail)
 
 
+def reset_params(project: Path, out: Path) -> None:
+    """The copy's params.yaml back to run1's, as kept under out/run1, undoing later steps' changes."""
+    (project / "params.yaml").write_text((out / "run1" / "params.yaml").read_text())
+
+
 def run_variant(project: Path, out: Path, env: dict, device: str, variant: tuple, timeout_s: float) -> dict:
     preset, precision, compile_model = variant
     name = f"{preset}-{precision}" + ("-compile" if compile_model else "")
     overrides = {**resolve(preset, load_presets(PROJECT_ROOT / "presets.yaml")), "train.device": device,
                  "train.precision": precision, "train.compile": compile_model}
-    # Every variant starts from the copy's own params, so presets never stack.
-    (project / "params.yaml").write_text((out / "run1" / "params.yaml").read_text())
+    reset_params(project, out)  # every variant starts from run1's params, so presets never stack
     set_params(project, overrides)
     command = run_logged(dvc("repro", "evaluate"), project, env, out / "variants" / f"{name}.log", timeout_s)
     result = {"name": name, "preset": preset, "precision": precision, "compile": compile_model,
@@ -329,7 +333,7 @@ def run_variant(project: Path, out: Path, env: dict, device: str, variant: tuple
 def run_frontier(project: Path, out: Path, env: dict, device: str, timeout_s: float) -> Step:
     # In the copy, whose data/ the first repro prepared; benchmarks/ comes from the checkout. The
     # frontier reads the copy's params.yaml as its default: run1's, not the last variant's or ddp's.
-    (project / "params.yaml").write_text((out / "run1" / "params.yaml").read_text())
+    reset_params(project, out)
     command = run_logged([sys.executable, "-m", "benchmarks.frontier", "--device", device, *FRONTIER_ARGS], project,
                          {**env, "PYTHONPATH": str(PROJECT_ROOT)}, out / "frontier.log", timeout_s)
     return Step("frontier", outcome(command), command.seconds, "see frontier.log")

@@ -3,9 +3,10 @@
     MNIST_MIRROR=../shared/data/mnist python -m benchmarks.predict_check [--model M] [--digits N]
 
 1. Accuracy per format. Trains the `fast` preset with the train stage's fit() on MNIST's official
-   training images (the last 5,000 as val: a plain slice, not the preprocess stage's stratified split), unless --model names a model file; then saves each
-   of the first N test digits, scaled 4x to 112x112 and dark on white, in every format of
-   tests/test_predict_formats.FORMATS (the formats the tests check for invariance), classifies
+   training images (the last 5,000 as val: a plain slice, not the preprocess stage's stratified
+   split), unless --model names a model file; then saves each of the first N test digits, scaled
+   4x to 112x112 and dark on white, in every format of tests/test_predict_formats.FORMATS (the
+   formats the tests check for invariance), classifies
    every file through predict's own decoding and prints a markdown table. The first row is the
    model on the raw 28x28 test images, the ceiling for the rest.
 2. Peak resident memory of a fresh process running predict's main() on: one 28x28 PNG (the

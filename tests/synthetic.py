@@ -59,7 +59,8 @@ def write_prepared(directory: Path, classes: list[str], n: int = 20, seed: int =
     each, for a dataset with these class names (the benchmarks tell datasets apart by them)."""
     images, labels = (torch.from_numpy(a.copy()) for a in make_split(n, np.random.default_rng(seed)))
     labels = labels.long() % len(classes)
+    pixels = images.float() / 255
     save_tensors(directory / "train.pt", {"images": images, "labels": labels, "classes": list(classes),
-                                          "mean": float(images.float().mean() / 255), "std": float(images.float().std() / 255)})
+                                          "mean": float(pixels.mean()), "std": float(pixels.std())})
     for split in ("val", "test"):
         save_tensors(directory / f"{split}.pt", {"images": images, "labels": labels, "classes": list(classes)})

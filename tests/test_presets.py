@@ -58,7 +58,8 @@ def test_preset_benchmark_default_list_skips_the_other_dataset_and_runs_the_rest
     write_prepared(tmp_path, MNIST_CLASSES)
     monkeypatch.setattr(bench, "default_specs", lambda presets: ["fast", "fashion", "cnn"])
     ran = []
-    monkeypatch.setattr(bench, "run_preset", lambda params, splits: ran.append(params.fetch.dataset) or (0.5, 1.0))
+    monkeypatch.setattr(bench, "run_preset",
+                        lambda params, splits: ran.append(params.fetch.dataset) or (0.5, 1.0))  # (accuracy, s)
     bench.main(["--data", str(tmp_path)])
     out, err = capsys.readouterr()
     assert ran == ["mnist", "mnist"]
