@@ -15,6 +15,7 @@ import torch
 
 from stages.common import save_tensors
 from stages.idx import write_idx
+from stages.preprocess import pixel_stats
 
 SIZE = 28
 NUM_CLASSES = 10
@@ -59,8 +60,8 @@ def write_prepared(directory: Path, classes: list[str], n: int = 20, seed: int =
     each, for a dataset with these class names (the benchmarks tell datasets apart by them)."""
     images, labels = (torch.from_numpy(a.copy()) for a in make_split(n, np.random.default_rng(seed)))
     labels = labels.long() % len(classes)
-    pixels = images.float() / 255
+    mean, std = pixel_stats(images)
     save_tensors(directory / "train.pt", {"images": images, "labels": labels, "classes": list(classes),
-                                          "mean": float(pixels.mean()), "std": float(pixels.std())})
+                                          "mean": mean, "std": std})
     for split in ("val", "test"):
         save_tensors(directory / f"{split}.pt", {"images": images, "labels": labels, "classes": list(classes)})
