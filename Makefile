@@ -35,7 +35,8 @@ $(INSTALLED)-bench: $(INSTALLED)
 bench: $(INSTALLED)-bench
 	$(BIN)/python -m benchmarks.speed $(BENCH_ARGS)
 
-# The speed frontier (benchmarks/frontier.py): every preset against the pytorch/examples recipe.
+# The speed frontier (benchmarks/frontier.py): default, fast, cnn-max and mlp-best against the
+# pytorch/examples recipe.
 # Options go in FRONTIER_ARGS: make frontier FRONTIER_ARGS="--presets default,fast --seeds 0"
 frontier: $(INSTALLED)-bench
 	$(BIN)/python -m benchmarks.frontier $(FRONTIER_ARGS)

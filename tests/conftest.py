@@ -15,7 +15,7 @@ from tests.synthetic import write_mirror
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a clone of the project holds that a pipeline run needs.
-PROJECT_FILES = (".gitignore", "dvc.yaml", "params.yaml", "stages")
+PROJECT_FILES = (".gitignore", "dvc.yaml", "params.yaml", "presets.yaml", "stages")
 VENV_BIN = Path(sys.executable).parent
 
 # Small enough that a full `dvc repro` takes seconds; the synthetic data is easy, so even this

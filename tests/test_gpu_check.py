@@ -68,7 +68,7 @@ def test_quick_cpu_run_goes_through_every_step(built_project, tmp_path):
     steps = {s["name"]: s for s in results["steps"]}
     assert {name: s["status"] for name, s in steps.items()} == {
         "env": "ok", "run1": "ok", "run2": "ok", "compare": "ok", "ddp": "ok", "tests": "skipped",
-        "variant fast-fp32": "ok", "frontier": "skipped"}
+        "variant fast-fp32": "ok", "frontier": "ok"}
     assert steps["tests"]["detail"] == "they need --device cuda"
     # On a CPU the same params give the same weights: the comparison must say so.
     assert steps["compare"]["detail"].startswith("weights bit-identical; eval.json equal")
@@ -80,8 +80,11 @@ def test_quick_cpu_run_goes_through_every_step(built_project, tmp_path):
     (variant,) = results["variants"]
     assert variant["overrides"]["train.epochs"] == 1, "the fast preset was applied"
     assert variant["train_s"] > 0 and variant["accuracy"] >= 0.9
+    # The frontier runs in run1's copy, which must hold everything it reads (presets.yaml included).
+    frontier_log = (out / "frontier.log").read_text()
+    assert "| default | 0 |" in frontier_log and "| fast | 0 |" in frontier_log, frontier_log
     for name in ("env.txt", "summary.md", "run1/repro.log", "run1/model.pt", "run2/eval.json",
-                 "variants/fast-fp32.log", "ddp/torchrun-train.log"):
+                 "variants/fast-fp32.log", "ddp/torchrun-train.log", "frontier.png"):
         assert (out / name).is_file(), name
     assert not (out / "work").exists(), "the project copies are temporary"
     assert result.stdout.rstrip().endswith((out / "summary.md").read_text().rstrip())
