@@ -191,7 +191,9 @@ def make_copy(source: Path, dest: Path, env: dict, log_path: Path, timeout_s: fl
         elif (source / name).is_file():
             shutil.copy2(source / name, dest / name)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["fetch"]["mirrors"] = {name: [DEAD_URL] for name in {**params["fetch"]["mirrors"], params["fetch"]["dataset"]: 0}}
+    # Every dataset's, not only fetch.dataset's (which valid params list too): the quick frontier
+    # step runs with fetch.dataset set to mnist.
+    params["fetch"]["mirrors"] = {name: [DEAD_URL] for name in params["fetch"]["mirrors"]}
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return run_logged(dvc("init", "--no-scm", "-q"), dest, env, log_path, timeout_s)
 
