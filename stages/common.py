@@ -72,7 +72,7 @@ class Progress:
 
     def line(self, elapsed_s: float) -> str:
         """The status text after `elapsed_s` seconds, e.g.
-        `epoch 2/8: 120/430 steps (28%), 5,210 images/s, ETA 0:59 here, 6:10 in all`."""
+        `training epoch 2/8: 120/430 steps (28%), 5,210 images/s, ETA 0:59 here, 6:10 in all`."""
         unit = f" {self.unit}" if self.unit else ""
         if self.total:
             text = f"{self.label}: {self.done:,}/{self.total:,}{unit} ({100 * self.done / self.total:.0f}%)"

@@ -140,7 +140,7 @@ class TrainParams:
     pool: Pool  # cnn: each block's max-pool after its last ReLU, or right after its first conv
     stem: Stem  # cnn: the first block halves the image by its max-pool, or by a stride-2 first conv
     optimizer: Literal["sgd", "adam", "adamw"]
-    lr: float  # peak learning rate for the onecycle schedule
+    lr: float  # onecycle: the peak; cosine: the start; constant: the rate throughout
     momentum: float  # sgd only
     nesterov: bool  # sgd only
     weight_decay: float

@@ -1,8 +1,8 @@
 """Stage preprocess: parse the IDX files, split train/val, write tensor files to data/prepared/.
 
 The official training set is split into train and val, stratified by class so each class keeps its
-share; the official test set is kept untouched. Images stay uint8 [N, H, W] (4x smaller than float,
-normalised per batch at train time); labels are int64 [N]. train.pt also carries the pixel mean and
+share; the official test set is kept untouched. Images stay uint8 [N, H, W] (4x smaller than float;
+the model's first layer normalises each batch); labels are int64 [N]. train.pt also carries the pixel mean and
 std of the train split alone, in [0, 1] units, so nothing about val or test leaks into training.
 """
 

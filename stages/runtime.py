@@ -136,8 +136,8 @@ def release_freed_memory() -> bool:
     """Hands the heap's free blocks back to the kernel (glibc's malloc_trim); True if it released any.
 
     With retain_freed_memory's setting a process that trains several models (the benchmarks) only
-    grows: by the end of a four-preset frontier run 5.7-7 GB against the train stage's 1.6 GB
-    alone, every earlier run's garbage included (the augment stage's per-chunk views: 1.3 GB for
-    mlp-best). A no-op returning False where the C library is not glibc."""
+    grows: by the end of an earlier four-preset frontier run 5.7-7 GB against the train stage's
+    1.6 GB alone, every earlier run's garbage included (the augment stage's per-chunk views, 1.3 GB
+    for a preset that stored 30 views). A no-op returning False where the C library is not glibc."""
     malloc_trim = _glibc_function("malloc_trim")
     return bool(malloc_trim(0)) if malloc_trim is not None else False

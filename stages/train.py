@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def launch_torchrun(processes: int, argv: list[str]) -> int:
     """Re-runs this stage under torchrun, `processes` workers on this machine; its exit status.
-    For several machines, run torchrun yourself (see README): the stage then trains as it is."""
+    For several machines, run torchrun yourself (docs/reproducibility.md): the stage then trains as it is."""
     log(STAGE, f"train.processes = {processes}: launching torchrun")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", "stages.train", *argv]
