@@ -38,7 +38,11 @@ from stages.tracking import TrainLog, step_log_interval
 from stages.views import view_drawer
 
 STAGE = "train"
-VAL_BATCH = 2000  # images per forward pass when scoring val; memory only, never the result
+# Images per forward pass when scoring val. Small enough for a batch's activations to stay in the CPU's
+# caches: the fashion preset's model (six test-time views, fp32) scored 5,000 images in 3.85 s at 500
+# against 5.16 s at 2,000 (2-core Zen 4), the default CNN 0.32 s against 0.38 s. A view's logits do not
+# depend on it; their mean over the views may differ in the last bit.
+VAL_BATCH = 500
 
 
 def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
