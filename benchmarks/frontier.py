@@ -50,8 +50,8 @@ from stages.common import PipelineError, run_main
 from stages.datasets import load_table
 from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
-from stages.runtime import (cpu_has_bf16, describe_device, release_freed_memory, resolve_device,
-                            resolve_precision, retain_freed_memory)
+from stages.runtime import (cpu_has_amx, cpu_has_bf16, describe_device, release_freed_memory,
+                            resolve_device, resolve_precision, retain_freed_memory)
 from stages.train import fit
 
 DEFAULT_PRESETS = ("default", "fast", "cnn-max", "mlp-best")
@@ -141,11 +141,13 @@ def quick_data(root: Path) -> tuple[Path, dict[str, dict]]:
 
 
 def machine_line(device: torch.device, precisions: dict[str, str]) -> str:
-    # The vector ISA decides which oneDNN kernels run (and whether bf16 is native): "EPYC" alone
-    # names CPUs from AVX2-only to AVX-512 with bf16.
+    # The vector ISA decides which oneDNN kernels run: "EPYC" alone names CPUs from AVX2-only to
+    # AVX-512 with bf16. bf16 instructions and AMX decide what precision auto resolves to
+    # (stages.runtime.cpu_bf16_is_faster: an Intel CPU without AMX trains faster in fp32).
     bf16 = "with" if cpu_has_bf16() else "without"
+    amx = "with" if cpu_has_amx() else "without"
     return (f"CPU: {cpu_model()} (torch ISA {torch.backends.cpu.get_cpu_capability()}, {bf16} bf16 "
-            f"instructions); torch threads "
+            f"instructions, {amx} AMX); torch threads "
             f"{torch.get_num_threads()}; torch {torch.__version__}; device {describe_device(device)}; "
             f"precision: {', '.join(f'{name} {value}' for name, value in precisions.items())}")
 

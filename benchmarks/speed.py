@@ -21,7 +21,6 @@ before the first measurement, so that it favours neither side of the comparison.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import platform
 import resource
@@ -40,7 +39,7 @@ from stages.datasets import load_table
 from stages.idx import read_pair
 from stages.models import build_model
 from stages.params import TrainParams
-from stages.runtime import describe_device, resolve_device, retain_freed_memory, seed_everything
+from stages.runtime import cpuinfo_field, describe_device, resolve_device, retain_freed_memory, seed_everything
 from stages.train import Batches, TrainingState, make_loss, make_optimizer, steps_per_epoch, train_epoch
 
 RAW_DIR = Path("data/raw")  # the fetch stage's output: the four IDX .gz files
@@ -49,11 +48,7 @@ FAST_PRESET = "fast"
 
 
 def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def print_machine(device: torch.device, allocator_tuned: bool) -> None:

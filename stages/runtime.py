@@ -6,11 +6,13 @@ which every stage imports: a change here re-runs training, not the download of M
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import random
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,23 +52,67 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def cpuinfo_field(name: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The first value of `name` in /proc/cpuinfo ('model name', 'vendor_id', ...); '' where there is
+    none (not Linux, or no such field)."""
+    with contextlib.suppress(OSError):
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
+    return ""
+
+
+def _cpu_supports(check: str) -> bool:
+    # torch.cpu's private feature checks, present in torch 2.x; a torch without one answers False.
+    function = getattr(torch.cpu, check, None)
+    return bool(function()) if function is not None else False
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, on which oneDNN multiplies bf16 matrices (Sapphire Rapids and later)."""
+    return _cpu_supports("_is_amx_tile_supported")
+
+
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (AVX512_BF16 dot products or AMX tiles); without
-    them oneDNN emulates bf16 with conversions and autocast makes training slower, not faster."""
-    # Private helpers, present in torch 2.x; a torch without them gets the safe answer, fp32.
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
+    """Whether this CPU has bf16 instructions (AVX512_BF16 dot products or AMX tiles); without
+    them oneDNN emulates bf16 with conversions. Whether they make training faster: cpu_bf16_is_faster."""
+    return _cpu_supports("_is_avx512_bf16_supported") or cpu_has_amx()
+
+
+def cpu_bf16_is_faster() -> bool:
+    """Whether bf16 autocast trains faster than fp32 on this CPU, as measured for this project's presets:
+    yes with AMX tiles (a Sapphire Rapids Xeon) and on an AMD CPU with AVX512_BF16 (a Zen 4 EPYC:
+    the default CNN 1.3-1.9x); no on an Intel CPU with AVX512_BF16 but no AMX (a Xeon whose virtual
+    machine hides AMX: every preset's training step took 1.4-1.6x as long in bf16 as in fp32, the
+    convolutions' backward twice as long; docs/speed.md). Other Intel CPUs with AVX512_BF16 and no
+    AMX (Cooper Lake) are unmeasured and get fp32, the safe answer."""
+    if cpu_has_amx():
+        return True
+    return _cpu_supports("_is_avx512_bf16_supported") and cpuinfo_field("vendor_id") == "AuthenticAMD"
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """train.precision as it runs on `device`: 'fp32' or 'bf16'. 'auto' is bf16 where the hardware
-    has bf16 arithmetic (a CUDA GPU that supports it, a CPU with AVX512_BF16 or AMX) and fp32
-    elsewhere. The one place that decides: the train stage logs the outcome, the benchmarks use it."""
+    """train.precision as it runs on `device`: 'fp32' or 'bf16'. 'auto' is bf16 where it trains
+    faster (a CUDA GPU that supports it; a CPU where cpu_bf16_is_faster) and fp32 elsewhere.
+    The one place that decides: the train stage logs the outcome, the benchmarks use it."""
     if requested != "auto":
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_bf16_is_faster() else "fp32"
+
+
+def describe_precision(requested: str, device: torch.device) -> str:
+    """'bf16' or 'fp32' as resolve_precision decides, and for 'auto' why, for the train stage's log."""
+    precision = resolve_precision(requested, device)
+    if requested != "auto":
+        return precision
+    if precision == "bf16":
+        return "bf16 (auto: bf16 trains faster on this device)"
+    if device.type == "cpu" and cpu_has_bf16():
+        return "fp32 (auto: this CPU has bf16 instructions but no AMX, and trains faster in fp32)"
+    return "fp32 (auto: no bf16 arithmetic on this device)"
 
 
 def describe_device(device: torch.device) -> str:

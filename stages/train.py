@@ -32,8 +32,8 @@ from stages import params as params_mod
 from stages.common import PipelineError, Progress, load_tensors, log, run_main, save_tensors
 from stages.models import build_model, count_parameters, predict_logits, save_model
 from stages.params import TrainParams
-from stages.runtime import (Rank, describe_device, rank_from_env, resolve_device, resolve_precision,
-                            retain_freed_memory, seed_everything)
+from stages.runtime import (Rank, describe_device, describe_precision, rank_from_env, resolve_device,
+                            resolve_precision, retain_freed_memory, seed_everything)
 from stages.tracking import TrainLog, step_log_interval
 from stages.views import view_drawer
 
@@ -450,10 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     if rank.is_main:
         if cfg.device == "auto" and device.type == "cpu":
             log(STAGE, "device auto: no CUDA GPU available, training on the CPU")
-        precision = resolve_precision(cfg.precision, device)
-        log(STAGE, f"device: {describe_device(device)}; precision {precision}"
-                   + (" (auto: this device has bf16 arithmetic)" if cfg.precision == "auto" and precision == "bf16"
-                      else " (auto: no bf16 arithmetic on this device)" if cfg.precision == "auto" else ""))
+        log(STAGE, f"device: {describe_device(device)}; precision {describe_precision(cfg.precision, device)}")
     train = load_tensors(args.train_in, required=("images", "labels", "classes", "mean", "std"))
     val = load_tensors(args.val_in, required=("images", "labels"))
     start = time.perf_counter()

@@ -401,7 +401,36 @@ def test_lookahead_changes_training(data):
     ("auto", "cpu", True, False, "bf16"), ("auto", "cpu", False, False, "fp32"),
     ("auto", "cuda", False, True, "bf16"), ("auto", "cuda", True, False, "fp32")])
 def test_precision_auto_follows_the_hardware(monkeypatch, requested, device, cpu_bf16, cuda_bf16, expected):
-    monkeypatch.setattr(runtime_mod, "cpu_has_bf16", lambda: cpu_bf16)
+    monkeypatch.setattr(runtime_mod, "cpu_bf16_is_faster", lambda: cpu_bf16)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: cuda_bf16)
     assert resolve_precision(requested, torch.device(device)) == expected
+
+
+# (AVX512_BF16, AMX, /proc/cpuinfo vendor_id) -> whether auto trains in bf16 on the CPU. Measured:
+# AMX (Sapphire Rapids) and AMD's AVX512_BF16 (Zen 4) pay; Intel's AVX512_BF16 alone does not.
+@pytest.mark.parametrize(("avx512_bf16", "amx", "vendor", "faster"), [
+    (True, True, "GenuineIntel", True), (True, False, "AuthenticAMD", True),
+    (True, False, "GenuineIntel", False), (True, False, "", False),
+    (False, False, "AuthenticAMD", False), (False, False, "GenuineIntel", False)])
+def test_cpu_bf16_pays_with_amx_or_on_amd(monkeypatch, avx512_bf16, amx, vendor, faster):
+    features = {"_is_avx512_bf16_supported": avx512_bf16, "_is_amx_tile_supported": amx}
+    monkeypatch.setattr(runtime_mod, "_cpu_supports", features.__getitem__)
+    monkeypatch.setattr(runtime_mod, "cpuinfo_field", lambda name: vendor if name == "vendor_id" else "")
+    assert runtime_mod.cpu_bf16_is_faster() is faster
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if faster else "fp32")
+    reason = runtime_mod.describe_precision("auto", cpu)
+    assert reason.startswith("bf16 (auto" if faster else "fp32 (auto")
+    assert ("no AMX" in reason) == (avx512_bf16 and not faster)
+    assert runtime_mod.describe_precision("fp32", cpu) == "fp32"
+
+
+def test_cpuinfo_field_reads_the_first_match(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n\n"
+                       "processor\t: 1\nvendor_id\t: AuthenticAMD\n")
+    assert runtime_mod.cpuinfo_field("vendor_id", cpuinfo) == "AuthenticAMD"
+    assert runtime_mod.cpuinfo_field("model name", cpuinfo) == "AMD EPYC 9R14"
+    assert runtime_mod.cpuinfo_field("flags", cpuinfo) == ""
+    assert runtime_mod.cpuinfo_field("vendor_id", tmp_path / "absent") == ""
 
