@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import random
 import sys
 from dataclasses import dataclass
@@ -70,8 +71,10 @@ def _cpu_supports(check: str) -> bool:
 
 
 def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles, on which oneDNN multiplies bf16 matrices (Sapphire Rapids and later)."""
-    return _cpu_supports("_is_amx_tile_supported")
+    """Whether this process can use AMX tiles, on which oneDNN multiplies bf16 matrices (Sapphire
+    Rapids and later): the CPU has them and the kernel grants their state (Linux >= 5.16 on request,
+    which _init_amx makes, as oneDNN does; refused, oneDNN falls back to its AVX-512 bf16 kernels)."""
+    return _cpu_supports("_is_amx_tile_supported") and _cpu_supports("_init_amx")
 
 
 def cpu_has_bf16() -> bool:
@@ -87,9 +90,13 @@ def cpu_bf16_is_faster() -> bool:
     machine hides AMX: every preset's training step took 1.4-1.6x as long in bf16 as in fp32, the
     convolutions' backward twice as long; docs/speed.md). Other Intel CPUs with AVX512_BF16 and no
     AMX (Cooper Lake) are unmeasured and get fp32, the safe answer."""
-    if cpu_has_amx():
-        return True
-    return _cpu_supports("_is_avx512_bf16_supported") and cpuinfo_field("vendor_id") == "AuthenticAMD"
+    return cpu_has_amx() or (_cpu_supports("_is_avx512_bf16_supported") and cpu_is_amd())
+
+
+def cpu_is_amd() -> bool:
+    # /proc/cpuinfo on Linux; elsewhere platform.processor() names the vendor on Windows
+    # ("AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD").
+    return "AuthenticAMD" in (cpuinfo_field("vendor_id") or platform.processor())
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -108,11 +115,14 @@ def describe_precision(requested: str, device: torch.device) -> str:
     precision = resolve_precision(requested, device)
     if requested != "auto":
         return precision
+    if device.type == "cuda":
+        return f"{precision} (auto: this GPU {'supports' if precision == 'bf16' else 'does not support'} bf16)"
     if precision == "bf16":
-        return "bf16 (auto: bf16 trains faster on this device)"
-    if device.type == "cpu" and cpu_has_bf16():
-        return "fp32 (auto: this CPU has bf16 instructions but no AMX, and trains faster in fp32)"
-    return "fp32 (auto: no bf16 arithmetic on this device)"
+        return f"bf16 (auto: {'this CPU has AMX' if cpu_has_amx() else 'an AMD CPU with AVX512_BF16'})"
+    if cpu_has_bf16():
+        return ("fp32 (auto: bf16 instructions without AMX on a CPU not made by AMD; bf16 measured "
+                "1.4-1.6x slower than fp32 on such a Xeon)")
+    return "fp32 (auto: no bf16 instructions on this CPU)"
 
 
 def describe_device(device: torch.device) -> str:

@@ -414,6 +414,7 @@ def test_precision_auto_follows_the_hardware(monkeypatch, requested, device, cpu
     (False, False, "AuthenticAMD", False), (False, False, "GenuineIntel", False)])
 def test_cpu_bf16_pays_with_amx_or_on_amd(monkeypatch, avx512_bf16, amx, vendor, faster):
     features = {"_is_avx512_bf16_supported": avx512_bf16, "_is_amx_tile_supported": amx}
+    features = {**features, "_init_amx": amx}  # the kernel grants AMX state where the CPU has it
     monkeypatch.setattr(runtime_mod, "_cpu_supports", features.__getitem__)
     monkeypatch.setattr(runtime_mod, "cpuinfo_field", lambda name: vendor if name == "vendor_id" else "")
     assert runtime_mod.cpu_bf16_is_faster() is faster
@@ -421,16 +422,35 @@ def test_cpu_bf16_pays_with_amx_or_on_amd(monkeypatch, avx512_bf16, amx, vendor,
     assert resolve_precision("auto", cpu) == ("bf16" if faster else "fp32")
     reason = runtime_mod.describe_precision("auto", cpu)
     assert reason.startswith("bf16 (auto" if faster else "fp32 (auto")
-    assert ("no AMX" in reason) == (avx512_bf16 and not faster)
+    assert ("without AMX" in reason) == (avx512_bf16 and not faster)
     assert runtime_mod.describe_precision("fp32", cpu) == "fp32"
+
+
+def test_amx_refused_by_the_kernel_counts_as_none(monkeypatch):
+    # oneDNN then runs its AVX-512 bf16 kernels, the slow path on an Intel CPU: fp32.
+    features = {"_is_avx512_bf16_supported": True, "_is_amx_tile_supported": True, "_init_amx": False}
+    monkeypatch.setattr(runtime_mod, "_cpu_supports", features.__getitem__)
+    monkeypatch.setattr(runtime_mod, "cpuinfo_field", lambda name: "GenuineIntel" if name == "vendor_id" else "")
+    assert not runtime_mod.cpu_has_amx()
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+def test_amd_is_found_without_proc_cpuinfo(monkeypatch):
+    monkeypatch.setattr(runtime_mod, "cpuinfo_field", lambda name: "")
+    monkeypatch.setattr(runtime_mod.platform, "processor", lambda: "AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD")
+    assert runtime_mod.cpu_is_amd()
+    monkeypatch.setattr(runtime_mod.platform, "processor", lambda: "Intel64 Family 6 Model 143 Stepping 8, GenuineIntel")
+    assert not runtime_mod.cpu_is_amd()
 
 
 def test_cpuinfo_field_reads_the_first_match(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n\n"
-                       "processor\t: 1\nvendor_id\t: AuthenticAMD\n")
+    # Real files list every processor in turn; "model" comes before "model name".
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel\t\t: 17\nmodel name\t: AMD EPYC 9R14\n\n"
+                       "processor\t: 1\nvendor_id\t: GenuineIntel\nmodel\t\t: 207\nmodel name\t: Xeon\n")
     assert runtime_mod.cpuinfo_field("vendor_id", cpuinfo) == "AuthenticAMD"
     assert runtime_mod.cpuinfo_field("model name", cpuinfo) == "AMD EPYC 9R14"
+    assert runtime_mod.cpuinfo_field("model", cpuinfo) == "17"
     assert runtime_mod.cpuinfo_field("flags", cpuinfo) == ""
     assert runtime_mod.cpuinfo_field("vendor_id", tmp_path / "absent") == ""
 
