@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import torch
 from PIL import Image
 
 from benchmarks.presets import preset_params
+from benchmarks.speed import cpu_model
 from stages import predict
 from stages.common import PipelineError, run_main
 from stages.datasets import load_table
@@ -142,13 +142,6 @@ def memory_figures(model_path: Path, work: Path) -> list[tuple[str, tuple[float,
             ("1,000 12 MP JPEGs (4032x3024, RGB) in one run", peak_rss_mib(model_path, batch))]
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -166,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         model_path = args.model or args.save_model or work / "model.pt"
         if args.model is None:
             train_fast_model(Path(mirror), model_path)
-        print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; Pillow {Image.__version__}, torch {torch.__version__}")
+        print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; Pillow {Image.__version__}, torch {torch.__version__}")
         print(f"\n| format | right of {args.digits} |\n|---|---:|")
         for name, right in format_accuracy(model_path, Path(mirror), args.digits, work / "formats"):
             print(f"| {name} | {right} |", flush=True)

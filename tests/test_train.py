@@ -413,8 +413,8 @@ def test_precision_auto_follows_the_hardware(monkeypatch, requested, device, cpu
     (True, False, "GenuineIntel", False), (True, False, "", False),
     (False, False, "AuthenticAMD", False), (False, False, "GenuineIntel", False)])
 def test_cpu_bf16_pays_with_amx_or_on_amd(monkeypatch, avx512_bf16, amx, vendor, faster):
-    features = {"_is_avx512_bf16_supported": avx512_bf16, "_is_amx_tile_supported": amx}
-    features = {**features, "_init_amx": amx}  # the kernel grants AMX state where the CPU has it
+    # _init_amx: the kernel grants AMX state where the CPU has it.
+    features = {"_is_avx512_bf16_supported": avx512_bf16, "_is_amx_tile_supported": amx, "_init_amx": amx}
     monkeypatch.setattr(runtime_mod, "_cpu_supports", features.__getitem__)
     monkeypatch.setattr(runtime_mod, "cpuinfo_field", lambda name: vendor if name == "vendor_id" else "")
     assert runtime_mod.cpu_bf16_is_faster() is faster
