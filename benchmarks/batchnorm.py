@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.presets import comma_ints
-from benchmarks.speed import cpu_model
 from stages.common import run_main
+from stages.runtime import cpu_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -44,13 +44,13 @@ from benchmarks import presets
 from benchmarks.presets import (DATA_DIR, comma_ints, comma_list, load_splits, parse_override, synchronize,
                                 test_accuracy)
 from benchmarks.reference import torchvision_mnist, train_reference
-from benchmarks.speed import RAW_DIR, cpu_model
+from benchmarks.speed import RAW_DIR
 from stages.augment import augmented_split
 from stages.common import PipelineError, run_main
 from stages.datasets import load_table
 from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
-from stages.runtime import (cpu_has_amx, cpu_has_bf16, describe_device, release_freed_memory,
+from stages.runtime import (cpu_has_amx, cpu_has_bf16, cpu_model, describe_device, release_freed_memory,
                             resolve_device, resolve_precision, retain_freed_memory)
 from stages.train import fit
 

@@ -33,14 +33,13 @@ import torch
 from PIL import Image
 
 from benchmarks.presets import preset_params
-from benchmarks.speed import cpu_model
 from stages import predict
 from stages.common import PipelineError, run_main
 from stages.datasets import load_table
 from stages.idx import read_pair
 from stages.models import load_model, save_model
 from stages.preprocess import pixel_stats
-from stages.runtime import resolve_device
+from stages.runtime import cpu_model, resolve_device
 from stages.train import fit
 from tests.test_predict_formats import FORMATS, SCALE
 

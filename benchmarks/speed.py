@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import platform
 import resource
 import shutil
 import tempfile
@@ -39,16 +38,12 @@ from stages.datasets import load_table
 from stages.idx import read_pair
 from stages.models import build_model
 from stages.params import TrainParams
-from stages.runtime import cpuinfo_field, describe_device, resolve_device, retain_freed_memory, seed_everything
+from stages.runtime import cpu_model, describe_device, resolve_device, retain_freed_memory, seed_everything
 from stages.train import Batches, TrainingState, make_loss, make_optimizer, steps_per_epoch, train_epoch
 
 RAW_DIR = Path("data/raw")  # the fetch stage's output: the four IDX .gz files
 TUTORIAL_PRESET = "mlp-100-100"  # tutorials 000 and 003: MLP 784-100-100-10, Adam 0.01, batch 64
 FAST_PRESET = "fast"
-
-
-def cpu_model() -> str:
-    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def print_machine(device: torch.device, allocator_tuned: bool) -> None:

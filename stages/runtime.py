@@ -131,6 +131,25 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name ('AMD EPYC 9R14'; on some virtual machines only 'Intel(R) Xeon(R) Processor')."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def numerics(device: torch.device, precision: str) -> dict[str, str | int | bool]:
+    """How a run computes, besides its params and data (docs/reproducibility.md): the device and
+    the resolved precision ('fp32' or 'bf16'); on a CPU its name, torch's vector ISA, whether oneDNN
+    has AMX, and the thread count (oneDNN and MKL pick kernels by the first three and split work by
+    the last); on a GPU its name and the CUDA version; the torch version. train records it with the
+    metrics (metrics/train/params.yaml), so `dvc params diff` shows where two runs of the same
+    params computed differently, and a checkpoint resumes only where it was written the same way."""
+    common = {"precision": precision, "torch": str(torch.__version__)}  # str: TorchVersion is a subclass
+    if device.type == "cuda":
+        return {"device": "cuda", "gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda, **common}
+    return {"device": device.type, "cpu": cpu_model(), "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+            "amx": cpu_has_amx(), "threads": torch.get_num_threads(), **common}
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seeds Python, NumPy and torch (CPU and every GPU), and optionally forbids nondeterministic kernels.
 

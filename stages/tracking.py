@@ -3,6 +3,9 @@
 The DVCLive directory (`metrics/train/`, a cached output of train) holds:
 
     metrics.json                    the latest value of every series, plus `epoch` and `step`
+    params.yaml                     how the run computed (stages.runtime.numerics): device and
+                                    precision; CPU name, vector ISA, AMX and threads, or GPU and
+                                    CUDA version; torch version
     plots/metrics/<series>.tsv      one row per logged point: `step<TAB><series>`
 
 `step` is the number of optimizer steps done when the point was logged, the one x-axis of every
@@ -15,9 +18,10 @@ series, so the per-epoch points and the every-N-steps train loss share a chart. 
     val_accuracy    fraction (0..1) of validation images classified right after the epoch
     lr              learning rate the epoch's last step used
 
-Nothing time-dependent is written (no timestamps, no durations): the same params give the same
-bytes, which DVC's run-cache and `dvc status` rely on. metrics.json is rewritten after every
-logged point, so `dvc exp show` and the VS Code extension see a running experiment.
+Nothing time-dependent is written (no timestamps, no durations): the same params on the same
+machine give the same bytes, which DVC's run-cache and `dvc status` rely on. metrics.json is
+rewritten after every logged point, so `dvc exp show` and the VS Code extension see a running
+experiment.
 
 DVCLive is used with the project's own dvc.yaml (it writes none), saves no experiment of its own
 (`dvc exp run` does that) and makes no report (the plot stage draws the PNGs).
@@ -63,6 +67,12 @@ class TrainLog:
             self._live.log_metric(name, value, plot=name not in SUMMARY_ONLY)
         # make_summary, and Studio's live update when the user has configured Studio.
         self._live.sync()
+
+    def log_numerics(self, values: dict[str, str | int]) -> None:
+        """Writes params.yaml: how this run computed (stages.runtime.numerics), not a choice in
+        params.yaml. Logged by every run, a resumed one too, so it is not one of `records`."""
+        if self._live is not None:
+            self._live.log_params(values)
 
     def replay(self, records: list[dict]) -> None:
         for record in records:

@@ -32,8 +32,8 @@ from stages import params as params_mod
 from stages.common import PipelineError, Progress, load_tensors, log, run_main, save_tensors
 from stages.models import build_model, count_parameters, predict_logits, save_model
 from stages.params import TrainParams
-from stages.runtime import (Rank, describe_device, describe_precision, rank_from_env, resolve_device,
-                            resolve_precision, retain_freed_memory, seed_everything)
+from stages.runtime import (Rank, describe_device, describe_precision, numerics, rank_from_env,
+                            resolve_device, resolve_precision, retain_freed_memory, seed_everything)
 from stages.tracking import TrainLog, step_log_interval
 from stages.views import view_drawer
 
@@ -302,10 +302,11 @@ class StepLog:
         self.log.log(self.step + self.done, {"step_loss": round((window[0] / window[1]).item(), 6)})
 
 
-def fingerprint(cfg: TrainParams, *input_files: Path) -> str:
-    """Identifies a training run: its params and the exact bytes of its inputs. A checkpoint is
-    resumed only by a run with the same fingerprint."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+def fingerprint(cfg: TrainParams, computed: dict, *input_files: Path) -> str:
+    """Identifies a training run: its params, how it computes (stages.runtime.numerics: another
+    thread count or precision would not continue the same run bit for bit) and the exact bytes of
+    its inputs. A checkpoint is resumed only by a run with the same fingerprint."""
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg), computed], sort_keys=True).encode())
     for path in input_files:
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
@@ -328,7 +329,8 @@ def load_checkpoint(path: Path, run_id: str) -> dict | None:
         log(STAGE, f"ignoring unreadable checkpoint ({exc}); starting from epoch 1")
         return None
     if saved["fingerprint"] != run_id:
-        log(STAGE, f"ignoring {path}: it belongs to other params or data; starting from epoch 1")
+        log(STAGE, f"ignoring {path}: it belongs to other params or data, or to a run that computed "
+                   "otherwise (device, precision, threads: metrics/train/params.yaml); starting from epoch 1")
         return None
     return saved
 
@@ -454,9 +456,11 @@ def main(argv: list[str] | None = None) -> None:
     train = load_tensors(args.train_in, required=("images", "labels", "classes", "mean", "std"))
     val = load_tensors(args.val_in, required=("images", "labels"))
     start = time.perf_counter()
-    run_id = fingerprint(cfg, args.train_in, args.val_in) if args.checkpoint else ""
+    computed = numerics(device, resolve_precision(cfg.precision, device))
+    run_id = fingerprint(cfg, computed, args.train_in, args.val_in) if args.checkpoint else ""
     # Only rank 0 writes DVCLive files; a fresh log even on resume (fit replays the checkpoint's points).
     train_log = TrainLog(args.live_dir if rank.is_main else None)
+    train_log.log_numerics(computed)
     model, config, _ = fit(cfg, train, val, device, args.checkpoint, run_id, rank, train_log)
     if rank.world > 1:
         torch.distributed.destroy_process_group()

@@ -136,6 +136,7 @@ RUN_BY = {
         "tests/test_tracking.py::test_validation_metrics_in_exp_show_and_the_one_screen_view",
     "dvc exp show --only-changed --drop 'per_class|step'": f"{THIS}::test_tracking_views_as_written",
     "dvc metrics show": f"{THIS}::test_tracking_views_as_written",
+    "dvc params diff HEAD": f"{THIS}::test_tracking_views_as_written",
     "dvc plots show -o plots-html": f"{THIS}::test_tracking_views_as_written",
     "ls plots-html/static": f"{THIS}::test_tracking_views_as_written",
     "dvc artifacts get /tmp/trk2/repo mnist-classifier -o /tmp/trk2/model.pt":
@@ -460,6 +461,18 @@ def test_tracking_views_as_written(project):
     shown = [name for name in metrics[1][0].split() if name != "..."]
     assert shown == [name for name in header if name in shown], f"columns {shown}, printed {header}"
     assert [line.split()[0] for line in metrics[1][1:]] == ["metrics/eval.json", "metrics/train/metrics.json"]
+
+    # The page shows the first run that wrote metrics/train/params.yaml against a commit without it;
+    # here the committed run has it, so the workspace's copy plays another machine's run.
+    (params_diff,) = find_block("docs/tracking.md", "dvc params diff HEAD")
+    recorded = yaml.safe_load(p.path("metrics/train/params.yaml").read_text())
+    p.path("metrics/train/params.yaml").write_text(yaml.safe_dump(
+        {**recorded, "precision": "bf16" if recorded["precision"] == "fp32" else "fp32", "threads": 64}))
+    printed = run_block(p, [params_diff])["dvc params diff HEAD"].stdout.splitlines()
+    assert printed[0].split() == params_diff[1][0].split() == ["Path", "Param", "HEAD", "workspace"]
+    assert [line.split()[:2] for line in printed[1:]] == [
+        ["metrics/train/params.yaml", "precision"], ["metrics/train/params.yaml", "threads"]], printed
+    assert {line.split()[1] for line in params_diff[1][1:]} == set(recorded)
 
     plots = find_block("docs/tracking.md", "dvc plots show -o plots-html")
     results = run_block(p, plots)

@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+import yaml
 
 from stages.common import write_text_atomic
 from tests.conftest import PROJECT_ROOT, copy_project
@@ -96,17 +97,33 @@ def test_training_killed_after_an_epoch_resumes_to_identical_results(built_proje
     assert "up to date" in interrupted.dvc("status").stdout
 
 
-def test_checkpoint_of_other_params_is_not_resumed(project):
-    project.set_params({"train": {"epochs": 3}})
+def kill_after_first_epoch(project) -> None:
     process = start(project, str(project.env["PATH"].split(os.pathsep)[0] + "/dvc"), "repro")
     read_until(process, "train: epoch 1/3")
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    assert project.path("models/train-checkpoint.pt").is_file()
+
+
+def test_checkpoint_of_other_params_is_not_resumed(project):
+    project.set_params({"train": {"epochs": 3}})
+    kill_after_first_epoch(project)
     project.set_params({"train": {"epochs": 3, "lr": 0.04}})
     project.repro()
     output = project.last.stdout + project.last.stderr
     assert "belongs to other params or data" in output
     assert "epoch 1/3" in output
+
+
+def test_checkpoint_computed_otherwise_is_not_resumed(project):
+    # Written on one thread, continued on two: not the run an uninterrupted one-thread run is.
+    project.set_params({"train": {"epochs": 3}})
+    kill_after_first_epoch(project)
+    project.env["OMP_NUM_THREADS"] = "2"
+    project.repro()
+    output = project.last.stdout + project.last.stderr
+    assert "computed otherwise" in output and "epoch 1/3" in output
+    assert yaml.safe_load(project.path("metrics/train/params.yaml").read_text())["threads"] == 2
 
 
 def test_ctrl_c_exits_promptly_without_a_traceback(project):

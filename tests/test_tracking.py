@@ -22,6 +22,7 @@ import yaml
 from stages import fetch
 from stages.common import Progress
 from stages.plot import confusion_figure, curves_figure, panels, within_bounds
+from stages.runtime import numerics, resolve_precision
 from stages.tracking import TrainLog, step_log_interval
 from tests.conftest import PROJECT_ROOT, SMALL_PARAMS
 from tests.test_fetch import http_mirrors, mirror  # noqa: F401  (fixtures)
@@ -60,7 +61,7 @@ def test_dvclive_files_hold_one_row_per_epoch_and_a_step_series(built_project):
     p, epochs = built_project, SMALL_PARAMS["train"]["epochs"]
     spe = steps_per_epoch(p)
     files = {f.relative_to(p.path(LIVE)).as_posix() for f in p.path(LIVE).rglob("*") if f.is_file()}
-    assert files == {"metrics.json"} | {f"plots/metrics/{name}.tsv" for name in SERIES}
+    assert files == {"metrics.json", "params.yaml"} | {f"plots/metrics/{name}.tsv" for name in SERIES}
     for name in EPOCH_SERIES:
         rows = read_tsv(p.path(f"{LIVE}/plots/metrics/{name}.tsv"))
         assert list(rows[0]) == ["step", name], "no timestamp column: DVC hashes these files"
@@ -94,6 +95,27 @@ def test_validation_metrics_in_exp_show_and_the_one_screen_view(built_project):
                   "Experiment|^accuracy$|^val_|^train.(model|lr|epochs)$").stdout
     assert "val_accuracy" in table and "train.lr" in table and "per_class" not in table
     assert max(len(line) for line in table.splitlines()) <= 100
+
+
+@pytest.mark.integration
+def test_how_train_computed_is_a_params_file_dvc_shows(project):
+    p = project
+    recorded = yaml.safe_load(p.path(f"{LIVE}/params.yaml").read_text())
+    # The fixture trains on the CPU with precision auto, on one thread (OMP_NUM_THREADS=1); the
+    # stage process resolves what this one does, on the same machine and torch.
+    assert p.params()["train"]["precision"] == "auto" and p.env["OMP_NUM_THREADS"] == "1"
+    cpu = torch.device("cpu")
+    assert recorded == {**numerics(cpu, resolve_precision("auto", cpu)), "threads": 1}
+    assert recorded["device"] == "cpu" and recorded["precision"] in ("fp32", "bf16")
+    shown = json.loads(p.dvc("exp", "show", "--json").stdout)
+    workspace = next(row for row in shown if row["rev"] == "workspace")
+    assert workspace["data"]["params"][f"{LIVE}/params.yaml"]["data"] == recorded
+    # What a run on another machine shows against the committed one: `dvc params diff` names the keys.
+    other = {"fp32": "bf16", "bf16": "fp32"}[recorded["precision"]]
+    p.path(f"{LIVE}/params.yaml").write_text(yaml.safe_dump({**recorded, "precision": other, "threads": 8}))
+    diff = json.loads(p.dvc("params", "diff", "--json").stdout)
+    assert diff[f"{LIVE}/params.yaml"] == {"precision": {"old": recorded["precision"], "new": other},
+                                           "threads": {"old": 1, "new": 8, "diff": 7}}
 
 
 @pytest.mark.integration

@@ -426,6 +426,23 @@ def test_cpu_bf16_pays_with_amx_or_on_amd(monkeypatch, avx512_bf16, amx, vendor,
     assert runtime_mod.describe_precision("fp32", cpu) == "fp32"
 
 
+def test_numerics_names_how_a_run_computes(monkeypatch):
+    monkeypatch.setattr(runtime_mod, "cpuinfo_field", lambda name: "AMD EPYC 9R14" if name == "model name" else "")
+    monkeypatch.setattr(runtime_mod, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert runtime_mod.numerics(torch.device("cpu"), "bf16") == {
+        "device": "cpu", "cpu": "AMD EPYC 9R14", "cpu_isa": "AVX512", "amx": False, "threads": 3,
+        "precision": "bf16", "torch": torch.__version__}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.version, "cuda", "13.2")
+    assert runtime_mod.numerics(torch.device("cuda", 0), "fp32") == {
+        "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "cuda": "13.2", "precision": "fp32",
+        "torch": torch.__version__}
+    # Plain values, as DVCLive's YAML writer takes them (torch.__version__ is a str subclass it refuses).
+    assert all(type(value) in (str, int, bool) for value in runtime_mod.numerics(torch.device("cpu"), "fp32").values())
+
+
 def test_amx_refused_by_the_kernel_counts_as_none(monkeypatch):
     # oneDNN then runs its AVX-512 bf16 kernels, the slow path on an Intel CPU: fp32.
     features = {"_is_avx512_bf16_supported": True, "_is_amx_tile_supported": True, "_init_amx": False}
