@@ -1,6 +1,7 @@
-"""Train's runtime: its place in a torchrun launch, its device, seeding, and the allocator setting.
+"""Train's runtime: its place in a torchrun launch, its device and precision, how it computes
+(the CPU or GPU, recorded with its metrics), seeding, and the allocator setting.
 
-Only train (and the benchmarks that time it) use these, so they live apart from stages.common,
+Only train (and the benchmarks) use these, so they live apart from stages.common,
 which every stage imports: a change here re-runs training, not the download of MNIST.
 """
 
@@ -145,7 +146,9 @@ def numerics(device: torch.device, precision: str) -> dict[str, str | int | bool
     params computed differently, and a checkpoint resumes only where it was written the same way."""
     common = {"precision": precision, "torch": str(torch.__version__)}  # str: TorchVersion is a subclass
     if device.type == "cuda":
-        return {"device": "cuda", "gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda, **common}
+        # A ROCm build drives AMD GPUs as "cuda" devices, with a HIP version instead of a CUDA one.
+        toolkit = torch.version.cuda or f"hip {torch.version.hip}"
+        return {"device": "cuda", "gpu": torch.cuda.get_device_name(device), "cuda": toolkit, **common}
     return {"device": device.type, "cpu": cpu_model(), "cpu_isa": torch.backends.cpu.get_cpu_capability(),
             "amx": cpu_has_amx(), "threads": torch.get_num_threads(), **common}
 

@@ -68,7 +68,7 @@ class TrainLog:
         # make_summary, and Studio's live update when the user has configured Studio.
         self._live.sync()
 
-    def log_numerics(self, values: dict[str, str | int]) -> None:
+    def log_numerics(self, values: dict[str, str | int | bool]) -> None:
         """Writes params.yaml: how this run computed (stages.runtime.numerics), not a choice in
         params.yaml. Logged by every run, a resumed one too, so it is not one of `records`."""
         if self._live is not None:

@@ -457,6 +457,11 @@ def main(argv: list[str] | None = None) -> None:
     val = load_tensors(args.val_in, required=("images", "labels"))
     start = time.perf_counter()
     computed = numerics(device, resolve_precision(cfg.precision, device))
+    if rank.world > 1:
+        # Rank 0's, on every rank: all ranks must agree on resuming, even on unlike machines.
+        shared = [computed]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        computed = shared[0]
     run_id = fingerprint(cfg, computed, args.train_in, args.val_in) if args.checkpoint else ""
     # Only rank 0 writes DVCLive files; a fresh log even on resume (fit replays the checkpoint's points).
     train_log = TrainLog(args.live_dir if rank.is_main else None)

@@ -117,7 +117,7 @@ def test_checkpoint_of_other_params_is_not_resumed(project):
 
 def test_checkpoint_computed_otherwise_is_not_resumed(project):
     # Written on one thread, continued on two: not the run an uninterrupted one-thread run is.
-    project.set_params({"train": {"epochs": 3}})
+    project.set_params({"train": {"epochs": 3, "device": "cpu"}})
     kill_after_first_epoch(project)
     project.env["OMP_NUM_THREADS"] = "2"
     project.repro()

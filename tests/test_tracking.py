@@ -22,7 +22,7 @@ import yaml
 from stages import fetch
 from stages.common import Progress
 from stages.plot import confusion_figure, curves_figure, panels, within_bounds
-from stages.runtime import numerics, resolve_precision
+from stages.runtime import numerics, resolve_device, resolve_precision
 from stages.tracking import TrainLog, step_log_interval
 from tests.conftest import PROJECT_ROOT, SMALL_PARAMS
 from tests.test_fetch import http_mirrors, mirror  # noqa: F401  (fixtures)
@@ -101,21 +101,24 @@ def test_validation_metrics_in_exp_show_and_the_one_screen_view(built_project):
 def test_how_train_computed_is_a_params_file_dvc_shows(project):
     p = project
     recorded = yaml.safe_load(p.path(f"{LIVE}/params.yaml").read_text())
-    # The fixture trains on the CPU with precision auto, on one thread (OMP_NUM_THREADS=1); the
+    # The fixture trains with device and precision auto, on one thread (OMP_NUM_THREADS=1); the
     # stage process resolves what this one does, on the same machine and torch.
-    assert p.params()["train"]["precision"] == "auto" and p.env["OMP_NUM_THREADS"] == "1"
-    cpu = torch.device("cpu")
-    assert recorded == {**numerics(cpu, resolve_precision("auto", cpu)), "threads": 1}
-    assert recorded["device"] == "cpu" and recorded["precision"] in ("fp32", "bf16")
+    assert p.params()["train"]["precision"] == "auto" and p.params()["train"]["device"] == "auto"
+    device = resolve_device("auto")
+    expected = numerics(device, resolve_precision("auto", device))
+    if device.type == "cpu":
+        assert p.env["OMP_NUM_THREADS"] == "1"
+        expected["threads"] = 1
+    assert recorded == expected and recorded["precision"] in ("fp32", "bf16")
     shown = json.loads(p.dvc("exp", "show", "--json").stdout)
     workspace = next(row for row in shown if row["rev"] == "workspace")
     assert workspace["data"]["params"][f"{LIVE}/params.yaml"]["data"] == recorded
     # What a run on another machine shows against the committed one: `dvc params diff` names the keys.
     other = {"fp32": "bf16", "bf16": "fp32"}[recorded["precision"]]
-    p.path(f"{LIVE}/params.yaml").write_text(yaml.safe_dump({**recorded, "precision": other, "threads": 8}))
+    p.path(f"{LIVE}/params.yaml").write_text(yaml.safe_dump({**recorded, "precision": other, "torch": "9.9"}))
     diff = json.loads(p.dvc("params", "diff", "--json").stdout)
     assert diff[f"{LIVE}/params.yaml"] == {"precision": {"old": recorded["precision"], "new": other},
-                                           "threads": {"old": 1, "new": 8, "diff": 7}}
+                                           "torch": {"old": recorded["torch"], "new": "9.9"}}
 
 
 @pytest.mark.integration

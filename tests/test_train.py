@@ -439,8 +439,12 @@ def test_numerics_names_how_a_run_computes(monkeypatch):
     assert runtime_mod.numerics(torch.device("cuda", 0), "fp32") == {
         "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "cuda": "13.2", "precision": "fp32",
         "torch": torch.__version__}
+    monkeypatch.setattr(torch.version, "cuda", None)  # a ROCm build
+    monkeypatch.setattr(torch.version, "hip", "7.0.51831", raising=False)
+    assert runtime_mod.numerics(torch.device("cuda", 0), "bf16")["cuda"] == "hip 7.0.51831"
     # Plain values, as DVCLive's YAML writer takes them (torch.__version__ is a str subclass it refuses).
-    assert all(type(value) in (str, int, bool) for value in runtime_mod.numerics(torch.device("cpu"), "fp32").values())
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        assert all(type(value) in (str, int, bool) for value in runtime_mod.numerics(device, "fp32").values())
 
 
 def test_amx_refused_by_the_kernel_counts_as_none(monkeypatch):
