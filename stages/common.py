@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
-
 
 class PipelineError(Exception):
     """A problem with the user's input or environment: reported as one line, without a traceback."""
@@ -180,6 +178,8 @@ def save_tensors(target: str | os.PathLike, payload: dict[str, Any]) -> None:
     the file it writes to, so saving to a randomly named temporary file would make the bytes, and
     so DVC's hash, differ from run to run.
     """
+    import torch  # here, not at the top: the params and fetch stages use this module without torch
+
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     write_bytes_atomic(target, buffer.getvalue())
@@ -188,6 +188,8 @@ def save_tensors(target: str | os.PathLike, payload: dict[str, Any]) -> None:
 def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """Loads a file written by save_tensors. weights_only=True: a file can hold tensors and plain
     containers but never run code, which matters for files pulled from a shared remote."""
+    import torch  # see save_tensors
+
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: file not found (run the stage that produces it: `dvc repro`)")

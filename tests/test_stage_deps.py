@@ -9,6 +9,8 @@ counts as much as one at the top of the module.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,18 @@ def test_stage_code_deps_are_exactly_its_imports(name):
     listed = {dep for dep in stage["deps"] if isinstance(dep, str) and dep.startswith(f"{PACKAGE}/")}
     assert listed == expected, (f"dvc.yaml stage {name!r}: missing {sorted(expected - listed)}, "
                                 f"not imported {sorted(listed - expected)}")
+
+
+def test_params_and_fetch_stages_run_without_torch(tmp_path):
+    """Importing torch costs 1.5-2 s of a 2-core CPU, and every fresh `dvc repro` runs these two
+    stages, which have no tensors: the params stage validates params.yaml (it imports torch only to
+    check a `train.device: cuda`) and fetch downloads files. Here the params stage runs on the
+    committed params.yaml, then fetch's module loads, and torch must still be absent."""
+    marker = tmp_path / "params-valid.txt"
+    code = ("import sys; from stages import params, fetch; "
+            f"params.main([{str(marker)!r}, '--params', 'params.yaml']); "
+            "print(sorted(name for name in ('torch', 'sklearn', 'matplotlib') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True, check=True)
+    assert marker.is_file()
+    assert result.stdout.strip() == "[]", result.stdout
