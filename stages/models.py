@@ -17,8 +17,8 @@ from stages.common import PipelineError, load_tensors, save_tensors
 from stages.model_config import ARCHITECTURES, ModelConfig
 
 # 2: the config gained convs_per_block; 3: it gained pool; 4: its `model` key became `architecture`
-# (the fields of ModelConfig); 5: it gained tta_flip and tta_shift; 6: it gained stem.
-FORMAT_VERSION = 6
+# (the fields of ModelConfig); 5: it gained tta_flip and tta_shift; 6: it gained stem; 7: it gained crop.
+FORMAT_VERSION = 7
 
 
 # What a config of an older format means in the next one: each function takes the stored dict of
@@ -28,6 +28,7 @@ _UPGRADES = {
     3: lambda config: {"architecture": config["model"], **{k: v for k, v in config.items() if k != "model"}},
     4: lambda config: {**config, "tta_flip": False, "tta_shift": 0},
     5: lambda config: {**config, "stem": "pool"},
+    6: lambda config: {**config, "crop": 0},
 }
 
 
@@ -82,13 +83,19 @@ def shifted(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
 
 
 class Network(nn.Sequential):
-    """The layers in order; in eval mode with test-time augmentation, the mean of their logits over
-    the image's views (ModelConfig.tta_flip, tta_shift). Training always sees the plain images.
-    A Sequential, so the weights keep their names whatever the augmentation."""
+    """The layers in order, on the image's central square when `crop` > 0 (ModelConfig.crop); in
+    eval mode with test-time augmentation, the mean of their logits over the image's views
+    (ModelConfig.tta_flip, tta_shift). Training always sees the plain images. A Sequential, so the
+    weights keep their names whatever the augmentation or crop."""
 
-    def __init__(self, *layers: nn.Module, tta_flip: bool = False, tta_shift: int = 0):
+    def __init__(self, *layers: nn.Module, tta_flip: bool = False, tta_shift: int = 0, crop: int = 0):
         super().__init__(*layers)
-        self.tta_flip, self.tta_shift = tta_flip, tta_shift
+        self.tta_flip, self.tta_shift, self.crop = tta_flip, tta_shift, crop
+
+    def layers(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, H, W] images -> [N, C] logits of the layers, on the central square when cropping."""
+        c = self.crop
+        return super().forward(images[..., c:images.shape[-2] - c, c:images.shape[-1] - c] if c else images)
 
     def views(self, images: torch.Tensor) -> list[torch.Tensor]:
         """[N, H, W] images -> the views whose logits are averaged, the images themselves first."""
@@ -101,10 +108,10 @@ class Network(nn.Sequential):
         return views
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        layers = super().forward
         if self.training or not (self.tta_flip or self.tta_shift):
-            return layers(images)
-        return torch.stack([layers(view) for view in self.views(images)]).mean(0)  # [views, N, C] -> [N, C]
+            return self.layers(images)
+        # Shifted views are formed on the whole image, so a shift brings border pixels into the crop.
+        return torch.stack([self.layers(view) for view in self.views(images)]).mean(0)  # [views, N, C] -> [N, C]
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -124,14 +131,15 @@ def build_model(config: ModelConfig) -> nn.Module:
     elif config.architecture == "cnn":
         c1, c2, c3 = config.channels
         convs, pool, stride = config.convs_per_block, config.pool, config.stem == "stride"
+        seen = size - 2 * config.crop  # the side of the central square the convs see
         # Three halvings: a 2x2 pool floors (28 -> 14 -> 7 -> 3), a stride-2 conv with padding 1 rounds up.
-        side = (size + 1) // 2 // 4 if stride else size // 8
+        side = (seen + 1) // 2 // 4 if stride else seen // 8
         layers += [*_conv_block(1, c1, convs, pool, stride), *_conv_block(c1, c2, convs, pool),
                    *_conv_block(c2, c3, convs, pool),
                    nn.Flatten(), nn.Linear(c3 * side * side, classes)]
     else:
         raise ModelFileError(f"unknown architecture {config.architecture!r}; known: {', '.join(ARCHITECTURES)}")
-    return Network(*layers, tta_flip=config.tta_flip, tta_shift=config.tta_shift)
+    return Network(*layers, tta_flip=config.tta_flip, tta_shift=config.tta_shift, crop=config.crop)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -138,6 +138,7 @@ class TrainParams:
     convs_per_block: int  # cnn: 3x3 convs in each block
     pool: Pool  # cnn: each block's max-pool after its last ReLU, or right after its first conv
     stem: Stem  # cnn: the first block halves the image by its max-pool, or by a stride-2 first conv
+    crop: int  # cnn: pixels cut off each side of the image before the first conv; 0 = none
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: float  # onecycle: the peak; cosine: the start; constant: the rate throughout
     momentum: float  # sgd only
@@ -178,7 +179,12 @@ class TrainParams:
     deterministic: bool  # forbid nondeterministic CUDA kernels (CPU is deterministic regardless)
     processes: int  # > 1: the stage relaunches itself under torchrun, one process per shard (DDP)
 
-    def check(self, train_split_size: int) -> None:
+    def check(self, train_split_size: int, image_size: int) -> None:
+        # Three halvings must leave at least one pixel: a side of 8 or more.
+        largest_crop = (image_size - 8) // 2
+        _require(0 <= self.crop <= largest_crop, "train.crop",
+                 f"must be between 0 and {largest_crop} pixels (the CNN needs at least 8x8 of the "
+                 f"{image_size}x{image_size} image), got {self.crop}")
         _require(all(h >= 1 for h in self.hidden), "train.hidden",
                  f"every hidden size must be a positive integer, got {self.hidden}")
         _require(self.model != "mlp" or len(self.hidden) > 0, "train.hidden",
@@ -211,11 +217,13 @@ class TrainParams:
 
     def model_config(self, image_size: int, num_classes: int, mean: float, std: float) -> ModelConfig:
         """The network these params describe, for images of the train split (side, class count, and
-        pixel mean and std in [0, 1] units)."""
+        pixel mean and std in [0, 1] units). The cnn-only crop is 0 for the other models, which take
+        the whole image (like the other cnn-only params, train.crop does not apply to them)."""
         return ModelConfig(architecture=self.model, hidden=tuple(self.hidden), dropout=self.dropout,
                            channels=tuple(self.channels), convs_per_block=self.convs_per_block, pool=self.pool,
                            image_size=image_size, num_classes=num_classes, mean=mean, std=std,
-                           tta_flip=self.tta_flip, tta_shift=self.tta_shift, stem=self.stem)
+                           tta_flip=self.tta_flip, tta_shift=self.tta_shift, stem=self.stem,
+                           crop=self.crop if self.model == "cnn" else 0)
 
 
 @dataclass(frozen=True)
@@ -315,7 +323,8 @@ def parse(raw: Any) -> Params:
     dataset = table[params.fetch.dataset]
     params.preprocess.check(dataset)
     params.augment.check(dataset)
-    params.train.check(train_split_size=dataset.train_count - params.preprocess.val_size)
+    params.train.check(train_split_size=dataset.train_count - params.preprocess.val_size,
+                       image_size=dataset.image_size)
     # Across sections: augment.allow_flip also allows mirror images at test time.
     _refuse_mirroring("train.tta_flip", params.train.tta_flip, "false", "averaging over mirror images", dataset,
                       params.augment.allow_flip)

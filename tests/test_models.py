@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 import yaml
 
 from stages.model_config import ARCHITECTURES, ModelConfig
@@ -21,7 +22,8 @@ from tests.conftest import PROJECT_ROOT
 
 CLASSES = [str(k) for k in range(10)]
 TRAIN = parse(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())).train
-SMALL = dataclasses.replace(TRAIN, hidden=[32, 16], dropout=0.2, channels=[4, 8, 16])
+# crop 0: the whole image, as files of every older format were (the crop tests set it).
+SMALL = dataclasses.replace(TRAIN, hidden=[32, 16], dropout=0.2, channels=[4, 8, 16], crop=0)
 
 
 def config(model: str, **changes) -> ModelConfig:
@@ -159,14 +161,21 @@ def test_model_file_with_an_unknown_choice_is_refused(tmp_path, key, value):
         load_model(path)
 
 
+def as_format_6(payload):
+    """A format-7 payload as format 6 wrote it: before `crop`."""
+    del payload["config"]["crop"]
+    payload["format_version"] = 6
+
+
 def as_format_5(payload):
-    """A format-6 payload as format 5 wrote it: before `stem`."""
+    """A format-7 payload as format 5 wrote it: format 6's, before `stem`."""
+    as_format_6(payload)
     del payload["config"]["stem"]
     payload["format_version"] = 5
 
 
 def as_format_4(payload):
-    """A format-6 payload as format 4 wrote it: format 5's, before the test-time augmentation fields."""
+    """A format-7 payload as format 4 wrote it: format 5's, before the test-time augmentation fields."""
     as_format_5(payload)
     for key in ("tta_flip", "tta_shift"):
         del payload["config"][key]
@@ -174,7 +183,7 @@ def as_format_4(payload):
 
 
 def as_format_3(payload):
-    """A format-6 payload as format 3 wrote it: format 4's, with the architecture under the key `model`."""
+    """A format-7 payload as format 3 wrote it: format 4's, with the architecture under the key `model`."""
     as_format_4(payload)
     config = payload["config"]
     payload["config"] = {"model": config.pop("architecture"), **config}
@@ -182,10 +191,60 @@ def as_format_3(payload):
 
 
 def as_format_2(payload):
-    """A format-6 payload as format 2 wrote it: format 3's, before `pool` existed."""
+    """A format-7 payload as format 2 wrote it: format 3's, before `pool` existed."""
     as_format_3(payload)
     del payload["config"]["pool"]
     payload["format_version"] = 2
+
+
+@pytest.mark.parametrize("model", ARCHITECTURES)
+def test_format_6_file_loads_uncropped(tmp_path, images, model):
+    """Model files of format 6 (no crop in the config) load as the network they were: on the whole image."""
+    cfg = config(model)
+    net, loaded, meta = save_and_load(tmp_path, cfg, 6, as_format_6)
+    assert meta["format_version"] == 6 and meta["config"]["crop"] == 0
+    assert ModelConfig.from_dict(meta["config"]) == cfg
+    with torch.no_grad():
+        assert torch.equal(loaded(images), net(images))
+
+
+@pytest.mark.parametrize("crop", [2, 3])
+@pytest.mark.parametrize("stem", ["pool", "stride"])
+def test_crop_makes_the_cnn_see_only_the_central_square(images, crop, stem):
+    """With `crop` the network's logits are those of its layers on the central (28 - 2 crop)-pixel
+    square: the border pixels change nothing, the classifier is sized for the smaller side, and
+    the weights are the uncropped network's but for that classifier."""
+    cfg = config("cnn", crop=crop, stem=stem)
+    torch.manual_seed(0)
+    net = build_model(cfg).eval()
+    changed = images.clone()
+    changed[:, :crop] = 255 - changed[:, :crop]
+    changed[:, :, -crop:] = 255 - changed[:, :, -crop:]
+    inner = slice(crop, 28 - crop)
+    with torch.no_grad():
+        logits = net(images)
+        assert torch.equal(net(changed), logits)
+        assert torch.equal(nn.Sequential(*net)(images[:, inner, inner]), logits)
+    whole = build_model(config("cnn", stem=stem))
+    shapes = {name: p.shape for name, p in net.named_parameters()}
+    uncropped = {name: p.shape for name, p in whole.named_parameters()}
+    classifier = [name for name in shapes if shapes[name] != uncropped[name]]
+    assert all(name.startswith(str(len(net) - 1)) for name in classifier)  # the last layer only, if any
+
+
+def test_crop_is_applied_to_each_test_time_view(images):
+    """Shifted test-time views are formed on the whole image and then cropped: a one-pixel shift
+    brings the pixels just outside the crop into view, so in eval mode they count."""
+    cfg = config("cnn", crop=2, tta_shift=1)
+    torch.manual_seed(0)
+    net = build_model(cfg).eval()
+    changed = images.clone()
+    changed[:, 1] = 255 - changed[:, 1]  # a row just outside the central 24x24
+    with torch.no_grad():
+        assert not torch.equal(net(changed), net(images))
+        net.train()
+        net.apply(lambda m: m.eval() if isinstance(m, nn.BatchNorm2d) else None)  # training path, fixed statistics
+        assert torch.equal(net(changed), net(images))
 
 
 def test_format_5_file_loads_with_the_pool_stem(tmp_path, images):
@@ -240,7 +299,7 @@ def test_model_file_stores_the_config_as_plain_values(saved):
     assert stored == {"architecture": "mlp", "hidden": [32, 16], "dropout": 0.2, "channels": [4, 8, 16],
                       "convs_per_block": cfg.convs_per_block, "pool": cfg.pool, "image_size": 28,
                       "num_classes": 10, "mean": 0.13, "std": 0.31, "tta_flip": False, "tta_shift": 0,
-                      "stem": "pool"}
+                      "stem": "pool", "crop": 0}
     assert ModelConfig.from_dict(stored) == cfg
 
 

@@ -50,12 +50,14 @@ def test_train_section_builds_the_model_config(architecture):
     """Every architecture the model code knows is a valid train.model, and the train section
     gives the ModelConfig of its network for the train split's image size, classes and statistics."""
     raw = with_change("train", "model", architecture)
-    raw["train"]["stem"] = "stride"  # not ModelConfig's default, so that it must come from the params
+    raw["train"]["stem"] = "stride"  # not ModelConfig's defaults, so that they must come from the params
+    raw["train"]["crop"] = 3  # cnn only: the other models take the whole image
     train = parse(raw).train
     assert train.model_config(28, 10, mean=0.13, std=0.31) == ModelConfig(
         architecture=architecture, hidden=tuple(BASE["train"]["hidden"]), dropout=BASE["train"]["dropout"],
         channels=tuple(BASE["train"]["channels"]), convs_per_block=BASE["train"]["convs_per_block"],
-        pool=BASE["train"]["pool"], image_size=28, num_classes=10, mean=0.13, std=0.31, stem="stride")
+        pool=BASE["train"]["pool"], image_size=28, num_classes=10, mean=0.13, std=0.31, stem="stride",
+        crop=3 if architecture == "cnn" else 0)
 
 
 def test_load_reads_a_file(tmp_path):
@@ -140,6 +142,9 @@ def _bad_cases():
     yield "tta_flip not bool", c("train", "tta_flip", 1), "train.tta_flip", ["true or false"]
     yield "tta_shift negative", c("train", "tta_shift", -1), "train.tta_shift", ["0 (off), 1 or 2 pixels"]
     yield "tta_shift over two", c("train", "tta_shift", 3), "train.tta_shift", ["0 (off), 1 or 2 pixels"]
+    yield "crop negative", c("train", "crop", -1), "train.crop", ["between 0 and 10 pixels", "8x8 of the 28x28"]
+    yield "crop leaving under 8x8", c("train", "crop", 11), "train.crop", ["between 0 and 10 pixels"]
+    yield "crop not int", c("train", "crop", 1.5), "train.crop", ["integer"]
     yield "erase over one", c("augment", "erase", 1.01), "augment.erase", ["probability in [0, 1]"]
     yield "erase negative", c("augment", "erase", -0.5), "augment.erase", ["probability in [0, 1]"]
     yield "erase area zero", c("augment", "erase_area_min", 0.0), "augment.erase_area_min", ["(0, 1]"]
