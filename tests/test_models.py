@@ -217,10 +217,9 @@ def test_crop_makes_the_cnn_see_only_the_central_square(images, crop, stem):
     cfg = config("cnn", crop=crop, stem=stem)
     torch.manual_seed(0)
     net = build_model(cfg).eval()
-    changed = images.clone()
-    changed[:, :crop] = 255 - changed[:, :crop]
-    changed[:, :, -crop:] = 255 - changed[:, :, -crop:]
     inner = slice(crop, 28 - crop)
+    changed = 255 - images  # every pixel inverted, then the central square put back
+    changed[:, inner, inner] = images[:, inner, inner]
     with torch.no_grad():
         logits = net(images)
         assert torch.equal(net(changed), logits)
@@ -229,7 +228,26 @@ def test_crop_makes_the_cnn_see_only_the_central_square(images, crop, stem):
     shapes = {name: p.shape for name, p in net.named_parameters()}
     uncropped = {name: p.shape for name, p in whole.named_parameters()}
     classifier = [name for name in shapes if shapes[name] != uncropped[name]]
-    assert all(name.startswith(str(len(net) - 1)) for name in classifier)  # the last layer only, if any
+    # The last layer only: 22x22 leaves 2x2 after three halvings where 28x28 leaves 3x3 (24x24 too).
+    assert classifier == ([] if crop == 2 else [f"{len(net) - 1}.weight"])
+
+
+@pytest.mark.parametrize(("model", "crop", "reason"), [
+    ("mlp", 2, "crop 2 for a 'mlp': only a cnn crops"),
+    ("cnn", -1, "crop -1 is not a whole number of pixels in 0-10"),
+    ("cnn", 11, "crop 11 is not a whole number of pixels in 0-10"),
+    ("cnn", True, "crop True is not a whole number"),
+])
+def test_model_file_with_a_crop_the_network_cannot_take_is_refused(tmp_path, model, crop, reason):
+    """A stored crop the network cannot take (on an mlp, whose first layer takes the whole image; out
+    of range; not a whole number) is an error naming it when the file loads, not a shape error at
+    the first forward pass."""
+    cfg = config(model)
+    path = tmp_path / "model.pt"
+    save_model(path, build_model(cfg), cfg, CLASSES)
+    rewrite(path, lambda payload: payload["config"].update(crop=crop))
+    with pytest.raises(ModelFileError, match=f"configuration {reason}"):
+        load_model(path)
 
 
 def test_crop_is_applied_to_each_test_time_view(images):
