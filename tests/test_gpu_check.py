@@ -79,7 +79,10 @@ def test_quick_cpu_run_goes_through_every_step(built_project, tmp_path):
     assert "ddp probe ok: backend gloo" in (out / "ddp" / "probe.log").read_text()
     (variant,) = results["variants"]
     assert variant["overrides"]["train.epochs"] == 1, "the fast preset was applied"
-    assert variant["train_s"] > 0 and variant["accuracy"] >= 0.9
+    # fast on the test project's 540 train images is 3 optimizer steps (one epoch at batch 192), on
+    # the central 22x22 (its crop), where the synthetic blocks near the border are cut: it learns
+    # (0.77-0.88 over seeds, against 0.1 by chance), but not to run1's 0.9.
+    assert variant["train_s"] > 0 and variant["accuracy"] >= 0.6
     # The frontier runs in run1's copy, which must hold everything it reads (presets.yaml included).
     frontier_log = (out / "frontier.log").read_text()
     assert "| default | 0 |" in frontier_log and "| fast | 0 |" in frontier_log, frontier_log
