@@ -18,6 +18,12 @@ Stem = Literal["pool", "stride"]  # cnn: the first block halves the image by its
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 
 
+def largest_crop(image_size: int) -> int:
+    """The most pixels a cnn may cut off each side of an image_size square (ModelConfig.crop): its
+    three halvings need a side of at least 8."""
+    return (image_size - 8) // 2
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that rebuilds the network, weights aside; stored in the model file as plain values."""
@@ -69,9 +75,9 @@ class ModelConfig:
             if choices and raw[name] not in choices:
                 raise ValueError(f"configuration {name} {raw[name]!r} is not one of {', '.join(map(repr, choices))}")
         # A crop the network cannot take would fail only at the first forward pass, with a shape error.
-        crop, side = raw["crop"], raw["image_size"]
-        if not isinstance(crop, int) or isinstance(crop, bool) or not 0 <= crop <= (side - 8) // 2:
-            raise ValueError(f"configuration crop {crop!r} is not a whole number of pixels in 0-{(side - 8) // 2}")
+        crop, most = raw["crop"], largest_crop(raw["image_size"])
+        if not isinstance(crop, int) or isinstance(crop, bool) or not 0 <= crop <= most:
+            raise ValueError(f"configuration crop {crop!r} is not a whole number of pixels in 0-{most}")
         if crop and raw["architecture"] != "cnn":
             raise ValueError(f"configuration crop {crop} for a {raw['architecture']!r}: only a cnn crops")
         return cls(**{**raw, "hidden": tuple(raw["hidden"]), "channels": tuple(raw["channels"])})

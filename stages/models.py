@@ -95,7 +95,7 @@ class Network(nn.Sequential):
     def layers(self, images: torch.Tensor) -> torch.Tensor:
         """[N, H, W] images -> [N, C] logits of the layers, on the central square when cropping."""
         c = self.crop
-        return super().forward(images[..., c:images.shape[-2] - c, c:images.shape[-1] - c] if c else images)
+        return super().forward(images[..., c:-c, c:-c] if c else images)
 
     def views(self, images: torch.Tensor) -> list[torch.Tensor]:
         """[N, H, W] images -> the views whose logits are averaged, the images themselves first."""

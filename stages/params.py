@@ -22,7 +22,7 @@ import yaml
 
 from stages.common import PipelineError, run_main, write_text_atomic
 from stages.datasets import Dataset, load_table
-from stages.model_config import Architecture, ModelConfig, Pool, Stem
+from stages.model_config import Architecture, ModelConfig, Pool, Stem, largest_crop
 
 DEFAULT_PATH = Path("params.yaml")
 VALID_MARKER = "params.yaml is valid\n"
@@ -180,10 +180,9 @@ class TrainParams:
     processes: int  # > 1: the stage relaunches itself under torchrun, one process per shard (DDP)
 
     def check(self, train_split_size: int, image_size: int) -> None:
-        # Three halvings must leave at least one pixel: a side of 8 or more.
-        largest_crop = (image_size - 8) // 2
-        _require(0 <= self.crop <= largest_crop, "train.crop",
-                 f"must be between 0 and {largest_crop} pixels (the CNN needs at least 8x8 of the "
+        most = largest_crop(image_size)
+        _require(0 <= self.crop <= most, "train.crop",
+                 f"must be between 0 and {most} pixels (the CNN needs at least 8x8 of the "
                  f"{image_size}x{image_size} image), got {self.crop}")
         _require(all(h >= 1 for h in self.hidden), "train.hidden",
                  f"every hidden size must be a positive integer, got {self.hidden}")
