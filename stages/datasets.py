@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from stages.common import PipelineError
+from stages.model_config import largest_crop
 
 TABLE_PATH = Path(__file__).with_name("datasets.yaml")
 # Each role is one IDX file; preprocess relies on exactly these four.
@@ -35,13 +36,14 @@ class Dataset:
     image_size: int  # images are image_size x image_size, one uint8 channel
     classes: tuple[str, ...]
     flippable: bool  # an image mirrored left-right keeps its class (a shoe; not a digit)
+    crop: int  # pixels `train.crop: auto` cuts off each side: the border the images leave nearly empty
 
 
 def _parse_entry(name: str, raw: object) -> Dataset:
     where = f"{TABLE_PATH.name}: {name}"
     if not isinstance(raw, dict):
         raise PipelineError(f"{where}: expected a mapping")
-    expected = {"files", "train_count", "test_count", "image_size", "classes", "flippable"}
+    expected = {"files", "train_count", "test_count", "image_size", "classes", "flippable", "crop"}
     if set(raw) != expected:
         raise PipelineError(f"{where}: expected keys {sorted(expected)}, found {sorted(raw)}")
     files_raw = raw["files"]
@@ -62,8 +64,11 @@ def _parse_entry(name: str, raw: object) -> Dataset:
         raise PipelineError(f"{where}.classes: expected a list of at least two names")
     if not isinstance(raw["flippable"], bool):
         raise PipelineError(f"{where}.flippable: expected true or false")
+    most = largest_crop(raw["image_size"])
+    if not isinstance(raw["crop"], int) or isinstance(raw["crop"], bool) or not 0 <= raw["crop"] <= most:
+        raise PipelineError(f"{where}.crop: expected a whole number of pixels in 0-{most}, got {raw['crop']!r}")
     return Dataset(name, files, raw["train_count"], raw["test_count"], raw["image_size"], tuple(classes),
-                   raw["flippable"])
+                   raw["flippable"], raw["crop"])
 
 
 def load_table(path: Path = TABLE_PATH) -> dict[str, Dataset]:

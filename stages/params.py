@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -138,7 +139,9 @@ class TrainParams:
     convs_per_block: int  # cnn: 3x3 convs in each block
     pool: Pool  # cnn: each block's max-pool after its last ReLU, or right after its first conv
     stem: Stem  # cnn: the first block halves the image by its max-pool, or by a stride-2 first conv
-    crop: int  # cnn: pixels cut off each side of the image before the first conv; 0 = none
+    # cnn: pixels cut off each side of the image before the first conv; 0 = none. 'auto' is the
+    # dataset's `crop` (stages/datasets.yaml); parse resolves it, so parsed params hold an int.
+    crop: int | Literal["auto"]
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: float  # onecycle: the peak; cosine: the start; constant: the rate throughout
     momentum: float  # sgd only
@@ -182,8 +185,8 @@ class TrainParams:
     def check(self, train_split_size: int, image_size: int) -> None:
         most = largest_crop(image_size)
         _require(0 <= self.crop <= most, "train.crop",
-                 f"must be between 0 and {most} pixels (the CNN needs at least 8x8 of the "
-                 f"{image_size}x{image_size} image), got {self.crop}")
+                 f"must be 'auto' (the dataset's, datasets.yaml) or between 0 and {most} pixels (the CNN "
+                 f"needs at least 8x8 of the {image_size}x{image_size} image), got {self.crop}")
         _require(all(h >= 1 for h in self.hidden), "train.hidden",
                  f"every hidden size must be a positive integer, got {self.hidden}")
         _require(self.model != "mlp" or len(self.hidden) > 0, "train.hidden",
@@ -260,9 +263,26 @@ def _choices(values) -> str:
     return ", ".join(repr(v) for v in values)
 
 
+def _describe(hint: Any) -> str:
+    """What an annotation accepts, in words, for an option of a union's error message."""
+    if get_origin(hint) is Literal:
+        return _choices(get_args(hint))
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if hint not in words:
+        raise TypeError(f"unsupported union option {hint!r}")  # a bug in this module, not in params
+    return words[hint]
+
+
 def _convert(key: str, value: Any, hint: Any) -> Any:
     """Checks `value` against the annotation `hint`; returns it typed (ints accepted as floats)."""
     origin = get_origin(hint)
+    if origin in (Union, types.UnionType):  # int | Literal["auto"]: the first option that takes the value
+        for option in get_args(hint):
+            try:
+                return _convert(key, value, option)
+            except ParamsError:
+                pass
+        raise ParamsError(key, f"must be {' or '.join(_describe(option) for option in get_args(hint))}, got {value!r}")
     if origin is Literal:
         _require(value in get_args(hint), key, f"must be one of {_choices(get_args(hint))}, got {value!r}")
         return value
@@ -322,6 +342,8 @@ def parse(raw: Any) -> Params:
     dataset = table[params.fetch.dataset]
     params.preprocess.check(dataset)
     params.augment.check(dataset)
+    if params.train.crop == "auto":  # the crop the dataset's border allows (datasets.yaml)
+        params = dataclasses.replace(params, train=dataclasses.replace(params.train, crop=dataset.crop))
     params.train.check(train_split_size=dataset.train_count - params.preprocess.val_size,
                        image_size=dataset.image_size)
     # Across sections: augment.allow_flip also allows mirror images at test time.

@@ -141,14 +141,20 @@ def numerics(device: torch.device, precision: str) -> dict[str, str | int | bool
     """How a run computes, besides its params and data (docs/reproducibility.md): the device and
     the resolved precision ('fp32' or 'bf16'); on a CPU its name, torch's vector ISA, whether oneDNN
     has AMX, and the thread count (oneDNN and MKL pick kernels by the first three and split work by
-    the last); on a GPU its name and the CUDA version; the torch version. train records it with the
+    the last); on a GPU its name, the CUDA version and cuDNN's (which picks the conv kernels); the
+    torch version. train records it with the
     metrics (metrics/train/params.yaml), so `dvc params diff` shows where two runs of the same
     params computed differently, and a checkpoint resumes only where it was written the same way."""
     common = {"precision": precision, "torch": str(torch.__version__)}  # str: TorchVersion is a subclass
     if device.type == "cuda":
         # A ROCm build drives AMD GPUs as "cuda" devices, with a HIP version instead of a CUDA one.
         toolkit = torch.version.cuda or f"hip {torch.version.hip}"
-        return {"device": "cuda", "gpu": torch.cuda.get_device_name(device), "cuda": toolkit, **common}
+        # cuDNN's version as an int (91002 = 9.10.2); a ROCm build reports MIOpen's there, named so;
+        # "none" where torch has neither (plain YAML values).
+        library = torch.backends.cudnn.version()
+        cudnn = "none" if library is None else f"miopen {library}" if torch.version.hip else library
+        return {"device": "cuda", "gpu": torch.cuda.get_device_name(device), "cuda": toolkit, "cudnn": cudnn,
+                **common}
     return {"device": device.type, "cpu": cpu_model(), "cpu_isa": torch.backends.cpu.get_cpu_capability(),
             "amx": cpu_has_amx(), "threads": torch.get_num_threads(), **common}
 

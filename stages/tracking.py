@@ -5,7 +5,7 @@ The DVCLive directory (`metrics/train/`, a cached output of train) holds:
     metrics.json                    the latest value of every series, plus `epoch` and `step`
     params.yaml                     how the run computed (stages.runtime.numerics): device and
                                     precision; CPU name, vector ISA, AMX and threads, or GPU and
-                                    CUDA version; torch version
+                                    CUDA and cuDNN versions; torch version
     plots/metrics/<series>.tsv      one row per logged point: `step<TAB><series>`
 
 `step` is the number of optimizer steps done when the point was logged, the one x-axis of every

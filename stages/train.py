@@ -452,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
     if rank.is_main:
         if cfg.device == "auto" and device.type == "cpu":
             log(STAGE, "device auto: no CUDA GPU available, training on the CPU")
-        log(STAGE, f"device: {describe_device(device)}; precision {describe_precision(cfg.precision, device)}")
+        log(STAGE, f"device: {describe_device(device)}; precision {describe_precision(cfg.precision, device)}"
+                   + (f"; crop {cfg.crop} pixels a side" if cfg.model == "cnn" else ""))
     train = load_tensors(args.train_in, required=("images", "labels", "classes", "mean", "std"))
     val = load_tensors(args.val_in, required=("images", "labels"))
     start = time.perf_counter()

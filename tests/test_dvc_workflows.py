@@ -75,7 +75,8 @@ RERUNS: dict[str, Rerun] = {
         "stages/datasets.py", "`stages/datasets.py`", ALL_STAGES,
         "every stage reads params.yaml through `stages/params.py`, which checks it against the dataset table"),
     "stages/datasets.yaml": _rerun(
-        "stages/datasets.yaml", "`stages/datasets.yaml`", ALL_STAGES, "as for `datasets.py`"),
+        "stages/datasets.yaml", "`stages/datasets.yaml`", ALL_STAGES,
+        "as for `datasets.py`; its `crop` is what `train.crop: auto` takes"),
     "stages/model_config.py": _rerun(
         "stages/model_config.py", "`stages/model_config.py`", ALL_STAGES,
         "`stages/params.py` builds the model's config, so every stage imports it"),

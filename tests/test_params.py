@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from stages.common import PipelineError
+from stages.datasets import load_table
 from stages.model_config import ARCHITECTURES, ModelConfig
+from stages import params as params_mod
 from stages.params import VALID_MARKER, Params, ParamsError, TrainParams, load, parse
 from tests.conftest import PROJECT_ROOT
 
@@ -142,9 +144,12 @@ def _bad_cases():
     yield "tta_flip not bool", c("train", "tta_flip", 1), "train.tta_flip", ["true or false"]
     yield "tta_shift negative", c("train", "tta_shift", -1), "train.tta_shift", ["0 (off), 1 or 2 pixels"]
     yield "tta_shift over two", c("train", "tta_shift", 3), "train.tta_shift", ["0 (off), 1 or 2 pixels"]
-    yield "crop negative", c("train", "crop", -1), "train.crop", ["between 0 and 10 pixels", "8x8 of the 28x28"]
+    yield ("crop negative", c("train", "crop", -1), "train.crop",
+           ["'auto' (the dataset's, datasets.yaml) or between 0 and 10 pixels", "8x8 of the 28x28"])
     yield "crop leaving under 8x8", c("train", "crop", 11), "train.crop", ["between 0 and 10 pixels"]
-    yield "crop not int", c("train", "crop", 1.5), "train.crop", ["integer"]
+    yield "crop not int", c("train", "crop", 1.5), "train.crop", ["an integer or 'auto'", "1.5"]
+    yield "crop another word", c("train", "crop", "max"), "train.crop", ["an integer or 'auto'", "'max'"]
+    yield "crop a bool", c("train", "crop", True), "train.crop", ["an integer or 'auto'"]
     yield "erase over one", c("augment", "erase", 1.01), "augment.erase", ["probability in [0, 1]"]
     yield "erase negative", c("augment", "erase", -0.5), "augment.erase", ["probability in [0, 1]"]
     yield "erase area zero", c("augment", "erase_area_min", 0.0), "augment.erase_area_min", ["(0, 1]"]
@@ -196,6 +201,49 @@ def test_augmentation_bounds_are_inclusive(dataset):
                               allow_flip=dataset == "mnist")
         augment = parse(raw).augment
         assert (augment.flip, augment.erase, augment.pad) == (flip, erase, pad)
+
+
+def test_crop_auto_is_the_datasets_crop():
+    """train.crop: auto (as committed) is the dataset's `crop` from datasets.yaml, resolved by parse:
+    MNIST's centred digits are cropped by 2 pixels a side, Fashion-MNIST's garments not at all, so
+    switching the dataset with the default params does not cut garments. A number is taken as given
+    on any dataset, and the model config gets the resolved crop."""
+    assert BASE["train"]["crop"] == "auto"
+    mnist = parse(copy.deepcopy(BASE))
+    assert mnist.train.crop == mnist.dataset.crop == 2
+    fashion = parse(with_change("fetch", "dataset", "fashion-mnist"))
+    assert fashion.train.crop == fashion.dataset.crop == 0
+    assert fashion.train.model_config(28, 10, mean=0.29, std=0.35).crop == 0
+    explicit = with_change("fetch", "dataset", "fashion-mnist")
+    explicit["train"]["crop"] = 3
+    assert parse(explicit).train.crop == 3
+    # An mlp resolves it too, and takes the whole image as ever (crop is cnn only).
+    assert parse(with_change("train", "model", "mlp")).train.model_config(28, 10, mean=0.13, std=0.31).crop == 0
+
+
+def test_crop_auto_comes_from_the_dataset_table(tmp_path, monkeypatch):
+    """Whatever crop a dataset's entry gives is what auto resolves to (not a number kept elsewhere)."""
+    entry = yaml.safe_load((PROJECT_ROOT / "stages" / "datasets.yaml").read_text())["mnist"]
+    table = tmp_path / "datasets.yaml"
+    table.write_text(yaml.safe_dump({"digits": {**entry, "crop": 1}}))
+    monkeypatch.setattr(params_mod, "load_table", lambda: load_table(table))
+    raw = with_change("fetch", "dataset", "digits")
+    raw["fetch"]["mirrors"] = {"digits": ["http://127.0.0.1:9/"]}
+    assert parse(raw).train.crop == 1
+
+
+@pytest.mark.parametrize("crop, problem", [(11, "got 11"), ("2", "got '2'"), (True, "got True")])
+def test_dataset_crop_is_validated(tmp_path, crop, problem):
+    """A datasets.yaml entry's crop must be a whole number of pixels the CNN can take."""
+    entry = yaml.safe_load((PROJECT_ROOT / "stages" / "datasets.yaml").read_text())["mnist"]
+    table = tmp_path / "datasets.yaml"
+    table.write_text(yaml.safe_dump({"digits": {**entry, "crop": crop}}))
+    with pytest.raises(PipelineError, match=f"datasets.yaml: digits.crop: expected a whole number of pixels in 0-10, {problem}"):
+        load_table(table)
+    del entry["crop"]
+    table.write_text(yaml.safe_dump({"digits": entry}))
+    with pytest.raises(PipelineError, match="expected keys .*'crop'"):
+        load_table(table)
 
 
 def test_flip_on_digits_needs_allow_flip():

@@ -436,12 +436,17 @@ def test_numerics_names_how_a_run_computes(monkeypatch):
         "precision": "bf16", "torch": torch.__version__}
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(torch.version, "cuda", "13.2")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
     assert runtime_mod.numerics(torch.device("cuda", 0), "fp32") == {
-        "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "cuda": "13.2", "precision": "fp32",
+        "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "cuda": "13.2", "cudnn": 91002, "precision": "fp32",
         "torch": torch.__version__}
     monkeypatch.setattr(torch.version, "cuda", None)  # a ROCm build
     monkeypatch.setattr(torch.version, "hip", "7.0.51831", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 30500)  # ROCm's cudnn.version() is MIOpen's
     assert runtime_mod.numerics(torch.device("cuda", 0), "bf16")["cuda"] == "hip 7.0.51831"
+    assert runtime_mod.numerics(torch.device("cuda", 0), "bf16")["cudnn"] == "miopen 30500"
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: None)  # a build with neither library
+    assert runtime_mod.numerics(torch.device("cuda", 0), "bf16")["cudnn"] == "none"
     # Plain values, as DVCLive's YAML writer takes them (torch.__version__ is a str subclass it refuses).
     for device in (torch.device("cpu"), torch.device("cuda", 0)):
         assert all(type(value) in (str, int, bool) for value in runtime_mod.numerics(device, "fp32").values())
