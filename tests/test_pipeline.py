@@ -104,10 +104,13 @@ def test_invalid_params_fail_before_outputs_are_touched(project, edit, key):
 
 def test_switching_dataset_reruns_everything_and_carries_class_names(project, tmp_path):
     """A second dataset of the same format is one table entry more; its class names reach the
-    model file while the per-class metrics stay keyed by class index."""
+    model file while the per-class metrics stay keyed by class index, and the default params'
+    train.crop: auto takes its crop (the synthetic digits': 2; this one's: 0)."""
     names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    assert torch.load(project.path("models/model.pt"), weights_only=True)["config"]["crop"] == 2
     entry = write_mirror(tmp_path / "other-mirror", seed=1)
     entry["classes"] = names
+    entry["crop"] = 0
     table = project.path("stages/datasets.yaml")
     table.write_text(table.read_text() + yaml.safe_dump({"other": entry}, sort_keys=False))
     project.set_params({"fetch": {"dataset": "other", "mirrors": {"other": ["http://127.0.0.1:9/"]}}})
@@ -115,5 +118,6 @@ def test_switching_dataset_reruns_everything_and_carries_class_names(project, tm
     assert project.repro() == ALL_STAGES
     model = torch.load(project.path("models/model.pt"), weights_only=True)
     assert model["classes"] == names
+    assert model["config"]["crop"] == 0
     metrics = json.loads(project.path("metrics/eval.json").read_text())
     assert set(metrics["per_class"]) == {str(k) for k in range(10)}
