@@ -23,4 +23,6 @@ def test_two_processes_train_to_the_same_band_and_write_one_set_of_outputs(proje
         assert len(list(csv.DictReader(f, delimiter="\t"))) == 2  # one row per epoch, rank 0's only
     single = json.loads(built_project.path("metrics/eval.json").read_text())["accuracy"]
     distributed = json.loads(project.path("metrics/eval.json").read_text())["accuracy"]
-    assert distributed >= 0.9 and abs(distributed - single) <= 0.05
+    # It failed once in CI under load with no record of which check or value; say so next time.
+    assert distributed >= 0.9 and abs(distributed - single) <= 0.05, (
+        f"accuracy: 2 processes {distributed}, 1 process {single}\n{output[-4000:]}")
