@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from stages.common import PipelineError
-from stages.model_config import largest_crop
+from stages.model_config import is_valid_crop, largest_crop
 
 TABLE_PATH = Path(__file__).with_name("datasets.yaml")
 # Each role is one IDX file; preprocess relies on exactly these four.
@@ -64,9 +64,9 @@ def _parse_entry(name: str, raw: object) -> Dataset:
         raise PipelineError(f"{where}.classes: expected a list of at least two names")
     if not isinstance(raw["flippable"], bool):
         raise PipelineError(f"{where}.flippable: expected true or false")
-    most = largest_crop(raw["image_size"])
-    if not isinstance(raw["crop"], int) or isinstance(raw["crop"], bool) or not 0 <= raw["crop"] <= most:
-        raise PipelineError(f"{where}.crop: expected a whole number of pixels in 0-{most}, got {raw['crop']!r}")
+    if not is_valid_crop(raw["crop"], raw["image_size"]):
+        raise PipelineError(f"{where}.crop: expected a whole number of pixels in "
+                            f"0-{largest_crop(raw['image_size'])}, got {raw['crop']!r}")
     return Dataset(name, files, raw["train_count"], raw["test_count"], raw["image_size"], tuple(classes),
                    raw["flippable"], raw["crop"])
 

@@ -24,6 +24,12 @@ def largest_crop(image_size: int) -> int:
     return (image_size - 8) // 2
 
 
+def is_valid_crop(crop: object, image_size: int) -> bool:
+    """Whether `crop` is a whole number of pixels a cnn can cut off each side, 0 to largest_crop: the
+    one rule for train.crop, a dataset's crop (datasets.yaml) and a model file's."""
+    return isinstance(crop, int) and not isinstance(crop, bool) and 0 <= crop <= largest_crop(image_size)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that rebuilds the network, weights aside; stored in the model file as plain values."""
@@ -75,9 +81,10 @@ class ModelConfig:
             if choices and raw[name] not in choices:
                 raise ValueError(f"configuration {name} {raw[name]!r} is not one of {', '.join(map(repr, choices))}")
         # A crop the network cannot take would fail only at the first forward pass, with a shape error.
-        crop, most = raw["crop"], largest_crop(raw["image_size"])
-        if not isinstance(crop, int) or isinstance(crop, bool) or not 0 <= crop <= most:
-            raise ValueError(f"configuration crop {crop!r} is not a whole number of pixels in 0-{most}")
+        crop = raw["crop"]
+        if not is_valid_crop(crop, raw["image_size"]):
+            raise ValueError(f"configuration crop {crop!r} is not a whole number of pixels in "
+                             f"0-{largest_crop(raw['image_size'])}")
         if crop and raw["architecture"] != "cnn":
             raise ValueError(f"configuration crop {crop} for a {raw['architecture']!r}: only a cnn crops")
         return cls(**{**raw, "hidden": tuple(raw["hidden"]), "channels": tuple(raw["channels"])})

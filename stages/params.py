@@ -23,7 +23,7 @@ import yaml
 
 from stages.common import PipelineError, run_main, write_text_atomic
 from stages.datasets import Dataset, load_table
-from stages.model_config import Architecture, ModelConfig, Pool, Stem, largest_crop
+from stages.model_config import Architecture, ModelConfig, Pool, Stem, is_valid_crop, largest_crop
 
 DEFAULT_PATH = Path("params.yaml")
 VALID_MARKER = "params.yaml is valid\n"
@@ -183,10 +183,9 @@ class TrainParams:
     processes: int  # > 1: the stage relaunches itself under torchrun, one process per shard (DDP)
 
     def check(self, train_split_size: int, image_size: int) -> None:
-        most = largest_crop(image_size)
-        _require(0 <= self.crop <= most, "train.crop",
-                 f"must be 'auto' (the dataset's, datasets.yaml) or between 0 and {most} pixels (the CNN "
-                 f"needs at least 8x8 of the {image_size}x{image_size} image), got {self.crop}")
+        _require(is_valid_crop(self.crop, image_size), "train.crop",
+                 f"must be 'auto' (the dataset's, datasets.yaml) or between 0 and {largest_crop(image_size)} "
+                 f"pixels (the CNN needs at least 8x8 of the {image_size}x{image_size} image), got {self.crop}")
         _require(all(h >= 1 for h in self.hidden), "train.hidden",
                  f"every hidden size must be a positive integer, got {self.hidden}")
         _require(self.model != "mlp" or len(self.hidden) > 0, "train.hidden",
