@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 # `dvc` by name, and stages in a queued run's temporary copy find `python3` there.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test setup bench frontier exp queue pull predict clean-venv gpu-check
+.PHONY: repro test setup bench frontier exp queue pull predict clean-venv gpu-check screen
 
 setup: $(INSTALLED)
 
@@ -40,6 +40,11 @@ bench: $(INSTALLED)-bench
 # Options go in FRONTIER_ARGS: make frontier FRONTIER_ARGS="--presets default,fast --seeds 0"
 frontier: $(INSTALLED)-bench
 	$(BIN)/python -m benchmarks.frontier $(FRONTIER_ARGS)
+
+# A validation screen over rotating splits (benchmarks/screen.py): candidates compared on val.
+# make screen SCREEN_ARGS="--candidates '{now: {}, crop2: {train.crop: 2}}' --preset fast --seeds 0,1,2"
+screen: $(INSTALLED)-bench
+	$(BIN)/python -m benchmarks.screen $(SCREEN_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

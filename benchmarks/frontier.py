@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -41,8 +40,8 @@ from typing import Any
 import torch
 
 from benchmarks import presets
-from benchmarks.presets import (DATA_DIR, comma_ints, comma_list, load_splits, parse_override, synchronize,
-                                test_accuracy)
+from benchmarks.presets import (DATA_DIR, QUICK_VAL, comma_ints, comma_list, load_splits, parse_override,
+                                synchronize, test_accuracy, write_quick_mirror)
 from benchmarks.reference import torchvision_mnist, train_reference
 from benchmarks.speed import RAW_DIR
 from stages.augment import augmented_split
@@ -56,10 +55,7 @@ from stages.train import fit
 
 DEFAULT_PRESETS = ("default", "fast", "cnn-max", "mlp-best")
 PLOT_PATH = Path("benchmarks/frontier.png")
-# --quick: a tiny synthetic MNIST (tests/synthetic.py) and one epoch of everything.
-# At least a few batches of 128 per epoch: OneCycleLR divides by zero when warm-up is under one step.
-QUICK_TRAIN, QUICK_TEST, QUICK_VAL = 1200, 200, 100
-QUICK_OVERRIDES = {"train.epochs": 1}
+QUICK_OVERRIDES = {"train.epochs": 1}  # --quick: one epoch of everything, on benchmarks.presets' tiny data
 
 
 @dataclass
@@ -134,10 +130,8 @@ def load_or_prepare(data_dir: Path, raw_dir: Path, preprocess: PreprocessParams,
 
 def quick_data(root: Path) -> tuple[Path, dict[str, dict]]:
     """--quick: (raw dir, prepared splits) of a tiny synthetic MNIST written under `root`."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
-    from tests.synthetic import write_mirror  # the test suite's generator: only --quick needs it
-    write_mirror(root / "raw", n_train=QUICK_TRAIN, n_test=QUICK_TEST)
-    return root / "raw", prepare(root / "raw", load_table()["mnist"], PreprocessParams(val_size=QUICK_VAL, seed=0))
+    raw_dir = write_quick_mirror(root / "raw")
+    return raw_dir, prepare(raw_dir, load_table()["mnist"], PreprocessParams(val_size=QUICK_VAL, seed=0))
 
 
 def machine_line(device: torch.device, precisions: dict[str, str]) -> str:

@@ -71,6 +71,19 @@ def load_splits(data_dir: Path = DATA_DIR) -> tuple[dict, dict, dict]:
             load_tensors(data_dir / "test.pt", required=("images", "labels")))
 
 
+# --quick (frontier, screen): a tiny synthetic MNIST (tests/synthetic.py), for smoke tests. At least
+# a few batches of 128 per epoch: OneCycleLR divides by zero when warm-up is under one step.
+QUICK_TRAIN, QUICK_TEST, QUICK_VAL = 1200, 200, 100
+
+
+def write_quick_mirror(directory: Path) -> Path:
+    """--quick: writes the four .gz files of a tiny synthetic MNIST into `directory`; returns it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
+    from tests.synthetic import write_mirror  # the test suite's generator: only --quick needs it
+    write_mirror(directory, n_train=QUICK_TRAIN, n_test=QUICK_TEST)
+    return directory
+
+
 def augmented(train: dict, cfg: AugmentParams) -> dict:
     """The train split as the augment stage writes it for `cfg` (same generator, same seed)."""
     return augmented_split(train, cfg)

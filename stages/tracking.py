@@ -5,7 +5,8 @@ The DVCLive directory (`metrics/train/`, a cached output of train) holds:
     metrics.json                    the latest value of every series, plus `epoch` and `step`
     params.yaml                     how the run computed (stages.runtime.numerics): device and
                                     precision; CPU name, vector ISA, AMX and threads, or GPU and
-                                    CUDA and cuDNN versions; torch version
+                                    CUDA and cuDNN versions; torch version; and a CNN's crop in
+                                    pixels (train.crop: auto resolved to the dataset's)
     plots/metrics/<series>.tsv      one row per logged point: `step<TAB><series>`
 
 `step` is the number of optimizer steps done when the point was logged, the one x-axis of every
@@ -69,8 +70,9 @@ class TrainLog:
         self._live.sync()
 
     def log_numerics(self, values: dict[str, str | int | bool]) -> None:
-        """Writes params.yaml: how this run computed (stages.runtime.numerics), not a choice in
-        params.yaml. Logged by every run, a resumed one too, so it is not one of `records`."""
+        """Writes params.yaml: how this run computed (stages.runtime.numerics) and what `auto`
+        params resolved to, not a choice in params.yaml. Logged by every run, a resumed one too, so
+        it is not one of `records`."""
         if self._live is not None:
             self._live.log_params(values)
 

@@ -466,7 +466,9 @@ def main(argv: list[str] | None = None) -> None:
     run_id = fingerprint(cfg, computed, args.train_in, args.val_in) if args.checkpoint else ""
     # Only rank 0 writes DVCLive files; a fresh log even on resume (fit replays the checkpoint's points).
     train_log = TrainLog(args.live_dir if rank.is_main else None)
-    train_log.log_numerics(computed)
+    # Beside how it computed, what `auto` params resolved to: `dvc exp show` and `dvc params diff`
+    # read params.yaml, where train.crop says "auto" whatever the dataset (precision is in `computed`).
+    train_log.log_numerics({**computed, **({"crop": cfg.crop} if cfg.model == "cnn" else {})})
     model, config, _ = fit(cfg, train, val, device, args.checkpoint, run_id, rank, train_log)
     if rank.world > 1:
         torch.distributed.destroy_process_group()

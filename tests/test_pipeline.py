@@ -108,6 +108,7 @@ def test_switching_dataset_reruns_everything_and_carries_class_names(project, tm
     train.crop: auto takes its crop (the synthetic digits': 2; this one's: 0)."""
     names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     assert torch.load(project.path("models/model.pt"), weights_only=True)["config"]["crop"] == 2
+    assert yaml.safe_load(project.path("metrics/train/params.yaml").read_text())["crop"] == 2
     entry = write_mirror(tmp_path / "other-mirror", seed=1)
     entry["classes"] = names
     entry["crop"] = 0
@@ -119,5 +120,7 @@ def test_switching_dataset_reruns_everything_and_carries_class_names(project, tm
     model = torch.load(project.path("models/model.pt"), weights_only=True)
     assert model["classes"] == names
     assert model["config"]["crop"] == 0
+    # params.yaml says "auto" either way: the run record, a `dvc exp show` column, says which.
+    assert yaml.safe_load(project.path("metrics/train/params.yaml").read_text())["crop"] == 0
     metrics = json.loads(project.path("metrics/eval.json").read_text())
     assert set(metrics["per_class"]) == {str(k) for k in range(10)}

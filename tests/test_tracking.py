@@ -105,7 +105,8 @@ def test_how_train_computed_is_a_params_file_dvc_shows(project):
     # stage process resolves what this one does, on the same machine and torch.
     assert p.params()["train"]["precision"] == "auto" and p.params()["train"]["device"] == "auto"
     device = resolve_device("auto")
-    expected = numerics(device, resolve_precision("auto", device))
+    # And the fixture's CNN's crop, train.crop: auto resolved (the synthetic digits' entry: 2).
+    expected = {**numerics(device, resolve_precision("auto", device)), "crop": 2}
     if device.type == "cpu":
         assert p.env["OMP_NUM_THREADS"] == "1"
         expected["threads"] = 1
