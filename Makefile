@@ -42,7 +42,7 @@ frontier: $(INSTALLED)-bench
 	$(BIN)/python -m benchmarks.frontier $(FRONTIER_ARGS)
 
 # A validation screen over rotating splits (benchmarks/screen.py): candidates compared on val.
-# make screen SCREEN_ARGS="--candidates '{now: {}, crop2: {train.crop: 2}}' --preset fast --seeds 0,1,2"
+# make screen SCREEN_ARGS="--candidates '{now: {}, crop3: {train.crop: 3}}' --preset fast --seeds 0,1,2"
 screen: $(INSTALLED)-bench
 	$(BIN)/python -m benchmarks.screen $(SCREEN_ARGS)
 

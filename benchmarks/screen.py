@@ -1,6 +1,6 @@
 """A validation screen: candidate params compared on val over rotating splits (`make screen`).
 
-    python -m benchmarks.screen --candidates '{now: {}, crop2: {train.crop: 2}}' [--preset fast]
+    python -m benchmarks.screen --candidates '{now: {}, crop3: {train.crop: 3}}' [--preset fast]
                                 [--seeds 0,1,2,3,4,5] [--sealed-test FILE] [--raw data/raw] [--quick]
 
 How this project chooses a param (issue 14): candidates are scored on validation data, with a rule
@@ -10,15 +10,16 @@ images, so their draw never averages out (twice, test then disagreed with it). H
 and validates on the split that `preprocess.seed: k` gives (the preprocess stage's own function on
 the raw .gz files; class-stratified, val_size images each), with train.seed and augment.seed k: a
 mean over n seeds is a mean over n different val splits. The 10,000 test images are the same for
-every split, and never part of one.
+every split, and never part of one. The seeds come from --seeds: a candidate may not set them.
 
 Candidates are params.yaml with `--preset` and then their own overrides applied (YAML, as
 `dvc exp run -S` reads values), all validated before anything runs; they take turns within each
 seed, starting one later each seed, so a change in the machine's load falls on all of them. Prints
-one line per run (val accuracy, fit() seconds, the augmentation's seconds) and a table: each
-candidate's val per seed, mean and lowest, the seeds where it scored at least the first
-candidate's val, and its mean fit() as a ratio to the first's. Test accuracy is computed only with
-`--sealed-test FILE`, and only appended there, one line per run, for reading after the decision.
+one line per run (val accuracy after the last epoch and fit() seconds, both as train logs them;
+the augmentation's seconds) and a table: each candidate's val per seed, mean and lowest, the seeds
+where it scored at least the first candidate's val, and its mean fit() as a ratio to the first's. Test accuracy is computed only with
+`--sealed-test FILE`, and only appended there (a header line naming the screen, then one line per
+run), for reading after the decision.
 `--quick` runs on tiny synthetic data for one epoch: a smoke test (the test suite runs it).
 """
 
@@ -32,20 +33,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from benchmarks.presets import QUICK_VAL, comma_ints, preset_params, synchronize, test_accuracy, write_quick_mirror
+from benchmarks.presets import (QUICK_VAL, comma_ints, preset_params, synchronize, test_accuracy,
+                                write_quick_mirror)
 from benchmarks.speed import RAW_DIR
 from stages.augment import augmented_split
 from stages.common import PipelineError, run_main
 from stages.datasets import FILE_ROLES, Dataset, load_table
 from stages.fetch import SourceError, fetch_verified
-from stages.models import predict_logits
 from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
 from stages.runtime import resolve_device
 from stages.train import fit
+
+SEED_KEYS = ("train.seed", "augment.seed", "preprocess.seed")  # set from --seeds, for every candidate
+
 
 @dataclass
 class Run:
@@ -61,10 +64,14 @@ def parse_candidates(text: str) -> dict[str, dict[str, Any]]:
     raw = yaml.safe_load(text)
     if not isinstance(raw, dict) or not raw:
         raise argparse.ArgumentTypeError("expected a YAML mapping of names to overrides, "
-                                         "e.g. '{now: {}, crop2: {train.crop: 2}}'")
+                                         "e.g. '{now: {}, crop3: {train.crop: 3}}'")
     for name, overrides in raw.items():
         if not isinstance(overrides, dict) or not all(isinstance(key, str) for key in overrides):
             raise argparse.ArgumentTypeError(f"candidate {name!r}: expected a mapping of section.key to a value")
+        seeded = [key for key in SEED_KEYS if key in overrides]
+        if seeded:
+            raise argparse.ArgumentTypeError(f"candidate {name!r}: {', '.join(seeded)} come from --seeds "
+                                             "(seed k sets all three)")
     return {str(name): overrides for name, overrides in raw.items()}
 
 
@@ -72,11 +79,6 @@ def seed_order(names: list[str], seed_index: int) -> list[str]:
     """The candidates in turn for the seed_index-th seed: the list rotated by seed_index."""
     shift = seed_index % len(names)
     return names[shift:] + names[:shift]
-
-
-def val_accuracy(model: torch.nn.Module, val: dict, batch_size: int) -> float:
-    predictions = predict_logits(model, val["images"], batch_size).argmax(1).cpu()
-    return (predictions == val["labels"]).float().mean().item()
 
 
 def summary(runs: list[Run]) -> str:
@@ -101,21 +103,33 @@ def summary(runs: list[Run]) -> str:
 def screen_params(preset: str, candidates: dict[str, dict[str, Any]], seeds: list[int],
                   extra: dict[str, Any]) -> dict[tuple[str, int], Params]:
     """Every candidate's params for every seed, validated, before anything runs."""
-    all_params = {(name, seed): preset_params(preset, {**extra, **overrides, "train.seed": seed,
-                                                       "augment.seed": seed, "preprocess.seed": seed})
-                  for seed in seeds for name, overrides in candidates.items()}
-    datasets = {params.fetch.dataset for params in all_params.values()}
-    val_sizes = {params.preprocess.val_size for params in all_params.values()}
-    if len(datasets) > 1 or len(val_sizes) > 1:
-        raise PipelineError("the candidates must share fetch.dataset and preprocess.val_size (the splits they "
-                            f"are scored on); found {sorted(datasets)} and {sorted(val_sizes)}")
+    all_params = {}
+    for seed in seeds:
+        for name, overrides in candidates.items():
+            try:
+                all_params[(name, seed)] = preset_params(preset, {**extra, **overrides,
+                                                                  **{key: seed for key in SEED_KEYS}})
+            except PipelineError as exc:
+                raise PipelineError(f"candidate {name!r}, seed {seed}: {exc}") from None
+    # What the splits are built from, and where every candidate trains: one for all of them.
+    shared = {"fetch.dataset": {p.fetch.dataset for p in all_params.values()},
+              "preprocess.val_size": {p.preprocess.val_size for p in all_params.values()},
+              "train.device": {p.train.device for p in all_params.values()}}
+    differing = [f"{key} ({', '.join(map(str, sorted(values)))})" for key, values in shared.items() if len(values) > 1]
+    if differing:
+        raise PipelineError(f"the candidates must share {', '.join(differing)}: the splits they are scored on "
+                            "and the device they train on are the same for all")
     return all_params
 
 
 def check_raw(raw_dir: Path, dataset: Dataset) -> None:
-    """Raises unless raw_dir holds `dataset`'s four files, checksums checked: MNIST and Fashion-MNIST
-    files have the same names, so after a `fashion` repro data/raw holds garments."""
+    """Raises unless raw_dir holds `dataset`'s four .gz files (what prepare() reads), checksums
+    checked: MNIST's and Fashion-MNIST's files have the same names, so after a `fashion` repro
+    data/raw holds garments."""
     for role in FILE_ROLES:
+        if not (raw_dir / dataset.files[role].gz_name).is_file():
+            raise PipelineError(f"{raw_dir}: no {dataset.files[role].gz_name}; point --raw at the directory of "
+                                f"{dataset.name}'s four .gz files (the fetch stage writes them to {RAW_DIR})")
         try:
             fetch_verified(str(raw_dir), dataset.files[role], timeout_s=0)
         except SourceError as exc:
@@ -128,16 +142,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=parse_candidates, required=True,
                         help="YAML mapping: name -> {section.key: value}; the first is the one compared against")
-    parser.add_argument("--preset", default="cnn", help="presets.yaml entry the candidates start from (cnn: params.yaml)")
+    parser.add_argument("--preset", default="cnn",
+                        help="presets.yaml entry the candidates start from (cnn: params.yaml as it is)")
     parser.add_argument("--seeds", type=comma_ints, default=[0, 1, 2, 3, 4, 5],
                         help="comma-separated; seed k: preprocess.seed, train.seed and augment.seed k")
     parser.add_argument("--sealed-test", type=Path, metavar="FILE",
                         help="append each run's test accuracy here (nothing about test is printed)")
-    parser.add_argument("--raw", type=Path, default=RAW_DIR, help="directory of the dataset's IDX .gz files")
+    parser.add_argument("--raw", type=Path, help=f"directory of the dataset's IDX .gz files (default {RAW_DIR})")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic data, one epoch: a smoke test")
     args = parser.parse_args(argv)
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds must be non-empty and without repeats")
+    if args.quick and args.raw:
+        parser.error("--quick writes its own tiny data: it takes no --raw")
     extra = {"train.epochs": 1, "preprocess.val_size": QUICK_VAL} if args.quick else {}
     all_params = screen_params(args.preset, args.candidates, args.seeds, extra)
     first = next(iter(all_params.values()))
@@ -145,12 +162,17 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(first.train.device)
     names = list(args.candidates)
     runs: list[Run] = []
+    if args.sealed_test:  # opened now, so that a bad path fails before any training
+        with args.sealed_test.open("a") as sealed:
+            sealed.write(f"# benchmarks.screen {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: preset "
+                         f"{args.preset}, seeds {','.join(map(str, args.seeds))}, candidates "
+                         f"{yaml.safe_dump(args.candidates, default_flow_style=True, width=10**6).strip()}\n")
     with tempfile.TemporaryDirectory(prefix="screen-") as temp:
-        raw_dir = args.raw
-        if not args.quick:
-            check_raw(raw_dir, dataset)
-        else:
+        if args.quick:
             raw_dir = write_quick_mirror(Path(temp, "raw"))
+        else:
+            raw_dir = args.raw or RAW_DIR
+            check_raw(raw_dir, dataset)
         for index, seed in enumerate(args.seeds):
             # Raises on a missing file, a wrong size or labels out of range, as the stage does.
             splits = prepare(raw_dir, dataset, PreprocessParams(val_size=first.preprocess.val_size, seed=seed))
@@ -161,10 +183,10 @@ def main(argv: list[str] | None = None) -> None:
                 augment_s = time.perf_counter() - start
                 synchronize(device)
                 start = time.perf_counter()
-                model, _, _ = fit(params.train, train, splits["val"], device)
+                model, _, rows = fit(params.train, train, splits["val"], device)
                 synchronize(device)
-                runs.append(Run(name, seed, val_accuracy(model, splits["val"], params.evaluate.batch_size),
-                                time.perf_counter() - start, augment_s))
+                fit_s = time.perf_counter() - start
+                runs.append(Run(name, seed, rows[-1]["val_accuracy"], fit_s, augment_s))
                 print(f"{name} seed {seed}: val {100 * runs[-1].val_accuracy:.2f}%, fit {runs[-1].fit_seconds:.2f} s, "
                       f"augment {augment_s:.2f} s", flush=True)
                 if args.sealed_test:

@@ -12,15 +12,20 @@ from tests.synthetic import write_mirror
 
 
 def test_quick_screen_takes_turns_and_scores_each_seed_on_its_own_split(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     seen = []  # (candidate's lr, train.seed, the val split's images) for each fit()
-    real_fit = screen.fit
+    augment_seeds = []
+    real_fit, real_augment = screen.fit, screen.augmented_split
 
     def recording_fit(cfg, train, val, device):
         seen.append((cfg.lr, cfg.seed, val["images"].clone()))
         return real_fit(cfg, train, val, device)
 
+    def recording_augment(data, cfg):
+        augment_seeds.append(cfg.seed)
+        return real_augment(data, cfg)
+
     monkeypatch.setattr(screen, "fit", recording_fit)
+    monkeypatch.setattr(screen, "augmented_split", recording_augment)
     sealed = tmp_path / "sealed.txt"
     screen.main(["--quick", "--preset", "fast", "--candidates", "{a: {}, b: {train.lr: 0.05}}",
                  "--seeds", "3,7", "--sealed-test", str(sealed)])
@@ -28,6 +33,7 @@ def test_quick_screen_takes_turns_and_scores_each_seed_on_its_own_split(tmp_path
     progress = [line.split(":")[0] for line in out.splitlines() if ": val " in line]
     assert progress == ["a seed 3", "b seed 3", "b seed 7", "a seed 7"]  # the order turns each seed
     assert [(lr, seed) for lr, seed, _ in seen] == [(0.3, 3), (0.05, 3), (0.05, 7), (0.3, 7)]
+    assert augment_seeds == [3, 3, 7, 7]
     # Within a seed both candidates see the same val images; the next seed, other ones.
     assert torch.equal(seen[0][2], seen[1][2]) and torch.equal(seen[2][2], seen[3][2])
     assert not torch.equal(seen[0][2], seen[2][2])
@@ -36,15 +42,16 @@ def test_quick_screen_takes_turns_and_scores_each_seed_on_its_own_split(tmp_path
     assert set(rows) == {"a", "b"}
     assert rows["a"][5].strip() == "2 of 2" and rows["a"][7].strip() == "1.000"
     assert "%" in rows["b"][3] and float(rows["b"][7]) > 0
-    # Test accuracy only in the sealed file, one line per run; nothing of it on the screen.
-    assert [line.split(":")[0] for line in sealed.read_text().splitlines()] == [
-        "a seed 3", "b seed 3", "b seed 7", "a seed 7"]
+    # Test accuracy only in the sealed file: a header naming the screen, one line per run; nothing
+    # of it on the screen.
+    header, *lines = sealed.read_text().splitlines()
+    assert header.startswith("# benchmarks.screen ") and "preset fast, seeds 3,7" in header and "train.lr" in header
+    assert [line.split(":")[0] for line in lines] == ["a seed 3", "b seed 3", "b seed 7", "a seed 7"]
+    assert all(line.endswith("%") for line in lines)
     assert not any("test" in line and "%" in line for line in out.splitlines())
 
 
 def test_without_a_sealed_file_test_is_never_scored(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
     def no_test(*args, **kwargs):
         raise AssertionError("test accuracy computed without --sealed-test")
 
@@ -53,25 +60,36 @@ def test_without_a_sealed_file_test_is_never_scored(tmp_path, capsys, monkeypatc
     assert "| only |" in capsys.readouterr().out
 
 
-def test_every_candidate_is_validated_before_anything_runs(monkeypatch):
+def test_every_candidate_is_validated_before_anything_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(screen, "prepare", lambda *args: pytest.fail("a split was prepared"))
-    with pytest.raises(PipelineError, match="train.lr"):
+    with pytest.raises(PipelineError, match="candidate 'b', seed 0: .*train.lr"):
         screen.main(["--quick", "--candidates", "{a: {}, b: {train.lr: -1}}", "--seeds", "0"])
-    with pytest.raises(PipelineError, match="fetch.dataset and preprocess.val_size"):
+    with pytest.raises(PipelineError, match="seed -1: .*seed"):  # every seed checked before the first runs
+        screen.main(["--quick", "--candidates", "{a: {}}", "--seeds", "0,-1"])
+    with pytest.raises(PipelineError, match="share fetch.dataset"):
         screen.main(["--quick", "--candidates", "{a: {}, b: {fetch.dataset: fashion-mnist}}", "--seeds", "0"])
-    with pytest.raises(SystemExit):  # not a mapping of names to overrides
-        screen.main(["--candidates", "[1, 2]"])
-    with pytest.raises(SystemExit):
-        screen.main(["--candidates", "{a: 3}"])
-    with pytest.raises(SystemExit):  # a repeated seed would score the same split twice
-        screen.main(["--candidates", "{a: {}}", "--seeds", "1,1"])
+    with pytest.raises(PipelineError, match="share train.device"):
+        screen.main(["--quick", "--candidates", "{a: {}, b: {train.device: cpu}}", "--seeds", "0"])
+    with pytest.raises(FileNotFoundError):  # a sealed file that cannot be written fails before training
+        screen.main(["--quick", "--candidates", "{a: {}}", "--sealed-test", str(tmp_path / "no" / "such.txt")])
+    for bad in (["--candidates", "[1, 2]"],  # not a mapping of names to overrides
+                ["--candidates", "{a: 3}"],
+                ["--candidates", "{a: {train.seed: 4}}"],  # seeds come from --seeds
+                ["--candidates", "{a: {}}", "--seeds", "1,1"],  # the same split scored twice
+                ["--candidates", "{a: {}}", "--raw", str(tmp_path)]):  # --quick writes its own data
+        with pytest.raises(SystemExit):
+            screen.main(["--quick", *bad])
 
 
-def test_raw_files_of_another_dataset_are_refused(tmp_path):
+def test_raw_files_of_another_dataset_are_refused_before_any_split(tmp_path, monkeypatch):
     """MNIST's and Fashion-MNIST's files share names: the checksums tell them apart."""
-    write_mirror(tmp_path, n_train=60, n_test=20)
+    monkeypatch.setattr(screen, "prepare", lambda *args: pytest.fail("a split was prepared"))
+    write_mirror(tmp_path / "other", n_train=60, n_test=20)  # the right names, not MNIST's bytes
     with pytest.raises(PipelineError, match="dataset is mnist.*--raw"):
-        screen.check_raw(tmp_path, load_table()["mnist"])
+        screen.main(["--candidates", "{a: {}}", "--seeds", "0", "--raw", str(tmp_path / "other")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match="no train-images-idx3-ubyte.gz"):
+        screen.check_raw(tmp_path / "empty", load_table()["mnist"])
 
 
 def test_summary_compares_each_candidate_with_the_first():
