@@ -32,7 +32,6 @@ import resource
 import statistics
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ import torch
 
 from benchmarks import presets
 from benchmarks.presets import (DATA_DIR, QUICK_VAL, comma_ints, comma_list, load_splits, parse_override,
-                                synchronize, test_accuracy, write_quick_mirror)
+                                test_accuracy, timed_fit, write_quick_mirror)
 from benchmarks.reference import torchvision_mnist, train_reference
 from benchmarks.speed import RAW_DIR
 from stages.augment import augmented_split
@@ -51,7 +50,6 @@ from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
 from stages.runtime import (cpu_has_amx, cpu_has_bf16, cpu_model, describe_device, release_freed_memory,
                             resolve_device, resolve_precision, retain_freed_memory)
-from stages.train import fit
 
 DEFAULT_PRESETS = ("default", "fast", "cnn-max", "mlp-best")
 PLOT_PATH = Path("benchmarks/frontier.png")
@@ -110,11 +108,7 @@ def run_preset(name: str, seed: int, params: Params, splits: dict[str, dict], de
     train = augmented_split(splits["train"], params.augment)
     release_freed_memory()  # so that the peak below is this run's: live data + what fit() needs
     memory.reset()
-    synchronize(device)
-    start = time.perf_counter()
-    model, _, rows = fit(params.train, train, splits["val"], device)
-    synchronize(device)
-    seconds = time.perf_counter() - start
+    model, rows, seconds = timed_fit(params.train, train, splits["val"], device)
     peak = max(memory.peak, memory.current())
     accuracy = test_accuracy(model, splits["test"], len(train["classes"]), params.evaluate.batch_size)
     return PresetRun(name, seed, accuracy, rows[-1]["val_accuracy"], seconds, peak / 2**20)

@@ -95,13 +95,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_fit(cfg: TrainParams, train: dict, val: dict, device: torch.device) -> tuple[torch.nn.Module, float]:
-    """(trained model, seconds of training) for train's fit()."""
+def timed_fit(cfg: TrainParams, train: dict, val: dict,
+              device: torch.device) -> tuple[torch.nn.Module, list[dict], float]:
+    """(trained model, fit()'s per-epoch log rows, seconds of training) for train's fit(); the last
+    row's val_accuracy is the val score train logs."""
     synchronize(device)
     start = time.perf_counter()
-    model, _, _ = fit(cfg, train, val, device)
+    model, _, rows = fit(cfg, train, val, device)
     synchronize(device)
-    return model, time.perf_counter() - start
+    return model, rows, time.perf_counter() - start
 
 
 def test_accuracy(model: torch.nn.Module, test: dict, num_classes: int, batch_size: int) -> float:
@@ -114,7 +116,7 @@ def run_preset(params: Params, splits: tuple[dict, dict, dict]) -> tuple[float, 
     """(test accuracy in [0, 1], train seconds) of one preset's params."""
     train, val, test = splits
     device = resolve_device(params.train.device)
-    model, seconds = timed_fit(params.train, augmented(train, params.augment), val, device)
+    model, _, seconds = timed_fit(params.train, augmented(train, params.augment), val, device)
     return test_accuracy(model, test, len(train["classes"]), params.evaluate.batch_size), seconds
 
 

@@ -17,9 +17,9 @@ Candidates are params.yaml with `--preset` and then their own overrides applied 
 seed, starting one later each seed, so a change in the machine's load falls on all of them. Prints
 one line per run (val accuracy after the last epoch and fit() seconds, both as train logs them;
 the augmentation's seconds) and a table: each candidate's val per seed, mean and lowest, the seeds
-where it scored at least the first candidate's val, and its mean fit() as a ratio to the first's. Test accuracy is computed only with
-`--sealed-test FILE`, and only appended there (a header line naming the screen, then one line per
-run), for reading after the decision.
+where it scored at least the first candidate's val, and its mean fit() as a ratio to the first's.
+Test accuracy is computed only with `--sealed-test FILE`, and only appended there (a header line
+naming the screen, then one line per run), for reading after the decision.
 `--quick` runs on tiny synthetic data for one epoch: a smoke test (the test suite runs it).
 """
 
@@ -35,8 +35,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.presets import (QUICK_VAL, comma_ints, preset_params, synchronize, test_accuracy,
-                                write_quick_mirror)
+from benchmarks.presets import QUICK_VAL, comma_ints, preset_params, test_accuracy, timed_fit, write_quick_mirror
 from benchmarks.speed import RAW_DIR
 from stages.augment import augmented_split
 from stages.common import PipelineError, run_main
@@ -45,7 +44,6 @@ from stages.fetch import SourceError, fetch_verified
 from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
 from stages.runtime import resolve_device
-from stages.train import fit
 
 SEED_KEYS = ("train.seed", "augment.seed", "preprocess.seed")  # set from --seeds, for every candidate
 
@@ -181,11 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.perf_counter()
                 train = augmented_split(splits["train"], params.augment)
                 augment_s = time.perf_counter() - start
-                synchronize(device)
-                start = time.perf_counter()
-                model, _, rows = fit(params.train, train, splits["val"], device)
-                synchronize(device)
-                fit_s = time.perf_counter() - start
+                model, rows, fit_s = timed_fit(params.train, train, splits["val"], device)
                 runs.append(Run(name, seed, rows[-1]["val_accuracy"], fit_s, augment_s))
                 print(f"{name} seed {seed}: val {100 * runs[-1].val_accuracy:.2f}%, fit {runs[-1].fit_seconds:.2f} s, "
                       f"augment {augment_s:.2f} s", flush=True)

@@ -14,7 +14,7 @@ from tests.synthetic import write_mirror
 def test_quick_screen_takes_turns_and_scores_each_seed_on_its_own_split(tmp_path, capsys, monkeypatch):
     seen = []  # (candidate's lr, train.seed, the val split's images) for each fit()
     augment_seeds = []
-    real_fit, real_augment = screen.fit, screen.augmented_split
+    real_fit, real_augment = screen.timed_fit, screen.augmented_split
 
     def recording_fit(cfg, train, val, device):
         seen.append((cfg.lr, cfg.seed, val["images"].clone()))
@@ -24,7 +24,7 @@ def test_quick_screen_takes_turns_and_scores_each_seed_on_its_own_split(tmp_path
         augment_seeds.append(cfg.seed)
         return real_augment(data, cfg)
 
-    monkeypatch.setattr(screen, "fit", recording_fit)
+    monkeypatch.setattr(screen, "timed_fit", recording_fit)
     monkeypatch.setattr(screen, "augmented_split", recording_augment)
     sealed = tmp_path / "sealed.txt"
     screen.main(["--quick", "--preset", "fast", "--candidates", "{a: {}, b: {train.lr: 0.05}}",
