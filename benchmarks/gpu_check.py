@@ -3,7 +3,8 @@
     MNIST_MIRROR=/path/to/mnist python -m benchmarks.gpu_check [--out gpu-check-out]   # or: make gpu-check
     python -m benchmarks.gpu_check --device cpu --quick --source DIR --mirror DIR      # the script itself, on a CPU
 
-Steps, in order of value; each has a timeout and all of them share --budget-s (8 minutes):
+Steps, in order of value; each has a timeout and all of them share --budget-s (8 minutes; every
+step took about 15 on an H200, so pick some with --steps, --variants and --tests):
   env       device, driver, torch, CUDA, cuDNN and NCCL versions
   run1      the full default `dvc repro` on real MNIST with train.device set, in a fresh copy of the project
   run2      the same again in a second copy; compare: are the weights bit-identical, the metrics equal?
@@ -57,19 +58,26 @@ DEVICE_LINE = re.compile(r"train: device: ([^;\n]*)")
 
 # (preset, precision, compile), most informative first: the budget may end the list early. The
 # default as committed (cnn, precision auto, no compile) is run1's run and is not repeated: auto is
-# bf16 on a GPU with bf16 arithmetic (any H100), so the default's fp32 counterpart is listed.
-VARIANTS = (("fast", "fp32", False), ("fast", "bf16", False), ("cnn", "fp32", False),
+# fp32 on a GPU (stages/runtime.py), so the default's bf16 counterpart is listed.
+VARIANTS = (("fast", "fp32", False), ("fast", "bf16", False), ("cnn", "bf16", False),
             ("cnn", "fp32", True), ("cnn", "bf16", True), ("cnn-max", "fp32", False),
             ("cnn-max", "bf16", False), ("fast", "fp32", True), ("fast", "bf16", True),
             ("cnn-max", "fp32", True), ("cnn-max", "bf16", True))
 QUICK_VARIANTS = (("fast", "fp32", False),)
-# Seconds each step may take at most (on one H100 a default training run takes ~10-20 s; a
-# repro adds fetch, preprocess and augment on the CPU and the interpreter and DVC start-ups).
-CAPS = {"env": 60, "repro": 180, "tests": 150, "ddp": 120, "variant": 150, "frontier": 150}
+# Every step after env, in order. run1 always runs when any of them does: the others use its copy.
+STEPS = ("run1", "run2", "ddp", "tests", "variants", "frontier")
+# Seconds each step may take at most. Measured on an H200 (docs/gpu.md): a default repro 54-74 s
+# (training 14-17 s), ddp 55 s, the five CUDA tests about 50 s each, a variant 25-60 s.
+CAPS = {"env": 60, "repro": 180, "tests": 300, "ddp": 120, "variant": 150, "frontier": 150}
 # All four presets over three seeds would not fit the frontier step's cap; these two show the
 # default's and `fast`'s ratio to the reference recipe's epoch on the GPU.
 FRONTIER_ARGS = ("--presets", "default,fast", "--seeds", "0")
 MIN_STEP_S = 20  # a step with less time than this left is skipped rather than started
+
+
+def variant_name(variant: tuple) -> str:
+    preset, precision, compile_model = variant
+    return f"{preset}-{precision}" + ("-compile" if compile_model else "")
 
 
 @dataclasses.dataclass
@@ -261,10 +269,10 @@ def compare_runs(first: dict, second: dict, out: Path) -> Step:
     return Step("compare", "ok" if same_weights and not differing else "FAILED", 0.0, detail)
 
 
-def run_tests(out: Path, env: dict, timeout_s: float) -> Step:
+def run_tests(out: Path, env: dict, selection: str | None, timeout_s: float) -> Step:
     junit = out / "tests" / "junit.xml"
     command = run_logged([sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rs",
-                          "-p", "no:cacheprovider", f"--junitxml={junit}"],
+                          "-p", "no:cacheprovider", f"--junitxml={junit}", *(["-k", selection] if selection else [])],
                          PROJECT_ROOT, env, out / "tests" / "pytest.log", timeout_s)
     detail = "see tests/pytest.log"
     if junit.is_file():
@@ -319,7 +327,7 @@ def reset_params(project: Path, out: Path) -> None:
 
 def run_variant(project: Path, out: Path, env: dict, device: str, variant: tuple, timeout_s: float) -> dict:
     preset, precision, compile_model = variant
-    name = f"{preset}-{precision}" + ("-compile" if compile_model else "")
+    name = variant_name(variant)
     overrides = {**resolve(preset, load_presets(PROJECT_ROOT / "presets.yaml")), "train.device": device,
                  "train.precision": precision, "train.compile": compile_model}
     reset_params(project, out)  # every variant starts from run1's params, so presets never stack
@@ -381,8 +389,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--source", type=Path, default=PROJECT_ROOT,
                         help="the project to copy (default: this checkout)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="time for all steps together")
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help=f"the steps to run, comma-separated, from {','.join(STEPS)} (default: all); run1 "
+                             "always runs, since the others use its copy: e.g. run1,variants on a second visit")
+    parser.add_argument("--variants", help="the variants step's runs, comma-separated names such as "
+                                           "fast-fp32,cnn-bf16-compile (default: all, most informative first)")
+    parser.add_argument("--tests", metavar="EXPRESSION", help="the tests step's pytest -k expression (default: all)")
     parser.add_argument("--keep-work", action="store_true", help="keep the project copies under OUT/work")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.steps = {"run1", *args.steps.split(",")}
+    if args.steps - set(STEPS):
+        parser.error(f"--steps: unknown {', '.join(sorted(args.steps - set(STEPS)))}; the steps are {', '.join(STEPS)}")
+    known = {variant_name(v): v for v in (QUICK_VARIANTS if args.quick else VARIANTS)}
+    names = args.variants.split(",") if args.variants else list(known)
+    if set(names) - set(known):
+        parser.error(f"--variants: unknown {', '.join(n for n in names if n not in known)}; "
+                     f"the variants are {', '.join(known)}")
+    args.variants = [known[name] for name in names]
+    return args
 
 
 class Check:
@@ -406,6 +430,9 @@ class Check:
         print(report, flush=True)
         self.say(Step("env", "ok", 0.0, "see env.txt"))
         for name in ("run1", "run2"):
+            if name not in args.steps:
+                self.say(Step(name, "skipped", 0.0, "not in --steps"))
+                continue
             timeout = self.budget.timeout(CAPS["repro"])
             if timeout is None:
                 self.say(Step(name, "skipped", 0.0, "out of time"))
@@ -416,29 +443,37 @@ class Check:
                           f"trained in {fmt(r.get('train_s'))} s on {r.get('device') or '?'}, test accuracy "
                           f"{fmt(r.get('accuracy'), '.4f')}; see {name}/repro.log"))
         self.say(compare_runs(*self.repros, out) if len(self.repros) == 2
-                 else Step("compare", "skipped", 0.0, "out of time"))
+                 else Step("compare", "skipped", 0.0, "out of time" if "run2" in args.steps else "not in --steps"))
         if not self.repros or self.repros[0]["status"] != "ok":
             self.say(Step("ddp, tests, variants, frontier", "skipped", 0.0, "they need run1's copy and data"))
             return
         project = self.work / "run1"
         timeout = self.budget.timeout(CAPS["ddp"])
-        self.say(run_ddp(project, out, env, args.device, timeout) if timeout
-                 else Step("ddp", "skipped", 0.0, "out of time"))
+        if "ddp" not in args.steps:
+            self.say(Step("ddp", "skipped", 0.0, "not in --steps"))
+        else:
+            self.say(run_ddp(project, out, env, args.device, timeout) if timeout
+                     else Step("ddp", "skipped", 0.0, "out of time"))
         timeout = self.budget.timeout(CAPS["tests"])
-        if args.device != "cuda" or timeout is None:
+        if "tests" not in args.steps:
+            self.say(Step("tests", "skipped", 0.0, "not in --steps"))
+        elif args.device != "cuda" or timeout is None:
             self.say(Step("tests", "skipped", 0.0, "out of time" if timeout is None else "they need --device cuda"))
         else:
-            self.say(run_tests(out, env, timeout))
-        for variant in QUICK_VARIANTS if args.quick else VARIANTS:
+            self.say(run_tests(out, env, args.tests, timeout))
+        for variant in args.variants if "variants" in args.steps else ():
             timeout = self.budget.timeout(CAPS["variant"])
             if timeout is None:
-                self.say(Step(f"variant {'-'.join(map(str, variant))}", "skipped", 0.0, "out of time"))
+                self.say(Step(f"variant {variant_name(variant)}", "skipped", 0.0, "out of time"))
                 continue
             v = run_variant(project, out, env, args.device, variant, timeout)
             self.variants.append(v)
             self.say(Step(f"variant {v['name']}", v["status"], v["repro_s"],
                           f"trained in {fmt(v['train_s'])} s, test accuracy {fmt(v.get('accuracy'), '.4f')}"))
         timeout = self.budget.timeout(CAPS["frontier"])
+        if "frontier" not in args.steps:
+            self.say(Step("frontier", "skipped", 0.0, "not in --steps"))
+            return
         self.say(run_frontier(project, out, env, args.device, args.quick, timeout) if timeout
                  else Step("frontier", "skipped", 0.0, "out of time"))
 

@@ -173,9 +173,9 @@ class TrainParams:
     tta_shift: int
     seed: int
     device: Literal["auto", "cpu", "cuda"]
-    # bf16 autocast, or fp32; auto: bf16 on a CUDA GPU that supports it and on a CPU where bf16 trains
-    # faster (AMX, or AVX512_BF16 on AMD: the CNN 1.3-1.9x on a Zen 4 EPYC); fp32 elsewhere: emulated
-    # bf16, or Intel's AVX512_BF16 without AMX (1.4-1.6x slower than fp32 on a Xeon).
+    # bf16 autocast, or fp32; auto: bf16 on a CPU where bf16 trains faster (AMX, or AVX512_BF16 on
+    # AMD: the CNN 1.3-1.9x on a Zen 4 EPYC); fp32 elsewhere: emulated bf16, Intel's AVX512_BF16
+    # without AMX (1.4-1.6x slower than fp32 on a Xeon), and GPUs (no faster on an H200).
     # stages.runtime.resolve_precision decides; train logs the outcome.
     precision: Literal["fp32", "bf16", "auto"]
     compile: bool  # torch.compile the model

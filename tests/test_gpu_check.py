@@ -57,6 +57,31 @@ def test_steps_that_no_longer_fit_the_budget_are_reported_as_skipped(tmp_path):
     assert "| run1 | skipped | 0.0 | out of time |" in result.stdout
 
 
+@pytest.mark.parametrize(("option", "error"), [
+    (["--steps", "run1,tests,frontiers"],
+     "--steps: unknown frontiers; the steps are run1, run2, ddp, tests, variants, frontier"),
+    (["--variants", "fast-fp32,cnn-fp16"], "--variants: unknown cnn-fp16; the variants are fast-fp32, "
+     "fast-bf16, cnn-bf16, cnn-fp32-compile, cnn-bf16-compile, cnn-max-fp32, cnn-max-bf16, fast-fp32-compile, "
+     "fast-bf16-compile, cnn-max-fp32-compile, cnn-max-bf16-compile")])
+def test_unknown_steps_and_variants_are_named_before_anything_runs(tmp_path, option, error):
+    write_mirror(tmp_path / "mirror")
+    result = gpu_check("--device", "cpu", "--mirror", str(tmp_path / "mirror"), "--out", str(tmp_path / "out"), *option)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"gpu_check.py: error: {error}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_steps_left_out_are_reported_as_not_asked_for(tmp_path):
+    write_mirror(tmp_path / "mirror")
+    out = tmp_path / "out"
+    result = gpu_check("--device", "cpu", "--mirror", str(tmp_path / "mirror"), "--out", str(out),
+                       "--budget-s", "0", "--steps", "variants")
+    assert result.returncode == 0, result.stderr
+    steps = [(s["name"], s["detail"]) for s in json.loads((out / "results.json").read_text())["steps"]]
+    # run1 still runs (here: is out of time), since the variants use its copy
+    assert steps[1:4] == [("run1", "out of time"), ("run2", "not in --steps"), ("compare", "not in --steps")]
+
+
 @pytest.mark.integration
 def test_quick_cpu_run_goes_through_every_step(built_project, tmp_path):
     out = tmp_path / "out"
