@@ -3,8 +3,8 @@
     MNIST_MIRROR=/path/to/mnist python -m benchmarks.gpu_check [--out gpu-check-out]   # or: make gpu-check
     python -m benchmarks.gpu_check --device cpu --quick --source DIR --mirror DIR      # the script itself, on a CPU
 
-Steps, in order of value; each has a timeout and all of them share --budget-s (8 minutes; every
-step took about 15 on an H200, so pick some with --steps, --variants and --tests):
+Steps, in order of value; each has a timeout and all of them share --budget-s (8 minutes; all of
+them would take an estimated 15-20 on an H200, so pick some with --steps, --variants and --tests):
   env       device, driver, torch, CUDA, cuDNN and NCCL versions
   run1      the full default `dvc repro` on real MNIST with train.device set, in a fresh copy of the project
   run2      the same again in a second copy; compare: are the weights bit-identical, the metrics equal?
@@ -14,7 +14,7 @@ step took about 15 on an H200, so pick some with --steps, --variants and --tests
             train seconds (the train stage's "trained in" line) and test accuracy
   frontier  benchmarks/frontier.py --device cuda for the default and `fast`, seed 0 (FRONTIER_ARGS);
             its figure is frontier.png
-A step that no longer fits in the budget is reported as skipped. Everything is written under --out;
+A step that no longer fits in the budget is reported as skipped, as is one that --steps leaves out. Everything is written under --out;
 the project copies live in a temporary folder (--keep-work keeps them). It never uses the network:
 the copies fetch MNIST from the mirror folder only.
 """
@@ -275,6 +275,8 @@ def run_tests(out: Path, env: dict, selection: str | None, timeout_s: float) -> 
                           "-p", "no:cacheprovider", f"--junitxml={junit}", *(["-k", selection] if selection else [])],
                          PROJECT_ROOT, env, out / "tests" / "pytest.log", timeout_s)
     detail = "see tests/pytest.log"
+    if command.returncode == 5:  # pytest: no test collected
+        return Step("tests", "FAILED", command.seconds, f"no CUDA test matched{f' -k {selection!r}' if selection else ''}; {detail}")
     if junit.is_file():
         suite = ElementTree.parse(junit).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -397,14 +399,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tests", metavar="EXPRESSION", help="the tests step's pytest -k expression (default: all)")
     parser.add_argument("--keep-work", action="store_true", help="keep the project copies under OUT/work")
     args = parser.parse_args(argv)
-    args.steps = {"run1", *args.steps.split(",")}
-    if args.steps - set(STEPS):
-        parser.error(f"--steps: unknown {', '.join(sorted(args.steps - set(STEPS)))}; the steps are {', '.join(STEPS)}")
+    steps = args.steps.split(",")
+    if unknown := [name or "(empty)" for name in steps if name not in STEPS]:
+        parser.error(f"--steps: unknown {', '.join(unknown)}; the steps are {', '.join(STEPS)}")
+    args.steps = {"run1", *steps}
     known = {variant_name(v): v for v in (QUICK_VARIANTS if args.quick else VARIANTS)}
-    names = args.variants.split(",") if args.variants else list(known)
-    if set(names) - set(known):
-        parser.error(f"--variants: unknown {', '.join(n for n in names if n not in known)}; "
-                     f"the variants are {', '.join(known)}")
+    names = args.variants.split(",") if args.variants is not None else list(known)
+    if unknown := [name or "(empty)" for name in names if name not in known]:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; the variants are {', '.join(known)}")
+    for option, step in (("variants", "variants"), ("tests", "tests")):
+        if getattr(args, option) is not None and step not in args.steps:
+            parser.error(f"--{option} is given but --steps leaves out {step}")
     args.variants = [known[name] for name in names]
     return args
 
@@ -444,19 +449,22 @@ class Check:
                           f"{fmt(r.get('accuracy'), '.4f')}; see {name}/repro.log"))
         self.say(compare_runs(*self.repros, out) if len(self.repros) == 2
                  else Step("compare", "skipped", 0.0, "out of time" if "run2" in args.steps else "not in --steps"))
+        later = [name for name in STEPS[2:] if name in args.steps]
         if not self.repros or self.repros[0]["status"] != "ok":
-            self.say(Step("ddp, tests, variants, frontier", "skipped", 0.0, "they need run1's copy and data"))
+            if later:
+                self.say(Step(", ".join(later), "skipped", 0.0, "they need run1's copy and data"))
             return
+        for name in STEPS[2:]:
+            if name not in args.steps:
+                self.say(Step(name, "skipped", 0.0, "not in --steps"))
         project = self.work / "run1"
         timeout = self.budget.timeout(CAPS["ddp"])
-        if "ddp" not in args.steps:
-            self.say(Step("ddp", "skipped", 0.0, "not in --steps"))
-        else:
+        if "ddp" in args.steps:
             self.say(run_ddp(project, out, env, args.device, timeout) if timeout
                      else Step("ddp", "skipped", 0.0, "out of time"))
         timeout = self.budget.timeout(CAPS["tests"])
         if "tests" not in args.steps:
-            self.say(Step("tests", "skipped", 0.0, "not in --steps"))
+            pass
         elif args.device != "cuda" or timeout is None:
             self.say(Step("tests", "skipped", 0.0, "out of time" if timeout is None else "they need --device cuda"))
         else:
@@ -471,11 +479,9 @@ class Check:
             self.say(Step(f"variant {v['name']}", v["status"], v["repro_s"],
                           f"trained in {fmt(v['train_s'])} s, test accuracy {fmt(v.get('accuracy'), '.4f')}"))
         timeout = self.budget.timeout(CAPS["frontier"])
-        if "frontier" not in args.steps:
-            self.say(Step("frontier", "skipped", 0.0, "not in --steps"))
-            return
-        self.say(run_frontier(project, out, env, args.device, args.quick, timeout) if timeout
-                 else Step("frontier", "skipped", 0.0, "out of time"))
+        if "frontier" in args.steps:
+            self.say(run_frontier(project, out, env, args.device, args.quick, timeout) if timeout
+                     else Step("frontier", "skipped", 0.0, "out of time"))
 
 
 def main(argv: list[str] | None = None) -> int:

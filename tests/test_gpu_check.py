@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+import benchmarks.gpu_check as gpu_check_module
 from tests.conftest import PROJECT_ROOT
 from tests.synthetic import write_mirror
 
@@ -62,7 +63,9 @@ def test_steps_that_no_longer_fit_the_budget_are_reported_as_skipped(tmp_path):
      "--steps: unknown frontiers; the steps are run1, run2, ddp, tests, variants, frontier"),
     (["--variants", "fast-fp32,cnn-fp16"], "--variants: unknown cnn-fp16; the variants are fast-fp32, "
      "fast-bf16, cnn-bf16, cnn-fp32-compile, cnn-bf16-compile, cnn-max-fp32, cnn-max-bf16, fast-fp32-compile, "
-     "fast-bf16-compile, cnn-max-fp32-compile, cnn-max-bf16-compile")])
+     "fast-bf16-compile, cnn-max-fp32-compile, cnn-max-bf16-compile"),
+    (["--steps", "run1,"], "--steps: unknown (empty); the steps are run1, run2, ddp, tests, variants, frontier"),
+    (["--steps", "run1,ddp", "--tests", "torchrun"], "--tests is given but --steps leaves out tests")])
 def test_unknown_steps_and_variants_are_named_before_anything_runs(tmp_path, option, error):
     write_mirror(tmp_path / "mirror")
     result = gpu_check("--device", "cpu", "--mirror", str(tmp_path / "mirror"), "--out", str(tmp_path / "out"), *option)
@@ -80,6 +83,48 @@ def test_steps_left_out_are_reported_as_not_asked_for(tmp_path):
     steps = [(s["name"], s["detail"]) for s in json.loads((out / "results.json").read_text())["steps"]]
     # run1 still runs (here: is out of time), since the variants use its copy
     assert steps[1:4] == [("run1", "out of time"), ("run2", "not in --steps"), ("compare", "not in --steps")]
+
+
+def test_only_the_steps_and_variants_asked_for_run(tmp_path, monkeypatch):
+    """Check.run_all with every step's work stubbed: what --steps, --variants and --tests select."""
+    calls = []
+
+    def repro(name, source, work, out, env, device, timeout_s):
+        calls.append(name)
+        # run2 times out: the comparison then has nothing to compare
+        return {"name": name, "status": "ok" if name == "run1" else "timeout", "repro_s": 1.0, "train_s": 0.5,
+                "accuracy": 0.99, "device": device}
+
+    def variant(project, out, env, device, variant, timeout_s):
+        calls.append(gpu_check_module.variant_name(variant))
+        return {"name": gpu_check_module.variant_name(variant), "status": "ok", "repro_s": 1.0, "train_s": 0.5}
+
+    monkeypatch.setattr(gpu_check_module, "environment_report", lambda device: "stub")
+    monkeypatch.setattr(gpu_check_module, "run_repro", repro)
+    monkeypatch.setattr(gpu_check_module, "run_variant", variant)
+    monkeypatch.setattr(gpu_check_module, "run_tests", lambda out, env, selection, timeout_s: calls.append(
+        f"tests -k {selection}") or gpu_check_module.Step("tests", "ok"))
+    for name in ("run_ddp", "run_frontier"):
+        monkeypatch.setattr(gpu_check_module, name, lambda *args, name=name: pytest.fail(f"{name} ran"))
+
+    def run_all(*argv):
+        calls.clear()
+        check = gpu_check_module.Check(gpu_check_module.parse_args(["--device", "cuda", *argv]), tmp_path, tmp_path,
+                                       {})
+        check.run_all()
+        return {s.name: s.detail for s in check.steps}
+
+    steps = run_all("--steps", "variants,tests", "--variants", "fast-bf16,cnn-max-fp32", "--tests", "torchrun")
+    assert calls == ["run1", "tests -k torchrun", "fast-bf16", "cnn-max-fp32"]
+    assert {name: steps[name] for name in ("run2", "compare", "ddp", "frontier")} == dict.fromkeys(
+        ("run2", "compare", "ddp", "frontier"), "not in --steps")
+    assert run_all("--steps", "run2") == {"env": "see env.txt", "run1": steps["run1"], "run2": steps["run1"].replace(
+        "run1/", "run2/"), "compare": "needs both repro runs to succeed", **dict.fromkeys(
+        ("ddp", "tests", "variants", "frontier"), "not in --steps")}
+    assert calls == ["run1", "run2"]
+    # a failed run1 names only the later steps asked for
+    monkeypatch.setattr(gpu_check_module, "run_repro", lambda *args: {"name": "run1", "status": "FAILED"})
+    assert list(run_all("--steps", "tests,frontier").items())[-1] == ("tests, frontier", "they need run1's copy and data")
 
 
 @pytest.mark.integration

@@ -405,6 +405,9 @@ def test_precision_auto_follows_the_hardware(monkeypatch, requested, device, cpu
     monkeypatch.setattr(runtime_mod, "cpu_bf16_is_faster", lambda: cpu_bf16)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: cuda_bf16)
     assert resolve_precision(requested, torch.device(device)) == expected
+    if requested == "auto" and device == "cuda":  # train's log says why
+        assert runtime_mod.describe_precision(requested, torch.device(device)).startswith(
+            "fp32 (auto: on a GPU bf16 measured no faster")
 
 
 # (AVX512_BF16, AMX, /proc/cpuinfo vendor_id) -> whether auto trains in bf16 on the CPU. Measured:
