@@ -8,6 +8,7 @@ them would take an estimated 15-20 on an H200, so pick some with --steps, --vari
   env       device, driver, torch, CUDA, cuDNN and NCCL versions
   run1      the full default `dvc repro` on real MNIST with train.device set, in a fresh copy of the project
   run2      the same again in a second copy; compare: are the weights bit-identical, the metrics equal?
+  stages    each stage's command alone in run1's copy, timed: where a repro's time goes besides training
   ddp       DistributedDataParallel on the GPUs present (NCCL): see run_ddp
   tests     the suite's CUDA tests (`pytest -m cuda tests/test_cuda.py`)
   variants  presets fast, cnn (default), cnn-max x fp32/bf16 x with/without train.compile (VARIANTS):
@@ -65,10 +66,10 @@ VARIANTS = (("fast", "fp32", False), ("fast", "bf16", False), ("cnn", "bf16", Fa
             ("cnn-max", "fp32", True), ("cnn-max", "bf16", True))
 QUICK_VARIANTS = (("fast", "fp32", False),)
 # Every step after env, in order. run1 always runs when any of them does: the others use its copy.
-STEPS = ("run1", "run2", "ddp", "tests", "variants", "frontier")
+STEPS = ("run1", "run2", "stages", "ddp", "tests", "variants", "frontier")
 # Seconds each step may take at most. Measured on an H200 (docs/gpu.md): a default repro 54-74 s
 # (training 14-17 s), ddp 55 s, the five CUDA tests about 50 s each, a variant 25-60 s.
-CAPS = {"env": 60, "repro": 180, "tests": 300, "ddp": 120, "variant": 150, "frontier": 150}
+CAPS = {"env": 60, "repro": 180, "stages": 180, "tests": 300, "ddp": 120, "variant": 150, "frontier": 150}
 # All four presets over three seeds would not fit the frontier step's cap; these two show the
 # default's and `fast`'s ratio to the reference recipe's epoch on the GPU.
 FRONTIER_ARGS = ("--presets", "default,fast", "--seeds", "0")
@@ -269,6 +270,30 @@ def compare_runs(first: dict, second: dict, out: Path) -> Step:
     return Step("compare", "ok" if same_weights and not differing else "FAILED", 0.0, detail)
 
 
+def run_stage_times(project: Path, out: Path, env: dict, repro_s: float, timeout_s: float) -> Step:
+    """Each stage's command from dvc.yaml run alone, in order, in run1's copy before any other step
+    touches it, timed from start to exit (interpreter, imports and CUDA set-up included): where a
+    repro's time goes besides training, and what DVC itself adds. The stages write the same bytes
+    again, so `dvc status` must still find the copy up to date."""
+    end = time.monotonic() + timeout_s
+    seconds: dict[str, float] = {}
+    for name, stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].items():
+        command = run_logged(["sh", "-c", stage["cmd"]], project, env, out / "stages" / f"{name}.log",
+                             max(1.0, end - time.monotonic()))
+        if command.returncode != 0:
+            return Step("stages", outcome(command), sum(seconds.values()) + command.seconds,
+                        f"{name}: {outcome(command)}, see stages/{name}.log")
+        seconds[name] = command.seconds
+    status = run_logged(dvc("status", "-q"), project, env, out / "stages" / "status.log", max(1.0, end - time.monotonic()))
+    total = sum(seconds.values())
+    detail = (", ".join(f"{name} {s:.1f}" for name, s in seconds.items()) + f" s; {total:.1f} s in all, "
+              f"against {repro_s:.1f} s for run1's dvc repro; ")
+    if status.returncode == 0:
+        return Step("stages", "ok", total + status.seconds, detail + "dvc status: outputs unchanged")
+    return Step("stages", "FAILED" if status.returncode == 1 else outcome(status), total + status.seconds,
+                detail + "dvc status: the stages wrote other bytes, see stages/status.log")
+
+
 def run_tests(out: Path, env: dict, selection: str | None, timeout_s: float) -> Step:
     junit = out / "tests" / "junit.xml"
     command = run_logged([sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rs",
@@ -454,35 +479,36 @@ class Check:
             if later:
                 self.say(Step(", ".join(later), "skipped", 0.0, "they need run1's copy and data"))
             return
-        for name in STEPS[2:]:
+        project = self.work / "run1"
+        for name in STEPS[2:]:  # in order: each reported where it would have run
             if name not in args.steps:
                 self.say(Step(name, "skipped", 0.0, "not in --steps"))
-        project = self.work / "run1"
-        timeout = self.budget.timeout(CAPS["ddp"])
-        if "ddp" in args.steps:
-            self.say(run_ddp(project, out, env, args.device, timeout) if timeout
-                     else Step("ddp", "skipped", 0.0, "out of time"))
-        timeout = self.budget.timeout(CAPS["tests"])
-        if "tests" not in args.steps:
-            pass
-        elif args.device != "cuda" or timeout is None:
-            self.say(Step("tests", "skipped", 0.0, "out of time" if timeout is None else "they need --device cuda"))
-        else:
-            self.say(run_tests(out, env, args.tests, timeout))
-        for variant in args.variants if "variants" in args.steps else ():
+            elif name == "variants":
+                self.run_variants(project)
+            else:
+                timeout = self.budget.timeout(CAPS[name])
+                if timeout is None:
+                    self.say(Step(name, "skipped", 0.0, "out of time"))
+                elif name == "stages":
+                    self.say(run_stage_times(project, out, env, self.repros[0]["repro_s"], timeout))
+                elif name == "ddp":
+                    self.say(run_ddp(project, out, env, args.device, timeout))
+                elif name == "tests":
+                    self.say(run_tests(out, env, args.tests, timeout) if args.device == "cuda"
+                             else Step("tests", "skipped", 0.0, "they need --device cuda"))
+                else:
+                    self.say(run_frontier(project, out, env, args.device, args.quick, timeout))
+
+    def run_variants(self, project: Path) -> None:
+        for variant in self.args.variants:
             timeout = self.budget.timeout(CAPS["variant"])
             if timeout is None:
                 self.say(Step(f"variant {variant_name(variant)}", "skipped", 0.0, "out of time"))
                 continue
-            v = run_variant(project, out, env, args.device, variant, timeout)
+            v = run_variant(project, self.out, self.env, self.args.device, variant, timeout)
             self.variants.append(v)
             self.say(Step(f"variant {v['name']}", v["status"], v["repro_s"],
                           f"trained in {fmt(v['train_s'])} s, test accuracy {fmt(v.get('accuracy'), '.4f')}"))
-        timeout = self.budget.timeout(CAPS["frontier"])
-        if "frontier" in args.steps:
-            self.say(run_frontier(project, out, env, args.device, args.quick, timeout) if timeout
-                     else Step("frontier", "skipped", 0.0, "out of time"))
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -53,18 +54,18 @@ def test_steps_that_no_longer_fit_the_budget_are_reported_as_skipped(tmp_path):
     assert steps["env"]["status"] == "ok"
     assert [(s["name"], s["status"], s["detail"]) for s in steps.values() if s["name"] != "env"] == [
         ("run1", "skipped", "out of time"), ("run2", "skipped", "out of time"), ("compare", "skipped", "out of time"),
-        ("ddp, tests, variants, frontier", "skipped", "they need run1's copy and data")]
+        ("stages, ddp, tests, variants, frontier", "skipped", "they need run1's copy and data")]
     assert sorted(p.name for p in out.iterdir()) == ["env.txt", "results.json", "summary.md"]
     assert "| run1 | skipped | 0.0 | out of time |" in result.stdout
 
 
 @pytest.mark.parametrize(("option", "error"), [
     (["--steps", "run1,tests,frontiers"],
-     "--steps: unknown frontiers; the steps are run1, run2, ddp, tests, variants, frontier"),
+     "--steps: unknown frontiers; the steps are run1, run2, stages, ddp, tests, variants, frontier"),
     (["--variants", "fast-fp32,cnn-fp16"], "--variants: unknown cnn-fp16; the variants are fast-fp32, "
      "fast-bf16, cnn-bf16, cnn-fp32-compile, cnn-bf16-compile, cnn-max-fp32, cnn-max-bf16, fast-fp32-compile, "
      "fast-bf16-compile, cnn-max-fp32-compile, cnn-max-bf16-compile"),
-    (["--steps", "run1,"], "--steps: unknown (empty); the steps are run1, run2, ddp, tests, variants, frontier"),
+    (["--steps", "run1,"], "--steps: unknown (empty); the steps are run1, run2, stages, ddp, tests, variants, frontier"),
     (["--steps", "run1,ddp", "--tests", "torchrun"], "--tests is given but --steps leaves out tests")])
 def test_unknown_steps_and_variants_are_named_before_anything_runs(tmp_path, option, error):
     write_mirror(tmp_path / "mirror")
@@ -104,7 +105,7 @@ def test_only_the_steps_and_variants_asked_for_run(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check_module, "run_variant", variant)
     monkeypatch.setattr(gpu_check_module, "run_tests", lambda out, env, selection, timeout_s: calls.append(
         f"tests -k {selection}") or gpu_check_module.Step("tests", "ok"))
-    for name in ("run_ddp", "run_frontier"):
+    for name in ("run_stage_times", "run_ddp", "run_frontier"):
         monkeypatch.setattr(gpu_check_module, name, lambda *args, name=name: pytest.fail(f"{name} ran"))
 
     def run_all(*argv):
@@ -116,11 +117,11 @@ def test_only_the_steps_and_variants_asked_for_run(tmp_path, monkeypatch):
 
     steps = run_all("--steps", "variants,tests", "--variants", "fast-bf16,cnn-max-fp32", "--tests", "torchrun")
     assert calls == ["run1", "tests -k torchrun", "fast-bf16", "cnn-max-fp32"]
-    assert {name: steps[name] for name in ("run2", "compare", "ddp", "frontier")} == dict.fromkeys(
-        ("run2", "compare", "ddp", "frontier"), "not in --steps")
+    assert {name: steps[name] for name in ("run2", "compare", "stages", "ddp", "frontier")} == dict.fromkeys(
+        ("run2", "compare", "stages", "ddp", "frontier"), "not in --steps")
     assert run_all("--steps", "run2") == {"env": "see env.txt", "run1": steps["run1"], "run2": steps["run1"].replace(
         "run1/", "run2/"), "compare": "needs both repro runs to succeed", **dict.fromkeys(
-        ("ddp", "tests", "variants", "frontier"), "not in --steps")}
+        ("stages", "ddp", "tests", "variants", "frontier"), "not in --steps")}
     assert calls == ["run1", "run2"]
     # a failed run1 names only the later steps asked for
     monkeypatch.setattr(gpu_check_module, "run_repro", lambda *args: {"name": "run1", "status": "FAILED"})
@@ -137,7 +138,7 @@ def test_quick_cpu_run_goes_through_every_step(built_project, tmp_path):
     results = json.loads((out / "results.json").read_text())
     steps = {s["name"]: s for s in results["steps"]}
     assert {name: s["status"] for name, s in steps.items()} == {
-        "env": "ok", "run1": "ok", "run2": "ok", "compare": "ok", "ddp": "ok", "tests": "skipped",
+        "env": "ok", "run1": "ok", "run2": "ok", "compare": "ok", "stages": "ok", "ddp": "ok", "tests": "skipped",
         "variant fast-fp32": "ok", "frontier": "ok"}
     assert steps["tests"]["detail"] == "they need --device cuda"
     # On a CPU the same params give the same weights: the comparison must say so.
@@ -145,6 +146,11 @@ def test_quick_cpu_run_goes_through_every_step(built_project, tmp_path):
     run1, run2 = results["repros"]
     assert run1["model_sha256"] == run2["model_sha256"]
     assert run1["device"].startswith("cpu") and run1["train_s"] > 0 and run1["accuracy"] >= 0.9
+    # every stage of dvc.yaml timed alone, in order, and the copy still up to date after it
+    assert re.fullmatch(r"params [0-9.]+, fetch [0-9.]+, preprocess [0-9.]+, augment [0-9.]+, train [0-9.]+, "
+                        r"evaluate [0-9.]+, plot [0-9.]+ s; [0-9.]+ s in all, against [0-9.]+ s for run1's dvc "
+                        r"repro; dvc status: outputs unchanged", steps["stages"]["detail"]), steps["stages"]["detail"]
+    assert "train: trained in" in (out / "stages" / "train.log").read_text()
     assert "DDP probe over gloo: ok" in steps["ddp"]["detail"]
     assert "ddp probe ok: backend gloo" in (out / "ddp" / "probe.log").read_text()
     (variant,) = results["variants"]
