@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 import benchmarks.gpu_check as gpu_check_module
 from tests.conftest import PROJECT_ROOT
@@ -54,18 +55,18 @@ def test_steps_that_no_longer_fit_the_budget_are_reported_as_skipped(tmp_path):
     assert steps["env"]["status"] == "ok"
     assert [(s["name"], s["status"], s["detail"]) for s in steps.values() if s["name"] != "env"] == [
         ("run1", "skipped", "out of time"), ("run2", "skipped", "out of time"), ("compare", "skipped", "out of time"),
-        ("stages, ddp, tests, variants, frontier", "skipped", "they need run1's copy and data")]
+        ("ddp, tests, stages, variants, frontier", "skipped", "they need run1's copy and data")]
     assert sorted(p.name for p in out.iterdir()) == ["env.txt", "results.json", "summary.md"]
     assert "| run1 | skipped | 0.0 | out of time |" in result.stdout
 
 
 @pytest.mark.parametrize(("option", "error"), [
     (["--steps", "run1,tests,frontiers"],
-     "--steps: unknown frontiers; the steps are run1, run2, stages, ddp, tests, variants, frontier"),
+     "--steps: unknown frontiers; the steps are run1, run2, ddp, tests, stages, variants, frontier"),
     (["--variants", "fast-fp32,cnn-fp16"], "--variants: unknown cnn-fp16; the variants are fast-fp32, "
      "fast-bf16, cnn-bf16, cnn-fp32-compile, cnn-bf16-compile, cnn-max-fp32, cnn-max-bf16, fast-fp32-compile, "
      "fast-bf16-compile, cnn-max-fp32-compile, cnn-max-bf16-compile"),
-    (["--steps", "run1,"], "--steps: unknown (empty); the steps are run1, run2, stages, ddp, tests, variants, frontier"),
+    (["--steps", "run1,"], "--steps: unknown (empty); the steps are run1, run2, ddp, tests, stages, variants, frontier"),
     (["--steps", "run1,ddp", "--tests", "torchrun"], "--tests is given but --steps leaves out tests")])
 def test_unknown_steps_and_variants_are_named_before_anything_runs(tmp_path, option, error):
     write_mirror(tmp_path / "mirror")
@@ -116,16 +117,45 @@ def test_only_the_steps_and_variants_asked_for_run(tmp_path, monkeypatch):
         return {s.name: s.detail for s in check.steps}
 
     steps = run_all("--steps", "variants,tests", "--variants", "fast-bf16,cnn-max-fp32", "--tests", "torchrun")
+    assert list(steps) == ["env", "run1", "run2", "compare", "ddp", "tests", "stages", "variant fast-bf16",
+                           "variant cnn-max-fp32", "frontier"]  # reported in the order they run
     assert calls == ["run1", "tests -k torchrun", "fast-bf16", "cnn-max-fp32"]
-    assert {name: steps[name] for name in ("run2", "compare", "stages", "ddp", "frontier")} == dict.fromkeys(
-        ("run2", "compare", "stages", "ddp", "frontier"), "not in --steps")
+    assert {name: steps[name] for name in ("run2", "compare", "ddp", "stages", "frontier")} == dict.fromkeys(
+        ("run2", "compare", "ddp", "stages", "frontier"), "not in --steps")
     assert run_all("--steps", "run2") == {"env": "see env.txt", "run1": steps["run1"], "run2": steps["run1"].replace(
         "run1/", "run2/"), "compare": "needs both repro runs to succeed", **dict.fromkeys(
-        ("stages", "ddp", "tests", "variants", "frontier"), "not in --steps")}
+        ("ddp", "tests", "stages", "variants", "frontier"), "not in --steps")}
     assert calls == ["run1", "run2"]
     # a failed run1 names only the later steps asked for
     monkeypatch.setattr(gpu_check_module, "run_repro", lambda *args: {"name": "run1", "status": "FAILED"})
     assert list(run_all("--steps", "tests,frontier").items())[-1] == ("tests, frontier", "they need run1's copy and data")
+
+
+@pytest.mark.parametrize(("commands", "status_json", "expected"), [
+    ({"first": "true", "second": "true"}, {}, ("ok", "dvc status: outputs unchanged")),
+    ({"first": "true", "second": "true"}, {"second": [{"changed outs": {"out": "modified"}}]},
+     ("FAILED", "dvc status: second wrote other bytes, see stages/status.log")),
+    ({"first": "true", "second": "exit 3"}, None, ("FAILED", "second: FAILED, see stages/second.log")),
+    ({"first": "true"}, "not json", ("FAILED", "dvc status did not answer, see stages/status.log"))])
+def test_stage_times_report_a_failing_stage_and_changed_outputs(tmp_path, monkeypatch, commands, status_json,
+                                                                 expected):
+    project, out = tmp_path / "copy", tmp_path / "out"
+    (out / "run1").mkdir(parents=True)
+    project.mkdir()
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {n: {"cmd": c} for n, c in commands.items()}}))
+    for name, text in (("params.yaml", "run1's params\n"), ("dvc.lock", "run1's lock\n")):
+        (out / "run1" / name).write_text(text)
+        (project / name).write_text("changed by the ddp step\n")
+    answer = status_json if isinstance(status_json, str) else json.dumps(status_json)
+    monkeypatch.setattr(gpu_check_module, "dvc", lambda *args: [sys.executable, "-c", f"print({answer!r})"])
+    step = gpu_check_module.run_stage_times(project, out, {**os.environ}, repro_s=9.0, timeout_s=60)
+    assert (step.status, step.detail.split("; ")[-1]) == expected
+    # run1's params and lock were put back before the stages ran
+    assert (project / "params.yaml").read_text() == "run1's params\n"
+    assert (project / "dvc.lock").read_text() == "run1's lock\n"
+    if status_json is not None:
+        assert re.fullmatch(r"first [0-9.]+(, second [0-9.]+)? s", step.detail.split("; ")[0])
+        assert step.detail.split("; ")[1].endswith("in all, against 9.0 s for the faster dvc repro")
 
 
 @pytest.mark.integration
@@ -138,7 +168,7 @@ def test_quick_cpu_run_goes_through_every_step(built_project, tmp_path):
     results = json.loads((out / "results.json").read_text())
     steps = {s["name"]: s for s in results["steps"]}
     assert {name: s["status"] for name, s in steps.items()} == {
-        "env": "ok", "run1": "ok", "run2": "ok", "compare": "ok", "stages": "ok", "ddp": "ok", "tests": "skipped",
+        "env": "ok", "run1": "ok", "run2": "ok", "compare": "ok", "ddp": "ok", "tests": "skipped", "stages": "ok",
         "variant fast-fp32": "ok", "frontier": "ok"}
     assert steps["tests"]["detail"] == "they need --device cuda"
     # On a CPU the same params give the same weights: the comparison must say so.
@@ -148,7 +178,7 @@ def test_quick_cpu_run_goes_through_every_step(built_project, tmp_path):
     assert run1["device"].startswith("cpu") and run1["train_s"] > 0 and run1["accuracy"] >= 0.9
     # every stage of dvc.yaml timed alone, in order, and the copy still up to date after it
     assert re.fullmatch(r"params [0-9.]+, fetch [0-9.]+, preprocess [0-9.]+, augment [0-9.]+, train [0-9.]+, "
-                        r"evaluate [0-9.]+, plot [0-9.]+ s; [0-9.]+ s in all, against [0-9.]+ s for run1's dvc "
+                        r"evaluate [0-9.]+, plot [0-9.]+ s; [0-9.]+ s in all, against [0-9.]+ s for the faster dvc "
                         r"repro; dvc status: outputs unchanged", steps["stages"]["detail"]), steps["stages"]["detail"]
     assert "train: trained in" in (out / "stages" / "train.log").read_text()
     assert "DDP probe over gloo: ok" in steps["ddp"]["detail"]
