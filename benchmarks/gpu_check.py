@@ -15,9 +15,9 @@ them would take an estimated 15-20 on an H200, so pick some with --steps, --vari
             train seconds (the train stage's "trained in" line) and test accuracy
   frontier  benchmarks/frontier.py --device cuda for the default and `fast`, seed 0 (FRONTIER_ARGS);
             its figure is frontier.png
-A step that no longer fits in the budget is reported as skipped, as is one that --steps leaves out. Everything is written under --out;
-the project copies live in a temporary folder (--keep-work keeps them). It never uses the network:
-the copies fetch MNIST from the mirror folder only.
+A step that no longer fits in the budget is reported as skipped, as is one that --steps leaves out.
+Everything is written under --out; the project copies live in a temporary folder (--keep-work keeps
+them). It never uses the network: the copies fetch MNIST from the mirror folder only.
 """
 
 from __future__ import annotations
@@ -275,8 +275,7 @@ def run_stage_times(project: Path, out: Path, env: dict, repro_s: float, timeout
     dvc.lock put back (ddp changed both), timed from start to exit (interpreter, imports and CUDA
     set-up included): where a repro's time goes besides training, and what DVC itself adds over
     `repro_s`. The stages write run1's bytes again, so `dvc status` must find the copy up to date."""
-    reset_params(project, out)
-    (project / "dvc.lock").write_text((out / "run1" / "dvc.lock").read_text())
+    reset_to_run1(project, out, ("params.yaml", "dvc.lock"))
     end = time.monotonic() + timeout_s
     seconds: dict[str, float] = {}
     for name, stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].items():
@@ -308,11 +307,13 @@ def run_stage_times(project: Path, out: Path, env: dict, repro_s: float, timeout
 def run_tests(out: Path, env: dict, selection: str | None, timeout_s: float) -> Step:
     junit = out / "tests" / "junit.xml"
     command = run_logged([sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rs",
-                          "-p", "no:cacheprovider", f"--junitxml={junit}", *(["-k", selection] if selection else [])],
+                          "-p", "no:cacheprovider", f"--junitxml={junit}",
+                          *(["-k", selection] if selection else [])],
                          PROJECT_ROOT, env, out / "tests" / "pytest.log", timeout_s)
     detail = "see tests/pytest.log"
     if command.returncode == 5:  # pytest: no test collected
-        return Step("tests", "FAILED", command.seconds, f"no CUDA test matched{f' -k {selection!r}' if selection else ''}; {detail}")
+        matching = f" -k {selection!r}" if selection else ""
+        return Step("tests", "FAILED", command.seconds, f"no CUDA test matched{matching}; {detail}")
     if junit.is_file():
         suite = ElementTree.parse(junit).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -358,9 +359,10 @@ def run_ddp(project: Path, out: Path, env: dict, device: str, timeout_s: float) 
     return Step("ddp", status, time.perf_counter() - start, detail)
 
 
-def reset_params(project: Path, out: Path) -> None:
-    """The copy's params.yaml back to run1's, as kept under out/run1, undoing later steps' changes."""
-    (project / "params.yaml").write_text((out / "run1" / "params.yaml").read_text())
+def reset_to_run1(project: Path, out: Path, names: tuple[str, ...] = ("params.yaml",)) -> None:
+    """The copy's files `names` back to run1's, as kept under out/run1, undoing later steps' changes."""
+    for name in names:
+        (project / name).write_text((out / "run1" / name).read_text())
 
 
 def run_variant(project: Path, out: Path, env: dict, device: str, variant: tuple, timeout_s: float) -> dict:
@@ -368,7 +370,7 @@ def run_variant(project: Path, out: Path, env: dict, device: str, variant: tuple
     name = variant_name(variant)
     overrides = {**resolve(preset, load_presets(PROJECT_ROOT / "presets.yaml")), "train.device": device,
                  "train.precision": precision, "train.compile": compile_model}
-    reset_params(project, out)  # every variant starts from run1's params, so presets never stack
+    reset_to_run1(project, out)  # every variant starts from run1's params, so presets never stack
     set_params(project, overrides)
     command = run_logged(dvc("repro", "evaluate"), project, env, out / "variants" / f"{name}.log", timeout_s)
     result = {"name": name, "preset": preset, "precision": precision, "compile": compile_model,
@@ -384,7 +386,7 @@ def run_frontier(project: Path, out: Path, env: dict, device: str, quick: bool, 
     # frontier reads the copy's params.yaml as its default: run1's, not the last variant's or ddp's.
     # quick: its own tiny synthetic MNIST, one epoch of each, so that this step is exercised too;
     # told the dataset is MNIST's, which the copy's params.yaml need not name (the tests' does not).
-    reset_params(project, out)
+    reset_to_run1(project, out)
     args = [*FRONTIER_ARGS, "--plot", str(out / "frontier.png"),
             *(["--quick", "--set", "fetch.dataset=mnist"] if quick else [])]
     command = run_logged([sys.executable, "-m", "benchmarks.frontier", "--device", device, *args], project,
@@ -432,7 +434,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "always runs, since the others use its copy: e.g. run1,variants on a second visit")
     parser.add_argument("--variants", help="the variants step's runs, comma-separated names such as "
                                            "fast-fp32,cnn-bf16-compile (default: all, most informative first)")
-    parser.add_argument("--tests", metavar="EXPRESSION", help="the tests step's pytest -k expression (default: all)")
+    parser.add_argument("--tests", metavar="EXPRESSION",
+                        help="the tests step's pytest -k expression (default: all)")
     parser.add_argument("--keep-work", action="store_true", help="keep the project copies under OUT/work")
     args = parser.parse_args(argv)
     steps = args.steps.split(",")
@@ -443,9 +446,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     names = args.variants.split(",") if args.variants is not None else list(known)
     if unknown := [name or "(empty)" for name in names if name not in known]:
         parser.error(f"--variants: unknown {', '.join(unknown)}; the variants are {', '.join(known)}")
-    for option, step in (("variants", "variants"), ("tests", "tests")):
-        if getattr(args, option) is not None and step not in args.steps:
-            parser.error(f"--{option} is given but --steps leaves out {step}")
+    for step in ("variants", "tests"):  # each option selects within its own step
+        if getattr(args, step) is not None and step not in args.steps:
+            parser.error(f"--{step} is given but --steps leaves out {step}")
     args.variants = [known[name] for name in names]
     return args
 

@@ -66,7 +66,8 @@ def test_steps_that_no_longer_fit_the_budget_are_reported_as_skipped(tmp_path):
     (["--variants", "fast-fp32,cnn-fp16"], "--variants: unknown cnn-fp16; the variants are fast-fp32, "
      "fast-bf16, cnn-bf16, cnn-fp32-compile, cnn-bf16-compile, cnn-max-fp32, cnn-max-bf16, fast-fp32-compile, "
      "fast-bf16-compile, cnn-max-fp32-compile, cnn-max-bf16-compile"),
-    (["--steps", "run1,"], "--steps: unknown (empty); the steps are run1, run2, ddp, tests, stages, variants, frontier"),
+    (["--steps", "run1,"],
+     "--steps: unknown (empty); the steps are run1, run2, ddp, tests, stages, variants, frontier"),
     (["--steps", "run1,ddp", "--tests", "torchrun"], "--tests is given but --steps leaves out tests")])
 def test_unknown_steps_and_variants_are_named_before_anything_runs(tmp_path, option, error):
     write_mirror(tmp_path / "mirror")
@@ -128,7 +129,8 @@ def test_only_the_steps_and_variants_asked_for_run(tmp_path, monkeypatch):
     assert calls == ["run1", "run2"]
     # a failed run1 names only the later steps asked for
     monkeypatch.setattr(gpu_check_module, "run_repro", lambda *args: {"name": "run1", "status": "FAILED"})
-    assert list(run_all("--steps", "tests,frontier").items())[-1] == ("tests, frontier", "they need run1's copy and data")
+    assert list(run_all("--steps", "tests,frontier").items())[-1] == (
+        "tests, frontier", "they need run1's copy and data")
 
 
 @pytest.mark.parametrize(("commands", "status_json", "expected"), [
