@@ -9,6 +9,11 @@ INSTALLED := $(VENV)/.installed
 # Every target sees the venv first on PATH, as if activated: DVC's experiment-queue workers start
 # `dvc` by name, and stages in a queued run's temporary copy find `python3` there.
 export PATH := $(abspath $(BIN)):$(PATH)
+# A relative MNIST_MIRROR directory made absolute: `dvc exp run --temp` and queued experiments run
+# the stages under .dvc/tmp/exps, where a relative path would point elsewhere. URLs pass unchanged.
+ifneq ($(and $(MNIST_MIRROR),$(wildcard $(MNIST_MIRROR))),)
+export MNIST_MIRROR := $(abspath $(MNIST_MIRROR))
+endif
 
 .PHONY: repro test setup bench frontier exp queue pull predict clean-venv gpu-check screen
 
@@ -56,13 +61,15 @@ gpu-check: $(INSTALLED)
 
 # Classify image files with the trained model: make predict FILES="a.png b.jpg"
 predict: $(INSTALLED)
+	@test -n "$(FILES)" || { echo "usage: make predict FILES=\"a.png b.jpg\" (or: $(BIN)/python -m stages.predict --help)"; exit 2; }
 	$(BIN)/python -m stages.predict $(FILES)
 
 # Run a preset of presets.yaml as a DVC experiment: make exp PRESET=mlp-512+aug
-# More `dvc exp run` options go in EXP_ARGS; a grid must be queued, and DVC then names the runs
+# The experiment is named after the preset, so running it again needs EXP_ARGS=-f (DVC refuses to
+# overwrite it otherwise). More `dvc exp run` options go in EXP_ARGS; a grid must be queued, and DVC then names the runs
 # PRESET-1, PRESET-2, ...: make exp PRESET=fast EXP_ARGS="--queue -S 'train.seed=range(0,3)'"
 exp: $(INSTALLED)
-	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [EXP_ARGS=...] (see presets.yaml)"; exit 2; }
+	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [EXP_ARGS=...] (see presets.yaml; EXP_ARGS=-f runs it again)"; exit 2; }
 	options=$$($(BIN)/python -m stages.presets '$(PRESET)') && \
 	eval "$(BIN)/dvc exp run -n '$(subst +,-,$(PRESET))' $$options $(EXP_ARGS)"
 

@@ -12,7 +12,8 @@ flip and erasing that are switched on.
 With on_the_fly: true nothing is stored: the output is the originals with `views` = 0 and
 `on_the_fly` = this section's params, and train draws the views batch by batch with
 stages.views.view_drawer (the same transform, on the training device). A change of any augment
-param still changes this output, so DVC re-runs train exactly when the views it would draw change.
+param still changes this output, so DVC re-runs train whenever the views it would draw change (and
+also for a param that does not change them here, such as `copies` or an unused elastic_sigma).
 """
 
 from __future__ import annotations

@@ -212,14 +212,15 @@ def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dic
 # ---------------------------------------------------------------------------------------------
 
 
-def run_main(stage: str, entry: Callable[[], None]) -> None:
+def run_main(stage: str, entry: Callable[[], None], kept: str = "no file was left half-written") -> None:
     """Runs a stage's entry function as a command: a PipelineError becomes one line on stderr and
-    exit status 1; Ctrl-C becomes a short message and the conventional status 130."""
+    exit status 1; Ctrl-C becomes a short message (`kept`: what the stage leaves on disk) and the
+    conventional status 130."""
     try:
         entry()
     except PipelineError as exc:
         log(stage, f"error: {exc}")
         sys.exit(1)
     except KeyboardInterrupt:
-        log(stage, "interrupted; no partial output was kept")
+        log(stage, f"interrupted; {kept}")
         sys.exit(130)

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from stages.common import PipelineError
-from stages.model_config import is_valid_crop, largest_crop
+from stages.model_config import framing_problem, is_valid_crop, largest_crop
 
 TABLE_PATH = Path(__file__).with_name("datasets.yaml")
 # Each role is one IDX file; preprocess relies on exactly these four.
@@ -37,13 +37,14 @@ class Dataset:
     classes: tuple[str, ...]
     flippable: bool  # an image mirrored left-right keeps its class (a shoe; not a digit)
     crop: int  # pixels `train.crop: auto` cuts off each side: the border the images leave nearly empty
+    framing: dict  # {box, centre}: how a picture became an image (stages.model_config.framing_problem)
 
 
 def _parse_entry(name: str, raw: object) -> Dataset:
     where = f"{TABLE_PATH.name}: {name}"
     if not isinstance(raw, dict):
         raise PipelineError(f"{where}: expected a mapping")
-    expected = {"files", "train_count", "test_count", "image_size", "classes", "flippable", "crop"}
+    expected = {"files", "train_count", "test_count", "image_size", "classes", "flippable", "crop", "framing"}
     if set(raw) != expected:
         raise PipelineError(f"{where}: expected keys {sorted(expected)}, found {sorted(raw)}")
     files_raw = raw["files"]
@@ -67,12 +68,20 @@ def _parse_entry(name: str, raw: object) -> Dataset:
     if not is_valid_crop(raw["crop"], raw["image_size"]):
         raise PipelineError(f"{where}.crop: expected a whole number of pixels in "
                             f"0-{largest_crop(raw['image_size'])}, got {raw['crop']!r}")
+    problem = framing_problem(raw["framing"], raw["image_size"])
+    if problem:
+        raise PipelineError(f"{where}.framing: {problem}")
     return Dataset(name, files, raw["train_count"], raw["test_count"], raw["image_size"], tuple(classes),
-                   raw["flippable"], raw["crop"])
+                   raw["flippable"], raw["crop"], dict(raw["framing"]))
 
 
 def load_table(path: Path = TABLE_PATH) -> dict[str, Dataset]:
-    raw = yaml.safe_load(path.read_text())
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read the dataset table ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict) or not raw:
         raise PipelineError(f"{path}: expected a mapping of dataset names to entries")
     return {name: _parse_entry(name, entry) for name, entry in raw.items()}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from stages import params as params_mod
 from stages.common import PipelineError, Progress, atomic_path, log, run_main
-from stages.datasets import FILE_ROLES, DataFile
+from stages.datasets import FILE_ROLES, DataFile, load_table
 from stages.idx import IdxFormatError, gunzip_if_compressed
 
 STAGE = "fetch"
@@ -44,7 +44,8 @@ def _download(url: str, timeout_s: float) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": "mnist-dvc-pipeline"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            total = response.length  # None when the server sends no Content-Length
+            # None when the server sends no Content-Length; file:// responses have no such attribute.
+            total = getattr(response, "length", None)
             progress = Progress(STAGE, f"downloading {url}", total, "bytes")
             chunks = []
             while chunk := response.read(_CHUNK):
@@ -63,12 +64,25 @@ def _download(url: str, timeout_s: float) -> bytes:
     return data
 
 
+def describe_local(directory: Path) -> str:
+    """The directory as a message names it: a relative path with what it resolved to, since the
+    stage's working directory is not always the shell's (`dvc exp run --temp` and `--queue` run
+    stages in a copy under .dvc/tmp/exps)."""
+    if directory.is_absolute():
+        return str(directory)
+    return (f"{directory}, here {directory.resolve()} (a relative {MIRROR_ENV} is taken from the stage's "
+            "working directory, which `dvc exp run --temp` and `--queue` move under .dvc/tmp/exps: give an "
+            "absolute path)")
+
+
 def _read_local(directory: Path, file: DataFile) -> bytes:
     # A local mirror may hold the files compressed (as served) or already unpacked.
+    if not directory.is_dir():
+        raise SourceError(f"no such directory: {describe_local(directory)}")
     for candidate in (directory / file.gz_name, directory / file.name):
         if candidate.is_file():
             return candidate.read_bytes()
-    raise SourceError(f"neither {file.gz_name} nor {file.name} is in {directory}")
+    raise SourceError(f"neither {file.gz_name} nor {file.name} is in {describe_local(directory)}")
 
 
 def uncompressed(data: bytes) -> bytes:
@@ -78,8 +92,9 @@ def uncompressed(data: bytes) -> bytes:
         raise SourceError(str(exc).removeprefix("<bytes>: ")) from None
 
 
-def fetch_verified(source: str, file: DataFile, timeout_s: float) -> bytes:
-    """The uncompressed, digest-checked content of `file` from one source; raises SourceError."""
+def fetch_verified(source: str, file: DataFile, timeout_s: float, known: dict[str, str] | None = None) -> bytes:
+    """The uncompressed, digest-checked content of `file` from one source; raises SourceError.
+    `known`: SHA-256 -> a name (another dataset's file), said when the content is that file."""
     if is_url(source):
         data = _download(f"{source.rstrip('/')}/{file.gz_name}", timeout_s)
     else:
@@ -87,15 +102,17 @@ def fetch_verified(source: str, file: DataFile, timeout_s: float) -> bytes:
     content = uncompressed(data)
     digest = hashlib.sha256(content).hexdigest()
     if digest != file.sha256:
-        raise SourceError(f"SHA-256 of the uncompressed content is {digest[:16]}..., expected {file.sha256[:16]}...")
+        which = f": it is {known[digest]}" if known and digest in known else ""
+        raise SourceError(f"SHA-256 of the uncompressed content is {digest[:16]}..., expected {file.sha256[:16]}..."
+                          + which)
     return content
 
 
-def fetch_file(candidates: list[str], file: DataFile, timeout_s: float) -> bytes:
+def fetch_file(candidates: list[str], file: DataFile, timeout_s: float, known: dict[str, str] | None = None) -> bytes:
     failures = []
     for source in candidates:
         try:
-            content = fetch_verified(source, file, timeout_s)
+            content = fetch_verified(source, file, timeout_s, known)
         except SourceError as exc:
             log(STAGE, f"{file.gz_name} from {source}: {exc}; trying the next source")
             failures.append(f"  {source}: {exc}")
@@ -120,12 +137,15 @@ def main(argv: list[str] | None = None) -> None:
     params = params_mod.load()
     dataset = params.dataset
     candidates = sources(params.fetch.mirrors[dataset.name], os.environ.get(MIRROR_ENV))
+    # Every file the table knows, to name one served in place of another (a mirror of the other dataset).
+    known = {entry.sha256: f"{other.name}'s {entry.name}" for other in load_table().values()
+             for entry in other.files.values()}
     # Everything goes to a temporary directory that becomes out_dir only once all four files are
     # verified: an interrupted or failed fetch leaves nothing in out_dir.
     with atomic_path(args.out_dir, directory=True) as tmp:
         for role in FILE_ROLES:
             file = dataset.files[role]
-            content = fetch_file(candidates, file, params.fetch.timeout_s)
+            content = fetch_file(candidates, file, params.fetch.timeout_s, known)
             (tmp / file.gz_name).write_bytes(canonical_gzip(content))
     log(STAGE, f"{dataset.name}: four files verified in {args.out_dir}")
 

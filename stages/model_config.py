@@ -30,6 +30,27 @@ def is_valid_crop(crop: object, image_size: int) -> bool:
     return isinstance(crop, int) and not isinstance(crop, bool) and 0 <= crop <= largest_crop(image_size)
 
 
+# How a dataset's images were made from pictures, which predict repeats on a user's picture: the
+# object's bounding box scaled to fit `box` x `box` pixels, then placed so that its centre of mass
+# ("mass", MNIST's digits) or its bounding box's centre ("box", Fashion-MNIST's products) is the
+# image's centre. datasets.yaml gives each dataset's; train stores it in the model file.
+FRAMING_CENTRES = ("mass", "box")
+DIGIT_FRAMING = {"box": 20, "centre": "mass"}  # MNIST's; model files before format 8 are read with it
+
+
+def framing_problem(framing: object, image_size: int) -> str | None:
+    """Why `framing` is no {box, centre} for images of image_size pixels a side; None when it is one.
+    The one rule for a dataset's framing (datasets.yaml) and a model file's."""
+    if not (isinstance(framing, dict) and set(framing) == {"box", "centre"}):
+        return f"expected {{box, centre}}, got {framing!r:.80}"
+    box = framing["box"]
+    if not isinstance(box, int) or isinstance(box, bool) or not 1 <= box <= image_size:
+        return f"box: expected whole pixels in 1-{image_size}, got {box!r}"
+    if framing["centre"] not in FRAMING_CENTRES:
+        return f"centre: expected one of {', '.join(FRAMING_CENTRES)}, got {framing['centre']!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that rebuilds the network, weights aside; stored in the model file as plain values."""

@@ -14,11 +14,12 @@ import torch
 import torch.nn as nn
 
 from stages.common import PipelineError, load_tensors, save_tensors
-from stages.model_config import ARCHITECTURES, ModelConfig
+from stages.model_config import ARCHITECTURES, DIGIT_FRAMING, ModelConfig, framing_problem
 
 # 2: the config gained convs_per_block; 3: it gained pool; 4: its `model` key became `architecture`
-# (the fields of ModelConfig); 5: it gained tta_flip and tta_shift; 6: it gained stem; 7: it gained crop.
-FORMAT_VERSION = 7
+# (the fields of ModelConfig); 5: it gained tta_flip and tta_shift; 6: it gained stem; 7: it gained crop;
+# 8: the file gained `framing` beside the config (its dataset's, for predict; older files: MNIST's).
+FORMAT_VERSION = 8
 
 
 # What a config of an older format means in the next one: each function takes the stored dict of
@@ -29,6 +30,7 @@ _UPGRADES = {
     4: lambda config: {**config, "tta_flip": False, "tta_shift": 0},
     5: lambda config: {**config, "stem": "pool"},
     6: lambda config: {**config, "crop": 0},
+    7: lambda config: config,  # the config is unchanged; `framing` is new beside it (load_model)
 }
 
 
@@ -157,11 +159,13 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> t
     return torch.cat(out)
 
 
-def save_model(path: Path, model: nn.Module, config: ModelConfig, classes: list[str]) -> None:
+def save_model(path: Path, model: nn.Module, config: ModelConfig, classes: list[str],
+               framing: dict = DIGIT_FRAMING) -> None:
+    """`framing`: how its dataset's images were made from pictures (datasets.yaml), for predict."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # The config as plain values: the file loads with weights_only, which refuses project classes.
     save_tensors(path, {"format_version": FORMAT_VERSION, "config": config.to_dict(), "classes": list(classes),
-                        "state_dict": state})
+                        "framing": dict(framing), "state_dict": state})
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -194,8 +198,12 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
     if not isinstance(classes, list) or len(classes) != config.get("num_classes"):
         raise ModelFileError(f"{path}: class names {classes!r:.80} do not match the model's "
                              f"{config.get('num_classes')} outputs")
+    framing = payload.get("framing") if version >= 8 else DIGIT_FRAMING
+    problem = framing_problem(framing, config["image_size"])
+    if problem:
+        raise ModelFileError(f"{path}: framing: {problem}")
     # The metadata describes the model as loaded: an older file's config comes back upgraded.
-    meta = {**{k: v for k, v in payload.items() if k != "state_dict"}, "config": config}
+    meta = {**{k: v for k, v in payload.items() if k != "state_dict"}, "config": config, "framing": dict(framing)}
     return model.to(device).eval(), meta
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import types
 from dataclasses import dataclass
@@ -54,10 +55,12 @@ class FetchParams:
     dataset: str
     # Base URLs per dataset, tried in order after $MNIST_MIRROR; each serves `<name>.gz`.
     mirrors: dict[str, list[str]]
-    timeout_s: float  # per connection attempt, seconds
+    timeout_s: float  # seconds a connection attempt, or any one read of a download, may wait
 
     def check(self, table: dict[str, Dataset]) -> None:
         _require(self.dataset in table, "fetch.dataset", f"must be one of {_choices(table)}, got {self.dataset!r}")
+        for name in self.mirrors:
+            _require(name in table, f"fetch.mirrors.{name}", f"not a dataset of stages/datasets.yaml ({_choices(table)})")
         key = f"fetch.mirrors.{self.dataset}"
         _require(self.dataset in self.mirrors, key, "missing: list the base URLs to fetch this dataset from")
         _require(len(self.mirrors[self.dataset]) > 0, key, "must list at least one base URL")
@@ -229,7 +232,9 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int  # images per forward pass; memory only, never the result
+    # Images per forward pass: memory, not the result (each view's logits are the same at any batch;
+    # a test-time-augmented model's mean over its views may differ in the last bit).
+    batch_size: int
 
     def check(self) -> None:
         _require(self.batch_size >= 1, "evaluate.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -253,8 +258,9 @@ class Params:
     evaluate: EvaluateParams
     plot: PlotParams
 
-    @property
+    @functools.cached_property
     def dataset(self) -> Dataset:
+        """fetch.dataset's entry of stages/datasets.yaml, read on first use (parse checked it)."""
         return load_table()[self.fetch.dataset]
 
 
@@ -373,12 +379,24 @@ def main(argv: list[str] | None = None) -> None:
     # Checked here, not only by train: DVC deletes the last run's model before running train.
     # torch is imported only for this check: importing it costs 1.5-2 s of a 2-core CPU, and this
     # stage (like fetch, which imports this module) otherwise has no use for it.
-    if params.train.device == "cuda":
-        import torch
+    if params.train.device == "cuda" or (params.train.device == "auto" and params.train.processes > 1):
+        check_gpus(params.train)
+    write_text_atomic(args.marker, VALID_MARKER)
 
+
+def check_gpus(train: TrainParams) -> None:
+    """What params.yaml asks of this machine's GPUs: `cuda` needs one, and on GPUs every process
+    needs its own (NCCL refuses two processes on one GPU, mid-run, after DVC has deleted the model)."""
+    import torch
+
+    if train.device == "cuda":
         _require(torch.cuda.is_available(), "train.device",
                  "'cuda' was requested but no CUDA GPU is available; use 'auto' (GPU when present, else CPU) or 'cpu'")
-    write_text_atomic(args.marker, VALID_MARKER)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_gpus = gpus > 0 and train.device in ("cuda", "auto")
+    _require(not on_gpus or train.processes <= gpus, "train.processes",
+             f"{train.processes} processes, but this machine has {gpus} CUDA GPU(s) and NCCL runs one process a GPU; "
+             f"use at most {gpus}, or train.device: cpu")
 
 
 if __name__ == "__main__":

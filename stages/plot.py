@@ -13,15 +13,14 @@ import csv
 import io
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+# Figure, not pyplot: figures written to files need no display backend and no global figure
+# registry (nothing to select at import, nothing to close).
+from matplotlib.figure import Figure
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-matplotlib.use("Agg")  # files only, no display; before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix  # noqa: E402
-
-from stages import params as params_mod  # noqa: E402
-from stages.common import PipelineError, load_tensors, run_main, write_bytes_atomic  # noqa: E402
+from stages import params as params_mod
+from stages.common import PipelineError, load_tensors, run_main, write_bytes_atomic
 
 STAGE = "plot"
 
@@ -76,9 +75,10 @@ def within_bounds(low: float, high: float) -> tuple[float, float]:
     return bottom, top
 
 
-def curves_figure(series: dict[str, tuple[np.ndarray, np.ndarray]]) -> plt.Figure:
+def curves_figure(series: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
     groups = panels(list(series))
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    fig = Figure(figsize=(5 * len(groups), 4))
+    axes = fig.subplots(1, len(groups), squeeze=False)
     for ax, group in zip(axes.flat, groups):
         for name in group:
             steps, values = series[name]
@@ -93,9 +93,10 @@ def curves_figure(series: dict[str, tuple[np.ndarray, np.ndarray]]) -> plt.Figur
     return fig
 
 
-def confusion_figure(actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> plt.Figure:
+def confusion_figure(actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> Figure:
     matrix = confusion_matrix(actual, predicted, labels=np.arange(len(classes)))
-    fig, ax = plt.subplots(figsize=(8, 7))
+    fig = Figure(figsize=(8, 7))
+    ax = fig.subplots()
     ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=ax, colorbar=False, cmap="Blues",
                                                                  xticks_rotation=45)
     ax.set(xlabel="predicted class", ylabel="actual class")  # as the dvc.yaml confusion plot
@@ -105,12 +106,13 @@ def confusion_figure(actual: np.ndarray, predicted: np.ndarray, classes: list[st
 
 
 def misclassified_figure(images: np.ndarray, actual: np.ndarray, predicted: np.ndarray,
-                         classes: list[str], limit: int) -> plt.Figure:
+                         classes: list[str], limit: int) -> Figure:
     """A grid of the first `limit` misclassified test images, titled predicted / true."""
     wrong = np.flatnonzero(actual != predicted)[:limit]
     cols = max(1, min(10, len(wrong)))
     rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows + 0.5), squeeze=False)
+    fig = Figure(figsize=(1.3 * cols, 1.5 * rows + 0.5))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
@@ -122,11 +124,10 @@ def misclassified_figure(images: np.ndarray, actual: np.ndarray, predicted: np.n
     return fig
 
 
-def save_png(fig: plt.Figure, target: Path) -> None:
+def save_png(fig: Figure, target: Path) -> None:
     buffer = io.BytesIO()
     # No timestamp or version metadata: the same data gives the same bytes, hence the same DVC hash.
     fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
     write_bytes_atomic(target, buffer.getvalue())
 
 

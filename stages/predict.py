@@ -2,14 +2,16 @@
 
 Images (PNG, JPEG, GIF, TIFF, WebP, BMP, ... whatever Pillow reads) go through small pure steps:
 decode (bounded in size and memory) -> orient (EXIF) -> shrink -> grey, with the ink told from
-the background (alpha, palette transparency and 16-bit handled) -> blank? -> to_mnist, which
-makes the digit the way MNIST digits were made: inverted when the background is light, scaled to
-fit a 20x20 box and placed in the 28x28 image so that its centre of mass is at the centre.
+the background (alpha, palette transparency and 16-bit handled) -> blank? -> frame, which makes
+the image the way the model's dataset made its images (the model file's `framing`): inverted when
+the background is light, then, for MNIST, scaled to fit a 20x20 box and placed in the 28x28 image
+so that its centre of mass is at the centre; for Fashion-MNIST, scaled so that its longer side
+fills the 28 pixels and centred by its bounding box.
 IDX files (plain or .gz) already hold MNIST-format images and are classified as they are, one
 result per image.
 
-Every file gets exactly one line: its class, `blank`, or a one-line error naming the file and the
-reason (on stderr); the run goes on with the next file and exits with status 1 if any file failed.
+Every image gets exactly one line (an IDX file one per image it holds): its class, `blank`, or a
+one-line error naming the file and the reason (on stderr); the run goes on with the next file and exits with status 1 if any file failed.
 Only the model file is read (no params.yaml), with torch's weights_only loader. See docs/predict.md.
 """
 
@@ -33,12 +35,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stages.common import PipelineError, log, run_main
 from stages.idx import IdxFormatError, parse_idx, read_bytes
+from stages.model_config import DIGIT_FRAMING
 from stages.models import load_model, predict_logits
+from stages.runtime import resolve_device
 
 STAGE = "predict"
 PROG = "python -m stages.predict"
 DEFAULT_MODEL = Path("models/model.pt")
-FIT_BOX = 20  # MNIST: each digit was scaled to fit 20x20, then centred by mass in 28x28
 INK_THRESHOLD = 0.1  # of the brightest value: fainter pixels don't define the digit's bounding box
 # Images with more pixels are refused before any pixel is decoded. 50 MP is above what phones and
 # cameras save by default (12-24 MP; 48-50 MP only in their full-resolution modes) and above an A4
@@ -69,7 +72,7 @@ class Decoded:
 
 
 # ---------------------------------------------------------------------------------------------
-# decode -> orient -> shrink -> grey -> (blank?) -> to_mnist
+# decode -> orient -> shrink -> grey -> (blank?) -> frame
 
 
 def check_file(path: Path) -> None:
@@ -215,24 +218,28 @@ def is_blank(ink: np.ndarray) -> bool:
     return float(ink.max()) < BLANK_CONTRAST
 
 
-def fit_to_mnist(ink: np.ndarray, size: int = 28) -> np.ndarray:
-    """uint8 [size, size] MNIST-style digit from extract_ink's output [H, W]."""
+def frame(ink: np.ndarray, size: int = 28, framing: dict = DIGIT_FRAMING) -> np.ndarray:
+    """uint8 [size, size] image from extract_ink's output [H, W], framed as `framing` says
+    (stages.model_config): the ink's bounding box scaled to fit framing["box"] pixels, then placed
+    with its centre of mass ("mass") or its box's centre ("box") at the image's centre."""
     if ink.max() <= 0:
         return np.zeros((size, size), np.uint8)  # a blank image stays blank
     rows, cols = np.nonzero(ink > INK_THRESHOLD * ink.max())
     ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     ink = ink * (255 / ink.max())
-    box = FIT_BOX * size // 28
-    scale = box / max(ink.shape)
+    scale = framing["box"] / max(ink.shape)
     height, width = max(1, round(ink.shape[0] * scale)), max(1, round(ink.shape[1] * scale))
     resized = np.asarray(Image.fromarray(ink.astype(np.float32), mode="F").resize((width, height), Image.LANCZOS))
     resized = np.clip(resized, 0, 255)
     total = resized.sum()
     if total <= 0:
         return np.zeros((size, size), np.uint8)
-    # Place the box so its centre of mass lands on the image centre, clipped to stay inside.
-    com_row = (resized.sum(axis=1) @ np.arange(height)) / total
-    com_col = (resized.sum(axis=0) @ np.arange(width)) / total
+    # Place the box so its centre (of mass, or of the box) lands on the image centre, clipped to stay inside.
+    if framing["centre"] == "mass":
+        com_row = (resized.sum(axis=1) @ np.arange(height)) / total
+        com_col = (resized.sum(axis=0) @ np.arange(width)) / total
+    else:
+        com_row, com_col = (height - 1) / 2, (width - 1) / 2
     top = int(np.clip(round((size - 1) / 2 - com_row), 0, size - height))
     left = int(np.clip(round((size - 1) / 2 - com_col), 0, size - width))
     out = np.zeros((size, size), np.float64)
@@ -240,9 +247,9 @@ def fit_to_mnist(ink: np.ndarray, size: int = 28) -> np.ndarray:
     return np.round(out).astype(np.uint8)
 
 
-def to_mnist(gray: np.ndarray, size: int = 28) -> np.ndarray:
-    """uint8 [size, size] MNIST-style digit from a greyscale image [H, W] with values 0..255."""
-    return fit_to_mnist(extract_ink(gray), size)
+def to_mnist(gray: np.ndarray) -> np.ndarray:
+    """uint8 [28, 28] MNIST-style digit from a greyscale image [H, W] with values 0..255."""
+    return frame(extract_ink(gray))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +285,7 @@ def damaged(path: Path, exc: Exception) -> PipelineError:
     return PipelineError(f"{path}: damaged or unsupported image ({type(exc).__name__}: {reason})")
 
 
-def image_sample(path: Path, size: int) -> Sample:
+def image_sample(path: Path, size: int, framing: dict = DIGIT_FRAMING) -> Sample:
     """The Sample for an image file; UnidentifiedImageError when Pillow knows no such format,
     OSError when the file cannot be opened."""
     with pillow_warnings(), open(path, "rb") as file:
@@ -291,7 +298,7 @@ def image_sample(path: Path, size: int) -> Sample:
             raise damaged(path, exc) from None
     ink = extract_ink(gray)
     blank = is_blank(ink)
-    digit = np.zeros((size, size), np.uint8) if blank else fit_to_mnist(ink, size)
+    digit = np.zeros((size, size), np.uint8) if blank else frame(ink, size, framing)
     return Sample(str(path), digit, blank, decoded.frames)
 
 
@@ -313,11 +320,12 @@ def idx_samples(path: Path, size: int) -> list[Sample]:
     return [Sample(f"{path}[{i}]", image, is_blank(extract_ink(image))) for i, image in enumerate(array)]
 
 
-def load_samples(path: Path, size: int) -> list[Sample]:
-    """The samples in one file; raises PipelineError (one line, naming the file) if unusable."""
+def load_samples(path: Path, size: int, framing: dict = DIGIT_FRAMING) -> list[Sample]:
+    """The samples in one file; raises PipelineError (one line, naming the file) if unusable.
+    `framing`: how the model's dataset made its images from pictures (the model file's)."""
     check_file(path)
     try:
-        return [image_sample(path, size)]
+        return [image_sample(path, size, framing)]
     except UnidentifiedImageError:
         pass  # not an image format Pillow knows: try IDX
     except OSError as exc:  # opening failed (e.g. permission denied)
@@ -377,20 +385,53 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     "on stderr; the exit status is 1 if any file failed.")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image or IDX (.gz) files")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model file written by train")
-    parser.add_argument("--device", default="cpu", help="torch device to run on")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps, or auto (a GPU when present)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON list with an object per image (errors included) instead of text lines")
     return parser
 
 
+def predict_device(name: str) -> torch.device:
+    """The torch device that --device names: cpu, cuda, cuda:N, mps, or auto (a GPU when present).
+    One that is not a device, or not on this machine, is a PipelineError: one line, no traceback."""
+    if name == "auto":
+        return resolve_device("auto")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise PipelineError(f"--device {name!r}: not a device; use cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"--device {name!r}: no CUDA GPU is available here; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise PipelineError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            f"numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise PipelineError(f"--device {name!r}: no Apple GPU (MPS) is available here; use cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise PipelineError(f"--device {name!r}: predict runs on cpu, cuda or mps")
+    return device
+
+
+def check_model_path(path: Path) -> None:
+    """A missing or misnamed model file, said with what to do (the default path is relative to
+    the working directory, so outside the project it is missing)."""
+    if path.is_dir():
+        raise PipelineError(f"{path}: a directory; --model takes the model file (models/model.pt in the project)")
+    if not path.exists():
+        raise PipelineError(f"{path}: no model file here; train one with `dvc repro` or fetch the project's "
+                            "with `dvc pull` (in the project), or name one with --model PATH")
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = build_parser(prog).parse_args(argv)
-    model, meta = load_model(args.model, args.device)
+    device = predict_device(args.device)
+    check_model_path(args.model)
+    model, meta = load_model(args.model, device)
     classes, size = meta["classes"], meta["config"]["image_size"]
     rows, failed = [], 0
     for path in args.paths:
         try:
-            samples = load_samples(path, size)
+            samples = load_samples(path, size, meta["framing"])
         except PipelineError as exc:
             log(STAGE, f"error: {exc}")
             failed += 1

@@ -55,9 +55,11 @@ def as_set_options(overrides: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Print a preset as `dvc exp run -S` options.")
+    parser = argparse.ArgumentParser(prog="python -m stages.presets",
+                                     description="Print a preset as `dvc exp run -S` options.")
     parser.add_argument("preset", nargs="?", help="a preset name, or several joined by '+'")
-    parser.add_argument("--params", type=Path, default=params_mod.DEFAULT_PATH)
+    parser.add_argument("--params", type=Path, default=params_mod.DEFAULT_PATH,
+                        help="the params file the presets apply to (default: %(default)s)")
     args = parser.parse_args(argv)
     presets = load_presets()
     if args.preset is None:

@@ -168,7 +168,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
     On CPU every kernel this project uses is deterministic for a fixed thread count. On CUDA, cuDNN
     autotuning and atomics-based kernels (e.g. some conv backward passes) are not: `deterministic`
-    turns those off at some speed cost, and cuBLAS needs its workspace fixed before CUDA starts.
+    turns those off at some speed cost, and cuBLAS needs its workspace fixed before its first call
+    (CUBLAS_WORKSPACE_CONFIG is read when torch creates its cuBLAS handle, at the first matmul).
     """
     random.seed(seed)
     np.random.seed(seed)

@@ -38,6 +38,10 @@ from stages.tracking import TrainLog, step_log_interval
 from stages.views import view_drawer
 
 STAGE = "train"
+CODE_DIR = Path(__file__).resolve().parent  # the stages package: the code a checkpoint was written by
+# What Ctrl-C leaves: the checkpoint (written after each epoch) and DVCLive's live log.
+INTERRUPTED_KEEPS = ("the epochs completed are kept in models/train-checkpoint.pt, which the next run with the "
+                     "same params, data and code resumes, and in metrics/train (DVCLive's log)")
 # Images per forward pass when scoring val. Small enough for a batch's activations to stay in the CPU's
 # caches: the fashion preset's model (six test-time views, fp32) scored 5,000 images in 3.85 s at 500
 # against 5.16 s at 2,000 (2-core Zen 4), the default CNN 0.32 s against 0.38 s. A view's logits do not
@@ -302,13 +306,20 @@ class StepLog:
         self.log.log(self.step + self.done, {"step_loss": round((window[0] / window[1]).item(), 6)})
 
 
-def fingerprint(cfg: TrainParams, computed: dict, *input_files: Path) -> str:
+def fingerprint(cfg: TrainParams, computed: dict, *input_files: Path, code_dir: Path = CODE_DIR) -> str:
     """Identifies a training run: its params, how it computes (stages.runtime.numerics: another
-    thread count or precision would not continue the same run bit for bit) and the exact bytes of
-    its inputs. A checkpoint is resumed only by a run with the same fingerprint."""
+    thread count or precision would not continue the same run bit for bit), the exact bytes of its
+    inputs and the code (every *.py and *.yaml file of `code_dir`, by name). A checkpoint is resumed
+    only by a run with the same fingerprint: one left by a run that was killed, with the code edited
+    before `dvc repro` re-ran it, is not, as the model would mix two versions of the code while
+    dvc.lock names only the second. The whole package, not train's code deps in dvc.yaml: an edit
+    elsewhere (plot.py) starts training over, which costs time only, while a file missed would resume
+    a run that the current code does not compute."""
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg), computed], sort_keys=True).encode())
     for path in input_files:
         digest.update(hashlib.sha256(path.read_bytes()).digest())
+    for path in sorted([*code_dir.glob("*.py"), *code_dir.glob("*.yaml")]):
+        digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
 
@@ -329,8 +340,8 @@ def load_checkpoint(path: Path, run_id: str) -> dict | None:
         log(STAGE, f"ignoring unreadable checkpoint ({exc}); starting from epoch 1")
         return None
     if saved["fingerprint"] != run_id:
-        log(STAGE, f"ignoring {path}: it belongs to other params or data, or to a run that computed "
-                   "otherwise (device, precision, threads: metrics/train/params.yaml); starting from epoch 1")
+        log(STAGE, f"ignoring {path}: it belongs to other params or data, other code (stages/), or a run that "
+                   "computed otherwise (device, precision, threads: metrics/train/params.yaml); starting from epoch 1")
         return None
     return saved
 
@@ -439,7 +450,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="saved after every epoch and resumed from by a re-run with the same params "
                              "and inputs; removed once the model is written")
     args = parser.parse_args(argv)
-    cfg = params_mod.load().train
+    params = params_mod.load()
+    cfg = params.train
     rank = rank_from_env()
     if cfg.processes > 1 and rank.world == 1:
         sys.exit(launch_torchrun(cfg.processes, sys.argv[1:] if argv is None else argv))
@@ -475,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     if not rank.is_main:
         return  # one run, one set of outputs: rank 0's
     log(STAGE, f"trained in {time.perf_counter() - start:.1f} s")
-    save_model(args.model_out, model, config, train["classes"])
+    save_model(args.model_out, model, config, train["classes"], params.dataset.framing)
     if args.checkpoint:
         args.checkpoint.unlink(missing_ok=True)
 
@@ -490,4 +502,4 @@ def launch_torchrun(processes: int, argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    run_main(STAGE, main)
+    run_main(STAGE, main, kept=INTERRUPTED_KEEPS)

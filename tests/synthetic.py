@@ -53,7 +53,8 @@ def write_mirror(directory: Path, n_train: int = 600, n_test: int = 200, seed: i
         files[role] = {"name": NAMES[role], "sha256": hashlib.sha256(content).hexdigest()}
     return {"files": files, "train_count": n_train, "test_count": n_test, "image_size": SIZE,
             "classes": [str(k) for k in range(NUM_CLASSES)], "flippable": False,
-            "crop": 2}  # as MNIST's: the test project runs the default's cropped network
+            "crop": 2,  # as MNIST's: the test project runs the default's cropped network
+            "framing": {"box": 20, "centre": "mass"}}  # MNIST's
 
 
 def write_prepared(directory: Path, classes: list[str], n: int = 20, seed: int = 0) -> None:

@@ -89,6 +89,39 @@ def test_missing_file_is_rejected(mirror, tmp_path):
         fetch.fetch_verified(str(tmp_path / "empty"), files["test_images"], TIMEOUT_S)
 
 
+def test_missing_directory_is_named_with_where_it_resolved(mirror, tmp_path, monkeypatch):
+    """A mirror directory that is not there says so; a relative one also says what it resolved to
+    and why that can surprise (`dvc exp run --temp` runs the stage under .dvc/tmp/exps)."""
+    _, files = mirror
+    with pytest.raises(fetch.SourceError) as absolute:
+        fetch.fetch_verified(str(tmp_path / "nowhere"), files["test_images"], TIMEOUT_S)
+    assert str(absolute.value) == f"no such directory: {tmp_path / 'nowhere'}"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(fetch.SourceError) as relative:
+        fetch.fetch_verified("../elsewhere", files["test_images"], TIMEOUT_S)
+    assert str(relative.value).startswith(f"no such directory: ../elsewhere, here {tmp_path.parent / 'elsewhere'} "
+                                          f"(a relative {fetch.MIRROR_ENV} is taken from the stage's working directory")
+    assert "give an absolute path" in str(relative.value)
+
+
+def test_another_datasets_file_is_named(mirror, tmp_path):
+    """A file whose content is another known file (a mirror of the other dataset) is named as such."""
+    _, files = mirror
+    file = files["train_labels"]
+    wrong = bad_mirror(tmp_path, file, "wrong content")
+    served = hashlib.sha256(gzip.decompress((wrong / file.gz_name).read_bytes())).hexdigest()
+    with pytest.raises(fetch.SourceError) as info:
+        fetch.fetch_verified(str(wrong), file, TIMEOUT_S, known={served: "other's train-labels-idx1-ubyte"})
+    assert str(info.value).endswith(": it is other's train-labels-idx1-ubyte")
+
+
+def test_file_url_is_a_source(mirror):
+    """MNIST_MIRROR may be any base URL urllib opens, file:// included (it sends no length)."""
+    directory, files = mirror
+    file = files["test_labels"]
+    assert fetch.fetch_verified(directory.as_uri(), file, TIMEOUT_S) == content_of(directory, file)
+
+
 def test_fetch_file_falls_back_to_next_source(mirror, tmp_path):
     """After a source with a damaged file, fetch_file moves on and returns the good content."""
     directory, files = mirror

@@ -16,6 +16,8 @@ import torch.nn as nn
 import yaml
 
 from stages.model_config import ARCHITECTURES, ModelConfig
+from stages.datasets import load_table
+from stages.model_config import DIGIT_FRAMING
 from stages.models import FORMAT_VERSION, ModelFileError, build_model, load_model, save_model, shifted
 from stages.params import parse
 from tests.conftest import PROJECT_ROOT
@@ -161,21 +163,28 @@ def test_model_file_with_an_unknown_choice_is_refused(tmp_path, key, value):
         load_model(path)
 
 
+def as_format_7(payload):
+    """A format-8 payload as format 7 wrote it: before `framing`."""
+    del payload["framing"]
+    payload["format_version"] = 7
+
+
 def as_format_6(payload):
-    """A format-7 payload as format 6 wrote it: before `crop`."""
+    """A format-8 payload as format 6 wrote it: format 7's, before `crop`."""
+    as_format_7(payload)
     del payload["config"]["crop"]
     payload["format_version"] = 6
 
 
 def as_format_5(payload):
-    """A format-7 payload as format 5 wrote it: format 6's, before `stem`."""
+    """A format-8 payload as format 5 wrote it: format 6's, before `stem`."""
     as_format_6(payload)
     del payload["config"]["stem"]
     payload["format_version"] = 5
 
 
 def as_format_4(payload):
-    """A format-7 payload as format 4 wrote it: format 5's, before the test-time augmentation fields."""
+    """A format-8 payload as format 4 wrote it: format 5's, before the test-time augmentation fields."""
     as_format_5(payload)
     for key in ("tta_flip", "tta_shift"):
         del payload["config"][key]
@@ -183,7 +192,7 @@ def as_format_4(payload):
 
 
 def as_format_3(payload):
-    """A format-7 payload as format 3 wrote it: format 4's, with the architecture under the key `model`."""
+    """A format-8 payload as format 3 wrote it: format 4's, with the architecture under the key `model`."""
     as_format_4(payload)
     config = payload["config"]
     payload["config"] = {"model": config.pop("architecture"), **config}
@@ -191,7 +200,7 @@ def as_format_3(payload):
 
 
 def as_format_2(payload):
-    """A format-7 payload as format 2 wrote it: format 3's, before `pool` existed."""
+    """A format-8 payload as format 2 wrote it: format 3's, before `pool` existed."""
     as_format_3(payload)
     del payload["config"]["pool"]
     payload["format_version"] = 2
@@ -369,7 +378,37 @@ def test_save_load_round_trip(tmp_path, images, model):
     assert not loaded.training
     with torch.no_grad():
         assert torch.equal(loaded(images), net(images))
-    assert meta == {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "classes": CLASSES}
+    assert meta == {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "classes": CLASSES,
+                    "framing": DIGIT_FRAMING}
+
+
+def test_framing_travels_in_the_model_file(tmp_path):
+    """The dataset's framing (datasets.yaml), stored by train, comes back for predict; a format-7
+    file, from before it was stored, reads as MNIST's (what predict assumed then)."""
+    cfg = config("cnn")
+    path = tmp_path / "model.pt"
+    fashion = load_table()["fashion-mnist"].framing
+    assert fashion == {"box": 28, "centre": "box"} and load_table()["mnist"].framing == DIGIT_FRAMING
+    save_model(path, build_model(cfg), cfg, CLASSES, fashion)
+    assert load_model(path)[1]["framing"] == fashion
+    rewrite(path, as_format_7)
+    _, meta = load_model(path)
+    assert meta["format_version"] == 7 and meta["framing"] == DIGIT_FRAMING
+
+
+@pytest.mark.parametrize("framing, problem", [
+    (None, "framing: expected {box, centre}, got None"),
+    ({"box": 29, "centre": "mass"}, "framing: box: expected whole pixels in 1-28, got 29"),
+    ({"box": 20, "centre": "middle"}, "framing: centre: expected one of mass, box, got 'middle'"),
+])
+def test_a_bad_framing_is_refused(tmp_path, framing, problem):
+    cfg = config("cnn")
+    path = tmp_path / "model.pt"
+    save_model(path, build_model(cfg), cfg, CLASSES)
+    rewrite(path, lambda payload: payload.update(framing=framing))
+    with pytest.raises(ModelFileError) as raised:
+        load_model(path)
+    assert str(raised.value) == f"{path}: {problem}"
 
 
 def expect_model_file_error(path, *words: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 from typing import get_args, get_type_hints
@@ -246,6 +247,28 @@ def test_dataset_crop_is_validated(tmp_path, crop, problem):
         load_table(table)
 
 
+@pytest.mark.parametrize("framing, problem", [
+    ({"box": 20}, "expected {box, centre}"), ({"box": 0, "centre": "mass"}, "box: expected whole pixels in 1-28, got 0"),
+    ({"box": 20, "centre": "top"}, "centre: expected one of mass, box, got 'top'"),
+])
+def test_dataset_framing_is_validated(tmp_path, framing, problem):
+    """A datasets.yaml entry's framing (how predict frames a picture for its models) is checked."""
+    entry = yaml.safe_load((PROJECT_ROOT / "stages" / "datasets.yaml").read_text())["mnist"]
+    table = tmp_path / "datasets.yaml"
+    table.write_text(yaml.safe_dump({"digits": {**entry, "framing": framing}}))
+    with pytest.raises(PipelineError) as raised:
+        load_table(table)
+    assert str(raised.value).startswith(f"datasets.yaml: digits.framing: {problem}")
+
+
+def test_an_unreadable_dataset_table_is_one_error(tmp_path):
+    with pytest.raises(PipelineError, match=r"datasets.yaml: cannot read the dataset table \(No such file"):
+        load_table(tmp_path / "datasets.yaml")
+    (tmp_path / "datasets.yaml").write_text("mnist: [unclosed\n")
+    with pytest.raises(PipelineError, match="datasets.yaml: not valid YAML: "):
+        load_table(tmp_path / "datasets.yaml")
+
+
 def test_flip_on_digits_needs_allow_flip():
     """datasets.yaml marks MNIST unflippable and Fashion-MNIST flippable; flipping digits is refused
     unless augment.allow_flip says so."""
@@ -334,3 +357,35 @@ def test_command_writes_marker_for_valid_params(tmp_path):
     result = run_stage(marker, good)
     assert result.returncode == 0, result.stderr
     assert marker.read_text() == VALID_MARKER
+
+
+def test_mirrors_of_an_unknown_dataset_are_refused():
+    """fetch.mirrors is keyed by dataset: a misspelt key would otherwise be ignored for ever."""
+    raw = copy.deepcopy(BASE)
+    raw["fetch"]["mirrors"]["fashion_mnist"] = ["https://example.org/"]
+    with pytest.raises(ParamsError) as raised:
+        parse(raw)
+    assert raised.value.key == "fetch.mirrors.fashion_mnist"
+    assert "not a dataset of stages/datasets.yaml ('mnist', 'fashion-mnist')" in str(raised.value)
+
+
+@pytest.mark.parametrize("device, processes, gpus, problem", [
+    ("cuda", 1, 0, "train.device"),  # no GPU at all
+    ("auto", 2, 1, "train.processes"),  # two processes, one GPU: NCCL would refuse mid-run
+    ("cuda", 3, 2, "train.processes"),
+    ("auto", 2, 2, None),
+    ("auto", 2, 0, None),  # no GPU: auto trains on the CPU, where gloo runs any number of processes
+    ("cpu", 4, 1, None),
+])
+def test_the_machine_has_the_gpus_params_ask_for(device, processes, gpus, problem, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    train = dataclasses.replace(parse(with_change("train", "device", device)).train, processes=processes)
+    if problem is None:
+        params_mod.check_gpus(train)
+    else:
+        with pytest.raises(ParamsError) as raised:
+            params_mod.check_gpus(train)
+        assert raised.value.key == problem

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from stages.common import load_tensors
-from stages.predict import to_mnist
+from stages.model_config import DIGIT_FRAMING
+from stages.predict import extract_ink, frame, to_mnist
 from tests.conftest import PROJECT_ROOT
 
 
@@ -53,6 +54,24 @@ def test_an_mnist_style_image_scaled_up_and_inverted_converts_back():
     photo = 255 - np.asarray(Image.fromarray(original).resize((112, 112), Image.BICUBIC))
     again = to_mnist(photo)
     assert np.corrcoef(original.ravel().astype(float), again.ravel().astype(float))[0, 1] > 0.9
+
+
+def test_a_fashion_model_gets_its_pictures_framed_as_fashion_mnist_was():
+    """Fashion-MNIST's products fill the frame: the longer side scaled to 28 pixels and the bounding
+    box centred, not MNIST's 20x20 box centred by mass. A boot-like shape on white, heavy at its
+    bottom left (its centre of mass is off its box's centre), 120 x 60 pixels."""
+    picture = np.full((300, 200), 245, np.uint8)
+    picture[100:220, 40:100] = 30  # the shaft: 120 rows x 60 columns
+    picture[190:220, 40:70] = 0  # a darker, heavier heel
+    ink = extract_ink(picture)
+    fashion = frame(ink, 28, {"box": 28, "centre": "box"})
+    rows, cols = np.nonzero(fashion > 0.1 * fashion.max())
+    assert (rows.min(), rows.max()) == (0, 27)  # the longer side fills the 28 pixels
+    assert cols.max() - cols.min() + 1 in (14, 15) and abs((cols.min() + cols.max()) / 2 - 13.5) <= 0.5  # box centred
+    digit = frame(ink, 28, DIGIT_FRAMING)
+    rows, cols = np.nonzero(digit > 0.1 * digit.max())
+    assert rows.max() - rows.min() + 1 <= 21  # MNIST's 20x20 box
+    assert np.array_equal(digit, to_mnist(picture))
 
 
 def test_blank_image_stays_blank():

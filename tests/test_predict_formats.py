@@ -423,3 +423,55 @@ def test_a_model_file_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(PipelineError, match="model.pt"):
         predict.main(["--model", str(model), str(tmp_path)])
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The command's own options: a bad --device or --model is one line, never a traceback
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("bogus", "not a device; use cpu, cuda, cuda:N, mps or auto"),
+    ("cuda", "no CUDA GPU is available here; use cpu or auto"),
+    ("cuda:1", "no CUDA GPU is available here; use cpu or auto"),
+    ("mps", "no Apple GPU (MPS) is available here; use cpu or auto"),
+    ("meta", "predict runs on cpu, cuda or mps"),
+])
+def test_a_device_this_machine_lacks_is_named(name, reason, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(PipelineError) as raised:
+        predict.predict_device(name)
+    assert str(raised.value) == f"--device {name!r}: {reason}"
+
+
+def test_devices_that_exist_are_used(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert predict.predict_device("auto") == torch.device("cpu")  # auto: the CPU when there is no GPU
+    assert predict.predict_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert predict.predict_device("cuda:0") == torch.device("cuda", 0)
+    assert predict.predict_device("auto") == torch.device("cuda", 0)
+    with pytest.raises(PipelineError, match=r"--device 'cuda:1': this machine has 1 CUDA GPU\(s\), numbered from 0"):
+        predict.predict_device("cuda:1")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--device", "bogus"], "predict: error: --device 'bogus': not a device; use cpu, cuda, cuda:N, mps or auto"),
+    (["--model", "{tmp}"], "predict: error: {tmp}: a directory; --model takes the model file (models/model.pt "
+                           "in the project)"),
+    (["--model", "{tmp}/none.pt"], "predict: error: {tmp}/none.pt: no model file here; train one with `dvc repro` "
+                                   "or fetch the project's with `dvc pull` (in the project), or name one with "
+                                   "--model PATH"),
+])
+def test_bad_options_cost_one_line_and_status_1(argv, expected, tmp_path, monkeypatch, capsys):
+    image = tmp_path / "digit.png"
+    Image.fromarray(mnist_like_digit()).save(image)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["mnist-predict", *[a.format(tmp=tmp_path) for a in argv], str(image)])
+    with pytest.raises(SystemExit) as stopped:
+        predict.cli()
+    assert stopped.value.code == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [expected.format(tmp=tmp_path)]

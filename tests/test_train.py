@@ -11,6 +11,7 @@ import torch
 import yaml
 
 import stages.train as train_mod
+from stages.common import run_main
 from stages.params import AugmentParams, parse
 import stages.runtime as runtime_mod
 from stages.augment import augmented_split
@@ -129,6 +130,51 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_result(request, cfg, datas
     resumed, _, resumed_rows = fit(cfg, train, val, CPU, checkpoint, run_id="run")
     assert resumed_rows == unbroken_rows
     assert_same_weights(weights(resumed), weights(unbroken))
+
+
+def test_fingerprint_names_params_inputs_and_code(tmp_path):
+    """A checkpoint is resumed only by the run that wrote it: a changed param, input byte or line of
+    the stages package's code (here a comment in a copy of it) gives another fingerprint."""
+    code = tmp_path / "stages"
+    code.mkdir()
+    for path in [*train_mod.CODE_DIR.glob("*.py"), *train_mod.CODE_DIR.glob("*.yaml")]:
+        (code / path.name).write_bytes(path.read_bytes())
+    inputs = tmp_path / "train.pt"
+    inputs.write_bytes(b"tensors")
+    computed = {"precision": "fp32", "threads": 2}
+
+    def run_id(cfg=SMALL_CNN):
+        return train_mod.fingerprint(cfg, computed, inputs, code_dir=code)
+
+    first = run_id()
+    assert run_id() == first
+    assert train_mod.fingerprint(SMALL_CNN, computed, inputs) == first  # the copy is the package's code
+    assert run_id(dataclasses.replace(SMALL_CNN, lr=0.1)) != first
+    (code / "models.py").write_text((code / "models.py").read_text() + "# edited\n")
+    edited = run_id()
+    assert edited != first
+    (code / "datasets.yaml").write_text((code / "datasets.yaml").read_text() + "# edited\n")
+    assert run_id() not in (first, edited)
+    inputs.write_bytes(b"tensorz")
+    assert train_mod.fingerprint(SMALL_CNN, computed, inputs) != first
+
+
+@pytest.mark.parametrize("stage, kept", [("augment", None), ("train", train_mod.INTERRUPTED_KEEPS)])
+def test_ctrl_c_says_what_the_stage_leaves(stage, kept, capsys):
+    """Ctrl-C: one line and status 130. A stage's outputs are renamed into place whole, so most say
+    no file was left half-written; train says where the epochs it completed are."""
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        run_main(stage, interrupted) if kept is None else run_main(stage, interrupted, kept=kept)
+    assert stopped.value.code == 130
+    line = capsys.readouterr().err.strip()
+    if kept is None:
+        assert line == "augment: interrupted; no file was left half-written"
+    else:
+        assert line.startswith("train: interrupted; the epochs completed are kept in models/train-checkpoint.pt")
+        assert "metrics/train" in line and "\n" not in line
 
 
 def test_seed_everything_sets_determinism_both_ways():
