@@ -11,8 +11,9 @@ INSTALLED := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 # A relative MNIST_MIRROR directory made absolute: `dvc exp run --temp` and queued experiments run
 # the stages under .dvc/tmp/exps, where a relative path would point elsewhere. URLs pass unchanged.
+# `override`: also when given on make's command line (make repro MNIST_MIRROR=...).
 ifneq ($(and $(MNIST_MIRROR),$(wildcard $(MNIST_MIRROR))),)
-export MNIST_MIRROR := $(abspath $(MNIST_MIRROR))
+override export MNIST_MIRROR := $(abspath $(MNIST_MIRROR))
 endif
 
 .PHONY: repro test setup bench frontier exp queue pull predict clean-venv gpu-check screen

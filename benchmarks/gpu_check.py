@@ -425,7 +425,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                          f"else {' or '.join(DEFAULT_MIRRORS)})")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: run the same steps on the CPU, to check this script (no CUDA tests)")
-    parser.add_argument("--quick", action="store_true", help=f"only the variant(s) {', '.join(map(variant_name, QUICK_VARIANTS))}; the frontier on its own tiny data")
+    quick = ", ".join(map(variant_name, QUICK_VARIANTS))
+    parser.add_argument("--quick", action="store_true",
+                        help=f"only the variant(s) {quick}; the frontier on its own tiny data")
     parser.add_argument("--source", type=Path, default=PROJECT_ROOT,
                         help="the project to copy (default: this checkout)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="time for all steps together")

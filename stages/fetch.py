@@ -78,7 +78,8 @@ def describe_local(directory: Path) -> str:
 def _read_local(directory: Path, file: DataFile) -> bytes:
     # A local mirror may hold the files compressed (as served) or already unpacked.
     if not directory.is_dir():
-        raise SourceError(f"no such directory: {describe_local(directory)}")
+        problem = "not a directory" if directory.exists() else "no such directory"
+        raise SourceError(f"{problem}: {describe_local(directory)}")
     for candidate in (directory / file.gz_name, directory / file.name):
         if candidate.is_file():
             return candidate.read_bytes()

@@ -35,7 +35,12 @@ def is_valid_crop(crop: object, image_size: int) -> bool:
 # ("mass", MNIST's digits) or its bounding box's centre ("box", Fashion-MNIST's products) is the
 # image's centre. datasets.yaml gives each dataset's; train stores it in the model file.
 FRAMING_CENTRES = ("mass", "box")
-DIGIT_FRAMING = {"box": 20, "centre": "mass"}  # MNIST's; model files before format 8 are read with it
+
+
+def digit_framing(image_size: int) -> dict:
+    """MNIST's framing, for images of image_size pixels a side: a 20x20 box in 28x28, centred by
+    mass. What model files before format 8 (which stored none) are framed with, as predict did then."""
+    return {"box": max(1, 20 * image_size // 28), "centre": "mass"}
 
 
 def framing_problem(framing: object, image_size: int) -> str | None:

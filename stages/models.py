@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from stages.common import PipelineError, load_tensors, save_tensors
-from stages.model_config import ARCHITECTURES, DIGIT_FRAMING, ModelConfig, framing_problem
+from stages.model_config import ARCHITECTURES, ModelConfig, digit_framing, framing_problem
 
 # 2: the config gained convs_per_block; 3: it gained pool; 4: its `model` key became `architecture`
 # (the fields of ModelConfig); 5: it gained tta_flip and tta_shift; 6: it gained stem; 7: it gained crop;
@@ -160,8 +160,13 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> t
 
 
 def save_model(path: Path, model: nn.Module, config: ModelConfig, classes: list[str],
-               framing: dict = DIGIT_FRAMING) -> None:
-    """`framing`: how its dataset's images were made from pictures (datasets.yaml), for predict."""
+               framing: dict | None = None) -> None:
+    """`framing`: how its dataset's images were made from pictures (datasets.yaml), for predict;
+    None: MNIST's (stages.model_config.digit_framing). A framing load_model would refuse is refused."""
+    framing = digit_framing(config.image_size) if framing is None else framing
+    problem = framing_problem(framing, config.image_size)
+    if problem:
+        raise ModelFileError(f"{path}: framing: {problem}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # The config as plain values: the file loads with weights_only, which refuses project classes.
     save_tensors(path, {"format_version": FORMAT_VERSION, "config": config.to_dict(), "classes": list(classes),
@@ -198,7 +203,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
     if not isinstance(classes, list) or len(classes) != config.get("num_classes"):
         raise ModelFileError(f"{path}: class names {classes!r:.80} do not match the model's "
                              f"{config.get('num_classes')} outputs")
-    framing = payload.get("framing") if version >= 8 else DIGIT_FRAMING
+    framing = payload.get("framing") if version >= 8 else digit_framing(config["image_size"])
     problem = framing_problem(framing, config["image_size"])
     if problem:
         raise ModelFileError(f"{path}: framing: {problem}")

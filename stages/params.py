@@ -60,7 +60,8 @@ class FetchParams:
     def check(self, table: dict[str, Dataset]) -> None:
         _require(self.dataset in table, "fetch.dataset", f"must be one of {_choices(table)}, got {self.dataset!r}")
         for name in self.mirrors:
-            _require(name in table, f"fetch.mirrors.{name}", f"not a dataset of stages/datasets.yaml ({_choices(table)})")
+            _require(name in table, f"fetch.mirrors.{name}",
+                     f"not a dataset of stages/datasets.yaml ({_choices(table)})")
         key = f"fetch.mirrors.{self.dataset}"
         _require(self.dataset in self.mirrors, key, "missing: list the base URLs to fetch this dataset from")
         _require(len(self.mirrors[self.dataset]) > 0, key, "must list at least one base URL")

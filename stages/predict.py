@@ -11,7 +11,8 @@ IDX files (plain or .gz) already hold MNIST-format images and are classified as 
 result per image.
 
 Every image gets exactly one line (an IDX file one per image it holds): its class, `blank`, or a
-one-line error naming the file and the reason (on stderr); the run goes on with the next file and exits with status 1 if any file failed.
+one-line error naming the file and the reason (on stderr); the run goes on with the next file and
+exits with status 1 if any file failed.
 Only the model file is read (no params.yaml), with torch's weights_only loader. See docs/predict.md.
 """
 
@@ -35,7 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stages.common import PipelineError, log, run_main
 from stages.idx import IdxFormatError, parse_idx, read_bytes
-from stages.model_config import DIGIT_FRAMING
+from stages.model_config import digit_framing
 from stages.models import load_model, predict_logits
 from stages.runtime import resolve_device
 
@@ -218,10 +219,12 @@ def is_blank(ink: np.ndarray) -> bool:
     return float(ink.max()) < BLANK_CONTRAST
 
 
-def frame(ink: np.ndarray, size: int = 28, framing: dict = DIGIT_FRAMING) -> np.ndarray:
+def frame(ink: np.ndarray, size: int = 28, framing: dict | None = None) -> np.ndarray:
     """uint8 [size, size] image from extract_ink's output [H, W], framed as `framing` says
-    (stages.model_config): the ink's bounding box scaled to fit framing["box"] pixels, then placed
-    with its centre of mass ("mass") or its box's centre ("box") at the image's centre."""
+    (stages.model_config; None: MNIST's): the ink's bounding box scaled to fit framing["box"]
+    pixels, then placed with its centre of mass ("mass") or its box's centre ("box") at the image's
+    centre."""
+    framing = digit_framing(size) if framing is None else framing
     if ink.max() <= 0:
         return np.zeros((size, size), np.uint8)  # a blank image stays blank
     rows, cols = np.nonzero(ink > INK_THRESHOLD * ink.max())
@@ -285,7 +288,7 @@ def damaged(path: Path, exc: Exception) -> PipelineError:
     return PipelineError(f"{path}: damaged or unsupported image ({type(exc).__name__}: {reason})")
 
 
-def image_sample(path: Path, size: int, framing: dict = DIGIT_FRAMING) -> Sample:
+def image_sample(path: Path, size: int, framing: dict | None = None) -> Sample:
     """The Sample for an image file; UnidentifiedImageError when Pillow knows no such format,
     OSError when the file cannot be opened."""
     with pillow_warnings(), open(path, "rb") as file:
@@ -320,7 +323,7 @@ def idx_samples(path: Path, size: int) -> list[Sample]:
     return [Sample(f"{path}[{i}]", image, is_blank(extract_ink(image))) for i, image in enumerate(array)]
 
 
-def load_samples(path: Path, size: int, framing: dict = DIGIT_FRAMING) -> list[Sample]:
+def load_samples(path: Path, size: int, framing: dict | None = None) -> list[Sample]:
     """The samples in one file; raises PipelineError (one line, naming the file) if unusable.
     `framing`: how the model's dataset made its images from pictures (the model file's)."""
     check_file(path)
@@ -385,14 +388,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     "on stderr; the exit status is 1 if any file failed.")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image or IDX (.gz) files")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model file written by train")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps, or auto (a GPU when present)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps, or auto (a CUDA GPU when present)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON list with an object per image (errors included) instead of text lines")
     return parser
 
 
 def predict_device(name: str) -> torch.device:
-    """The torch device that --device names: cpu, cuda, cuda:N, mps, or auto (a GPU when present).
+    """The torch device that --device names: cpu, cuda, cuda:N, mps, or auto (a CUDA GPU when present).
     One that is not a device, or not on this machine, is a PipelineError: one line, no traceback."""
     if name == "auto":
         return resolve_device("auto")

@@ -40,8 +40,9 @@ from stages.views import view_drawer
 STAGE = "train"
 CODE_DIR = Path(__file__).resolve().parent  # the stages package: the code a checkpoint was written by
 # What Ctrl-C leaves: the checkpoint (written after each epoch) and DVCLive's live log.
-INTERRUPTED_KEEPS = ("the epochs completed are kept in models/train-checkpoint.pt, which the next run with the "
-                     "same params, data and code resumes, and in metrics/train (DVCLive's log)")
+INTERRUPTED_KEEPS = ("the epochs completed, if any, are kept in the checkpoint (models/train-checkpoint.pt in the "
+                     "pipeline), which a re-run with the same params, data, code and numerics resumes, and in "
+                     "metrics/train (DVCLive's log)")
 # Images per forward pass when scoring val. Small enough for a batch's activations to stay in the CPU's
 # caches: the fashion preset's model (six test-time views, fp32) scored 5,000 images in 3.85 s at 500
 # against 5.16 s at 2,000 (2-core Zen 4), the default CNN 0.32 s against 0.38 s. A view's logits do not
@@ -318,7 +319,11 @@ def fingerprint(cfg: TrainParams, computed: dict, *input_files: Path, code_dir: 
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg), computed], sort_keys=True).encode())
     for path in input_files:
         digest.update(hashlib.sha256(path.read_bytes()).digest())
-    for path in sorted([*code_dir.glob("*.py"), *code_dir.glob("*.yaml")]):
+    # Regular files only, hidden ones left out: an editor's lock file (Emacs: .#train.py, a dangling
+    # link) is no code and cannot be read.
+    code = [path for path in [*code_dir.glob("*.py"), *code_dir.glob("*.yaml")]
+            if path.is_file() and not path.name.startswith(".")]
+    for path in sorted(code):
         digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
@@ -470,12 +475,13 @@ def main(argv: list[str] | None = None) -> None:
     val = load_tensors(args.val_in, required=("images", "labels"))
     start = time.perf_counter()
     computed = numerics(device, resolve_precision(cfg.precision, device))
-    if rank.world > 1:
-        # Rank 0's, on every rank: all ranks must agree on resuming, even on unlike machines.
-        shared = [computed]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        computed = shared[0]
     run_id = fingerprint(cfg, computed, args.train_in, args.val_in) if args.checkpoint else ""
+    if rank.world > 1:
+        # Rank 0's, on every rank: all ranks must agree on resuming, even on unlike machines (or
+        # checkouts that differ by a byte of code).
+        shared = [computed, run_id]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        computed, run_id = shared
     # Only rank 0 writes DVCLive files; a fresh log even on resume (fit replays the checkpoint's points).
     train_log = TrainLog(args.live_dir if rank.is_main else None)
     # Beside how it computed, what `auto` params resolved to: `dvc exp show` and `dvc params diff`

@@ -96,6 +96,9 @@ def test_missing_directory_is_named_with_where_it_resolved(mirror, tmp_path, mon
     with pytest.raises(fetch.SourceError) as absolute:
         fetch.fetch_verified(str(tmp_path / "nowhere"), files["test_images"], TIMEOUT_S)
     assert str(absolute.value) == f"no such directory: {tmp_path / 'nowhere'}"
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(fetch.SourceError, match="^not a directory: "):
+        fetch.fetch_verified(str(tmp_path / "a-file"), files["test_images"], TIMEOUT_S)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(fetch.SourceError) as relative:
         fetch.fetch_verified("../elsewhere", files["test_images"], TIMEOUT_S)
@@ -116,7 +119,8 @@ def test_another_datasets_file_is_named(mirror, tmp_path):
 
 
 def test_file_url_is_a_source(mirror):
-    """MNIST_MIRROR may be any base URL urllib opens, file:// included (it sends no length)."""
+    """MNIST_MIRROR may be any base URL urllib opens, file:// included (its response has no
+    `.length` attribute, which HTTP responses have)."""
     directory, files = mirror
     file = files["test_labels"]
     assert fetch.fetch_verified(directory.as_uri(), file, TIMEOUT_S) == content_of(directory, file)

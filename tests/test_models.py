@@ -17,7 +17,7 @@ import yaml
 
 from stages.model_config import ARCHITECTURES, ModelConfig
 from stages.datasets import load_table
-from stages.model_config import DIGIT_FRAMING
+from stages.model_config import digit_framing
 from stages.models import FORMAT_VERSION, ModelFileError, build_model, load_model, save_model, shifted
 from stages.params import parse
 from tests.conftest import PROJECT_ROOT
@@ -379,7 +379,7 @@ def test_save_load_round_trip(tmp_path, images, model):
     with torch.no_grad():
         assert torch.equal(loaded(images), net(images))
     assert meta == {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "classes": CLASSES,
-                    "framing": DIGIT_FRAMING}
+                    "framing": {"box": 20, "centre": "mass"}}
 
 
 def test_framing_travels_in_the_model_file(tmp_path):
@@ -388,12 +388,30 @@ def test_framing_travels_in_the_model_file(tmp_path):
     cfg = config("cnn")
     path = tmp_path / "model.pt"
     fashion = load_table()["fashion-mnist"].framing
-    assert fashion == {"box": 28, "centre": "box"} and load_table()["mnist"].framing == DIGIT_FRAMING
+    assert fashion == {"box": 28, "centre": "box"} and load_table()["mnist"].framing == digit_framing(28)
     save_model(path, build_model(cfg), cfg, CLASSES, fashion)
     assert load_model(path)[1]["framing"] == fashion
     rewrite(path, as_format_7)
     _, meta = load_model(path)
-    assert meta["format_version"] == 7 and meta["framing"] == DIGIT_FRAMING
+    assert meta["format_version"] == 7 and meta["framing"] == {"box": 20, "centre": "mass"}
+
+
+def test_an_older_file_of_small_images_loads_with_a_scaled_framing(tmp_path):
+    """Before format 8 predict scaled MNIST's 20-of-28 box to the image size: a format-7 file of
+    15x15 images (a synthetic dataset) reads with a box of 10, not an impossible 20."""
+    cfg = dataclasses.replace(config("cnn"), image_size=15, crop=0)
+    path = tmp_path / "model.pt"
+    save_model(path, build_model(cfg), cfg, CLASSES)
+    assert load_model(path)[1]["framing"] == {"box": 10, "centre": "mass"}
+    rewrite(path, as_format_7)
+    assert load_model(path)[1]["framing"] == {"box": 10, "centre": "mass"}
+
+
+def test_a_framing_the_loader_would_refuse_is_not_saved(tmp_path):
+    cfg = config("cnn")
+    with pytest.raises(ModelFileError, match="framing: box: expected whole pixels in 1-28, got 40"):
+        save_model(tmp_path / "model.pt", build_model(cfg), cfg, CLASSES, {"box": 40, "centre": "box"})
+    assert not (tmp_path / "model.pt").exists()
 
 
 @pytest.mark.parametrize("framing, problem", [

@@ -248,7 +248,8 @@ def test_dataset_crop_is_validated(tmp_path, crop, problem):
 
 
 @pytest.mark.parametrize("framing, problem", [
-    ({"box": 20}, "expected {box, centre}"), ({"box": 0, "centre": "mass"}, "box: expected whole pixels in 1-28, got 0"),
+    ({"box": 20}, "expected {box, centre}"),
+    ({"box": 0, "centre": "mass"}, "box: expected whole pixels in 1-28, got 0"),
     ({"box": 20, "centre": "top"}, "centre: expected one of mass, box, got 'top'"),
 ])
 def test_dataset_framing_is_validated(tmp_path, framing, problem):
@@ -389,3 +390,19 @@ def test_the_machine_has_the_gpus_params_ask_for(device, processes, gpus, proble
         with pytest.raises(ParamsError) as raised:
             params_mod.check_gpus(train)
         assert raised.value.key == problem
+
+
+@pytest.mark.parametrize("device, processes, checked", [
+    ("cuda", 1, True), ("auto", 2, True), ("auto", 1, False), ("cpu", 4, False)])
+def test_params_stage_checks_the_gpus_when_params_ask_for_them(device, processes, checked, tmp_path, monkeypatch):
+    """The params stage asks torch about GPUs only where params.yaml needs them (torch costs 1.5-2 s
+    to import): `cuda`, or `auto` with several processes, which would share GPUs."""
+    raw = with_change("train", "device", device)
+    raw["train"]["processes"] = processes
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    calls = []
+    monkeypatch.setattr(params_mod, "check_gpus", calls.append)
+    params_mod.main([str(tmp_path / "params-valid.txt"), "--params", str(path)])
+    assert [(train.device, train.processes) for train in calls] == ([(device, processes)] if checked else [])
+    assert (tmp_path / "params-valid.txt").read_text() == VALID_MARKER

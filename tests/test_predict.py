@@ -13,7 +13,6 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from stages.common import load_tensors
-from stages.model_config import DIGIT_FRAMING
 from stages.predict import extract_ink, frame, to_mnist
 from tests.conftest import PROJECT_ROOT
 
@@ -58,20 +57,24 @@ def test_an_mnist_style_image_scaled_up_and_inverted_converts_back():
 
 def test_a_fashion_model_gets_its_pictures_framed_as_fashion_mnist_was():
     """Fashion-MNIST's products fill the frame: the longer side scaled to 28 pixels and the bounding
-    box centred, not MNIST's 20x20 box centred by mass. A boot-like shape on white, heavy at its
-    bottom left (its centre of mass is off its box's centre), 120 x 60 pixels."""
+    box centred, not MNIST's 20x20 box centred by mass. A shape on white, 120 x 60 pixels, whose
+    dark left quarter puts its centre of mass ~2 pixels (at 28x28) left of its box's centre."""
     picture = np.full((300, 200), 245, np.uint8)
-    picture[100:220, 40:100] = 30  # the shaft: 120 rows x 60 columns
-    picture[190:220, 40:70] = 0  # a darker, heavier heel
+    picture[100:220, 40:55] = 0  # dark: heavy ink
+    picture[100:220, 55:100] = 180  # light grey: faint ink, still above the bounding-box threshold
     ink = extract_ink(picture)
     fashion = frame(ink, 28, {"box": 28, "centre": "box"})
     rows, cols = np.nonzero(fashion > 0.1 * fashion.max())
     assert (rows.min(), rows.max()) == (0, 27)  # the longer side fills the 28 pixels
     assert cols.max() - cols.min() + 1 in (14, 15) and abs((cols.min() + cols.max()) / 2 - 13.5) <= 0.5  # box centred
-    digit = frame(ink, 28, DIGIT_FRAMING)
+    by_mass = frame(ink, 28, {"box": 28, "centre": "mass"})
+    assert abs(centre_of_mass(by_mass.astype(float))[1] - 13.5) <= 0.5
+    assert abs(centre_of_mass(fashion.astype(float))[1] - 13.5) >= 1.5  # so the two centrings differ
+    digit = frame(ink)  # None: MNIST's 20x20 box, by mass
     rows, cols = np.nonzero(digit > 0.1 * digit.max())
-    assert rows.max() - rows.min() + 1 <= 21  # MNIST's 20x20 box
+    assert rows.max() - rows.min() + 1 <= 21
     assert np.array_equal(digit, to_mnist(picture))
+    assert np.array_equal(digit, frame(ink, 28, {"box": 20, "centre": "mass"}))
 
 
 def test_blank_image_stays_blank():

@@ -401,8 +401,9 @@ def test_help_names_the_command_and_shows_defaults(built_project):
     result = command(built_project, "--help")
     assert result.returncode == 0
     assert result.stdout.startswith("usage: python -m stages.predict ")
-    assert "model file written by train (default: models/model.pt)" in result.stdout
-    assert "torch device to run on (default: cpu)" in result.stdout
+    text = " ".join(result.stdout.split())  # argparse wraps lines at the terminal's width
+    assert "model file written by train (default: models/model.pt)" in text
+    assert "cpu, cuda, cuda:N, mps, or auto (a CUDA GPU when present) (default: cpu)" in text
 
 
 @pytest.mark.integration

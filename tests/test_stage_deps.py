@@ -83,7 +83,7 @@ def test_stage_code_deps_are_exactly_its_imports(name):
 def test_params_and_fetch_stages_run_without_torch(tmp_path):
     """Importing torch costs 1.5-2 s of a 2-core CPU, and every fresh `dvc repro` runs these two
     stages, which have no tensors: the params stage validates params.yaml (it imports torch only to
-    check a `train.device: cuda`) and fetch downloads files. Here the params stage runs on the
+    check the GPUs that `train.device: cuda`, or `auto` with several processes, asks for) and fetch downloads files. Here the params stage runs on the
     committed params.yaml, then fetch's module loads, and torch must still be absent."""
     marker = tmp_path / "params-valid.txt"
     code = ("import sys; from stages import params, fetch; "

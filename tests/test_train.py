@@ -148,6 +148,8 @@ def test_fingerprint_names_params_inputs_and_code(tmp_path):
 
     first = run_id()
     assert run_id() == first
+    (code / ".#train.py").symlink_to(tmp_path / "user@host.1234")  # Emacs's lock: a dangling link
+    assert run_id() == first
     assert train_mod.fingerprint(SMALL_CNN, computed, inputs) == first  # the copy is the package's code
     assert run_id(dataclasses.replace(SMALL_CNN, lr=0.1)) != first
     (code / "models.py").write_text((code / "models.py").read_text() + "# edited\n")
@@ -173,7 +175,8 @@ def test_ctrl_c_says_what_the_stage_leaves(stage, kept, capsys):
     if kept is None:
         assert line == "augment: interrupted; no file was left half-written"
     else:
-        assert line.startswith("train: interrupted; the epochs completed are kept in models/train-checkpoint.pt")
+        assert line.startswith("train: interrupted; the epochs completed, if any, are kept in the checkpoint "
+                               "(models/train-checkpoint.pt in the pipeline)")
         assert "metrics/train" in line and "\n" not in line
 
 
