@@ -388,17 +388,20 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     "on stderr; the exit status is 1 if any file failed.")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image or IDX (.gz) files")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model file written by train")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps, or auto (a CUDA GPU when present)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda, cuda:N, mps, or auto (a CUDA GPU, else an Apple one, else the CPU)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON list with an object per image (errors included) instead of text lines")
     return parser
 
 
 def predict_device(name: str) -> torch.device:
-    """The torch device that --device names: cpu, cuda, cuda:N, mps, or auto (a CUDA GPU when present).
-    One that is not a device, or not on this machine, is a PipelineError: one line, no traceback."""
+    """The torch device that --device names: cpu, cuda, cuda:N, mps, or auto (a CUDA GPU, else an
+    Apple GPU, else the CPU). One that is not a device, or not on this machine, is a PipelineError:
+    one line, no traceback."""
     if name == "auto":
-        return resolve_device("auto")
+        device = resolve_device("auto")  # train's rule: the CUDA GPU when there is one
+        return torch.device("mps") if device.type == "cpu" and torch.backends.mps.is_available() else device
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):

@@ -403,7 +403,7 @@ def test_help_names_the_command_and_shows_defaults(built_project):
     assert result.stdout.startswith("usage: python -m stages.predict ")
     text = " ".join(result.stdout.split())  # argparse wraps lines at the terminal's width
     assert "model file written by train (default: models/model.pt)" in text
-    assert "cpu, cuda, cuda:N, mps, or auto (a CUDA GPU when present) (default: cpu)" in text
+    assert "cpu, cuda, cuda:N, mps, or auto (a CUDA GPU, else an Apple one, else the CPU) (default: cpu)" in text
 
 
 @pytest.mark.integration
@@ -447,7 +447,11 @@ def test_a_device_this_machine_lacks_is_named(name, reason, monkeypatch):
 
 def test_devices_that_exist_are_used(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert predict.predict_device("auto") == torch.device("cpu")  # auto: the CPU when there is no GPU
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert predict.predict_device("auto") == torch.device("mps")  # a Mac's GPU
+    assert predict.predict_device("mps") == torch.device("mps")
     assert predict.predict_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
