@@ -67,8 +67,8 @@ predict: $(INSTALLED)
 
 # Run a preset of presets.yaml as a DVC experiment: make exp PRESET=mlp-512+aug
 # The experiment is named after the preset, so running it again needs EXP_ARGS=-f (DVC refuses to
-# overwrite it otherwise). More `dvc exp run` options go in EXP_ARGS; a grid must be queued, and DVC then names the runs
-# PRESET-1, PRESET-2, ...: make exp PRESET=fast EXP_ARGS="--queue -S 'train.seed=range(0,3)'"
+# overwrite it otherwise). More `dvc exp run` options go in EXP_ARGS; a grid must be queued, and DVC
+# then names the runs PRESET-1, PRESET-2, ...: make exp PRESET=fast EXP_ARGS="--queue -S 'train.seed=range(0,3)'"
 exp: $(INSTALLED)
 	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [EXP_ARGS=...] (see presets.yaml; EXP_ARGS=-f runs it again)"; exit 2; }
 	options=$$($(BIN)/python -m stages.presets '$(PRESET)') && \

@@ -163,14 +163,12 @@ def save_model(path: Path, model: nn.Module, config: ModelConfig, classes: list[
                framing: dict | None = None) -> None:
     """`framing`: how its dataset's images were made from pictures (datasets.yaml), for predict;
     None: MNIST's (stages.model_config.digit_framing). A framing load_model would refuse is refused."""
-    framing = digit_framing(config.image_size) if framing is None else framing
-    problem = framing_problem(framing, config.image_size)
-    if problem:
-        raise ModelFileError(f"{path}: framing: {problem}")
+    framing = _checked_framing(path, digit_framing(config.image_size) if framing is None else framing,
+                               config.image_size)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # The config as plain values: the file loads with weights_only, which refuses project classes.
     save_tensors(path, {"format_version": FORMAT_VERSION, "config": config.to_dict(), "classes": list(classes),
-                        "framing": dict(framing), "state_dict": state})
+                        "framing": framing, "state_dict": state})
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -203,13 +201,20 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
     if not isinstance(classes, list) or len(classes) != config.get("num_classes"):
         raise ModelFileError(f"{path}: class names {classes!r:.80} do not match the model's "
                              f"{config.get('num_classes')} outputs")
-    framing = payload.get("framing") if version >= 8 else digit_framing(config["image_size"])
-    problem = framing_problem(framing, config["image_size"])
+    framing = _checked_framing(path, payload.get("framing") if version >= 8 else digit_framing(config["image_size"]),
+                               config["image_size"])
+    # The metadata describes the model as loaded: an older file's config comes back upgraded.
+    meta = {**{k: v for k, v in payload.items() if k != "state_dict"}, "config": config, "framing": framing}
+    return model.to(device).eval(), meta
+
+
+def _checked_framing(path: Path, framing: Any, image_size: int) -> dict:
+    """A copy of `framing` (stages.model_config), or ModelFileError naming the file: the one check
+    of what save_model writes and load_model reads."""
+    problem = framing_problem(framing, image_size)
     if problem:
         raise ModelFileError(f"{path}: framing: {problem}")
-    # The metadata describes the model as loaded: an older file's config comes back upgraded.
-    meta = {**{k: v for k, v in payload.items() if k != "state_dict"}, "config": config, "framing": dict(framing)}
-    return model.to(device).eval(), meta
+    return dict(framing)
 
 
 def _describe(config: Any) -> str:

@@ -475,7 +475,8 @@ def main(argv: list[str] | None = None) -> None:
     val = load_tensors(args.val_in, required=("images", "labels"))
     start = time.perf_counter()
     computed = numerics(device, resolve_precision(cfg.precision, device))
-    run_id = fingerprint(cfg, computed, args.train_in, args.val_in) if args.checkpoint else ""
+    # Rank 0's alone counts (below), so only it reads and hashes the inputs and the code.
+    run_id = fingerprint(cfg, computed, args.train_in, args.val_in) if args.checkpoint and rank.is_main else ""
     if rank.world > 1:
         # Rank 0's, on every rank: all ranks must agree on resuming, even on unlike machines (or
         # checkouts that differ by a byte of code).
