@@ -18,7 +18,7 @@ every preset for the next seed, ...) so that a change in the machine's load fall
   lever to measure) are made on it.
 
 `default` is params.yaml as committed; other names are entries of presets.yaml applied to it. The
-prepared splits come from data/prepared/*.pt, or are built from the raw .gz files (data/raw) by the
+prepared splits come from data/prepared/*.pt, or are built from the raw IDX files (data/raw) by the
 preprocess stage's function when they are missing. Prints a table and the machine (CPU with its
 vector ISA, threads, torch); writes benchmarks/frontier.png (accuracy against time, log x axis).
 `--quick` runs everything on tiny synthetic data for one epoch, in seconds: a smoke test of the
@@ -116,7 +116,7 @@ def run_preset(name: str, seed: int, params: Params, splits: dict[str, dict], de
 
 def load_or_prepare(data_dir: Path, raw_dir: Path, preprocess: PreprocessParams, dataset_name: str) -> dict[str, dict]:
     """The prepared splits: data_dir's files if all three are there, else built from raw_dir's
-    .gz files by the preprocess stage's own function."""
+    IDX files (plain or .gz) by the preprocess stage's own function."""
     if all((data_dir / f"{name}.pt").is_file() for name in ("train", "val", "test")):
         return dict(zip(("train", "val", "test"), load_splits(data_dir)))
     return prepare(raw_dir, load_table()[dataset_name], preprocess)
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                         help="where every run trains (presets' train.device is overridden)")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic data, one epoch: a smoke test")
-    parser.add_argument("--raw", type=Path, default=RAW_DIR, help="directory of the MNIST IDX .gz files")
+    parser.add_argument("--raw", type=Path, default=RAW_DIR, help="directory of the MNIST IDX files (plain or .gz)")
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="directory of train.pt, val.pt, test.pt")
     parser.add_argument("--plot", type=Path, default=PLOT_PATH, help="where to write the figure")
     parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,

@@ -42,13 +42,12 @@ import torch
 import yaml
 
 from stages.common import load_tensors
+from stages.datasets import load_table
 from stages.presets import apply, load_presets, resolve
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a pipeline run needs of a project; the rest (tests, benchmarks, docs) stays behind.
 PROJECT_FILES = (".gitignore", ".dvcignore", "dvc.yaml", "params.yaml", "presets.yaml", "stages")
-MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 # Tried in order when neither --mirror nor $MNIST_MIRROR is given (relative to the checkout).
 DEFAULT_MIRRORS = ("../shared/data/mnist", "shared/data/mnist")
 # The only fetch URL a copy knows besides the mirror folder: port 9 on loopback refuses at once, so
@@ -144,12 +143,14 @@ def find_mirror(given: str | None) -> Path:
     for candidate in candidates:
         folder = Path(candidate).resolve()
         if folder.is_dir():
-            missing = [name for name in MNIST_FILES if not (folder / name).is_file()]
+            # .gz as mirrors serve them, or plain as the fetch stage stores them (another checkout's data/raw)
+            files = load_table()["mnist"].files.values()
+            missing = [file.gz_name for file in files if not file.path_in(folder).is_file()]
             if missing:
                 sys.exit(f"gpu_check: the MNIST mirror {folder} lacks {', '.join(missing)}")
             return folder
     sys.exit(f"gpu_check: no MNIST mirror folder ({' or '.join(candidates)}); set MNIST_MIRROR or --mirror "
-             "to a folder holding the four .gz files (the check never downloads)")
+             "to a folder holding the four files, .gz or plain (the check never downloads)")
 
 
 def base_env(mirror: Path) -> dict:
@@ -421,7 +422,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or PROJECT_ROOT / "gpu-check-out"),
                         help="output folder (default: $OUT, else gpu-check-out/ in the checkout)")
-    parser.add_argument("--mirror", help="folder with the four MNIST .gz files (default: $MNIST_MIRROR, "
+    parser.add_argument("--mirror", help="folder with the four MNIST files, .gz or plain (default: $MNIST_MIRROR, "
                                          f"else {' or '.join(DEFAULT_MIRRORS)})")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: run the same steps on the CPU, to check this script (no CUDA tests)")

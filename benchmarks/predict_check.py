@@ -48,7 +48,7 @@ VAL = 5000  # the last 5,000 training images score each epoch (a plain slice; pr
 
 def mnist(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     entry = load_table()["mnist"]
-    return read_pair(raw_dir / entry.files[f"{split}_images"].gz_name, raw_dir / entry.files[f"{split}_labels"].gz_name,
+    return read_pair(entry.files[f"{split}_images"].path_in(raw_dir), entry.files[f"{split}_labels"].path_in(raw_dir),
                      entry.image_size, len(entry.classes))
 
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     mirror = os.environ.get("MNIST_MIRROR")
     if not mirror:
-        raise PipelineError("set MNIST_MIRROR to a directory holding MNIST's four .gz files")
+        raise PipelineError("set MNIST_MIRROR to a directory holding MNIST's four IDX files (.gz or plain)")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -10,8 +10,6 @@ is measured in.
 
 from __future__ import annotations
 
-import gzip
-import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -24,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stages.common import PipelineError
+from stages.datasets import load_table
+from stages.idx import read_bytes
 
 BATCH_SIZE = 64
 TEST_BATCH_SIZE = 1000
@@ -49,20 +49,25 @@ class ReferenceNet(nn.Module):
         return F.log_softmax(self.classifier(self.features(x)), dim=1)
 
 
+def place_for_torchvision(raw_dir: Path, root: Path) -> None:
+    """Writes MNIST's four IDX files from `raw_dir` (data/raw's plain files, or a mirror's .gz)
+    where torchvision's MNIST reads them: uncompressed, in root/MNIST/raw/. With download=False it
+    raises rather than fetches when one is missing, and .gz files alone would not do."""
+    target = root / "MNIST" / "raw"
+    target.mkdir(parents=True, exist_ok=True)
+    for file in load_table()["mnist"].files.values():
+        (target / file.name).write_bytes(read_bytes(file.path_in(raw_dir)))
+
+
 def torchvision_mnist(raw_dir: Path, root: Path) -> tuple:
     """(train, test) torchvision MNIST datasets with the recipe's transform, read from the four
-    IDX .gz files in `raw_dir`. torchvision looks for the *uncompressed* files in root/MNIST/raw/
-    and, with download=False, raises rather than fetches when one is missing; the datasets load
-    everything into memory, so `root` may go once they are built."""
+    IDX files in `raw_dir` (place_for_torchvision); the datasets load everything into memory, so
+    `root` may go once they are built."""
     try:  # only the benchmarks need torchvision: the bench extra, not a pipeline dependency
         from torchvision import datasets, transforms
     except ModuleNotFoundError:
         raise PipelineError("torchvision is not installed: `make frontier` installs it (the bench extra)") from None
-    target = root / "MNIST" / "raw"
-    target.mkdir(parents=True, exist_ok=True)
-    for gz_file in raw_dir.glob("*-ubyte.gz"):
-        with gzip.open(gz_file) as src, open(target / gz_file.stem, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+    place_for_torchvision(raw_dir, root)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
     return (datasets.MNIST(str(root), train=True, transform=transform, download=False),
             datasets.MNIST(str(root), train=False, transform=transform, download=False))

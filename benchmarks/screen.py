@@ -8,7 +8,7 @@ written down before the runs, and test accuracy is read only once the choice is 
 scored on one val split of 5,000 images cannot see a 0.05-point effect: every seed meets the same
 images, so their draw never averages out (twice, test then disagreed with it). Here seed k trains
 and validates on the split that `preprocess.seed: k` gives (the preprocess stage's own function on
-the raw .gz files; class-stratified, val_size images each), with train.seed and augment.seed k: a
+the raw IDX files; class-stratified, val_size images each), with train.seed and augment.seed k: a
 mean over n seeds is a mean over n different val splits. The 10,000 test images are the same for
 every split, and never part of one. The seeds come from --seeds: a candidate may not set them.
 
@@ -121,17 +121,18 @@ def screen_params(preset: str, candidates: dict[str, dict[str, Any]], seeds: lis
 
 
 def check_raw(raw_dir: Path, dataset: Dataset) -> None:
-    """Raises unless raw_dir holds `dataset`'s four .gz files (what prepare() reads), checksums
-    checked: MNIST's and Fashion-MNIST's files have the same names, so after a `fashion` repro
-    data/raw holds garments."""
+    """Raises unless raw_dir holds `dataset`'s four IDX files (what prepare() reads; plain or .gz),
+    checksums checked: MNIST's and Fashion-MNIST's files have the same names, so after a `fashion`
+    repro data/raw holds garments."""
     for role in FILE_ROLES:
-        if not (raw_dir / dataset.files[role].gz_name).is_file():
-            raise PipelineError(f"{raw_dir}: no {dataset.files[role].gz_name}; point --raw at the directory of "
-                                f"{dataset.name}'s four .gz files (the fetch stage writes them to {RAW_DIR})")
+        file = dataset.files[role]
+        if not file.path_in(raw_dir).is_file():
+            raise PipelineError(f"{raw_dir}: no {file.name} (nor {file.gz_name}); point --raw at the directory of "
+                                f"{dataset.name}'s four IDX files (the fetch stage writes them to {RAW_DIR})")
         try:
-            fetch_verified(str(raw_dir), dataset.files[role], timeout_s=0)
+            fetch_verified(str(raw_dir), file, timeout_s=0)
         except SourceError as exc:
-            raise PipelineError(f"{raw_dir}: {dataset.files[role].gz_name}: {exc}. The candidates' dataset is "
+            raise PipelineError(f"{raw_dir}: {file.path_in(raw_dir).name}: {exc}. The candidates' dataset is "
                                 f"{dataset.name}: run `dvc repro fetch` with fetch.dataset: {dataset.name}, "
                                 "or point --raw at its files") from None
 
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated; seed k: preprocess.seed, train.seed and augment.seed k")
     parser.add_argument("--sealed-test", type=Path, metavar="FILE",
                         help="append each run's test accuracy here (nothing about test is printed)")
-    parser.add_argument("--raw", type=Path, help=f"directory of the dataset's IDX .gz files (default {RAW_DIR})")
+    parser.add_argument("--raw", type=Path, help=f"directory of the dataset's IDX files, plain or .gz (default {RAW_DIR})")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic data, one epoch: a smoke test")
     args = parser.parse_args(argv)
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):

@@ -21,9 +21,7 @@ before the first measurement, so that it favours neither side of the comparison.
 from __future__ import annotations
 
 import argparse
-import gzip
 import resource
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 
 from benchmarks.presets import (DATA_DIR, augmented, load_splits, preset_params, synchronize, test_accuracy,
                                 timed_fit)
+from benchmarks.reference import place_for_torchvision
 from stages.common import PipelineError, load_tensors, run_main
 from stages.datasets import load_table
 from stages.idx import read_pair
@@ -41,7 +40,7 @@ from stages.params import TrainParams
 from stages.runtime import cpu_model, describe_device, resolve_device, retain_freed_memory, seed_everything
 from stages.train import Batches, TrainingState, make_loss, make_optimizer, steps_per_epoch, train_epoch
 
-RAW_DIR = Path("data/raw")  # the fetch stage's output: the four IDX .gz files
+RAW_DIR = Path("data/raw")  # the fetch stage's output: the four IDX files
 TUTORIAL_PRESET = "mlp-100-100"  # tutorials 000 and 003: MLP 784-100-100-10, Adam 0.01, batch 64
 FAST_PRESET = "fast"
 
@@ -60,8 +59,8 @@ def official_train(raw_dir: Path, data_dir: Path) -> dict:
     data/prepared/train.pt (images, labels, classes, mean, std); the normalisation statistics are
     the prepared train split's, as the pipeline's models use."""
     mnist = load_table()["mnist"]
-    images, labels = read_pair(raw_dir / mnist.files["train_images"].gz_name,
-                               raw_dir / mnist.files["train_labels"].gz_name, mnist.image_size, len(mnist.classes))
+    images, labels = read_pair(mnist.files["train_images"].path_in(raw_dir),
+                               mnist.files["train_labels"].path_in(raw_dir), mnist.image_size, len(mnist.classes))
     prepared = load_tensors(data_dir / "train.pt", required=("mean", "std"))
     return {"images": torch.from_numpy(images.copy()),  # a copy: parsed IDX arrays are read-only views
             "labels": torch.from_numpy(labels.astype("int64")),
@@ -76,11 +75,9 @@ def fresh_model(cfg: TrainParams, data: dict, device: torch.device) -> torch.nn.
 
 
 def tutorial_dataset(raw_dir: Path):
-    """torchvision's MNIST training set, read from the IDX files in `raw_dir`.
-
-    It reads root/MNIST/raw/ with the four *uncompressed* IDX files (it checks for those names; with
-    download=False it raises rather than fetches when one is missing, and the .gz files alone would
-    not do). It loads everything into memory, so the temporary root can go once it is built."""
+    """torchvision's MNIST training set, read from the IDX files in `raw_dir`
+    (place_for_torchvision). It loads everything into memory, so the temporary root can go once it
+    is built."""
     try:  # only this measurement needs torchvision: the bench extra, not a pipeline dependency
         from torchvision import datasets, transforms
     except ModuleNotFoundError:
@@ -88,11 +85,7 @@ def tutorial_dataset(raw_dir: Path):
                             "or pass --skip-torchvision") from None
 
     with tempfile.TemporaryDirectory(prefix="mnist-torchvision-") as root:
-        target = Path(root, "MNIST", "raw")
-        target.mkdir(parents=True)
-        for gz_file in raw_dir.glob("*.gz"):
-            with gzip.open(gz_file) as src, open(target / gz_file.stem, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+        place_for_torchvision(raw_dir, Path(root))
         return datasets.MNIST(root, train=True, transform=transforms.ToTensor(), download=False)
 
 
@@ -205,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="time only this project's epoch, not the tutorials' DataLoader one")
     parser.add_argument("--skip-fast", action="store_true", help=f"skip the {FAST_PRESET!r} preset's run")
     parser.add_argument("--repeats", type=int, default=3, help="epochs timed per input pipeline; the fastest counts")
-    parser.add_argument("--raw", type=Path, default=RAW_DIR, help="directory of the MNIST IDX .gz files")
+    parser.add_argument("--raw", type=Path, default=RAW_DIR, help="directory of the MNIST IDX files (plain or .gz)")
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="directory of train.pt, val.pt, test.pt")
     args = parser.parse_args(argv)
     if args.repeats < 1:

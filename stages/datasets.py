@@ -19,12 +19,19 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class DataFile:
-    name: str  # uncompressed IDX name; mirrors serve it as name + ".gz"
+    name: str  # uncompressed IDX name, as fetch writes it to data/raw; mirrors serve it as name + ".gz"
     sha256: str  # of the uncompressed content
 
     @property
     def gz_name(self) -> str:
         return self.name + ".gz"
+
+    def path_in(self, directory: Path) -> Path:
+        """The file in `directory`: uncompressed (data/raw) or gzipped (a mirror's copy), whichever
+        is there, the uncompressed one when both are; the uncompressed name when neither is, for
+        the reader's error to name."""
+        gzipped = directory / self.gz_name
+        return gzipped if gzipped.is_file() and not (directory / self.name).is_file() else directory / self.name
 
 
 @dataclass(frozen=True)

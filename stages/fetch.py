@@ -2,15 +2,16 @@
 
 Sources are tried in order: $MNIST_MIRROR (a local directory or a base URL) first, then the mirrors
 listed in params.yaml. A file is accepted only if the SHA-256 of its *uncompressed* content matches
-the dataset table; it is then written re-gzipped with fixed settings, so data/raw/ is byte-identical
-whichever mirror served it, and DVC sees the same output. MNIST_MIRROR is deliberately no DVC param:
-the content is verified, so the source cannot change the output.
+the dataset table, and data/raw/ gets exactly that content, uncompressed: the very bytes the table
+pins, whichever mirror served them and whichever zlib this machine has (mirrors' gzip headers
+differ, and other zlib builds, e.g. zlib-ng, Fedora's zlib since version 40, deflate to other
+bytes), so DVC sees the same output everywhere. MNIST_MIRROR is deliberately no DVC param (nor are
+fetch.mirrors and fetch.timeout_s): the content is verified, so the source cannot change the output.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import http.client
 import os
@@ -76,14 +77,14 @@ def describe_local(directory: Path) -> str:
 
 
 def _read_local(directory: Path, file: DataFile) -> bytes:
-    # A local mirror may hold the files compressed (as served) or already unpacked.
+    # A local mirror may hold the files compressed (as served) or already unpacked (a data/raw).
     if not directory.is_dir():
         problem = "not a directory" if directory.exists() else "no such directory"
         raise SourceError(f"{problem}: {describe_local(directory)}")
-    for candidate in (directory / file.gz_name, directory / file.name):
-        if candidate.is_file():
-            return candidate.read_bytes()
-    raise SourceError(f"neither {file.gz_name} nor {file.name} is in {describe_local(directory)}")
+    path = file.path_in(directory)
+    if not path.is_file():
+        raise SourceError(f"neither {file.gz_name} nor {file.name} is in {describe_local(directory)}")
+    return path.read_bytes()
 
 
 def uncompressed(data: bytes) -> bytes:
@@ -122,18 +123,14 @@ def fetch_file(candidates: list[str], file: DataFile, timeout_s: float, known: d
         return content
     raise PipelineError(
         f"could not fetch {file.gz_name} from any source:\n" + "\n".join(failures)
-        + f"\nhint: set {MIRROR_ENV} to a directory holding the four .gz files, or to a base URL that serves them"
+        + f"\nhint: set {MIRROR_ENV} to a directory holding the four files (.gz or plain), "
+        "or to a base URL that serves them"
     )
-
-
-def canonical_gzip(content: bytes) -> bytes:
-    # mtime=0 and no file name: the same content always gives the same bytes.
-    return gzip.compress(content, compresslevel=6, mtime=0)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path, help="directory to hold the four verified .gz files")
+    parser.add_argument("out_dir", type=Path, help="directory to hold the four verified IDX files")
     args = parser.parse_args(argv)
     params = params_mod.load()
     dataset = params.dataset
@@ -147,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         for role in FILE_ROLES:
             file = dataset.files[role]
             content = fetch_file(candidates, file, params.fetch.timeout_s, known)
-            (tmp / file.gz_name).write_bytes(canonical_gzip(content))
+            (tmp / file.name).write_bytes(content)
     log(STAGE, f"{dataset.name}: four files verified in {args.out_dir}")
 
 

@@ -386,7 +386,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="Classify image files (PNG, JPEG, GIF, TIFF, WebP, ...) and MNIST IDX files "
                     "with the trained model. One line per image: its class, 'blank', or an error "
                     "on stderr; the exit status is 1 if any file failed.")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image or IDX (.gz) files")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files, or IDX files (plain or .gz)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model file written by train")
     parser.add_argument("--device", default="cpu",
                         help="cpu, cuda, cuda:N, mps, or auto (a CUDA GPU, else an Apple one, else the CPU)")

@@ -18,8 +18,8 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from stages import params as params_mod
-from stages.common import log, run_main, save_tensors
-from stages.datasets import Dataset
+from stages.common import PipelineError, log, run_main, save_tensors
+from stages.datasets import TABLE_PATH, Dataset
 from stages.idx import read_pair
 from stages.params import PreprocessParams
 
@@ -58,18 +58,32 @@ def _tensors(images: np.ndarray, labels: np.ndarray) -> dict:
             "labels": torch.from_numpy(labels.astype(np.int64))}
 
 
-def prepare(raw_dir: Path, dataset: Dataset, cfg: PreprocessParams) -> dict[str, dict]:
-    """The prepared splits {"train", "val", "test"} of the IDX files in `raw_dir`, as this stage
-    writes them (train also carries the pixel mean and std)."""
+def read_files(raw_dir: Path, dataset: Dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"train", "test"}: (images uint8 [N, H, W], labels uint8 [N]) of the IDX files in `raw_dir`,
+    each checked (format, image size, label range)."""
+    return {split: read_pair(dataset.files[f"{split}_images"].path_in(raw_dir),
+                             dataset.files[f"{split}_labels"].path_in(raw_dir),
+                             dataset.image_size, len(dataset.classes))
+            for split in ("train", "test")}
+
+
+def check_counts(files: dict[str, tuple[np.ndarray, np.ndarray]], dataset: Dataset) -> None:
+    """Raises unless the files hold as many images as the dataset table says: params.py checked
+    preprocess.val_size and the batch sizes against its train_count, before the files were read
+    (the digests pin MNIST's and Fashion-MNIST's; this is for an entry someone adds)."""
+    for split in ("train", "test"):
+        expected, found = getattr(dataset, f"{split}_count"), len(files[split][1])
+        if found != expected:
+            raise PipelineError(f"{TABLE_PATH.name}: {dataset.name}.{split}_count is {expected:,}, but its files "
+                                f"hold {found:,} images: correct the table entry")
+
+
+def split_files(files: dict[str, tuple[np.ndarray, np.ndarray]], dataset: Dataset,
+                cfg: PreprocessParams) -> dict[str, dict]:
+    """The prepared splits {"train", "val", "test"} as this stage writes them (train also carries
+    the pixel mean and std)."""
     classes = list(dataset.classes)
-
-    def read(split: str) -> tuple[np.ndarray, np.ndarray]:
-        return read_pair(raw_dir / dataset.files[f"{split}_images"].gz_name,
-                         raw_dir / dataset.files[f"{split}_labels"].gz_name,
-                         dataset.image_size, len(classes))
-
-    images, labels = read("train")
-    test_images, test_labels = read("test")
+    (images, labels), (test_images, test_labels) = files["train"], files["test"]
     train_idx, val_idx = stratified_split(labels, cfg.val_size, cfg.seed)
     train = _tensors(images[train_idx], labels[train_idx])
     mean, std = pixel_stats(train["images"])
@@ -78,13 +92,21 @@ def prepare(raw_dir: Path, dataset: Dataset, cfg: PreprocessParams) -> dict[str,
             "test": {**_tensors(test_images, test_labels), "classes": classes}}
 
 
+def prepare(raw_dir: Path, dataset: Dataset, cfg: PreprocessParams) -> dict[str, dict]:
+    """The prepared splits of the IDX files in `raw_dir`, as this stage writes them; the
+    benchmarks' way in (their --quick data is smaller than the table's counts, so no check_counts)."""
+    return split_files(read_files(raw_dir, dataset), dataset, cfg)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("raw_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
     params = params_mod.load()
-    splits = prepare(args.raw_dir, params.dataset, params.preprocess)
+    files = read_files(args.raw_dir, params.dataset)
+    check_counts(files, params.dataset)  # before the split, which fails on fewer images than val_size
+    splits = split_files(files, params.dataset, params.preprocess)
     train = splits["train"]
     log(STAGE, f"train {len(train['labels']):,}, val {len(splits['val']['labels']):,}, "
                f"test {len(splits['test']['labels']):,} images; "

@@ -90,7 +90,8 @@ class Batches:
     order is the same whatever the device) and slices it into batches of batch_size, the last one
     smaller unless drop_last. Under torchrun every process draws the same permutation (same seed)
     and takes every world-th image of each batch, so a step still covers batch_size images in all
-    and the schedule is the one of a single process; DDP averages the gradients.
+    and the schedule is the one of a single process (but for a last batch with fewer images than
+    processes, which all of them skip: one step less per epoch); DDP averages the gradients.
 
     With `rows` set, an epoch covers only those images (indices into `images`), in a fresh order:
     how an epoch trains on the originals and one augmented view (see epoch_rows).
@@ -116,7 +117,11 @@ class Batches:
         return 2 * images if self.draw_view is not None else images
 
     def __len__(self) -> int:
-        return steps_per_epoch(self.count, self.batch_size, self.drop_last)
+        """Steps per epoch, as the schedule counts them. Under torchrun a last, partial batch with
+        fewer images than processes is dropped: every process must get an image (DDP)."""
+        steps = steps_per_epoch(self.count, self.batch_size, self.drop_last)
+        partial = 0 if self.drop_last else self.count % self.batch_size
+        return steps - 1 if 0 < partial < self.rank.world else steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(self.count, generator=self.generator).to(self.images.device)
@@ -124,8 +129,6 @@ class Batches:
             order = self.rows[order]
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch = order[start:start + self.batch_size]
-            if len(batch) < self.rank.world:
-                return  # a last, partial batch too small to give every process an image
             share = slice(self.rank.rank, None, self.rank.world)
             if self.draw_view is None:
                 mine = batch[share]

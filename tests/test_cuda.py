@@ -71,7 +71,7 @@ def test_cuda_trained_model_is_evaluated_and_predicts_on_a_machine_without_gpu(b
                               str(tmp_path / "confusion.csv")], NO_GPU)
     # evaluate scores on the CPU: the same figures with and without a GPU in sight
     assert metrics.read_text() == built_project.path("metrics/eval.json").read_text()
-    predicted = run_stage(built_project, ["-m", "stages.predict", "data/raw/t10k-images-idx3-ubyte.gz", "--json"],
+    predicted = run_stage(built_project, ["-m", "stages.predict", "data/raw/t10k-images-idx3-ubyte", "--json"],
                           NO_GPU)
     with open(built_project.path("metrics/confusion.csv")) as f:
         evaluated = [int(row["predicted"]) for row in csv.DictReader(f)]

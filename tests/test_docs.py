@@ -148,7 +148,7 @@ RUN_BY = {
     # commands on the same kinds of files with the synthetic project's model)
     "python -m stages.predict digit.png scan.jpg": f"{THIS}::test_make_predict_as_written",
     "mnist-predict digit.png --model path/to/model.pt": f"{THIS}::test_make_predict_as_written",
-    'make predict FILES="digit.png scan.jpg data/raw/t10k-images-idx3-ubyte.gz"': f"{THIS}::test_make_predict_as_written",
+    'make predict FILES="digit.png scan.jpg data/raw/t10k-images-idx3-ubyte"': f"{THIS}::test_make_predict_as_written",
     "python -m stages.predict --help": f"{THIS}::test_make_predict_as_written",
     "python -m stages.predict --model fast.pt digit.png photo.jpg sticker.png scan16.png anim.gif blank.png":
         f"{PREDICT}::test_the_command_prints_one_line_per_file_in_order",
@@ -435,7 +435,7 @@ def test_make_predict_as_written(project):
     assert console.startswith("digit.png: "), console
     test_images = len(torch.load(p.path("data/prepared/test.pt"), weights_only=True)["labels"])
     assert [line.split(": ")[0] for line in make.splitlines()[-test_images - 2:]] == [
-        "digit.png", "scan.jpg", *(f"data/raw/t10k-images-idx3-ubyte.gz[{i}]" for i in range(test_images))], make
+        "digit.png", "scan.jpg", *(f"data/raw/t10k-images-idx3-ubyte[{i}]" for i in range(test_images))], make
     assert usage.startswith("usage: python -m stages.predict "), usage
 
 

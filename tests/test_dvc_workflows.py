@@ -49,10 +49,11 @@ def _rerun(change: dict | str, what: str, runs: set[str], why: str) -> Rerun:
 # marker, so what follows depends only on which stages use the edited section.
 RERUNS: dict[str, Rerun] = {
     "params-fetch": _rerun(
-        {"fetch": {"mirrors": {"synthetic": ["http://127.0.0.1:9/", "http://127.0.0.1:9/second/"]}}},
-        "`fetch.mirrors`", {"params", "fetch"},
-        "the files are verified by sha256, so `data/raw` comes out byte-identical and nothing "
-        "downstream runs (`fetch.dataset` is different: new data, everything re-runs)"),
+        {"fetch": {"mirrors": {"synthetic": ["http://127.0.0.1:9/", "http://127.0.0.1:9/second/"]}, "timeout_s": 7}},
+        "`fetch.mirrors` or `fetch.timeout_s`", {"params"},
+        "they say where and how to download, not what: the files are verified by sha256, so dvc.yaml's "
+        "fetch stage does not track them and nothing is downloaded again (`fetch.dataset` is different: "
+        "new data, everything re-runs)"),
     "params-preprocess": _rerun(
         {"preprocess": {"seed": 1}}, "`preprocess.seed` (any `preprocess` key)",
         {"params", "preprocess", "augment", "train", "evaluate", "plot"}, "a new train/val split"),

@@ -157,14 +157,14 @@ def test_sources_put_the_override_first():
     assert fetch.sources(["a", "b"], "/local") == ["/local", "a", "b"]
 
 
-def test_canonical_gzip_is_deterministic():
-    """The same content always gives the same bytes (no mtime, no name) that unpack to the content."""
-    content = bytes(range(256)) * 100
-    first = fetch.canonical_gzip(content)
-    assert first == fetch.canonical_gzip(content)
-    assert gzip.decompress(first) == content
-    assert first[4:8] == b"\x00\x00\x00\x00"  # gzip header mtime
-    assert fetch.canonical_gzip(content + b"x") != first
+def test_path_in_finds_the_plain_file_or_its_gz(tmp_path):
+    """data/raw holds plain IDX files, a mirror gzipped ones; the reader takes whichever is there."""
+    file = DataFile("train-images-idx3-ubyte", "0" * 64)
+    assert file.path_in(tmp_path) == tmp_path / file.name  # neither: the plain name, for the error
+    (tmp_path / file.gz_name).write_bytes(b"gz")
+    assert file.path_in(tmp_path) == tmp_path / file.gz_name
+    (tmp_path / file.name).write_bytes(b"plain")
+    assert file.path_in(tmp_path) == tmp_path / file.name
 
 
 # ------------------------------------------------------------------------------------------
@@ -306,15 +306,17 @@ def stage(monkeypatch, tmp_path) -> SyntheticStage:
     return SyntheticStage(monkeypatch, tmp_path)
 
 
-def test_main_writes_four_canonical_files(stage, tmp_path):
-    """With a good source, out_dir holds exactly the four files, each canonically re-gzipped."""
+def test_main_writes_the_four_pinned_contents(stage, tmp_path):
+    """With a good source, out_dir holds exactly the four files, uncompressed: the bytes whose
+    SHA-256 the table pins, whatever gzip header or zlib build the mirror's copy came from."""
     stage.set_mirrors([str(tmp_path / "missing"), str(stage.directory)])
     out = tmp_path / "work" / "raw"
     fetch.main([str(out)])
     files = stage.files
-    assert sorted(p.name for p in out.iterdir()) == sorted(files[role].gz_name for role in FILE_ROLES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(files[role].name for role in FILE_ROLES)
     for file in files.values():
-        assert (out / file.gz_name).read_bytes() == fetch.canonical_gzip(content_of(stage.directory, file))
+        assert (out / file.name).read_bytes() == content_of(stage.directory, file)
+        assert hashlib.sha256((out / file.name).read_bytes()).hexdigest() == file.sha256
     assert sorted(p.name for p in out.parent.iterdir()) == ["raw"]
 
 
@@ -324,7 +326,7 @@ def test_main_mirror_env_wins(stage, tmp_path, monkeypatch):
     monkeypatch.setenv(fetch.MIRROR_ENV, str(stage.directory))
     out = tmp_path / "work" / "raw"
     fetch.main([str(out)])
-    assert len(list(out.glob("*.gz"))) == 4
+    assert len(list(out.glob("*-ubyte"))) == 4
 
 
 def test_main_leaves_nothing_when_every_source_fails(stage, tmp_path):

@@ -6,6 +6,7 @@ Not a timing test: the numbers it prints are not checked, only that every part r
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import sys
 
 import pytest
@@ -14,10 +15,11 @@ import pytest
 import torchvision  # noqa: F401
 
 from benchmarks import frontier
+from benchmarks.reference import place_for_torchvision
 from stages import params as params_mod
 from stages.common import PipelineError
 from stages.presets import load_presets
-from tests.synthetic import write_prepared
+from tests.synthetic import write_mirror, write_prepared
 
 
 def test_quick_run_interleaves_reference_and_presets_and_reports(tmp_path, capsys, monkeypatch):
@@ -79,6 +81,22 @@ def test_prepared_splits_of_another_dataset_are_refused_before_anything_runs(tmp
                        "--plot", str(tmp_path / "f.png")])
     assert capsys.readouterr().out == ""
     assert not (tmp_path / "f.png").exists()
+
+
+def test_torchvision_gets_the_files_uncompressed_from_data_raw_or_a_mirror(tmp_path):
+    """data/raw holds the IDX files plain (the fetch stage), a mirror gzipped; torchvision's MNIST
+    wants them plain in root/MNIST/raw/."""
+    mirror = tmp_path / "mirror"
+    names = [file["name"] for file in write_mirror(mirror, n_train=60, n_test=20)["files"].values()]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in names:
+        (raw / name).write_bytes(gzip.decompress((mirror / f"{name}.gz").read_bytes()))
+    for source in (raw, mirror):
+        place_for_torchvision(source, tmp_path / f"root-{source.name}")
+        placed = tmp_path / f"root-{source.name}" / "MNIST" / "raw"
+        assert sorted(p.name for p in placed.iterdir()) == sorted(names)
+        assert all((placed / name).read_bytes() == (raw / name).read_bytes() for name in names)
 
 
 def test_reference_epochs_do_not_depend_on_random_numbers_drawn_between_them(tmp_path):

@@ -7,6 +7,7 @@ comparison, the torchrun launches, a preset variant, the summary) runs on the CP
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -35,6 +36,19 @@ def test_without_a_cuda_gpu_it_stops_before_doing_anything(tmp_path):
         "gpu_check: no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False); run it on a "
         "machine with one, or with --device cpu --quick to check the script itself"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkouts_data_raw_is_a_mirror_too(tmp_path):
+    """The fetch stage stores the files uncompressed: another checkout's data/raw serves as --mirror."""
+    write_mirror(tmp_path / "mirror")
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    for gz in (tmp_path / "mirror").glob("*.gz"):
+        (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
+    assert gpu_check_module.find_mirror(str(raw)) == raw.resolve()
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(SystemExit, match=f"the MNIST mirror {raw.resolve()} lacks t10k-labels-idx1-ubyte.gz"):
+        gpu_check_module.find_mirror(str(raw))
 
 
 def test_a_mirror_lacking_a_file_is_named_before_anything_runs(tmp_path):

@@ -28,8 +28,8 @@ def test_full_run_writes_every_output(built_project):
     if not torch.cuda.is_available():
         assert "device auto: no CUDA GPU available, training on the CPU" in p.last.stdout + p.last.stderr
     assert sorted(f.name for f in p.path("data/raw").iterdir()) == [
-        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
     metrics = json.loads(p.path("metrics/eval.json").read_text())
     assert set(metrics) == {"accuracy", "loss", "per_class"}
     assert set(metrics["per_class"]) == {str(k) for k in range(10)}

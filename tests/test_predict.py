@@ -88,8 +88,10 @@ def predict(project, *args):
 
 @pytest.mark.integration
 def test_predict_on_idx_matches_evaluate_and_survives_bad_files(built_project, tmp_path):
-    """IDX test images get evaluate's predictions; a bad file gets one error line; PNGs and --json work."""
-    test_images = built_project.path("data/raw/t10k-images-idx3-ubyte.gz")
+    """IDX test images (here gzipped, as mirrors serve them) get evaluate's predictions; a bad file
+    gets one error line; PNGs and --json work."""
+    test_images = tmp_path / "t10k-images-idx3-ubyte.gz"
+    test_images.write_bytes(gzip.compress(built_project.path("data/raw/t10k-images-idx3-ubyte").read_bytes()))
     png = tmp_path / "digit.png"
     Image.fromarray(255 - load_tensors(built_project.path("data/prepared/test.pt"))["images"][0].numpy()).save(png)
     truncated = tmp_path / "truncated.png"
@@ -118,8 +120,15 @@ def test_predict_on_idx_matches_evaluate_and_survives_bad_files(built_project, t
 
 @pytest.mark.integration
 def test_predict_reads_uncompressed_idx_and_a_single_image(built_project, tmp_path):
+    """data/raw's plain IDX file (fetch stores the files uncompressed), and a 2-d IDX file of one image."""
+    plain = built_project.path("data/raw/t10k-images-idx3-ubyte")
+    result = predict(built_project, str(plain), "--json")
+    assert result.returncode == 0, result.stderr
+    with open(built_project.path("metrics/confusion.csv")) as f:
+        evaluated = [int(row["predicted"]) for row in csv.DictReader(f)]
+    assert [r["class"] for r in json.loads(result.stdout)] == evaluated
     single = tmp_path / "one.idx"
-    content = gzip.decompress(built_project.path("data/raw/t10k-images-idx3-ubyte.gz").read_bytes())
+    content = plain.read_bytes()
     # The same bytes as a 2-d IDX file holding only the first image.
     single.write_bytes(bytes([0, 0, 8, 2]) + (28).to_bytes(4, "big") * 2 + content[16:16 + 784])
     result = predict(built_project, str(single), "--json")

@@ -1,12 +1,20 @@
-"""stages.preprocess: the stratified train/val split and the train split's pixel statistics."""
+"""stages.preprocess: the stratified train/val split, the train split's pixel statistics, and the
+files' counts against the dataset table."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from stages.preprocess import pixel_stats, stratified_split
+from stages import params as params_mod
+from stages import preprocess
+from stages.common import PipelineError
+from stages.datasets import Dataset, load_table
+from stages.preprocess import check_counts, pixel_stats, read_files, stratified_split
+from tests.conftest import PROJECT_ROOT
+from tests.synthetic import write_mirror
 
 # Unequal classes, so that "shares kept" means something: class k has 20 + 10 k images.
 LABELS = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 20 + 10 * np.arange(10)))
@@ -81,3 +89,36 @@ def test_pixel_stats_are_exact_whatever_the_pixel_order():
     mean, std = pixel_stats(images)
     assert mean == pytest.approx(pixels.mean(), rel=1e-14)
     assert std == pytest.approx(pixels.std(ddof=1), rel=1e-12)
+
+
+def _table_entry(tmp_path, entry: dict) -> Dataset:
+    table = tmp_path / "datasets.yaml"
+    table.write_text(yaml.safe_dump({"tiny": entry}))
+    return load_table(table)["tiny"]
+
+
+@pytest.mark.parametrize("key", ["train_count", "test_count"])
+def test_counts_other_than_the_tables_are_refused(tmp_path, key):
+    """The stage refuses files that hold another count than the table's, naming the table's key."""
+    entry = write_mirror(tmp_path / "raw", n_train=300, n_test=100)
+    files = read_files(tmp_path / "raw", _table_entry(tmp_path, entry))
+    check_counts(files, _table_entry(tmp_path, entry))  # as the table says: accepted
+    with pytest.raises(PipelineError, match=rf"datasets.yaml: tiny\.{key} is 301, but its files hold "
+                                            rf"{entry[key]:,} images: correct the table entry"):
+        check_counts(files, _table_entry(tmp_path, {**entry, key: 301}))
+
+
+def test_main_checks_the_counts_before_splitting(tmp_path, monkeypatch):
+    """params.py checks val_size against the table's train_count before any file is read; with a
+    table that overstates it, val_size may exceed the images there are, and the stage must say
+    what is wrong rather than fail inside the split (scikit-learn's ValueError, a traceback)."""
+    entry = write_mirror(tmp_path / "raw", n_train=300, n_test=100)
+    table = {**load_table(), "tiny": _table_entry(tmp_path, {**entry, "train_count": 60000})}
+    monkeypatch.setattr(params_mod, "load_table", lambda: table)
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    raw["fetch"].update(dataset="tiny", mirrors={"tiny": ["http://127.0.0.1:9/"]})  # val_size 5,000 > 300 images
+    params = params_mod.parse(raw)
+    monkeypatch.setattr(params_mod, "load", lambda *args, **kwargs: params)
+    with pytest.raises(PipelineError, match=r"tiny\.train_count is 60,000, but its files hold 300 images"):
+        preprocess.main([str(tmp_path / "raw"), str(tmp_path / "prepared")])
+    assert not (tmp_path / "prepared").exists()

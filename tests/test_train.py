@@ -252,15 +252,30 @@ def test_batches_cover_the_split_once_per_epoch_in_a_fresh_order(drop_last):
 def test_batches_shard_each_batch_across_processes():
     """Under torchrun every process draws the same order and takes its share of each batch: the
     shards of a step together are the single-process batch. A last batch with fewer images than
-    processes is skipped by all of them."""
+    processes is skipped by all of them, and not counted in the epoch's steps (the schedule's)."""
     ids = torch.arange(10)
     single = [images.tolist() for images, _ in Batches(ids, ids, 4, False, torch.Generator().manual_seed(0))]
-    shards = [[images.tolist() for images, _ in Batches(ids, ids, 4, False, torch.Generator().manual_seed(0),
-                                                       Rank(rank, 3, rank))]
-              for rank in range(3)]
+    sharded = [Batches(ids, ids, 4, False, torch.Generator().manual_seed(0), Rank(rank, 3, rank)) for rank in range(3)]
+    shards = [[images.tolist() for images, _ in batches] for batches in sharded]
     assert [len(steps) for steps in shards] == [2, 2, 2]  # batches of 4, 4 and 2 (< 3 processes: skipped)
+    assert [len(batches) for batches in sharded] == [2, 2, 2]
+    # A last batch of 2 is kept by 2 processes (one image each), and by a single process.
+    assert len(Batches(ids, ids, 4, False, torch.Generator(), Rank(0, 2, 0))) == 3 == len(single)
     for step in range(2):
         assert sorted(i for steps in shards for i in steps[step]) == sorted(single[step])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("on_the_fly", [False, True])
+def test_batches_len_is_the_steps_an_epoch_takes(world, drop_last, on_the_fly):
+    """The schedule counts len(batches) steps an epoch: exactly as many as every process takes."""
+    ids = torch.arange(11)
+    draw_view = (lambda images: images) if on_the_fly else None  # 22 images an epoch, else 11
+    for rank in range(world):
+        batches = Batches(ids, ids, 4, drop_last, torch.Generator().manual_seed(0), Rank(rank, world, rank),
+                          draw_view=draw_view)
+        assert len(list(batches)) == len(batches), (rank, world)
 
 
 def test_steps_per_epoch_counts_the_last_partial_batch_unless_dropped():
