@@ -36,9 +36,8 @@ from benchmarks.presets import preset_params
 from stages import predict
 from stages.common import PipelineError, run_main
 from stages.datasets import load_table
-from stages.idx import read_pair
 from stages.models import load_model, save_model
-from stages.preprocess import pixel_stats
+from stages.preprocess import pixel_stats, read_split
 from stages.runtime import cpu_model, resolve_device
 from stages.train import fit
 from tests.test_predict_formats import FORMATS, SCALE
@@ -47,9 +46,7 @@ VAL = 5000  # the last 5,000 training images score each epoch (a plain slice; pr
 
 
 def mnist(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    entry = load_table()["mnist"]
-    return read_pair(entry.files[f"{split}_images"].path_in(raw_dir), entry.files[f"{split}_labels"].path_in(raw_dir),
-                     entry.image_size, len(entry.classes))
+    return read_split(raw_dir, load_table()["mnist"], split)
 
 
 def train_fast_model(raw_dir: Path, path: Path) -> None:

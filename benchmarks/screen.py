@@ -126,13 +126,14 @@ def check_raw(raw_dir: Path, dataset: Dataset) -> None:
     repro data/raw holds garments."""
     for role in FILE_ROLES:
         file = dataset.files[role]
-        if not file.path_in(raw_dir).is_file():
+        path = file.path_in(raw_dir)
+        if not path.is_file():
             raise PipelineError(f"{raw_dir}: no {file.name} (nor {file.gz_name}); point --raw at the directory of "
                                 f"{dataset.name}'s four IDX files (the fetch stage writes them to {RAW_DIR})")
         try:
             fetch_verified(str(raw_dir), file, timeout_s=0)
         except SourceError as exc:
-            raise PipelineError(f"{raw_dir}: {file.path_in(raw_dir).name}: {exc}. The candidates' dataset is "
+            raise PipelineError(f"{raw_dir}: {path.name}: {exc}. The candidates' dataset is "
                                 f"{dataset.name}: run `dvc repro fetch` with fetch.dataset: {dataset.name}, "
                                 "or point --raw at its files") from None
 
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated; seed k: preprocess.seed, train.seed and augment.seed k")
     parser.add_argument("--sealed-test", type=Path, metavar="FILE",
                         help="append each run's test accuracy here (nothing about test is printed)")
-    parser.add_argument("--raw", type=Path, help=f"directory of the dataset's IDX files, plain or .gz (default {RAW_DIR})")
+    parser.add_argument("--raw", type=Path,
+                        help=f"directory of the dataset's IDX files, plain or .gz (default {RAW_DIR})")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic data, one epoch: a smoke test")
     args = parser.parse_args(argv)
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):

@@ -34,9 +34,9 @@ from benchmarks.presets import (DATA_DIR, augmented, load_splits, preset_params,
 from benchmarks.reference import place_for_torchvision
 from stages.common import PipelineError, load_tensors, run_main
 from stages.datasets import load_table
-from stages.idx import read_pair
 from stages.models import build_model
 from stages.params import TrainParams
+from stages.preprocess import read_split
 from stages.runtime import cpu_model, describe_device, resolve_device, retain_freed_memory, seed_everything
 from stages.train import Batches, TrainingState, make_loss, make_optimizer, steps_per_epoch, train_epoch
 
@@ -59,8 +59,7 @@ def official_train(raw_dir: Path, data_dir: Path) -> dict:
     data/prepared/train.pt (images, labels, classes, mean, std); the normalisation statistics are
     the prepared train split's, as the pipeline's models use."""
     mnist = load_table()["mnist"]
-    images, labels = read_pair(mnist.files["train_images"].path_in(raw_dir),
-                               mnist.files["train_labels"].path_in(raw_dir), mnist.image_size, len(mnist.classes))
+    images, labels = read_split(raw_dir, mnist, "train")
     prepared = load_tensors(data_dir / "train.pt", required=("mean", "std"))
     return {"images": torch.from_numpy(images.copy()),  # a copy: parsed IDX arrays are read-only views
             "labels": torch.from_numpy(labels.astype("int64")),

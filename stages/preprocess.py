@@ -58,13 +58,17 @@ def _tensors(images: np.ndarray, labels: np.ndarray) -> dict:
             "labels": torch.from_numpy(labels.astype(np.int64))}
 
 
+def read_split(raw_dir: Path, dataset: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, H, W], labels uint8 [N]) of the official `split` ("train" or "test") in
+    `raw_dir`'s IDX files, plain or .gz, checked (format, image size, label range)."""
+    files = dataset.files
+    return read_pair(files[f"{split}_images"].path_in(raw_dir), files[f"{split}_labels"].path_in(raw_dir),
+                     dataset.image_size, len(dataset.classes))
+
+
 def read_files(raw_dir: Path, dataset: Dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{"train", "test"}: (images uint8 [N, H, W], labels uint8 [N]) of the IDX files in `raw_dir`,
-    each checked (format, image size, label range)."""
-    return {split: read_pair(dataset.files[f"{split}_images"].path_in(raw_dir),
-                             dataset.files[f"{split}_labels"].path_in(raw_dir),
-                             dataset.image_size, len(dataset.classes))
-            for split in ("train", "test")}
+    """{"train", "test"}: read_split of each."""
+    return {split: read_split(raw_dir, dataset, split) for split in ("train", "test")}
 
 
 def check_counts(files: dict[str, tuple[np.ndarray, np.ndarray]], dataset: Dataset) -> None:
