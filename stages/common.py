@@ -10,6 +10,7 @@ import contextlib
 import io
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -31,24 +32,25 @@ class Progress:
     """Progress of long work on stderr: `label: done/total unit (pct), rate, ETA`.
 
     On a terminal the line is redrawn in place a few times a second; otherwise (DVC captures the
-    stage's output, a CI log) a plain line is printed every `interval_s` seconds, so a log file
-    gets one line per ~10 s instead of thousands. `rate_unit`/`rate_per_item` turn the count into a
+    stage's output, a CI log) a plain line is printed every LOG_INTERVAL_S, so a log file gets a
+    few lines a minute instead of thousands. `rate_unit`/`rate_per_item` turn the count into a
     throughput, e.g. steps counted at 128 images each give images/s. `after` is work still to come
     once this total is done (e.g. the rest of a training run's steps), at the same rate: with it the
     ETA names both this part and all of it. `clock` and `stream` are for tests.
     """
 
-    TTY_INTERVAL_S = 0.25
+    TTY_INTERVAL_S = 0.25  # seconds between redraws on a terminal
+    LOG_INTERVAL_S = 10.0  # seconds between lines elsewhere
 
     def __init__(self, stage: str, label: str, total: int | None, unit: str = "", *,
                  rate_unit: str | None = None, rate_per_item: float = 1.0, after: int = 0,
-                 interval_s: float = 10.0, stream=None, clock: Callable[[], float] = time.monotonic):
+                 stream=None, clock: Callable[[], float] = time.monotonic):
         self.stage, self.label, self.total, self.unit = stage, label, total, unit
         self.rate_unit, self.rate_per_item, self.after = rate_unit or unit, rate_per_item, after
         self.stream = stream if stream is not None else sys.stderr
         self.clock = clock
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval_s = self.TTY_INTERVAL_S if self.tty else interval_s
+        self.interval_s = self.TTY_INTERVAL_S if self.tty else self.LOG_INTERVAL_S
         self.done = 0
         self._start = self._last = clock()
 
@@ -129,9 +131,13 @@ def _remove(path: Path) -> None:
 
 
 def _remove_stale_temporaries(target: Path) -> None:
-    # Left behind only by a SIGKILL (every other exit cleans up after itself).
+    # Left behind only by a SIGKILL (every other exit cleans up after itself). Only this target's:
+    # tempfile's random part has no dot, so model.pt's pattern spares the live temporary of a
+    # model.pt.sha256 that write_files_atomic is writing at the same time.
+    own = re.compile(re.escape(f"{_TMP_PREFIX}{target.name}.") + r"[^.]+")
     for stale in target.parent.glob(f"{_TMP_PREFIX}{target.name}.*"):
-        _remove(stale)
+        if own.fullmatch(stale.name):
+            _remove(stale)
 
 
 @contextlib.contextmanager
@@ -162,27 +168,43 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
         raise
 
 
+def write_files_atomic(files: dict[str | os.PathLike, bytes]) -> None:
+    """Writes a stage's several outputs (preprocess's three splits, plot's three PNGs) each to a
+    temporary file, and renames them into place only once every one is written: a failure while
+    writing (a full disk, Ctrl-C) leaves every target untouched, never a new train split beside an
+    old test split. The renames come last, one after another, each atomic."""
+    # Every temporary exists before any rename: the stack exits (renames, or on an exception removes
+    # the temporaries) only after the loop has written them all.
+    with contextlib.ExitStack() as renames:
+        for target, data in files.items():
+            renames.enter_context(atomic_path(target)).write_bytes(data)
+
+
 def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
+    write_files_atomic({target: data})
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(target, text.encode("utf-8"))
 
 
-def save_tensors(target: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """torch.save to `target`, atomically and byte-for-byte reproducibly.
+def tensor_bytes(payload: dict[str, Any]) -> bytes:
+    """The bytes torch.save writes for `payload`, the same on every run.
 
-    Serialising to memory first matters: torch.save names the records inside its zip archive after
-    the file it writes to, so saving to a randomly named temporary file would make the bytes, and
-    so DVC's hash, differ from run to run.
+    Serialising to memory matters: torch.save names the records inside its zip archive after the
+    file it writes to, so saving to a randomly named temporary file would make the bytes, and so
+    DVC's hash, differ from run to run.
     """
     import torch  # here, not at the top: the params and fetch stages use this module without torch
 
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    write_bytes_atomic(target, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_tensors(target: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """torch.save to `target`, atomically and byte-for-byte reproducibly (tensor_bytes)."""
+    write_bytes_atomic(target, tensor_bytes(payload))
 
 
 def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix
 
 from stages import params as params_mod
-from stages.common import load_tensors, log, run_main, write_text_atomic
+from stages.common import load_tensors, log, run_main, write_files_atomic
 from stages.models import load_model, predict_logits
 
 STAGE = "evaluate"
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     metrics = test_metrics(logits, test["labels"], len(meta["classes"]))
     log(STAGE, f"test accuracy {100 * metrics['accuracy']:.2f}% on {len(test['labels']):,} images, "
                f"loss {metrics['loss']:.4f}")
-    write_text_atomic(args.metrics_out, json.dumps(metrics, indent=2) + "\n")
-    write_text_atomic(args.confusion_out, confusion_csv(test["labels"], logits.argmax(1)))
+    write_files_atomic({args.metrics_out: (json.dumps(metrics, indent=2) + "\n").encode("utf-8"),
+                        args.confusion_out: confusion_csv(test["labels"], logits.argmax(1)).encode("utf-8")})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
 from stages import params as params_mod
-from stages.common import PipelineError, load_tensors, run_main, write_bytes_atomic
+from stages.common import PipelineError, load_tensors, run_main, write_files_atomic
 
 STAGE = "plot"
 
@@ -124,11 +124,11 @@ def misclassified_figure(images: np.ndarray, actual: np.ndarray, predicted: np.n
     return fig
 
 
-def save_png(fig: Figure, target: Path) -> None:
+def png_bytes(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     # No timestamp or version metadata: the same data gives the same bytes, hence the same DVC hash.
     fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    write_bytes_atomic(target, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,10 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     if len(actual) != len(test["labels"]):
         raise PipelineError(f"{args.confusion} has {len(actual)} rows for {len(test['labels'])} test images")
     classes = test["classes"]
-    save_png(curves_figure(series), args.out_dir / "loss_curves.png")
-    save_png(confusion_figure(actual, predicted, classes), args.out_dir / "confusion_matrix.png")
-    save_png(misclassified_figure(test["images"].numpy(), actual, predicted, classes, cfg.misclassified),
-             args.out_dir / "misclassified.png")
+    write_files_atomic({
+        args.out_dir / "loss_curves.png": png_bytes(curves_figure(series)),
+        args.out_dir / "confusion_matrix.png": png_bytes(confusion_figure(actual, predicted, classes)),
+        args.out_dir / "misclassified.png": png_bytes(misclassified_figure(
+            test["images"].numpy(), actual, predicted, classes, cfg.misclassified)),
+    })
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from stages import params as params_mod
-from stages.common import PipelineError, log, run_main, save_tensors
+from stages.common import PipelineError, log, run_main, tensor_bytes, write_files_atomic
 from stages.datasets import TABLE_PATH, Dataset
 from stages.idx import read_pair
 from stages.params import PreprocessParams
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     log(STAGE, f"train {len(train['labels']):,}, val {len(splits['val']['labels']):,}, "
                f"test {len(splits['test']['labels']):,} images; "
                f"train pixel mean {train['mean']:.4f}, std {train['std']:.4f}")
-    for name, split in splits.items():
-        save_tensors(args.out_dir / f"{name}.pt", split)
+    write_files_atomic({args.out_dir / f"{name}.pt": tensor_bytes(split) for name, split in splits.items()})
+
 
 if __name__ == "__main__":
     run_main(STAGE, main)

@@ -10,14 +10,12 @@ from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, Thread
 from pathlib import Path
 
 import pytest
-import yaml
 
 from stages import fetch
 from stages import params as params_mod
 from stages.common import PipelineError
-from stages.datasets import FILE_ROLES, DataFile, load_table
-from tests.conftest import PROJECT_ROOT
-from tests.synthetic import write_mirror
+from stages.datasets import FILE_ROLES, DataFile
+from tests.synthetic import use_synthetic_dataset, write_mirror
 
 TIMEOUT_S = 5.0
 
@@ -282,23 +280,17 @@ class SyntheticStage:
     """fetch.main's view of the world: params for a synthetic dataset with mirrors set per test."""
 
     def __init__(self, monkeypatch, tmp_path: Path):
-        self.monkeypatch = monkeypatch
+        self.monkeypatch, self.tmp_path = monkeypatch, tmp_path
         self.directory = tmp_path / "mirror"
-        entry = write_mirror(self.directory, n_train=60, n_test=20)
-        table_path = tmp_path / "datasets.yaml"
-        table_path.write_text(yaml.safe_dump({"synthetic": entry}))
-        table = {**load_table(), **load_table(table_path)}
-        monkeypatch.setattr(params_mod, "load_table", lambda: table)
+        self.entry = write_mirror(self.directory, n_train=60, n_test=20)
         monkeypatch.delenv(fetch.MIRROR_ENV, raising=False)
-        self.files = table["synthetic"].files
+        self.files = self.set_mirrors([str(self.directory)]).dataset.files
 
-    def set_mirrors(self, mirrors: list[str]) -> None:
-        raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-        raw["fetch"].update(dataset="synthetic", mirrors={"synthetic": mirrors})
-        raw["preprocess"]["val_size"] = 10  # the synthetic training set has 60 images
-        raw["train"]["batch_size"] = 10
-        params = params_mod.parse(raw)
-        self.monkeypatch.setattr(params_mod, "load", lambda *args, **kwargs: params)
+    def set_mirrors(self, mirrors: list[str]) -> params_mod.Params:
+        return use_synthetic_dataset(self.monkeypatch, self.tmp_path, self.entry, {
+            "fetch": {"mirrors": {"synthetic": mirrors}},
+            "preprocess": {"val_size": 10},  # the synthetic training set has 60 images
+            "train": {"batch_size": 10}})
 
 
 @pytest.fixture

@@ -8,13 +8,11 @@ import pytest
 import torch
 import yaml
 
-from stages import params as params_mod
 from stages import preprocess
 from stages.common import PipelineError
 from stages.datasets import Dataset, load_table
 from stages.preprocess import check_counts, pixel_stats, read_files, stratified_split
-from tests.conftest import PROJECT_ROOT
-from tests.synthetic import write_mirror
+from tests.synthetic import use_synthetic_dataset, write_mirror
 
 # Unequal classes, so that "shares kept" means something: class k has 20 + 10 k images.
 LABELS = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 20 + 10 * np.arange(10)))
@@ -113,12 +111,38 @@ def test_main_checks_the_counts_before_splitting(tmp_path, monkeypatch):
     table that overstates it, val_size may exceed the images there are, and the stage must say
     what is wrong rather than fail inside the split (scikit-learn's ValueError, a traceback)."""
     entry = write_mirror(tmp_path / "raw", n_train=300, n_test=100)
-    table = {**load_table(), "tiny": _table_entry(tmp_path, {**entry, "train_count": 60000})}
-    monkeypatch.setattr(params_mod, "load_table", lambda: table)
-    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    raw["fetch"].update(dataset="tiny", mirrors={"tiny": ["http://127.0.0.1:9/"]})  # val_size 5,000 > 300 images
-    params = params_mod.parse(raw)
-    monkeypatch.setattr(params_mod, "load", lambda *args, **kwargs: params)
-    with pytest.raises(PipelineError, match=r"tiny\.train_count is 60,000, but its files hold 300 images"):
+    use_synthetic_dataset(monkeypatch, tmp_path, {**entry, "train_count": 60000}, {})  # val_size 5,000 > 300
+    with pytest.raises(PipelineError, match=r"synthetic\.train_count is 60,000, but its files hold 300 images"):
         preprocess.main([str(tmp_path / "raw"), str(tmp_path / "prepared")])
     assert not (tmp_path / "prepared").exists()
+
+
+def test_main_writes_its_three_splits_together_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails part-way (a full disk) leaves the last run's three files as they were and
+    no temporaries: never a new train split beside an old test split."""
+    entry = write_mirror(tmp_path / "raw", n_train=300, n_test=100)
+    use_synthetic_dataset(monkeypatch, tmp_path, entry, {"preprocess": {"val_size": 50}})
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    old = {name: f"last run's {name}".encode() for name in ("train.pt", "val.pt", "test.pt")}
+    for name, content in old.items():
+        (prepared / name).write_bytes(content)
+
+    real_write_bytes, written = type(prepared).write_bytes, []
+
+    def disk_full_at_the_third_file(path, data):
+        if len(written) == 2:
+            raise OSError(28, "No space left on device")
+        written.append(path.name)
+        return real_write_bytes(path, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(prepared), "write_bytes", disk_full_at_the_third_file)
+        with pytest.raises(OSError, match="No space left"):
+            preprocess.main([str(tmp_path / "raw"), str(prepared)])
+    assert len(written) == 2, "two splits were written in full before the disk filled"
+    assert {path.name: path.read_bytes() for path in prepared.iterdir()} == old
+
+    preprocess.main([str(tmp_path / "raw"), str(prepared)])
+    assert sorted(path.name for path in prepared.iterdir()) == ["test.pt", "train.pt", "val.pt"]
+    assert [len(torch.load(prepared / f"{name}.pt")["labels"]) for name in ("train", "val", "test")] == [250, 50, 100]

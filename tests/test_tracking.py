@@ -245,7 +245,7 @@ class FakeClock:
 def test_progress_prints_plain_lines_every_interval_when_not_a_terminal():
     clock, out = FakeClock(), io.StringIO()
     progress = Progress("train", "training epoch 2/8", 100, "steps", rate_unit="images", rate_per_item=32,
-                        after=300, interval_s=10, stream=out, clock=clock)
+                        after=300, stream=out, clock=clock)
     for _ in range(100):
         clock.now += 0.5  # 2 steps/s: 64 images/s
         progress.update()
