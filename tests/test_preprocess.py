@@ -3,6 +3,8 @@ files' counts against the dataset table."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -104,6 +106,16 @@ def test_counts_other_than_the_tables_are_refused(tmp_path, key):
     with pytest.raises(PipelineError, match=rf"datasets.yaml: tiny\.{key} is 301, but its files hold "
                                             rf"{entry[key]:,} images: correct the table entry"):
         check_counts(files, _table_entry(tmp_path, {**entry, key: 301}))
+
+
+def test_a_missing_file_is_named_with_what_writes_it(tmp_path):
+    """Run by hand on a folder without the fetch stage's files: one line naming the file, no traceback."""
+    entry = write_mirror(tmp_path / "raw", n_train=300, n_test=100)
+    (tmp_path / "raw" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(PipelineError, match=re.escape(
+            f"{tmp_path / 'raw'}: no t10k-labels-idx1-ubyte (nor t10k-labels-idx1-ubyte.gz); the fetch stage "
+            "writes tiny's four files there (`dvc repro fetch`)")):
+        read_files(tmp_path / "raw", _table_entry(tmp_path, entry))
 
 
 def test_main_checks_the_counts_before_splitting(tmp_path, monkeypatch):
