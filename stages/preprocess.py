@@ -61,12 +61,13 @@ def _tensors(images: np.ndarray, labels: np.ndarray) -> dict:
 def read_split(raw_dir: Path, dataset: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, H, W], labels uint8 [N]) of the official `split` ("train" or "test") in
     `raw_dir`'s IDX files, plain or .gz, checked (format, image size, label range)."""
-    images, labels = (dataset.files[f"{split}_{kind}"] for kind in ("images", "labels"))
-    for file in (images, labels):
-        if not file.path_in(raw_dir).is_file():  # a traceback's FileNotFoundError otherwise
+    files = [dataset.files[f"{split}_{kind}"] for kind in ("images", "labels")]
+    paths = [file.path_in(raw_dir) for file in files]
+    for file, path in zip(files, paths):
+        if not path.is_file():  # a traceback's FileNotFoundError otherwise
             raise PipelineError(f"{raw_dir}: no {file.name} (nor {file.gz_name}); the fetch stage writes "
                                 f"{dataset.name}'s four files there (`dvc repro fetch`)")
-    return read_pair(images.path_in(raw_dir), labels.path_in(raw_dir), dataset.image_size, len(dataset.classes))
+    return read_pair(*paths, dataset.image_size, len(dataset.classes))
 
 
 def read_files(raw_dir: Path, dataset: Dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -17,7 +17,7 @@ import yaml
 
 from stages import params as params_mod
 from stages.common import save_tensors
-from stages.datasets import load_table
+from stages.datasets import Dataset, load_table
 from stages.idx import write_idx
 from stages.preprocess import pixel_stats
 
@@ -73,14 +73,20 @@ def write_prepared(directory: Path, classes: list[str], n: int = 20, seed: int =
         save_tensors(directory / f"{split}.pt", {"images": images, "labels": labels, "classes": list(classes)})
 
 
+def synthetic_dataset(tmp_path: Path, entry: dict) -> Dataset:
+    """`entry` (a datasets.yaml entry, as write_mirror returns) as the table reads it, named
+    `synthetic`; its table file is tmp_path/datasets.yaml."""
+    table_path = tmp_path / "datasets.yaml"
+    table_path.write_text(yaml.safe_dump({"synthetic": entry}))
+    return load_table(table_path)["synthetic"]
+
+
 def use_synthetic_dataset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, entry: dict,
                           changes: dict[str, dict]) -> params_mod.Params:
     """Makes stages.params.load() return params.yaml as committed with fetch.dataset `synthetic`:
-    `entry` (a datasets.yaml entry, as write_mirror returns) joins the dataset table, and `changes`
-    ({section: {key: value}}) are applied; returns those params, for a stage's main() to run on."""
-    table_path = tmp_path / "datasets.yaml"
-    table_path.write_text(yaml.safe_dump({"synthetic": entry}))
-    table = {**load_table(), **load_table(table_path)}
+    `entry` joins the dataset table (synthetic_dataset), and `changes` ({section: {key: value}}) are
+    applied; returns those params, for a stage's main() to run on."""
+    table = {**load_table(), "synthetic": synthetic_dataset(tmp_path, entry)}
     monkeypatch.setattr(params_mod, "load_table", lambda: table)
     raw = yaml.safe_load((Path(params_mod.__file__).parents[1] / "params.yaml").read_text())  # the committed one
     raw["fetch"].update(dataset="synthetic", mirrors={"synthetic": ["http://127.0.0.1:9/"]})  # nothing listens

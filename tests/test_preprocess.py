@@ -8,13 +8,11 @@ import re
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from stages import preprocess
 from stages.common import PipelineError
-from stages.datasets import Dataset, load_table
 from stages.preprocess import check_counts, pixel_stats, read_files, stratified_split
-from tests.synthetic import use_synthetic_dataset, write_mirror
+from tests.synthetic import synthetic_dataset, use_synthetic_dataset, write_mirror
 
 # Unequal classes, so that "shares kept" means something: class k has 20 + 10 k images.
 LABELS = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 20 + 10 * np.arange(10)))
@@ -91,21 +89,15 @@ def test_pixel_stats_are_exact_whatever_the_pixel_order():
     assert std == pytest.approx(pixels.std(ddof=1), rel=1e-12)
 
 
-def _table_entry(tmp_path, entry: dict) -> Dataset:
-    table = tmp_path / "datasets.yaml"
-    table.write_text(yaml.safe_dump({"tiny": entry}))
-    return load_table(table)["tiny"]
-
-
 @pytest.mark.parametrize("key", ["train_count", "test_count"])
 def test_counts_other_than_the_tables_are_refused(tmp_path, key):
     """The stage refuses files that hold another count than the table's, naming the table's key."""
     entry = write_mirror(tmp_path / "raw", n_train=300, n_test=100)
-    files = read_files(tmp_path / "raw", _table_entry(tmp_path, entry))
-    check_counts(files, _table_entry(tmp_path, entry))  # as the table says: accepted
-    with pytest.raises(PipelineError, match=rf"datasets.yaml: tiny\.{key} is 301, but its files hold "
+    files = read_files(tmp_path / "raw", synthetic_dataset(tmp_path, entry))
+    check_counts(files, synthetic_dataset(tmp_path, entry))  # as the table says: accepted
+    with pytest.raises(PipelineError, match=rf"datasets.yaml: synthetic\.{key} is 301, but its files hold "
                                             rf"{entry[key]:,} images: correct the table entry"):
-        check_counts(files, _table_entry(tmp_path, {**entry, key: 301}))
+        check_counts(files, synthetic_dataset(tmp_path, {**entry, key: 301}))
 
 
 def test_a_missing_file_is_named_with_what_writes_it(tmp_path):
@@ -114,8 +106,8 @@ def test_a_missing_file_is_named_with_what_writes_it(tmp_path):
     (tmp_path / "raw" / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(PipelineError, match=re.escape(
             f"{tmp_path / 'raw'}: no t10k-labels-idx1-ubyte (nor t10k-labels-idx1-ubyte.gz); the fetch stage "
-            "writes tiny's four files there (`dvc repro fetch`)")):
-        read_files(tmp_path / "raw", _table_entry(tmp_path, entry))
+            "writes synthetic's four files there (`dvc repro fetch`)")):
+        read_files(tmp_path / "raw", synthetic_dataset(tmp_path, entry))
 
 
 def test_main_checks_the_counts_before_splitting(tmp_path, monkeypatch):
