@@ -144,10 +144,9 @@ def find_mirror(given: str | None) -> Path:
         folder = Path(candidate).resolve()
         if folder.is_dir():
             # .gz as mirrors serve them, or plain as the fetch stage stores them (another checkout's data/raw)
-            files = load_table()["mnist"].files.values()
-            missing = [file.name for file in files if not file.path_in(folder).is_file()]
+            missing = load_table()["mnist"].missing_from(folder)
             if missing:
-                sys.exit(f"gpu_check: the MNIST mirror {folder} lacks {', '.join(missing)} (.gz or plain)")
+                sys.exit(f"gpu_check: the MNIST mirror {folder} has {missing}")
             return folder
     sys.exit(f"gpu_check: no MNIST mirror folder ({' or '.join(candidates)}); set MNIST_MIRROR or --mirror "
              "to a folder holding the four files, .gz or plain (the check never downloads)")

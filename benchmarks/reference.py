@@ -53,9 +53,14 @@ def place_for_torchvision(raw_dir: Path, root: Path) -> None:
     """Writes MNIST's four IDX files from `raw_dir` (data/raw's plain files, or a mirror's .gz)
     where torchvision's MNIST reads them: uncompressed, in root/MNIST/raw/. With download=False it
     raises rather than fetches when one is missing, and .gz files alone would not do."""
+    mnist = load_table()["mnist"]
+    missing = mnist.missing_from(raw_dir)
+    if missing:  # read_bytes's FileNotFoundError traceback otherwise
+        raise PipelineError(f"{raw_dir}: {missing}; point --raw at the directory of MNIST's four IDX files "
+                            "(the fetch stage writes them to data/raw)")
     target = root / "MNIST" / "raw"
     target.mkdir(parents=True, exist_ok=True)
-    for file in load_table()["mnist"].files.values():
+    for file in mnist.files.values():
         (target / file.name).write_bytes(read_bytes(file.path_in(raw_dir)))
 
 

@@ -124,12 +124,13 @@ def check_raw(raw_dir: Path, dataset: Dataset) -> None:
     """Raises unless raw_dir holds `dataset`'s four IDX files (what prepare() reads; plain or .gz),
     checksums checked: MNIST's and Fashion-MNIST's files have the same names, so after a `fashion`
     repro data/raw holds garments."""
+    missing = dataset.missing_from(raw_dir)
+    if missing:
+        raise PipelineError(f"{raw_dir}: {missing}; point --raw at the directory of {dataset.name}'s four IDX "
+                            f"files (the fetch stage writes them to {RAW_DIR})")
     for role in FILE_ROLES:
         file = dataset.files[role]
         path = file.path_in(raw_dir)
-        if not path.is_file():
-            raise PipelineError(f"{raw_dir}: no {file.name} (nor {file.gz_name}); point --raw at the directory of "
-                                f"{dataset.name}'s four IDX files (the fetch stage writes them to {RAW_DIR})")
         try:
             fetch_verified(str(raw_dir), file, timeout_s=0)
         except SourceError as exc:

@@ -46,6 +46,13 @@ class Dataset:
     crop: int  # pixels `train.crop: auto` cuts off each side: the border the images leave nearly empty
     framing: dict  # {box, centre}: how a picture became an image (stages.model_config.framing_problem)
 
+    def missing_from(self, directory: Path, roles: tuple[str, ...] = FILE_ROLES) -> str:
+        """'' when `directory` holds the file of each role, plain or .gz (DataFile.path_in); else
+        which it lacks, e.g. "no t10k-labels-idx1-ubyte (nor .gz)", for the caller's error, which
+        adds its own way out (a stage's `dvc repro fetch`, a benchmark's --raw)."""
+        lacking = [self.files[role].name for role in roles if not self.files[role].path_in(directory).is_file()]
+        return f"no {', '.join(lacking)} (nor .gz)" if lacking else ""
+
 
 def _parse_entry(name: str, raw: object) -> Dataset:
     where = f"{TABLE_PATH.name}: {name}"

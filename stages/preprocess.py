@@ -61,13 +61,13 @@ def _tensors(images: np.ndarray, labels: np.ndarray) -> dict:
 def read_split(raw_dir: Path, dataset: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, H, W], labels uint8 [N]) of the official `split` ("train" or "test") in
     `raw_dir`'s IDX files, plain or .gz, checked (format, image size, label range)."""
-    files = [dataset.files[f"{split}_{kind}"] for kind in ("images", "labels")]
-    paths = [file.path_in(raw_dir) for file in files]
-    for file, path in zip(files, paths):
-        if not path.is_file():  # a traceback's FileNotFoundError otherwise
-            raise PipelineError(f"{raw_dir}: no {file.name} (nor {file.gz_name}); the fetch stage writes "
-                                f"{dataset.name}'s four files there (`dvc repro fetch`)")
-    return read_pair(*paths, dataset.image_size, len(dataset.classes))
+    roles = (f"{split}_images", f"{split}_labels")
+    missing = dataset.missing_from(raw_dir, roles)
+    if missing:  # a traceback's FileNotFoundError otherwise
+        raise PipelineError(f"{raw_dir}: {missing}; {dataset.name}'s four IDX files must be there (the fetch "
+                            "stage writes them to data/raw: `dvc repro fetch`)")
+    return read_pair(*(dataset.files[role].path_in(raw_dir) for role in roles), dataset.image_size,
+                     len(dataset.classes))
 
 
 def read_files(raw_dir: Path, dataset: Dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:

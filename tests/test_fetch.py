@@ -14,7 +14,7 @@ import pytest
 from stages import fetch
 from stages import params as params_mod
 from stages.common import PipelineError
-from stages.datasets import FILE_ROLES, DataFile
+from stages.datasets import FILE_ROLES, DataFile, load_table
 from tests.synthetic import use_synthetic_dataset, write_mirror
 
 TIMEOUT_S = 5.0
@@ -163,6 +163,17 @@ def test_path_in_finds_the_plain_file_or_its_gz(tmp_path):
     assert file.path_in(tmp_path) == tmp_path / file.gz_name
     (tmp_path / file.name).write_bytes(b"plain")
     assert file.path_in(tmp_path) == tmp_path / file.name
+
+
+def test_missing_from_names_each_file_absent_in_both_forms(tmp_path):
+    """The one check behind preprocess's, screen's and gpu_check's missing-file errors."""
+    mnist = load_table()["mnist"]
+    names = [mnist.files[role].name for role in FILE_ROLES]
+    assert mnist.missing_from(tmp_path) == f"no {', '.join(names)} (nor .gz)"
+    (tmp_path / (names[0] + ".gz")).write_bytes(b"gz")  # a mirror's form
+    (tmp_path / names[2]).write_bytes(b"plain")  # data/raw's form
+    assert mnist.missing_from(tmp_path) == f"no {names[1]}, {names[3]} (nor .gz)"
+    assert mnist.missing_from(tmp_path, ("train_images", "test_images")) == ""
 
 
 # ------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import re
 import sys
 
 import pytest
@@ -97,6 +98,21 @@ def test_torchvision_gets_the_files_uncompressed_from_data_raw_or_a_mirror(tmp_p
         placed = tmp_path / f"root-{source.name}" / "MNIST" / "raw"
         assert sorted(p.name for p in placed.iterdir()) == sorted(names)
         assert all((placed / name).read_bytes() == (raw / name).read_bytes() for name in names)
+
+
+def test_a_raw_folder_without_the_files_is_named_before_the_reference_trains(tmp_path, capsys):
+    """--raw pointing elsewhere, the prepared splits in place (the reference recipe reads the IDX
+    files through torchvision all the same): one line naming the folder and what it lacks, no
+    traceback, nothing timed and no figure."""
+    write_prepared(tmp_path / "prepared", [str(digit) for digit in range(10)])
+    write_mirror(tmp_path / "mirror", n_train=60, n_test=20)
+    (tmp_path / "mirror" / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(PipelineError, match=re.escape(
+            f"{tmp_path / 'mirror'}: no train-labels-idx1-ubyte (nor .gz); point --raw at the directory")):
+        frontier.main(["--presets", "fast", "--seeds", "0", "--data", str(tmp_path / "prepared"),
+                       "--raw", str(tmp_path / "mirror"), "--plot", str(tmp_path / "f.png")])
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "f.png").exists()
 
 
 def test_reference_epochs_do_not_depend_on_random_numbers_drawn_between_them(tmp_path):

@@ -47,7 +47,7 @@ def test_a_checkouts_data_raw_is_a_mirror_too(tmp_path):
         (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
     assert gpu_check_module.find_mirror(str(raw)) == raw.resolve()
     (raw / "t10k-labels-idx1-ubyte").unlink()
-    lacks = f"the MNIST mirror {raw.resolve()} lacks t10k-labels-idx1-ubyte (.gz or plain)"
+    lacks = f"the MNIST mirror {raw.resolve()} has no t10k-labels-idx1-ubyte (nor .gz)"
     with pytest.raises(SystemExit, match=re.escape(lacks)):
         gpu_check_module.find_mirror(str(raw))
 
@@ -57,8 +57,8 @@ def test_a_mirror_lacking_a_file_is_named_before_anything_runs(tmp_path):
     (tmp_path / "mirror" / "t10k-labels-idx1-ubyte.gz").unlink()
     result = gpu_check("--device", "cpu", "--mirror", str(tmp_path / "mirror"), "--out", str(tmp_path / "out"))
     assert result.returncode != 0
-    assert result.stderr.strip() == (f"gpu_check: the MNIST mirror {tmp_path / 'mirror'} lacks "
-                                     "t10k-labels-idx1-ubyte (.gz or plain)")
+    assert result.stderr.strip() == (f"gpu_check: the MNIST mirror {tmp_path / 'mirror'} has no "
+                                     "t10k-labels-idx1-ubyte (nor .gz)")
     assert not (tmp_path / "out").exists()
 
 

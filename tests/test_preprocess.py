@@ -105,8 +105,8 @@ def test_a_missing_file_is_named_with_what_writes_it(tmp_path):
     entry = write_mirror(tmp_path / "raw", n_train=300, n_test=100)
     (tmp_path / "raw" / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(PipelineError, match=re.escape(
-            f"{tmp_path / 'raw'}: no t10k-labels-idx1-ubyte (nor t10k-labels-idx1-ubyte.gz); the fetch stage "
-            "writes synthetic's four files there (`dvc repro fetch`)")):
+            f"{tmp_path / 'raw'}: no t10k-labels-idx1-ubyte (nor .gz); synthetic's four IDX files must be "
+            "there (the fetch stage writes them to data/raw: `dvc repro fetch`)")):
         read_files(tmp_path / "raw", synthetic_dataset(tmp_path, entry))
 
 

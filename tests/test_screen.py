@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -88,7 +90,9 @@ def test_raw_files_of_another_dataset_are_refused_before_any_split(tmp_path, mon
     with pytest.raises(PipelineError, match="dataset is mnist.*--raw"):
         screen.main(["--candidates", "{a: {}}", "--seeds", "0", "--raw", str(tmp_path / "other")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(PipelineError, match=r"no train-images-idx3-ubyte \(nor train-images-idx3-ubyte.gz\)"):
+    with pytest.raises(PipelineError, match=re.escape(
+            "no train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
+            "(nor .gz); point --raw at")):
         screen.check_raw(tmp_path / "empty", load_table()["mnist"])
 
 
