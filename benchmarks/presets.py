@@ -29,7 +29,7 @@ from stages.datasets import load_table
 from stages.evaluate import test_metrics
 from stages.models import predict_logits
 from stages.params import AugmentParams, Params, TrainParams
-from stages.presets import apply, load_presets, resolve
+from stages.presets import check, load_presets, resolve
 from stages.runtime import resolve_device
 from stages.train import fit
 
@@ -61,7 +61,7 @@ def preset_params(spec: str, overrides: dict[str, Any] | None = None,
                   params_path: Path = params_mod.DEFAULT_PATH) -> Params:
     """params.yaml with the preset(s) of `spec` and then `overrides` applied, validated."""
     changes = {**resolve(spec, load_presets()), **(overrides or {})}
-    return params_mod.parse(apply(yaml.safe_load(params_path.read_text()), changes))
+    return check(spec, changes, params_path)
 
 
 def load_splits(data_dir: Path = DATA_DIR) -> tuple[dict, dict, dict]:

@@ -38,7 +38,7 @@ import yaml
 from benchmarks.presets import QUICK_VAL, comma_ints, preset_params, test_accuracy, timed_fit, write_quick_mirror
 from benchmarks.speed import RAW_DIR
 from stages.augment import augmented_split
-from stages.common import PipelineError, run_main
+from stages.common import PipelineError, parse_yaml, run_main
 from stages.datasets import FILE_ROLES, Dataset, load_table
 from stages.fetch import SourceError, fetch_verified
 from stages.params import Params, PreprocessParams
@@ -59,7 +59,10 @@ class Run:
 
 def parse_candidates(text: str) -> dict[str, dict[str, Any]]:
     """--candidates: a YAML mapping of names to {section.key: value} overrides."""
-    raw = yaml.safe_load(text)
+    try:
+        raw = parse_yaml(text, "the mapping")  # a name given twice is refused, not silently merged
+    except PipelineError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if not isinstance(raw, dict) or not raw:
         raise argparse.ArgumentTypeError("expected a YAML mapping of names to overrides, "
                                          "e.g. '{now: {}, crop3: {train.crop: 3}}'")

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     data = load_tensors(args.train_in, required=("images", "labels"))
     progress = Progress(STAGE, "images transformed", cfg.copies * len(data["labels"]))
     out = augmented_split(data, cfg, progress)
+    progress.close(summary=False)  # the log line below is the summary; on a terminal, a line of its own
     if cfg.on_the_fly:
         log(STAGE, f"{len(data['labels']):,} train images; train draws a fresh view of each every epoch (on_the_fly)")
     else:

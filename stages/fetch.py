@@ -49,10 +49,12 @@ def _download(url: str, timeout_s: float) -> bytes:
             total = getattr(response, "length", None)
             progress = Progress(STAGE, f"downloading {url}", total, "bytes")
             chunks = []
-            while chunk := response.read(_CHUNK):
-                chunks.append(chunk)
-                progress.update(len(chunk))
-            progress.close()
+            try:
+                while chunk := response.read(_CHUNK):
+                    chunks.append(chunk)
+                    progress.update(len(chunk))
+            finally:  # ends the progress line also when the transfer breaks off, before its error line
+                progress.close()
     except urllib.error.HTTPError as exc:
         raise SourceError(f"HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:

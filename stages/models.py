@@ -181,6 +181,8 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
     except PipelineError as exc:
         raise ModelFileError(str(exc)) from None
     version = payload["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelFileError(f"{path}: format_version must be an integer, found {type(version).__name__}")
     if version != FORMAT_VERSION and version not in _UPGRADES:
         readable = ", ".join(str(v) for v in sorted([*_UPGRADES, FORMAT_VERSION]))
         raise ModelFileError(f"{path}: model file format {version}, this code reads {readable}; "
@@ -197,6 +199,13 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(f"{path}: weights do not fit the stored configuration "
                              f"{_describe(config)} ({first_line})") from None
+    # Weights that are NaN or infinite (a diverged run, a damaged copy saved with a valid checksum)
+    # would give NaN probabilities and a class picked at random, without an error.
+    broken = [name for name, tensor in payload["state_dict"].items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise ModelFileError(f"{path}: weights {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} "
+                             "hold NaN or infinite values (a diverged run?); retrain: `dvc repro --force train`")
     classes = payload["classes"]
     if not isinstance(classes, list) or len(classes) != config.get("num_classes"):
         raise ModelFileError(f"{path}: class names {classes!r:.80} do not match the model's "

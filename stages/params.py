@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-import yaml
-
-from stages.common import PipelineError, run_main, write_text_atomic
+from stages.common import PipelineError, parse_yaml, run_main, write_text_atomic
 from stages.datasets import Dataset, load_table
 from stages.model_config import Architecture, ModelConfig, Pool, Stem, is_valid_crop, largest_crop
 
@@ -34,11 +32,21 @@ class ParamsError(PipelineError):
     def __init__(self, key: str, problem: str):
         super().__init__(f"params.yaml: {key}: {problem}")
         self.key = key
+        self.problem = problem
 
 
 def _require(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise ParamsError(key, problem)
+
+
+# numpy's and scikit-learn's generators take seeds below 2**32 only (torch's below 2**64), and a
+# seed outside that range would fail inside a stage after DVC has deleted its outputs.
+SEED_MAX = 2**32 - 1
+
+
+def _check_seed(key: str, seed: int) -> None:
+    _require(0 <= seed <= SEED_MAX, key, f"must be between 0 and {SEED_MAX} (2**32 - 1), got {seed}")
 
 
 def _refuse_mirroring(key: str, mirrors: bool, off: str, what: str, dataset: Dataset, allow_flip: bool) -> None:
@@ -65,7 +73,9 @@ class FetchParams:
         key = f"fetch.mirrors.{self.dataset}"
         _require(self.dataset in self.mirrors, key, "missing: list the base URLs to fetch this dataset from")
         _require(len(self.mirrors[self.dataset]) > 0, key, "must list at least one base URL")
-        _require(self.timeout_s > 0, "fetch.timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
+        # An hour: far beyond any useful wait, and far below what a socket's timer can hold.
+        _require(0 < self.timeout_s <= 3600, "fetch.timeout_s",
+                 f"must be > 0 and at most 3600 seconds, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -79,7 +89,7 @@ class PreprocessParams:
         _require(k <= self.val_size <= n - k, "preprocess.val_size",
                  f"must be between {k} and {n - k} (the {dataset.name} training set has {n} images), "
                  f"got {self.val_size}")
-        _require(self.seed >= 0, "preprocess.seed", f"must be >= 0, got {self.seed}")
+        _check_seed("preprocess.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,7 @@ class AugmentParams:
                  f"must be in (0, 1] (a fraction of the image area), got {self.erase_area_min}")
         _require(self.erase_area_min <= self.erase_area_max <= 1, "augment.erase_area_max",
                  f"must be between erase_area_min ({self.erase_area_min}) and 1, got {self.erase_area_max}")
-        _require(self.seed >= 0, "augment.seed", f"must be >= 0, got {self.seed}")
+        _check_seed("augment.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -214,7 +224,7 @@ class TrainParams:
         _require(0 <= self.lookahead < 1, "train.lookahead",
                  f"must be 0 (off) or in (0, 1) (decay per sync), got {self.lookahead}")
         _require(0 <= self.tta_shift <= 2, "train.tta_shift", f"must be 0 (off), 1 or 2 pixels, got {self.tta_shift}")
-        _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
+        _check_seed("train.seed", self.seed)
         _require(1 <= self.processes <= 64, "train.processes", f"must be between 1 and 64, got {self.processes}")
         _require(self.batch_size >= self.processes, "train.batch_size",
                  f"must be at least train.processes ({self.processes}): each process takes a share "
@@ -304,11 +314,15 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
                 float(value)
             except ValueError:
                 pass
-            else:  # YAML 1.1 reads 1e-3 (no dot) as text: the commonest way to meet this error.
-                raise ParamsError(key, f"must be a number, got the string {value!r}; "
-                                       "YAML reads an exponent without a dot as text: write e.g. 1.0e-3")
+            else:  # YAML 1.1 reads 1e-3 and 1.0e10 as text: the commonest way to meet this error.
+                raise ParamsError(key, f"must be a number, got the string {value!r}; YAML reads a number "
+                                       "with an exponent as text unless it has a dot and the exponent a sign: "
+                                       "write e.g. 1.0e-3 or 1.0e+10")
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                  f"must be a number, got {value!r}")
+        # An integer too large for a float (10**400) would raise OverflowError below, not this.
+        _require(isinstance(value, float) or abs(value) < 2**1023, key,
+                 "must be a finite number, got an integer too large for a float")
         _require(math.isfinite(value), key, f"must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
@@ -360,15 +374,18 @@ def parse(raw: Any) -> Params:
     return params
 
 
-def load(path: Path | str = DEFAULT_PATH) -> Params:
+def load_raw(path: Path | str = DEFAULT_PATH) -> Any:
+    """The YAML of params file `path`, not yet validated (presets are applied to it first)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found (stages run from the repository root)") from None
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML: {exc}") from None
-    return parse(raw)
+    return parse_yaml(text, str(path))
+
+
+def load(path: Path | str = DEFAULT_PATH) -> Params:
+    return parse(load_raw(path))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -48,8 +49,9 @@ INK_THRESHOLD = 0.1  # of the brightest value: fainter pixels don't define the d
 # cameras save by default (12-24 MP; 48-50 MP only in their full-resolution modes) and above an A4
 # page scanned at 600 dpi (35 MP), so no honest photo or scan of a digit is refused, while a
 # decompression bomb (a 90 KB PNG declaring 20000x20000 = 400 MP) is. It also bounds memory for
-# formats that cannot be reduced while decoding (PNG, GIF, TIFF, WebP): at most 4 bytes a pixel,
-# 200 MB. Pillow's own guard (Image.MAX_IMAGE_PIXELS, 89 MP warning / 179 MP error) lies above it.
+# formats that cannot be reduced while decoding (PNG, GIF, TIFF, WebP): 89 MiB added for a 49 MP
+# grey PNG, 295 MiB for 16-bit grey, 389 MiB for RGBA (docs/predict.md, Memory). Pillow's own
+# guard (Image.MAX_IMAGE_PIXELS, 89 MP warning / 179 MP error) lies above it.
 MAX_PIXELS = 50_000_000
 IDX_HEADER_ALLOWANCE = 1024  # bytes: magic number and dimensions, 4 bytes each
 # Working resolution, pixels on the longer side: images are reduced to between 1x and 2x this
@@ -63,6 +65,7 @@ WORK_SIDE = 1024
 BLANK_CONTRAST = 32
 BATCH = 256  # images per forward pass for IDX files: bounds activation memory for large files
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_REDUCIBLE = ("L", "LA", "I", "F", "RGB", "RGBA")  # modes Image.reduce takes as they are
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,11 @@ class Decoded:
 # decode -> orient -> shrink -> grey -> (blank?) -> frame
 
 
-def check_file(path: Path) -> None:
+def check_file(path: str) -> None:
     """PipelineError unless `path` is a non-empty regular file (stat follows symlinks, so a loop
     or a dangling link is reported here rather than deep inside a decoder)."""
     try:
-        info = path.stat()
+        info = os.stat(path)
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such file") from None
     except OSError as exc:  # e.g. ELOOP "Too many levels of symbolic links", EACCES on a parent
@@ -100,13 +103,21 @@ def reduction_factor(size: tuple[int, int]) -> int:
     return max(1, max(size) // WORK_SIDE)
 
 
-def decode(file: BinaryIO, path: Path) -> Decoded:
+@functools.cache
+def raster_formats() -> tuple[str, ...]:
+    """Every format Pillow opens but EPS: Pillow renders PostScript by running Ghostscript on it,
+    and predict reads files other people send."""
+    Image.init()
+    return tuple(name for name in Image.OPEN if name != "EPS")
+
+
+def decode(file: BinaryIO, path: str) -> Decoded:
     """Decodes the first frame of the image in `file` (opened from `path`); a large JPEG is
     reduced while decoding (JPEG's DCT scaling, via Image.draft), other formats later by shrink(). Raises
     UnidentifiedImageError when Pillow knows no such format, PipelineError when the image is too
     large, and whatever the decoder raises on a damaged file."""
     try:
-        with Image.open(file) as image:
+        with Image.open(file, formats=raster_formats()) as image:
             # Image.open read only the header: the size is known, no pixel is decoded yet.
             pixels = image.width * image.height
             if pixels > MAX_PIXELS:
@@ -129,16 +140,23 @@ def decode(file: BinaryIO, path: Path) -> Decoded:
 
 def orient(image: Image.Image) -> Image.Image:
     """The image as a viewer shows it: phones store pixels as the sensor saw them and record the
-    rotation in the EXIF Orientation tag. Applied before anything looks at the pixels."""
-    return ImageOps.exif_transpose(image)
+    rotation in the EXIF Orientation tag. Applied before anything looks at the pixels; in place,
+    since exif_transpose otherwise copies the whole image even when it has no such tag."""
+    ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
 def shrink(image: Image.Image) -> Image.Image:
     """The image reduced by an integer factor (a box filter: each output pixel is the mean of a
     factor x factor block) to between WORK_SIDE and 2 * WORK_SIDE on its longer side."""
     factor = reduction_factor(image.size)
-    # reduce() handles neither palettes nor 16-bit modes: to_reducible converts those first.
-    return to_reducible(image).reduce(factor) if factor > 1 else image
+    if factor == 1:
+        return image
+    # The modes reduce() takes are reduced as they are, and grey_ink converts the small result: an
+    # RGBA image converted first would need another 4 bytes a pixel (Pillow keeps LA in 32 bits),
+    # 190 MB at 49 MP. The box filter and the conversion to grey are both linear, so the order only
+    # moves roundings. Palettes and 16-bit modes, which reduce() refuses, are converted first.
+    return image.reduce(factor) if image.mode in _REDUCIBLE else to_reducible(image).reduce(factor)
 
 
 def has_alpha(image: Image.Image) -> bool:
@@ -153,8 +171,9 @@ def to_reducible(image: Image.Image) -> Image.Image:
     if image.mode in _SIXTEEN_BIT:
         return image.convert("I")  # exact: I holds every 16-bit value
     if has_alpha(image):
-        # Palette and tRNS transparency become a real alpha channel through RGBA.
-        return image.convert("RGBA").convert("LA")
+        # Palette and tRNS transparency become a real alpha channel through RGBA (convert copies
+        # even to the same mode: an RGBA image goes straight to LA).
+        return (image if image.mode == "RGBA" else image.convert("RGBA")).convert("LA")
     return image.convert("L")  # 1, P, RGB, CMYK (Adobe inversion handled by Pillow), YCbCr, ...
 
 
@@ -192,7 +211,12 @@ def grey_ink(image: Image.Image) -> np.ndarray:
         # turns all but the darkest pixels white.
         return np.clip(pixels * (255 / 65535), 0, 255)
     if image.mode == "F":
-        return np.clip(np.nan_to_num(pixels), 0, 255)  # as Pillow's convert("L") does
+        pixels = np.nan_to_num(pixels)
+        # Float TIFFs hold grey levels in 0..255 or, from scientific and normalising tools, 0..1
+        # (up to 2: resampling overshoots; a 0..255 image that dark would be blank anyway).
+        if pixels.max() <= 2.0:
+            pixels = pixels * 255
+        return np.clip(pixels, 0, 255)  # as Pillow's convert("L") does
     if image.mode == "LA":
         return composite_alpha(pixels[..., 0], pixels[..., 1])
     return pixels
@@ -210,8 +234,15 @@ def extract_ink(gray: np.ndarray) -> np.ndarray:
     ink = np.asarray(gray, dtype=np.float64)
     if is_light_background(ink):
         ink = 255 - ink
-    ink = ink - np.median(ink)  # background to ~0, whatever its grey level
-    return np.clip(ink, 0, None)
+    # The background's level, taken to ~0: the median, whatever its grey level (most of a page is
+    # paper). A bold digit cropped to its ink is more than half ink, so the median is the ink's own
+    # level and leaves nothing: then the 10th percentile, the paper between its strokes. A frame
+    # or margin thinner than a tenth of the image does not count as that paper: an empty page
+    # inside a thin white frame stays blank.
+    levelled = np.clip(ink - np.median(ink), 0, None)
+    if is_blank(levelled):
+        levelled = np.clip(ink - np.percentile(ink, 10), 0, None)
+    return levelled
 
 
 def is_blank(ink: np.ndarray) -> bool:
@@ -279,7 +310,7 @@ def pillow_warnings() -> Iterator[None]:
         yield
 
 
-def damaged(path: Path, exc: Exception) -> PipelineError:
+def damaged(path: str, exc: Exception) -> PipelineError:
     """The one-line error for a file Pillow failed on. Its decoders report damaged input with
     OSError mostly, but also ValueError (PPM), SyntaxError, EOFError, struct.error, ... depending
     on the plugin, and EXIF or mode conversion can fail on odd files; a file from outside must
@@ -288,7 +319,7 @@ def damaged(path: Path, exc: Exception) -> PipelineError:
     return PipelineError(f"{path}: damaged or unsupported image ({type(exc).__name__}: {reason})")
 
 
-def image_sample(path: Path, size: int, framing: dict | None = None) -> Sample:
+def image_sample(path: str, size: int, framing: dict | None = None) -> Sample:
     """The Sample for an image file; UnidentifiedImageError when Pillow knows no such format,
     OSError when the file cannot be opened."""
     with pillow_warnings(), open(path, "rb") as file:
@@ -302,14 +333,14 @@ def image_sample(path: Path, size: int, framing: dict | None = None) -> Sample:
     ink = extract_ink(gray)
     blank = is_blank(ink)
     digit = np.zeros((size, size), np.uint8) if blank else frame(ink, size, framing)
-    return Sample(str(path), digit, blank, decoded.frames)
+    return Sample(path, digit, blank, decoded.frames)
 
 
-def idx_samples(path: Path, size: int) -> list[Sample]:
+def idx_samples(path: str, size: int) -> list[Sample]:
     """One Sample per image of an IDX file (plain or gzip)."""
     try:
         # The images' pixel limit bounds an IDX file too: one uint8 a pixel, plus a short header.
-        array = parse_idx(read_bytes(path, max_size=MAX_PIXELS + IDX_HEADER_ALLOWANCE), str(path))
+        array = parse_idx(read_bytes(Path(path), max_size=MAX_PIXELS + IDX_HEADER_ALLOWANCE), path)
     except IdxFormatError as exc:
         reason = str(exc).removeprefix(f"{path}: ")
         raise PipelineError(f"{path}: neither an image Pillow can read (PNG, JPEG, ...) "
@@ -323,9 +354,11 @@ def idx_samples(path: Path, size: int) -> list[Sample]:
     return [Sample(f"{path}[{i}]", image, is_blank(extract_ink(image))) for i, image in enumerate(array)]
 
 
-def load_samples(path: Path, size: int, framing: dict | None = None) -> list[Sample]:
-    """The samples in one file; raises PipelineError (one line, naming the file) if unusable.
+def load_samples(path: str, size: int, framing: dict | None = None) -> list[Sample]:
+    """The samples in one file, named by `path` as given (`./a.png` stays `./a.png`); raises
+    PipelineError (one line, naming the file) if unusable.
     `framing`: how the model's dataset made its images from pictures (the model file's)."""
+    path = os.fspath(path)  # a Path from a caller other than main: the samples' names are strings
     check_file(path)
     try:
         return [image_sample(path, size, framing)]
@@ -364,17 +397,25 @@ def result_rows(samples: list[Sample], index: np.ndarray, probability: np.ndarra
     return rows
 
 
-def error_row(path: Path, message: str) -> dict:
-    return {"file": str(path), "status": "error", "class": None, "label": None, "probability": None,
+def error_row(path: str, message: str) -> dict:
+    return {"file": path, "status": "error", "class": None, "label": None, "probability": None,
             "frames": None, "error": message}
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable written as a Python escape: a newline or
+    an escape sequence in a file name must neither split an image's line nor drive the terminal,
+    and a name's bytes that are not UTF-8 (surrogates here) could not be printed at all."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def text_line(row: dict) -> str:
     """The text-mode line for a classified or blank sample."""
+    name = printable(row["file"])
     if row["status"] == "blank":
-        line = f"{row['file']}: blank (no ink after thresholding)"
+        line = f"{name}: blank (no ink after thresholding)"
     else:
-        line = f"{row['file']}: {row['label']} ({100 * row['probability']:.1f}%)"
+        line = f"{name}: {row['label']} ({100 * row['probability']:.1f}%)"
     if row["frames"] > 1:
         line += f", first of {row['frames']} frames"
     return line
@@ -386,7 +427,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="Classify image files (PNG, JPEG, GIF, TIFF, WebP, ...) and MNIST IDX files "
                     "with the trained model. One line per image: its class, 'blank', or an error "
                     "on stderr; the exit status is 1 if any file failed.")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files, or IDX files (plain or .gz)")
+    # str, not Path: each file is named in the output as given (Path would turn ./a.png into a.png).
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, or IDX files (plain or .gz)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model file written by train")
     parser.add_argument("--device", default="cpu",
                         help="cpu, cuda, cuda:N, mps, or auto (a CUDA GPU, else an Apple one, else the CPU)")
@@ -439,7 +481,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         try:
             samples = load_samples(path, size, meta["framing"])
         except PipelineError as exc:
-            log(STAGE, f"error: {exc}")
+            log(STAGE, printable(f"error: {exc}"))
             failed += 1
             if args.json:
                 rows.append(error_row(path, str(exc)))

@@ -15,13 +15,13 @@ from typing import Any
 import yaml
 
 from stages import params as params_mod
-from stages.common import PipelineError, run_main
+from stages.common import PipelineError, parse_yaml, run_main
 
 PRESETS_PATH = Path("presets.yaml")
 
 
 def load_presets(path: Path = PRESETS_PATH) -> dict[str, dict[str, Any]]:
-    presets = yaml.safe_load(path.read_text())
+    presets = parse_yaml(path.read_text(), str(path))
     if not isinstance(presets, dict):
         raise PipelineError(f"{path}: expected a mapping of preset names to overrides")
     return {name: overrides or {} for name, overrides in presets.items()}
@@ -48,6 +48,20 @@ def apply(raw_params: dict, overrides: dict[str, Any]) -> dict:
     return result
 
 
+def check(spec: str, overrides: dict[str, Any], params_path: Path) -> params_mod.Params:
+    """`params_path` with the overrides of preset(s) `spec` applied, validated. A ParamsError names the
+    preset as well as the key: the bad value may be the preset's or the file's own."""
+    raw = params_mod.load_raw(params_path)
+    try:
+        return params_mod.parse(apply(raw, overrides))
+    except params_mod.ParamsError as exc:
+        # train.channels[0] or fetch.mirrors.mnist is the override's when train.channels or fetch.mirrors is.
+        overridden = any(exc.key == key or exc.key.startswith((f"{key}[", f"{key}.")) for key in overrides)
+        source = "overridden" if overridden else f"as in {params_path}"
+        raise PipelineError(f"preset {spec!r} (presets.yaml) on {params_path}: {exc.key} ({source}): "
+                            f"{exc.problem}") from None
+
+
 def as_set_options(overrides: dict[str, Any]) -> list[str]:
     # flow-style YAML: what `dvc exp run -S key=value` parses back into the same value
     return [f"-S{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
@@ -67,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     overrides = resolve(args.preset, presets)
     # Fail here, not halfway through an experiment, if the result would not validate.
-    params_mod.parse(apply(yaml.safe_load(args.params.read_text()), overrides))
+    check(args.preset, overrides, args.params)
     print(" ".join(shlex.quote(option) for option in as_set_options(overrides)))
 
 

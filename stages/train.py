@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -419,6 +420,11 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
         step_log = StepLog(train_log, (epoch - 1) * len(batches), step_log_interval(len(batches)), optimizer,
                            progress, rank.world)
         train_loss = train_epoch(state, batches, loss_of, step_log)
+        if not math.isfinite(train_loss):  # the same all-reduced value in every process: all stop here
+            if progress is not None:
+                progress.close(summary=False)  # the error gets a line of its own
+            raise PipelineError(f"epoch {epoch}: the train loss is {train_loss}: training diverged; lower "
+                                f"train.lr (now {cfg.lr:g}), rather than save a model of NaN weights")
         end_step = epoch * len(batches)
         if not rank.is_main:
             train_log.log(end_step, {"epoch": epoch})  # keeps the epoch count; only rank 0's log is written

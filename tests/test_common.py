@@ -1,12 +1,13 @@
-"""stages.common's writers: a stage's several outputs all written, or none."""
+"""stages.common's writers (a stage's several outputs all written, or none) and its YAML loader."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 
-from stages.common import write_files_atomic
+from stages.common import PipelineError, parse_yaml, write_files_atomic
 
 
 def test_ctrl_c_while_writing_leaves_every_target_as_it_was(tmp_path, monkeypatch):
@@ -42,3 +43,16 @@ def test_a_target_named_like_anothers_temporary_is_spared(tmp_path):
     write_files_atomic(targets)
     assert {target: target.read_bytes() for target in targets} == targets
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.pt", "model.pt.sha256"]
+
+
+def test_parse_yaml_reads_as_safe_load_does_but_refuses_duplicate_keys():
+    """One loader for params.yaml, presets.yaml and datasets.yaml: safe_load's values, merge keys
+    allowed, a repeated key (at any depth) refused in one line that says where."""
+    text = "base: &b {lr: 0.1, n: 2}\nrun:\n  <<: *b\n  lr: 1.0e-3\nseed: 1e-3\n"
+    assert parse_yaml(text, "x.yaml") == yaml.safe_load(text)
+    with pytest.raises(PipelineError, match=r"^x\.yaml: not valid YAML: found duplicate key 'lr' \(line 3, column 3\)$"):
+        parse_yaml("train:\n  lr: 0.2\n  lr: 0.05\n", "x.yaml")
+    with pytest.raises(PipelineError, match=r"^x\.yaml: not valid YAML: expected .* \(line 2, column 1\)$"):
+        parse_yaml("train: [unclosed\n", "x.yaml")
+    with pytest.raises(PipelineError, match=r"^x\.yaml: not valid YAML: month must be in 1\.\.12"):
+        parse_yaml("date: 2026-13-01\n", "x.yaml")  # a constructor's ValueError, not a traceback

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import io
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -281,6 +283,22 @@ def test_connection_closed_early(mirror, short_body_server):
     _, files = mirror
     with pytest.raises(fetch.SourceError, match="transfer"):
         fetch.fetch_verified(short_body_server, files["test_images"], TIMEOUT_S)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("short_body_server", [ShortChunkedBody], indirect=True)
+def test_a_transfer_cut_short_ends_its_progress_line(mirror, short_body_server, monkeypatch):
+    """On a terminal the download's progress is redrawn without a newline; a transfer that breaks
+    off must still end that line, or the error printed next would be glued onto it."""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with pytest.raises(fetch.SourceError, match="transfer"):
+        fetch.fetch_verified(short_body_server, mirror[1]["test_images"], TIMEOUT_S)
+    assert "downloading" in terminal.getvalue() and terminal.getvalue().endswith("\n")
 
 
 # ------------------------------------------------------------------------------------------

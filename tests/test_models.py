@@ -485,6 +485,53 @@ def test_wrong_format_version(saved):
     expect_model_file_error(path, "format")
 
 
+@pytest.mark.parametrize("version", [torch.tensor([8, 8]), "8", 8.0, True], ids=["tensor", "string", "float", "bool"])
+def test_a_format_version_that_is_no_integer_is_refused(saved, version):
+    """A crafted file whose version is a tensor (truth value ambiguous) or another type is a
+    ModelFileError, not a traceback from comparing it."""
+    path = saved[0]
+    rewrite(path, lambda p: p.update(format_version=version))
+    expect_model_file_error(path, "format_version must be an integer")
+
+
+def test_flipped_bits_in_the_weights_fail_their_checksum(saved):
+    """torch.load does not check the CRC-32 of each record in the file: a damaged copy (the same
+    length, 64 bytes of the weights inverted) would load and predict noise. It is refused."""
+    path = saved[0]
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2  # inside the weights: the small metadata records come first
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+    expect_model_file_error(path, "fails its CRC-32 check")
+
+
+@pytest.mark.parametrize(("offset", "value", "reason"), [(10, 99, "NotImplementedError"), (8, 1, "encrypted")],
+                         ids=["unknown compression", "encryption flag"])
+def test_a_record_the_zip_reader_cannot_read_back_is_damage_not_a_traceback(saved, offset, value, reason):
+    """The CRC check reads every record back; a central directory entry naming a compression
+    method zipfile lacks, or an encryption flag, makes it raise: one line, as torch.load's own
+    errors are."""
+    path = saved[0]
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the first record's central directory entry
+    data[entry + offset:entry + offset + 2] = value.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    expect_model_file_error(path, "damaged tensor file", reason)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_weights_that_are_not_finite_are_refused(saved, value):
+    """NaN weights (a diverged run) would give NaN probabilities and a class picked at random."""
+    path = saved[0]
+
+    def poison(payload):
+        weights = next(t for t in payload["state_dict"].values() if t.is_floating_point() and t.numel())
+        weights.view(-1)[0] = value
+
+    rewrite(path, poison)
+    expect_model_file_error(path, "hold NaN or infinite values")
+
+
 @pytest.mark.parametrize("payload", [[1, 2, 3], torch.zeros(3), {"config": {}}], ids=["list", "tensor", "partial"])
 def test_not_a_model_payload(tmp_path, payload):
     """A tensor file that is not a dict with every model entry is refused."""

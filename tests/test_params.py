@@ -304,13 +304,56 @@ def test_infinite_number_is_refused(section, key):
     assert info.value.key == f"{section}.{key}"
 
 
-def test_exponent_without_dot_in_yaml_text(tmp_path):
-    """`lr: 1e-3` in the file (text to YAML 1.1) is refused with the hint to write 1.0e-3."""
-    text = PARAMS_TEXT.replace(f"lr: {BASE['train']['lr']}\n", "lr: 1e-3\n", 1)
+@pytest.mark.parametrize(("written", "as_text", "error"), [
+    (f"lr: {BASE['train']['lr']}\n", "lr: 1e-3\n", r"train\.lr: .*got the string '1e-3'.*1\.0e-3"),
+    (f"timeout_s: {BASE['fetch']['timeout_s']} ", "timeout_s: 1.0e10 ",
+     r"fetch\.timeout_s: .*got the string '1\.0e10'.*1\.0e\+10"),
+], ids=["no dot", "no sign"])
+def test_exponent_yaml_reads_as_text(tmp_path, written, as_text, error):
+    """YAML 1.1 reads a number with an exponent as text unless it has a dot and a signed exponent:
+    `1e-3` and `1.0e10` are refused with the hint to write 1.0e-3 or 1.0e+10."""
+    text = PARAMS_TEXT.replace(written, as_text, 1)
     assert text != PARAMS_TEXT
     path = tmp_path / "params.yaml"
     path.write_text(text)
-    with pytest.raises(ParamsError, match=r"train\.lr: .*1\.0e-3"):
+    with pytest.raises(ParamsError, match=error):
+        load(path)
+
+
+@pytest.mark.parametrize(("section", "key"), [("preprocess", "seed"), ("augment", "seed"), ("train", "seed")])
+def test_seeds_beyond_32_bits_are_refused(section, key):
+    """numpy and scikit-learn take seeds below 2**32 only: a larger one (a timestamp in ms) would
+    fail inside its stage after DVC had deleted the stage's outputs."""
+    assert getattr(getattr(parse(with_change(section, key, 2**32 - 1)), section), key) == 2**32 - 1
+    with pytest.raises(ParamsError, match=r"between 0 and 4294967295") as info:
+        parse(with_change(section, key, 2**32))
+    assert info.value.key == f"{section}.{key}"
+
+
+def test_an_hour_long_timeout_is_the_limit():
+    """A socket cannot wait 1e10 s (OverflowError mid-download); nothing useful waits over an hour."""
+    assert parse(with_change("fetch", "timeout_s", 3600)).fetch.timeout_s == 3600.0
+    with pytest.raises(ParamsError, match="at most 3600 seconds") as info:
+        parse(with_change("fetch", "timeout_s", 3601))
+    assert info.value.key == "fetch.timeout_s"
+
+
+def test_an_integer_too_large_for_a_float_is_refused_by_name():
+    """`lr: 1000...0` (400 digits) is a YAML integer that float() cannot hold: a ParamsError, not
+    an OverflowError from the finiteness check."""
+    with pytest.raises(ParamsError, match="too large for a float") as info:
+        parse(with_change("train", "lr", 10**400))
+    assert info.value.key == "train.lr"
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    """PyYAML would keep the second `lr` silently, while DVC's parser refuses the file: refused
+    here too, naming the key and where it repeats."""
+    text = PARAMS_TEXT.replace("  lr: ", "  lr: 0.05\n  lr: ", 1)
+    line = text.splitlines().index("  lr: 0.05") + 2  # 1-based, the second one
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(PipelineError, match=rf"params\.yaml: not valid YAML: found duplicate key 'lr' \(line {line}, "):
         load(path)
 
 

@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw, ImageFont, features
 from stages import predict
 from stages.common import PipelineError
 from stages.idx import write_idx
-from stages.models import FORMAT_VERSION
+from stages.model_config import ModelConfig
+from stages.models import FORMAT_VERSION, build_model, save_model
 from tests.conftest import PROJECT_ROOT
 from tests.test_models import Exploit
 
@@ -109,6 +110,10 @@ FORMATS = {
                                             append_images=[Image.fromarray(ink)]), 0, 2),
     "webp-lossless": (lambda ink, d: save(grey(ink, "RGB"), d / "a.webp", lossless=True), 0, 1),
     "bmp": (lambda ink, d: save(grey(ink), d / "a.bmp"), 0, 1),
+    "float-tiff-0-to-255": (lambda ink, d: save(grey(ink, "F"), d / "a.tif"), 0, 1),
+    # Normalising tools write grey levels as 0..1 floats: scaled to 0..255, not taken as near-black.
+    "float-tiff-0-to-1": (lambda ink, d: save(Image.fromarray(((255 - ink) / 255).astype(np.float32), "F"),
+                                              d / "a.tif"), 1, 1),
 }
 
 
@@ -204,6 +209,28 @@ def test_a_faint_but_real_digit_is_not_blank(ink, tmp_path):
     assert not derived(save(Image.fromarray(faint), tmp_path / "faint.png")).blank
 
 
+def test_a_bold_digit_cropped_to_its_ink_keeps_its_ink(tmp_path):
+    """A thick-stroked digit cropped to its bounding box is more than half ink, so the median of
+    the whole image is the ink's level: taken as the background, it erased the digit (blank)."""
+    image = Image.new("L", (180, 240), 255)
+    ImageDraw.Draw(image).text((15, 5), "4", fill=0, font=ImageFont.load_default(size=150), stroke_width=12,
+                               stroke_fill=0)
+    with_margin = np.asarray(image)
+    rows, cols = np.nonzero(with_margin < 128)
+    tight = with_margin[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    assert (tight < 128).mean() > 0.5, "the case: more ink than paper"
+    cropped = derived(save(Image.fromarray(tight), tmp_path / "tight.png"))
+    assert not cropped.blank
+    framed = derived(save(Image.fromarray(with_margin), tmp_path / "margin.png")).image
+    assert np.corrcoef(cropped.image.ravel().astype(float), framed.ravel().astype(float))[0, 1] > 0.95
+    # ... while grey paper inside a white margin is still the background, not the ink it holds
+    on_grey = np.where(with_margin < 128, with_margin, 200).astype(np.uint8)
+    in_margin = derived(save(Image.fromarray(np.pad(on_grey, 20, constant_values=255)), tmp_path / "m.png")).image
+    assert np.corrcoef(in_margin.ravel().astype(float), framed.ravel().astype(float))[0, 1] > 0.95
+    empty_page = np.pad(np.full((200, 150), 215, np.uint8), 1, constant_values=255)
+    assert derived(save(Image.fromarray(empty_page), tmp_path / "empty.png")).blank
+
+
 def bad_files(directory: Path, ink: np.ndarray) -> dict[str, Path]:
     """name -> a file (or not-a-file) that must get exactly one error line."""
     png = save(grey(ink), directory / "good.png").read_bytes()
@@ -215,6 +242,8 @@ def bad_files(directory: Path, ink: np.ndarray) -> dict[str, Path]:
         "random-bytes": bytes(range(256)) * 4,
         "png-header-only": png[:33],
         "idx-of-no-images": write_idx(np.zeros((0, 28, 28), np.uint8)),
+        # Pillow would hand PostScript to Ghostscript (an interpreter) whatever the file's name.
+        "postscript-named-png": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n0 0 moveto 28 28 lineto stroke\n",
     }
     paths = {}
     for name, data in files.items():
@@ -236,6 +265,7 @@ EXPECTED_REASONS = {
     "random-bytes": "neither an image Pillow can read",
     "png-header-only": "neither an image Pillow can read",  # Pillow's PNG plugin gives up at open
     "idx-of-no-images": "IDX file holds no images",
+    "postscript-named-png": "neither an image Pillow can read",
     "directory": "is a directory",
     "symlink-loop": "cannot read (Too many levels of symbolic links)",
     "missing": "no such file",
@@ -415,6 +445,26 @@ def test_runs_without_params_yaml_from_any_directory(built_project, mixed_files,
                             capture_output=True, text=True, env={**built_project.env, "PYTHONPATH": str(PROJECT_ROOT)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{good[1]}: ")
+
+
+def test_files_are_named_as_given_and_never_split_a_line(tmp_path, monkeypatch):
+    """`./a.png` stays `./a.png` (argparse's Path would print `a.png`), a trailing slash is not
+    dropped, and a newline or escape sequence in a file name is written as an escape, so each
+    image keeps one line and no name can drive the terminal."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(architecture="softmax", hidden=(), dropout=0.0, channels=(4, 8, 16), convs_per_block=1,
+                      pool="end", image_size=28, num_classes=10, mean=0.13, std=0.31)
+    save_model(tmp_path / "model.pt", build_model(cfg), cfg, [str(k) for k in range(10)])
+    for name in ("a.png", "new\nline.png", "\x1b[31mred.png"):
+        Image.fromarray(mnist_like_digit()).save(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    not_utf8 = os.fsdecode(b"\xff.png")  # bytes that are no UTF-8: a surrogate in the str
+    status, out, err = run_main("--model", "model.pt", "./a.png", "new\nline.png", "\x1b[31mred.png", "a.png/",
+                                "./missing.png", "gone\n.png", not_utf8)
+    assert status == 1
+    assert [line.split(": ")[0] for line in out] == ["./a.png", "new\\nline.png", "\\x1b[31mred.png"]
+    assert err == ["predict: error: a.png/: cannot read (Not a directory)", "predict: error: ./missing.png: no such file",
+                   "predict: error: gone\\n.png: no such file", "predict: error: \\udcff.png: no such file"]
 
 
 def test_a_model_file_that_would_run_code_is_refused(tmp_path):

@@ -8,7 +8,7 @@ import yaml
 from benchmarks import presets as bench
 from stages.common import PipelineError
 from stages.params import parse
-from stages.presets import apply, load_presets, resolve
+from stages.presets import apply, check, load_presets, resolve
 from tests.conftest import PROJECT_ROOT
 from tests.synthetic import write_prepared
 
@@ -27,6 +27,21 @@ def test_every_preset_validates_against_params_yaml(name):
 def test_unknown_key_in_a_preset_is_refused():
     with pytest.raises(PipelineError, match="'train.nope' is not a key of params.yaml"):
         apply(RAW, {"train.nope": 1})
+
+
+def test_a_preset_that_breaks_a_rule_is_named_with_the_key(tmp_path):
+    """An invalid value from a preset is reported against the preset and the key, not as an
+    error in params.yaml; a bad value of the file itself says so."""
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text((PROJECT_ROOT / "params.yaml").read_text())
+    with pytest.raises(PipelineError, match=r"^preset 'fast\+x' \(presets\.yaml\) on .*params\.yaml: "
+                                            r"train\.lr \(overridden\): must be > 0, got -1\.0$"):
+        check("fast+x", {**PRESETS["fast"], "train.lr": -1.0}, params_path)
+    with pytest.raises(PipelineError, match=r"train\.channels\[0\] \(overridden\): must be an integer"):
+        check("x", {"train.channels": ["x", 64, 128]}, params_path)  # an item of a list the preset sets
+    params_path.write_text((PROJECT_ROOT / "params.yaml").read_text().replace("  epochs: ", "  epochs: 0 #", 1))
+    with pytest.raises(PipelineError, match=r"train\.epochs \(as in .*params\.yaml\): must be between 1 and 1000"):
+        check("cnn-max+mlp-best", {"train.lr": 0.1}, params_path)
 
 
 TUTORIAL_PRESETS = list(PRESETS)[:list(PRESETS).index("aug")]  # presets.yaml lists them before `aug`

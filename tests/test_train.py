@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import stages.train as train_mod
-from stages.common import run_main
+from stages.common import PipelineError, run_main
 from stages.params import AugmentParams, parse
 import stages.runtime as runtime_mod
 from stages.augment import augmented_split
@@ -101,6 +101,15 @@ def test_fit_learns_and_is_bit_identical_when_repeated(data, cfg):
     assert rows_a == rows_b
     assert_same_weights(weights(model_a), weights(model_b))
     assert config.architecture == cfg.model
+
+
+def test_a_diverging_run_stops_with_the_lr_to_lower(data):
+    """A learning rate far too high makes the loss NaN: fit stops at that epoch, naming train.lr,
+    instead of training on and saving a model whose every prediction is noise."""
+    train, val = data
+    cfg = dataclasses.replace(SMALL_MLP, optimizer="sgd", lr=1.0e12, momentum=0.0, nesterov=False)
+    with pytest.raises(PipelineError, match=r"^epoch 1: the train loss is nan: training diverged; lower train\.lr \(now 1e\+12\)"):
+        fit(cfg, train, val, CPU)
 
 
 @pytest.mark.parametrize("cfg, dataset", [(SMALL_CNN, "data"), (SMALL_MLP, "data"), (SMALL_CNN_FRESH_VIEWS, "views_data"),
