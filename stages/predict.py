@@ -466,8 +466,8 @@ def check_model_path(path: Path) -> None:
     if path.is_dir():
         raise PipelineError(f"{path}: a directory; --model takes the model file (models/model.pt in the project)")
     if not path.exists():
-        raise PipelineError(f"{path}: no model file here; train one with `dvc repro` or fetch the project's "
-                            "with `dvc pull` (in the project), or name one with --model PATH")
+        raise PipelineError(f"{path}: no model file here; train one with `dvc repro` or `dvc pull` it from "
+                            "your DVC remote (in the project), or name one with --model PATH")
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:

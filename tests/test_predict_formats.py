@@ -516,7 +516,7 @@ def test_devices_that_exist_are_used(monkeypatch):
     (["--model", "{tmp}"], "predict: error: {tmp}: a directory; --model takes the model file (models/model.pt "
                            "in the project)"),
     (["--model", "{tmp}/none.pt"], "predict: error: {tmp}/none.pt: no model file here; train one with `dvc repro` "
-                                   "or fetch the project's with `dvc pull` (in the project), or name one with "
+                                   "or `dvc pull` it from your DVC remote (in the project), or name one with "
                                    "--model PATH"),
 ])
 def test_bad_options_cost_one_line_and_status_1(argv, expected, tmp_path, monkeypatch, capsys):
