@@ -237,8 +237,8 @@ def extract_ink(gray: np.ndarray) -> np.ndarray:
     # The background's level, taken to ~0: the median, whatever its grey level (most of a page is
     # paper). A bold digit cropped to its ink is more than half ink, so the median is the ink's own
     # level and leaves nothing: then the 10th percentile, the paper between its strokes. A frame
-    # or margin thinner than a tenth of the image does not count as that paper: an empty page
-    # inside a thin white frame stays blank.
+    # or margin covering less than a tenth of the image does not count as that paper: an empty
+    # page inside a thin white frame stays blank (inside a wider margin it is a grey rectangle).
     levelled = np.clip(ink - np.median(ink), 0, None)
     if is_blank(levelled):
         levelled = np.clip(ink - np.percentile(ink, 10), 0, None)
