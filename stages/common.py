@@ -275,8 +275,7 @@ def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dic
         raise PipelineError(f"{path}: not a tensor file written by this pipeline, or one holding objects "
                             "that could run code (refused: files load with weights_only=True)") from None
     except Exception as exc:  # torch raises several types for a damaged zip archive
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise PipelineError(f"{path}: damaged tensor file ({type(exc).__name__}: {reason})") from None
+        raise damaged_tensor_file(path, exc) from None
     if not isinstance(payload, dict):
         raise PipelineError(f"{path}: expected a dict of tensors, found {type(payload).__name__}")
     missing = [key for key in required if key not in payload]
@@ -296,10 +295,21 @@ def check_crcs(path: Path) -> None:
     except zipfile.BadZipFile:
         return
     except Exception as exc:  # an unknown compression method, an encryption flag, a cut-off record
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
-        raise PipelineError(f"{path}: damaged tensor file ({type(exc).__name__}: {reason})") from None
+        raise damaged_tensor_file(path, exc) from None
     if failing:
         raise PipelineError(f"{path}: damaged tensor file (its record {failing} fails its CRC-32 check)")
+
+
+def damaged_tensor_file(path: Path, exc: Exception) -> PipelineError:
+    """The one-line error for a tensor file that torch.load or zipfile failed on."""
+    return PipelineError(f"{path}: damaged tensor file ({exception_line(exc)})")
+
+
+def exception_line(exc: BaseException) -> str:
+    """`Type: first line of its message`, or `Type` alone when it has none: how an error raised by a
+    library (torch, Pillow, zipfile), whose messages can run to many lines, is told in one line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from stages.common import PipelineError, load_tensors, save_tensors
+from stages.common import PipelineError, exception_line, load_tensors, save_tensors
 from stages.model_config import ARCHITECTURES, ModelConfig, digit_framing, framing_problem
 
 # 2: the config gained convs_per_block; 3: it gained pool; 4: its `model` key became `architecture`
@@ -196,9 +196,8 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
     except ModelFileError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(f"{path}: weights do not fit the stored configuration "
-                             f"{_describe(config)} ({first_line})") from None
+                             f"{_describe(config)} ({exception_line(exc)})") from None
     # Weights that are NaN or infinite (a diverged run, a damaged copy saved with a valid checksum)
     # would give NaN probabilities and a class picked at random, without an error.
     broken = [name for name, tensor in payload["state_dict"].items()

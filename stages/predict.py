@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages.common import PipelineError, log, run_main
+from stages.common import PipelineError, exception_line, log, run_main
 from stages.idx import IdxFormatError, parse_idx, read_bytes
 from stages.model_config import digit_framing
 from stages.models import load_model, predict_logits
@@ -85,7 +85,9 @@ def check_file(path: str) -> None:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise PipelineError(f"{path}: no such file") from None
+        # `-` means standard input to many tools; predict reads only files.
+        hint = " (predict reads files, not standard input: save the image and name it)" if path == "-" else ""
+        raise PipelineError(f"{path}: no such file{hint}") from None
     except OSError as exc:  # e.g. ELOOP "Too many levels of symbolic links", EACCES on a parent
         raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if stat.S_ISDIR(info.st_mode):
@@ -315,8 +317,7 @@ def damaged(path: str, exc: Exception) -> PipelineError:
     OSError mostly, but also ValueError (PPM), SyntaxError, EOFError, struct.error, ... depending
     on the plugin, and EXIF or mode conversion can fail on odd files; a file from outside must
     cost one error line, never the run, so every Exception from Pillow ends here."""
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
-    return PipelineError(f"{path}: damaged or unsupported image ({type(exc).__name__}: {reason})")
+    return PipelineError(f"{path}: damaged or unsupported image ({exception_line(exc)})")
 
 
 def image_sample(path: str, size: int, framing: dict | None = None) -> Sample:
@@ -472,9 +473,12 @@ def check_model_path(path: Path) -> None:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = build_parser(prog).parse_args(argv)
-    device = predict_device(args.device)
-    check_model_path(args.model)
-    model, meta = load_model(args.model, device)
+    try:
+        device = predict_device(args.device)
+        check_model_path(args.model)
+        model, meta = load_model(args.model, device)
+    except PipelineError as exc:  # --model's path is named as given: escaped like the images' names
+        raise PipelineError(printable(str(exc))) from None
     classes, size = meta["classes"], meta["config"]["image_size"]
     rows, failed = [], 0
     for path in args.paths:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common import PipelineError, parse_yaml, write_files_atomic
+from stages.common import PipelineError, exception_line, parse_yaml, write_files_atomic
 
 
 def test_ctrl_c_while_writing_leaves_every_target_as_it_was(tmp_path, monkeypatch):
@@ -56,3 +56,10 @@ def test_parse_yaml_reads_as_safe_load_does_but_refuses_duplicate_keys():
         parse_yaml("train: [unclosed\n", "x.yaml")
     with pytest.raises(PipelineError, match=r"^x\.yaml: not valid YAML: month must be in 1\.\.12"):
         parse_yaml("date: 2026-13-01\n", "x.yaml")  # a constructor's ValueError, not a traceback
+
+
+def test_exception_line_is_the_type_and_the_first_line_of_the_message():
+    assert exception_line(RuntimeError("size mismatch for fc.weight\n  copying a param ...")) == \
+        "RuntimeError: size mismatch for fc.weight"
+    assert exception_line(OSError("  \n")) == "OSError"  # no message: the type alone
+    assert exception_line(KeyError("fc.bias")) == "KeyError: 'fc.bias'"

@@ -460,11 +460,15 @@ def test_files_are_named_as_given_and_never_split_a_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     not_utf8 = os.fsdecode(b"\xff.png")  # bytes that are no UTF-8: a surrogate in the str
     status, out, err = run_main("--model", "model.pt", "./a.png", "new\nline.png", "\x1b[31mred.png", "a.png/",
-                                "./missing.png", "gone\n.png", not_utf8)
+                                "./missing.png", "gone\n.png", not_utf8, "-")
     assert status == 1
     assert [line.split(": ")[0] for line in out] == ["./a.png", "new\\nline.png", "\\x1b[31mred.png"]
     assert err == ["predict: error: a.png/: cannot read (Not a directory)", "predict: error: ./missing.png: no such file",
-                   "predict: error: gone\\n.png: no such file", "predict: error: \\udcff.png: no such file"]
+                   "predict: error: gone\\n.png: no such file", "predict: error: \\udcff.png: no such file",
+                   "predict: error: -: no such file (predict reads files, not standard input: save the image and name it)"]
+    with pytest.raises(PipelineError) as raised:  # --model's path is escaped too
+        predict.main(["--model", "gone\n\x1b[2J.pt", "./a.png"])
+    assert str(raised.value).startswith("gone\\n\\x1b[2J.pt: no model file here; ")
 
 
 def test_a_model_file_that_would_run_code_is_refused(tmp_path):

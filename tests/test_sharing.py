@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -243,11 +244,15 @@ def test_preset_grid_sweep_through_make(project):
 
     queued = _make(p, "exp", "PRESET=fast", "EXP_ARGS=--queue -S 'train.seed=range(0,2)'")
     assert "Queued experiment 'fast-1'" in queued.stdout and "Queued experiment 'fast-2'" in queued.stdout
+    env, p.env = p.env, {k: v for k, v in p.env.items() if k != "OMP_NUM_THREADS"}  # unset, as for a user
     try:
-        _make(p, "queue", "JOBS=2")
+        started = _make(p, "queue", "JOBS=2")
         _wait_for_queue(p)
     finally:
+        p.env = env
         p.dvc("queue", "stop", "--kill", check=False)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)  # make queue's share of the cores for 2 workers
+    assert "thread(s) each" in started.stdout and f" {share} thread" in started.stdout, started.stdout
 
     runs = _experiment_names(p)
     fast = {name: data for name, data in runs.items() if name.startswith("fast-")}
@@ -257,6 +262,8 @@ def test_preset_grid_sweep_through_make(project):
         train = data["params"]["params.yaml"]["data"]["train"]
         assert (train["channels"], train["pool"], train["epochs"]) == (
             preset["train.channels"], preset["train.pool"], preset["train.epochs"]), train
+        # Each worker's training took its share of the cores (torch's own default: every core).
+        assert data["params"]["metrics/train/params.yaml"]["data"]["threads"] == share
     metrics = [data["metrics"]["metrics/eval.json"]["data"] for data in fast.values()]
     mean = subprocess.run(["bash", "-c", SEED_MEAN], cwd=p.root, env=p.env, capture_output=True, text=True, check=True)
     runs, _, _, accuracy, _, loss = mean.stdout.split()  # "2 runs: accuracy A loss L"
