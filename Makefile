@@ -90,11 +90,7 @@ queue: $(INSTALLED)
 
 # dvc pull, but only from remotes that re-hash what they download (`verify = true`): without it
 # DVC places a remote object whose bytes changed in the workspace unnoticed (docs/sharing.md).
+# stages/remotes.py reads DVC's config as DVC does (every level, dotted names, each kind's default).
 pull: $(INSTALLED)
-	@for remote in $$($(BIN)/dvc config --list | sed -n 's/^remote\.\([^.]*\)\.url=.*/\1/p'); do \
-	  test "$$($(BIN)/dvc config remote.$$remote.verify)" = true || { \
-	    echo "make pull: remote '$$remote' has verify off, so a corrupt download would go unnoticed;" \
-	         "turn it on for everyone: dvc remote modify $$remote verify true && git commit .dvc/config"; \
-	    exit 2; }; \
-	done
+	@$(BIN)/python -m stages.remotes
 	$(BIN)/dvc pull $(PULL_ARGS)

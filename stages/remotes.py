@@ -1,0 +1,71 @@
+"""`make pull`'s check: every DVC remote re-hashes what it downloads (`verify = true`).
+
+Without it, DVC places a remote object whose bytes changed in the workspace unnoticed, and nothing
+notices afterwards (docs/sharing.md). `python -m stages.remotes`, run in the project, exits 0 when
+every remote verifies, else with status 2 and a line per remote that does not, naming the command
+that turns it on in the config file where it is off.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from typing import Any
+
+from stages.common import PipelineError, run_main
+
+LABEL = "make pull"
+# DVC's config levels, lowest priority first (a later level wins), and how `dvc remote modify`
+# names each; the project's own .dvc/config is "repo", the only one git shares.
+LEVEL_OPTIONS = {"system": "--system ", "global": "--global ", "repo": "", "local": "--local "}
+
+
+def last_level_setting(levels: dict[str, dict[str, Any]], remote: str, option: str) -> str | None:
+    """The highest-priority config level whose section for `remote` sets `option`, or None.
+    `levels`: level name -> that file's config as DVC reads it, lowest priority first."""
+    found = None
+    for level, config in levels.items():
+        if option in config.get("remote", {}).get(remote, {}):
+            found = level
+    return found
+
+
+def advice(remote: str, levels: dict[str, dict[str, Any]], files: dict[str, str]) -> str:
+    """The line for a remote whose verify is off: where it is off, and the command that turns it on
+    where that takes effect (the level that sets verify last, else the one that defines the remote)."""
+    verify_level = last_level_setting(levels, remote, "verify")
+    level = verify_level or last_level_setting(levels, remote, "url") or "repo"
+    where = f"false in {files[level]}" if verify_level else "unset: DVC's default"
+    command = f"dvc remote modify {LEVEL_OPTIONS[level]}{shlex.quote(remote)} verify true"
+    fix = (f"turn it on for everyone: {command} && git commit .dvc/config" if level == "repo"
+           else f"turn it on in {files[level]}: {command}")
+    return f"remote '{remote}' has verify off ({where}), so a corrupt download would go unnoticed; {fix}"
+
+
+def unverified() -> list[str]:
+    """One advice line per remote of the DVC project in the working directory whose verify is off,
+    by name."""
+    from dvc.config import Config, ConfigError  # DVC's own reading: its levels, defaults and checks
+
+    try:
+        config = Config.from_cwd()
+    except ConfigError as exc:
+        raise PipelineError(f"DVC's config: {exc}") from None
+    files = {level: os.path.relpath(path) if level in ("repo", "local") else path
+             for level, path in config.files.items()}
+    levels = {level: config.load_one(level) for level in Config.LEVELS if level in config.files}
+    return [advice(name, levels, files) for name, remote in sorted(config["remote"].items())
+            if not remote.get("verify", False)]
+
+
+def main() -> None:
+    lines = unverified()
+    for line in lines:
+        print(f"{LABEL}: {line}", flush=True)
+    if lines:
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_main(LABEL, main)
