@@ -20,15 +20,11 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
-def write(path, text):
-    path.write_text(text)
-
-
 def test_every_remote_without_verify_is_named_with_its_fix(project):
-    write(project / "project/.dvc/config",
-          "['remote \"storage\"']\n    url = /tmp/storage\n    verify = True\n"  # as `dvc remote modify` may write it
-          "['remote \"nas.backup\"']\n    url = /mnt/nas\n"  # a dot in the name
-          "['remote \"team s3\"']\n    url = s3://bucket/dvc\n    verify = false\n")
+    (project / "project/.dvc/config").write_text(
+        "['remote \"storage\"']\n    url = /tmp/storage\n    verify = True\n"  # as `dvc remote modify` may write it
+        "['remote \"nas.backup\"']\n    url = /mnt/nas\n"  # a dot in the name
+        "['remote \"team s3\"']\n    url = s3://bucket/dvc\n    verify = false\n")
     assert unverified() == [
         "remote 'nas.backup' has verify off (unset: DVC's default), so a corrupt download would go unnoticed; "
         "turn it on for everyone: dvc remote modify nas.backup verify true && git commit .dvc/config",
@@ -39,21 +35,21 @@ def test_every_remote_without_verify_is_named_with_its_fix(project):
 def test_the_fix_goes_where_verify_is_off(project):
     """A teammate's .dvc/config.local that says false wins over the committed true; a remote kept
     in the user's global config is fixed there (committing it would break every other clone)."""
-    write(project / "project/.dvc/config", "['remote \"storage\"']\n    url = /tmp/storage\n    verify = true\n")
-    write(project / "project/.dvc/config.local", "['remote \"storage\"']\n    verify = false\n")
-    write(project / "global/config", "['remote \"backup\"']\n    url = /mnt/backup\n")
+    (project / "project/.dvc/config").write_text("['remote \"storage\"']\n    url = /tmp/storage\n    verify = true\n")
+    (project / "project/.dvc/config.local").write_text("['remote \"storage\"']\n    verify = false\n")
+    (project / "global/config").write_text("['remote \"backup\"']\n    url = /mnt/backup\n")
     global_file = project / "global/config"
     assert unverified() == [
         "remote 'backup' has verify off (unset: DVC's default), so a corrupt download would go unnoticed; "
         f"turn it on in {global_file}: dvc remote modify --global backup verify true",
         "remote 'storage' has verify off (false in .dvc/config.local), so a corrupt download would go "
         "unnoticed; turn it on in .dvc/config.local: dvc remote modify --local storage verify true"]
-    write(project / "project/.dvc/config.local", "")
-    write(project / "global/config", "['remote \"backup\"']\n    url = /mnt/backup\n    verify = true\n")
+    (project / "project/.dvc/config.local").write_text("")
+    (project / "global/config").write_text("['remote \"backup\"']\n    url = /mnt/backup\n    verify = true\n")
     assert unverified() == []
 
 
 def test_a_config_dvc_cannot_read_is_one_line(project):
-    write(project / "project/.dvc/config", "['remote \"storage\"']\n    verify = true\n")  # no url
+    (project / "project/.dvc/config").write_text("['remote \"storage\"']\n    verify = true\n")  # no url
     with pytest.raises(PipelineError, match=r"^DVC's config: .*expected 'url'"):
         unverified()
