@@ -79,18 +79,24 @@ exp: $(INSTALLED)
 # With JOBS > 1 each worker's stages get an equal share of the cores (OMP_NUM_THREADS: cores / JOBS,
 # at least 1), unless OMP_NUM_THREADS is set: two trainings that each took both cores of a 2-core
 # Xeon ran 3-21x slower than alone; on one thread each, as fast as one thread alone (docs/workflows.md).
+# Workers left running by an earlier `dvc queue start` take queued runs too, in the environment they
+# started with: said, not stopped (they may be running someone's experiment).
 JOBS ?= 1
 queue: $(INSTALLED)
 	@case '$(JOBS)' in ''|*[!0-9]*|0*) echo "make queue: JOBS must be a positive whole number, not '$(JOBS)'"; exit 2;; esac
+	@if $(BIN)/dvc queue status 2>/dev/null | grep -Eq '^Worker status: ([1-9]|0 active, [1-9])'; then \
+	  echo "make queue: queue workers are already running (dvc queue status); they take queued runs too, with the threads they started with: 'dvc queue stop' first to give every run its share"; \
+	fi
 	@if [ -z "$$OMP_NUM_THREADS" ] && [ $(JOBS) -gt 1 ]; then \
-	  share=$$(( $$(nproc) / $(JOBS) )); export OMP_NUM_THREADS=$$(( share > 0 ? share : 1 )); \
-	  echo "make queue: $(JOBS) workers on $$(nproc) cores, $$OMP_NUM_THREADS thread(s) each (OMP_NUM_THREADS)"; \
+	  cores=$$(nproc); share=$$(( cores / $(JOBS) )); export OMP_NUM_THREADS=$$(( share > 0 ? share : 1 )); \
+	  echo "make queue: $(JOBS) workers on $$cores cores, $$OMP_NUM_THREADS thread(s) each (OMP_NUM_THREADS)"; \
 	fi; \
 	echo "$(BIN)/dvc exp run --run-all -j $(JOBS)"; $(BIN)/dvc exp run --run-all -j $(JOBS)
 
 # dvc pull, but only from remotes that re-hash what they download (`verify = true`): without it
 # DVC places a remote object whose bytes changed in the workspace unnoticed (docs/sharing.md).
-# stages/remotes.py reads DVC's config as DVC does (every level, dotted names, each kind's default).
+# stages/remotes.py checks the remotes `dvc pull $(PULL_ARGS)` would use, reading DVC's config and
+# options as DVC does (every level, dotted names, each kind's default).
 pull: $(INSTALLED)
-	@$(BIN)/python -m stages.remotes
+	@$(BIN)/python -m stages.remotes $(PULL_ARGS)
 	$(BIN)/dvc pull $(PULL_ARGS)

@@ -1,6 +1,7 @@
 """predict on real MNIST digits saved the ways phones and image tools save them, and its peak memory.
 
     MNIST_MIRROR=../shared/data/mnist python -m benchmarks.predict_check [--model M] [--digits N]
+    python -m benchmarks.predict_check --quick     # tiny synthetic digits, seconds: a smoke test
 
 1. Accuracy per format. Trains the `fast` preset with the train stage's fit() on MNIST's official
    training images (the last 5,000 as val: a plain slice, not the preprocess stage's stratified
@@ -16,7 +17,8 @@
    so the figures show what the images add.
 
 Writes only into a temporary directory. Peak memory does not depend on the machine's load;
-nothing here is timed.
+nothing here is timed. `--quick` runs both parts on benchmarks.presets' tiny synthetic MNIST, with
+the floor's row alone in the memory table, so that the test suite keeps the script working.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.presets import preset_params
+from benchmarks.presets import QUICK_VAL, preset_params, write_quick_mirror
 from stages import predict
 from stages.common import PipelineError, run_main
 from stages.datasets import load_table
@@ -49,14 +51,15 @@ def mnist(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return read_split(raw_dir, load_table()["mnist"], split)
 
 
-def train_fast_model(raw_dir: Path, path: Path) -> None:
-    """The `fast` preset's model, trained by fit() on the official training images."""
+def train_fast_model(raw_dir: Path, path: Path, val_size: int = VAL) -> None:
+    """The `fast` preset's model, trained by fit() on the official training images, the last
+    `val_size` of them scoring each epoch."""
     images, labels = mnist(raw_dir, "train")
     images, labels = torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
     classes = list(load_table()["mnist"].classes)
-    mean, std = pixel_stats(images[:-VAL])
-    train = {"images": images[:-VAL], "labels": labels[:-VAL], "classes": classes, "mean": mean, "std": std}
-    val = {"images": images[-VAL:], "labels": labels[-VAL:], "classes": classes}
+    mean, std = pixel_stats(images[:-val_size])
+    train = {"images": images[:-val_size], "labels": labels[:-val_size], "classes": classes, "mean": mean, "std": std}
+    val = {"images": images[-val_size:], "labels": labels[-val_size:], "classes": classes}
     model, config, _ = fit(preset_params("fast").train, train, val, resolve_device("cpu"))
     save_model(path, model.cpu(), config, classes)
 
@@ -117,9 +120,12 @@ def photo(size: tuple[int, int], seed: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def memory_figures(model_path: Path, work: Path) -> list[tuple[str, tuple[float, float]]]:
+def memory_figures(model_path: Path, work: Path, quick: bool = False) -> list[tuple[str, tuple[float, float]]]:
     tiny = work / "tiny.png"
     Image.new("L", (28, 28)).save(tiny)
+    floor = ("one 28x28 PNG (the floor: Python, torch, the model)", peak_rss_mib(model_path, [tiny]))
+    if quick:
+        return [floor]
     jpeg24, png24 = work / "24mp.jpg", work / "24mp.png"
     big = photo((6000, 4000), 0)
     big.save(jpeg24, quality=90)
@@ -132,7 +138,7 @@ def memory_figures(model_path: Path, work: Path) -> list[tuple[str, tuple[float,
     for i in range(1000):
         batch.append(work / f"batch{i:04}.jpg")
         os.link(distinct[i % 10], batch[-1])
-    return [("one 28x28 PNG (the floor: Python, torch, the model)", peak_rss_mib(model_path, [tiny])),
+    return [floor,
             ("one 24 MP JPEG (6000x4000, RGB)", peak_rss_mib(model_path, [jpeg24])),
             ("one 24 MP PNG (6000x4000, RGB)", peak_rss_mib(model_path, [png24])),
             ("1,000 12 MP JPEGs (4032x3024, RGB) in one run", peak_rss_mib(model_path, batch))]
@@ -145,16 +151,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--digits", type=int, default=100, help="MNIST test digits per format")
     parser.add_argument("--save-model", type=Path, help="keep the trained model at this path")
     parser.add_argument("--skip-memory", action="store_true", help="only the accuracy table")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny synthetic digits instead of MNIST_MIRROR, the memory floor only: a smoke test")
     args = parser.parse_args(argv)
     mirror = os.environ.get("MNIST_MIRROR")
-    if not mirror:
+    if not mirror and not args.quick:
         raise PipelineError("set MNIST_MIRROR to a directory holding MNIST's four IDX files (.gz or plain)")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.quick:
+            mirror = write_quick_mirror(work / "mirror")
         model_path = args.model or args.save_model or work / "model.pt"
         if args.model is None:
-            train_fast_model(Path(mirror), model_path)
+            train_fast_model(Path(mirror), model_path, QUICK_VAL if args.quick else VAL)
         print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; Pillow {Image.__version__}, torch {torch.__version__}")
         print(f"\n| format | right of {args.digits} |\n|---|---:|")
         for name, right in format_accuracy(model_path, Path(mirror), args.digits, work / "formats"):
@@ -162,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_memory:
             print("\n| input | resident after imports (MiB) | peak while classifying (MiB) | added (MiB) |\n"
                   "|---|---:|---:|---:|")
-            for name, (start, peak) in memory_figures(model_path, work):
+            for name, (start, peak) in memory_figures(model_path, work, args.quick):
                 print(f"| {name} | {start:.0f} | {peak:.0f} | {peak - start:.0f} |", flush=True)
 
 

@@ -1,9 +1,11 @@
-"""`make pull`'s check: every DVC remote re-hashes what it downloads (`verify = true`).
+"""`make pull`'s check: every DVC remote the pull downloads from re-hashes what it downloads
+(`verify = true`).
 
 Without it, DVC places a remote object whose bytes changed in the workspace unnoticed, and nothing
-notices afterwards (docs/sharing.md). `python -m stages.remotes`, run in the project, exits 0 when
-every remote verifies, else with status 2 and a line per remote that does not, naming the command
-that turns it on in the config file where it is off.
+notices afterwards (docs/sharing.md). `python -m stages.remotes [dvc pull options]`, run in the
+project, exits 0 when every remote that `dvc pull` with those options would use verifies, else with
+status 2 and a line per remote that does not, naming the command that turns it on in the config
+file where it is off.
 """
 
 from __future__ import annotations
@@ -43,9 +45,38 @@ def advice(remote: str, levels: dict[str, dict[str, Any]], files: dict[str, str]
     return f"remote '{remote}' has verify off ({where}), so a corrupt download would go unnoticed; {fix}"
 
 
-def unverified() -> list[str]:
-    """One advice line per remote of the DVC project in the working directory whose verify is off,
-    by name."""
+def pulled_remotes(pull_args: list[str], config: Any) -> set[str]:
+    """The remotes `dvc pull PULL_ARGS` downloads from, as DVC chooses them: the one `-r` names
+    (outputs pinned to another remote are then skipped); else the default remote and every remote
+    an output of the workspace pins (`remote:` in dvc.yaml); with -a, -T or -A (other commits,
+    whose outputs may pin others) every remote. `pull_args` are read by DVC's own parser, which
+    prints its usage and error for options `dvc pull` does not take."""
+    from dvc.cli import DvcParserError, parse_args
+
+    try:
+        args = parse_args(["pull", *pull_args])
+    except DvcParserError:
+        sys.exit(2)  # DVC has said what is wrong, as `dvc pull` would
+    if args.remote:
+        return {args.remote}
+    if args.all_branches or args.all_tags or args.all_commits:
+        return set(config["remote"])
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo() as repo:
+            pinned = {out.remote for out in repo.index.outs if out.remote}
+    except DvcException:
+        return set(config["remote"])  # a pipeline DVC cannot read: `dvc pull` will say why
+    default = config["core"].get("remote")
+    return pinned | ({default} if default else set())
+
+
+def unverified(pull_args: list[str] | None = None) -> list[str]:
+    """One advice line, by name, for each remote that `dvc pull PULL_ARGS` would download from in
+    the DVC project of the working directory and whose verify is off. A name that no config
+    defines is left to `dvc pull` to report, as is a pull that names no remote at all."""
     from dvc.config import Config, ConfigError  # DVC's own reading: its levels, defaults and checks
 
     try:
@@ -55,12 +86,13 @@ def unverified() -> list[str]:
     files = {level: os.path.relpath(path) if level in ("repo", "local") else path
              for level, path in config.files.items()}
     levels = {level: config.load_one(level) for level in Config.LEVELS if level in config.files}
+    used = pulled_remotes(pull_args or [], config)
     return [advice(name, levels, files) for name, remote in sorted(config["remote"].items())
-            if not remote.get("verify", False)]
+            if name in used and not remote.get("verify", False)]
 
 
 def main() -> None:
-    lines = unverified()
+    lines = unverified(sys.argv[1:])
     for line in lines:
         print(f"{LABEL}: {line}", flush=True)
     if lines:

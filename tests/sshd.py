@@ -5,7 +5,7 @@ authorized_keys file, its config, pid file and log, and a `home/` whose `.ssh/kn
 the host key (point HOME there so that the SSH client, asyncssh under dvc-ssh, verifies the server
 instead of refusing an unknown host). It runs as the current user and binds only 127.0.0.1.
 
-    with Sshd.start(tmp_dir) as server:   # raises SshdUnavailable when it cannot run
+    with Sshd.start(tmp_dir) as server:   # SshdMissing without OpenSSH, SshdUnavailable if it fails
         server.url("remote")                # ssh://root@127.0.0.1:40123/<tmp_dir>/remote
 """
 
@@ -23,7 +23,11 @@ SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd")
 
 
 class SshdUnavailable(RuntimeError):
-    """sshd is missing or would not start here: the caller skips, printing this reason."""
+    """sshd would not start here: a failure, with the reason (its config, its log)."""
+
+
+class SshdMissing(SshdUnavailable):
+    """No sshd or ssh-keygen installed: the one reason callers skip (a machine without OpenSSH)."""
 
 
 def find_sshd() -> str | None:
@@ -63,9 +67,9 @@ class Sshd:
     def start(cls, directory: Path, attempts: int = 3) -> Sshd:
         binary = find_sshd()
         if binary is None:
-            raise SshdUnavailable("no sshd binary (install openssh-server: apt-get install openssh-server)")
+            raise SshdMissing("no sshd binary (install openssh-server: apt-get install openssh-server)")
         if shutil.which("ssh-keygen") is None:
-            raise SshdUnavailable("no ssh-keygen on PATH")
+            raise SshdMissing("no ssh-keygen on PATH")
         directory.mkdir(parents=True, exist_ok=True)
         server = cls(directory, binary)
         server._prepare()

@@ -116,7 +116,8 @@ def test_seeded(data):
 
 
 def test_quarter_turn_matches_rot90(data):
-    """The matrix random_affine builds for a = 90 degrees (R(-a), no shift) turns an image like rot90."""
+    """warp's coordinate convention: R(-a) for a = 90 degrees, no shift (the form of random_affine's
+    matrices, written out here), turns an image like rot90."""
     images = data[0][:4]
     theta = torch.tensor([[[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]]]).expand(len(images), 2, 3)
     turned = warp(images, theta).int()

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import PROJECT_ROOT, DvcProject
-from tests.sshd import Sshd, SshdUnavailable
+from tests.sshd import Sshd, SshdMissing
 
 pytestmark = pytest.mark.integration
 
@@ -353,11 +353,13 @@ def test_local_remote_push_then_clone_pull(project, tmp_path):
 
 @pytest.fixture
 def sshd(tmp_path):
+    """A throwaway OpenSSH server: skipped on a machine without OpenSSH installed (.ci/run installs
+    it), an error where it is installed but does not start."""
     try:
         server = Sshd.start(tmp_path / "sshd")
-    except SshdUnavailable as error:
-        print(f"cannot start an OpenSSH server: {error}")
-        pytest.skip(f"cannot start an OpenSSH server: {error}")
+    except SshdMissing as error:
+        print(f"no OpenSSH server to test against: {error}")
+        pytest.skip(f"no OpenSSH server to test against: {error}")
     yield server
     server.stop()
 

@@ -59,7 +59,8 @@ def test_augment_param_does_not_rerun_fetch_or_preprocess(project):
 
 def test_views_drawn_on_the_fly_store_nothing_and_train(project):
     """augment.on_the_fly through the stages: augment stores the originals alone with the recipe,
-    train draws the views (as many steps as originals + one stored view) and learns."""
+    train draws the views and learns (that an epoch takes as many steps as originals + one stored
+    view is counted in tests/test_train.py)."""
     project.set_params({"augment": {"copies": 0, "on_the_fly": True}})
     assert project.repro() == {"params", "augment", "train", "evaluate", "plot"}
     stored = torch.load(project.path("data/augmented/train.pt"), weights_only=True)

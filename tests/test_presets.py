@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -86,3 +88,16 @@ def test_preset_benchmark_default_list_skips_the_other_dataset_and_runs_the_rest
     with pytest.raises(PipelineError, match="every preset of the default list: fetch.dataset is not the dataset prepared"):
         bench.main(["--data", str(tmp_path), "--set", "fetch.dataset=fashion-mnist"])
     assert ran == []
+
+
+def test_preset_benchmark_trains_and_scores_each_preset_for_real(tmp_path, capsys):
+    """No stand-in: each preset trains on the splits (augmented as its params say) and its test
+    accuracy and time make a row, on stdout and in --out."""
+    write_prepared(tmp_path, MNIST_CLASSES, n=200)
+    table = tmp_path / "table.md"
+    bench.main(["fast", "mlp-100-100+aug", "--data", str(tmp_path), "--set", "train.epochs=1", "--out", str(table)])
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (.+) \| (\d+\.\d\d)% \| (\d+\.\d) \|$", out, flags=re.MULTILINE)
+    assert [label for label, _, _ in rows] == ["fast train.epochs=1", "mlp-100-100+aug train.epochs=1"], out
+    assert all(0 <= float(accuracy) <= 100 and float(seconds) >= 0 for _, accuracy, seconds in rows)
+    assert table.read_text() == out

@@ -3,6 +3,8 @@ tests/test_sharing.py runs `make pull` itself against a real remote."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from stages.common import PipelineError
@@ -11,11 +13,13 @@ from stages.remotes import unverified
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    """An empty DVC project as the working directory, with global and system config of its own."""
+    """An empty DVC project in a git repository as the working directory, with global and system
+    config of its own."""
     for level in ("GLOBAL", "SYSTEM"):
         monkeypatch.setenv(f"DVC_{level}_CONFIG_DIR", str(tmp_path / level.lower()))
         (tmp_path / level.lower()).mkdir()
     (tmp_path / "project" / ".dvc").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(tmp_path / "project")], check=True)
     monkeypatch.chdir(tmp_path / "project")
     return tmp_path
 
@@ -25,7 +29,7 @@ def test_every_remote_without_verify_is_named_with_its_fix(project):
         "['remote \"storage\"']\n    url = /tmp/storage\n    verify = True\n"  # as `dvc remote modify` may write it
         "['remote \"nas.backup\"']\n    url = /mnt/nas\n"  # a dot in the name
         "['remote \"team s3\"']\n    url = s3://bucket/dvc\n    verify = false\n")
-    assert unverified() == [
+    assert unverified(["--all-commits"]) == [
         "remote 'nas.backup' has verify off (unset: DVC's default), so a corrupt download would go unnoticed; "
         "turn it on for everyone: dvc remote modify nas.backup verify true && git commit .dvc/config",
         "remote 'team s3' has verify off (false in .dvc/config), so a corrupt download would go unnoticed; "
@@ -39,14 +43,47 @@ def test_the_fix_goes_where_verify_is_off(project):
     (project / "project/.dvc/config.local").write_text("['remote \"storage\"']\n    verify = false\n")
     (project / "global/config").write_text("['remote \"backup\"']\n    url = /mnt/backup\n")
     global_file = project / "global/config"
-    assert unverified() == [
+    assert unverified(["-a"]) == [
         "remote 'backup' has verify off (unset: DVC's default), so a corrupt download would go unnoticed; "
         f"turn it on in {global_file}: dvc remote modify --global backup verify true",
         "remote 'storage' has verify off (false in .dvc/config.local), so a corrupt download would go "
         "unnoticed; turn it on in .dvc/config.local: dvc remote modify --local storage verify true"]
     (project / "project/.dvc/config.local").write_text("")
     (project / "global/config").write_text("['remote \"backup\"']\n    url = /mnt/backup\n    verify = true\n")
-    assert unverified() == []
+    assert unverified(["-a"]) == []
+
+
+def test_only_the_remotes_the_pull_downloads_from_are_checked(project):
+    """As DVC chooses them: the one -r names; else the default and those an output pins; with
+    -a, -T or -A every remote (other commits may pin others)."""
+    (project / "project/.dvc/config").write_text(
+        "[core]\n    remote = storage\n"
+        "['remote \"storage\"']\n    url = /tmp/storage\n    verify = true\n"
+        "['remote \"backup\"']\n    url = /mnt/backup\n"
+        "['remote \"pinned\"']\n    url = /mnt/pinned\n")
+    (project / "project/dvc.yaml").write_text(
+        "stages:\n  train:\n    cmd: python train.py\n    outs:\n      - model.pt:\n          remote: pinned\n")
+    named = {name: f"remote '{name}' has verify off" for name in ("backup", "pinned")}
+
+    def checked(*pull_args):
+        return [name for name, start in named.items() for line in unverified(list(pull_args))
+                if line.startswith(start)]
+
+    assert checked() == ["pinned"]
+    assert checked("-r", "storage") == [] and checked("--remote=backup") == ["backup"]
+    assert checked("-fr", "backup", "model.pt") == ["backup"]  # DVC's own option parsing
+    assert checked("-r", "nowhere") == []  # no such remote: `dvc pull` says so itself
+    assert checked("-T") == ["backup", "pinned"]
+    (project / "project/dvc.yaml").write_text("stages:\n  train:\n    cmd: python train.py\n    outs: [model.pt]\n")
+    assert checked() == []
+
+
+def test_an_option_dvc_pull_does_not_take_is_refused_by_dvc(project, capsys, caplog):
+    with pytest.raises(SystemExit) as refused:
+        unverified(["--bogus"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().out.startswith("usage: dvc pull")
+    assert "unrecognized arguments: --bogus" in caplog.text
 
 
 def test_a_config_dvc_cannot_read_is_one_line(project):

@@ -30,7 +30,7 @@ from tests.test_dvc_workflows import (
     lock_md5,
     output_digests,
     sha256,
-    sshd,  # noqa: F401 (a fixture: the real OpenSSH server, skipped only where sshd cannot run)
+    sshd,  # noqa: F401 (a fixture: the real OpenSSH server, skipped only where OpenSSH is not installed)
 )
 
 pytestmark = pytest.mark.integration
@@ -331,8 +331,11 @@ def test_make_pull_refuses_a_remote_without_verify(project, tmp_path):
     assert "make pull: remote 'storage' has verify off" in refused.stdout, refused.stdout
     assert not p.path(MODEL).exists() and not p.path(DATA).exists(), "nothing pulled"
     p.dvc("remote", "modify", "storage", "verify", "true")
+    p.dvc("remote", "add", "backup", str(tmp_path / "backup"))  # verify off, but not pulled from
+    refused = _make(p, "pull", "PULL_ARGS=-r backup", check=False)
+    assert refused.returncode != 0 and "make pull: remote 'backup' has verify off" in refused.stdout, refused.stdout
     pulled = _make(p, "pull")
-    assert "dvc pull" in pulled.stdout
+    assert "dvc pull" in pulled.stdout and "backup" not in pulled.stdout, pulled.stdout
     assert p.path(MODEL).is_file() and "Data and pipelines are up to date" in p.dvc("status").stdout
 
 

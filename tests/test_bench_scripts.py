@@ -1,0 +1,47 @@
+"""benchmarks/speed.py (`make bench`) and benchmarks/predict_check.py run end to end on tiny
+synthetic MNIST, so that neither script rots between the runs that give their figures.
+
+Not timing tests: the numbers they print are not checked, only that every part ran and reported.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torchvision  # noqa: F401 (the tutorials' input pipeline: the test extra carries it, never skipped)
+
+from benchmarks import predict_check, speed
+from benchmarks.presets import QUICK_VAL, write_quick_mirror
+from stages.common import save_tensors
+from stages.datasets import load_table
+from stages.params import PreprocessParams
+from stages.preprocess import prepare
+from tests.test_predict_formats import FORMATS
+
+
+def test_make_bench_measures_every_input_pipeline_the_fast_preset_and_memory(tmp_path, capsys):
+    raw = write_quick_mirror(tmp_path / "raw")
+    for name, split in prepare(raw, load_table()["mnist"], PreprocessParams(val_size=QUICK_VAL, seed=0)).items():
+        save_tensors(tmp_path / "prepared" / f"{name}.pt", split)
+    speed.main(["--raw", str(raw), "--data", str(tmp_path / "prepared"), "--repeats", "2", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.startswith("CPU: ") and "torch threads" in out
+    assert "on the 1,200 official training images (fastest of 2)" in out  # the mirror's whole train set
+    for part in ("(a) tutorials", "(b) this project", "(c) (b)'s model"):
+        assert re.search(re.escape(part) + r".*:\s+\d+\.\d\d s", out), part
+    assert re.search(r"speed-up \(a\)/\(b\): \d+\.\dx; no input pipeline can exceed \(a\)/\(c\) = \d+\.\dx", out)
+    assert re.search(r"2\. Preset 'fast': cnn \[16, 32, 48\], 1 epoch\(s\)", out)
+    assert re.search(r"trained in \d+\.\d s; test accuracy \d+\.\d\d% on 200 images", out)
+    assert re.search(r"3\. Peak resident memory of this process: \d+ MiB", out)
+
+
+def test_predict_check_classifies_every_format_and_measures_memory(capsys):
+    predict_check.main(["--quick", "--digits", "3"])
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^\| ([^|]+?) \| (\d+) \|$", out, flags=re.MULTILINE))
+    assert list(rows) == ["raw 28x28 (IDX, no conversion)", *FORMATS]
+    assert all(0 <= int(right) <= 3 for right in rows.values())
+    memory = re.search(r"^\| one 28x28 PNG \(the floor: [^|]+\| (\d+) \| (\d+) \| (-?\d+) \|$", out, flags=re.MULTILINE)
+    assert memory, out
+    start, peak, added = map(int, memory.groups())
+    assert 0 < start <= peak and added == peak - start

@@ -1,0 +1,75 @@
+"""The Makefile's own shell logic (make queue's checks and thread share), run against a stand-in
+`dvc` that records how it was called; tests/test_sharing.py runs the targets with the real DVC."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+
+# A stand-in for .venv/bin/dvc: appends its arguments and OMP_NUM_THREADS to ../calls, and answers
+# `dvc queue status` with the contents of ../status.
+FAKE_DVC = """#!/bin/sh
+echo "$* OMP=${OMP_NUM_THREADS-unset}" >> "$(dirname "$0")/../calls"
+if [ "$*" = "queue status" ]; then cat "$(dirname "$0")/../status"; fi
+"""
+
+
+@pytest.fixture
+def venv(tmp_path):
+    """A venv directory holding only the stand-in dvc, and marked as installed."""
+    (tmp_path / "venv/bin").mkdir(parents=True)
+    (tmp_path / "venv/bin/dvc").write_text(FAKE_DVC)
+    (tmp_path / "venv/bin/dvc").chmod(0o755)
+    (tmp_path / "venv/.installed").touch()
+    (tmp_path / "venv/status").write_text("No experiment tasks in the queue.\n\nWorker status: 0 active, 0 idle\n")
+    return tmp_path / "venv"
+
+
+def make(venv: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | env
+    return subprocess.run(["make", "--no-print-directory", "-f", str(PROJECT_ROOT / "Makefile"),
+                           "-o", f"{venv}/.installed", f"VENV={venv}", *args],
+                          cwd=venv.parent, env=environ, capture_output=True, text=True)
+
+
+def calls(venv: Path) -> list[str]:
+    return (venv / "calls").read_text().splitlines() if (venv / "calls").exists() else []
+
+
+@pytest.mark.parametrize("jobs", ["0", "02", "-1", "two", "1.5", ""])
+def test_queue_refuses_jobs_that_is_no_positive_whole_number(venv, jobs):
+    refused = make(venv, "queue", f"JOBS={jobs}")
+    assert refused.returncode != 0
+    assert f"make queue: JOBS must be a positive whole number, not '{jobs}'" in refused.stdout
+    assert calls(venv) == [], "DVC was not called"
+
+
+def test_queue_gives_each_worker_its_share_of_the_cores(venv):
+    cores = int(subprocess.run(["nproc"], capture_output=True, text=True, check=True,
+                               env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}).stdout)
+    started = make(venv, "queue", "JOBS=2")
+    share = max(1, cores // 2)
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert f"make queue: 2 workers on {cores} cores, {share} thread(s) each" in started.stdout
+    assert calls(venv)[-1] == f"exp run --run-all -j 2 OMP={share}"
+
+
+def test_queue_keeps_a_thread_count_that_is_set_and_one_worker_takes_every_core(venv):
+    assert make(venv, "queue", "JOBS=2", OMP_NUM_THREADS="3").returncode == 0
+    assert make(venv, "queue").returncode == 0
+    assert calls(venv)[1::2] == ["exp run --run-all -j 2 OMP=3", "exp run --run-all -j 1 OMP=unset"]
+
+
+@pytest.mark.parametrize("workers, said", [("0 active, 0 idle", False), ("1 active, 0 idle", True),
+                                           ("0 active, 2 idle", True), ("10 active, 0 idle", True)])
+def test_queue_says_when_workers_are_already_running(venv, workers, said):
+    (venv / "status").write_text(f"Task  Name  Created  Status\n\nWorker status: {workers}\n")
+    started = make(venv, "queue", "JOBS=2")
+    assert started.returncode == 0
+    assert ("queue workers are already running" in started.stdout) == said, started.stdout
+    assert calls(venv)[-1].startswith("exp run --run-all -j 2"), "the runs start either way"
