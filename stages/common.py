@@ -13,8 +13,10 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -315,15 +317,54 @@ def exception_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: raised where the program is, so that it unwinds as on Ctrl-C (atomic
+    writes remove their temporaries) instead of dying where it stands."""
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+# Linux's prctl option: the signal this process gets when its parent dies (include/uapi/linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent() -> None:
+    """Asks Linux for SIGTERM when this process's parent dies (elsewhere: nothing). For a stage
+    that DVC runs: a `dvc repro` that is killed would otherwise leave its stage running on, writing
+    outputs and DVCLive logs that the next `dvc repro` then races with."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_main(stage: str, entry: Callable[[], None], kept: str = "no file was left half-written") -> None:
     """Runs a stage's entry function as a command: a PipelineError becomes one line on stderr and
-    exit status 1; Ctrl-C becomes a short message (`kept`: what the stage leaves on disk) and the
-    conventional status 130."""
+    exit status 1; Ctrl-C and SIGTERM (`kill`, `timeout`, a cancelled CI job) a short message
+    (`kept`: what the stage leaves on disk) and the conventional status, 130 or 143. Under DVC
+    (which sets DVC_ROOT for a stage's command) the stage also stops when DVC dies; run by hand it
+    outlives its shell like any command (nohup keeps working)."""
+    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers go
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
+        if "DVC_ROOT" in os.environ:
+            stop_with_parent()
         entry()
     except PipelineError as exc:
         log(stage, f"error: {exc}")
         sys.exit(1)
+    except Terminated:
+        log(stage, f"stopped by SIGTERM; {kept}")
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         log(stage, f"interrupted; {kept}")
         sys.exit(130)
+    finally:
+        if main_thread:  # a handler installed outside Python reads as None: the default then
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

@@ -133,7 +133,8 @@ def describe_precision(requested: str, device: torch.device) -> str:
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' * (threads != 1)})"
 
 
 def cpu_model() -> str:

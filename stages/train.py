@@ -399,7 +399,7 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     loss_of = make_loss(network, cfg, device)
     say = (lambda message: log(STAGE, message)) if rank.is_main else (lambda message: None)
     say(f"{cfg.model}: {count_parameters(model):,} parameters; {len(train['labels']):,} train and "
-        f"{len(val_labels):,} val images; {cfg.epochs} epochs of {len(batches)} steps"
+        f"{len(val_labels):,} val images; {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {len(batches)} steps"
         + (", each over the originals and a view of each drawn on the fly" if on_the_fly else "")
         + (f", each shared by {rank.world} processes" if rank.world > 1 else ""))
     train_log = train_log if train_log is not None else TrainLog()

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from stages.common import PipelineError, exception_line, parse_yaml, write_files_atomic
+import stages.__main__ as launcher
+from stages.common import PipelineError, Terminated, exception_line, parse_yaml, run_main, write_files_atomic
+from tests.conftest import PROJECT_ROOT
 
 
 def test_ctrl_c_while_writing_leaves_every_target_as_it_was(tmp_path, monkeypatch):
@@ -63,3 +71,107 @@ def test_exception_line_is_the_type_and_the_first_line_of_the_message():
         "RuntimeError: size mismatch for fc.weight"
     assert exception_line(OSError("  \n")) == "OSError"  # no message: the type alone
     assert exception_line(KeyError("fc.bias")) == "KeyError: 'fc.bias'"
+
+
+def test_sigterm_stops_a_stage_as_ctrl_c_does_and_the_handler_is_put_back(capsys):
+    """`kill`, `timeout` and a cancelled CI job send SIGTERM: one line and status 143, with the
+    clean-up of Ctrl-C (Terminated is a KeyboardInterrupt, so atomic writes remove their temporaries)."""
+    before = signal.getsignal(signal.SIGTERM)
+
+    def killed():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here, at once
+        raise AssertionError("SIGTERM did not stop the entry function")
+
+    with pytest.raises(SystemExit) as stopped:
+        run_main("augment", killed)
+    assert stopped.value.code == 143
+    assert capsys.readouterr().err == "augment: stopped by SIGTERM; no file was left half-written\n"
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+# A stage that says it is running, then works for a minute (the test stops it long before).
+STAGE = """
+import time
+from stages.common import log, run_main
+def work():
+    log("stage", "running")
+    time.sleep(60)
+run_main("stage", work)
+"""
+# Its parent: starts it, prints its pid, and waits (until the test kills it).
+PARENT = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stderr=open(sys.argv[2], "w"))
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+@pytest.mark.parametrize("under_dvc", [True, False], ids=["run-by-dvc", "run-by-hand"])
+def test_a_stage_run_by_dvc_stops_when_dvc_is_killed(tmp_path, under_dvc):
+    """Killing `dvc repro` left its stage training on, and the next `dvc repro` then wrote beside
+    it (DVCLive's logs got both runs' rows). DVC sets DVC_ROOT for a stage's command: there the
+    stage gets SIGTERM when its parent dies. Run by hand, it outlives its parent (nohup works)."""
+    env = {key: value for key, value in os.environ.items() if key != "DVC_ROOT"}
+    env["PYTHONPATH"] = str(PROJECT_ROOT)
+    if under_dvc:
+        env["DVC_ROOT"] = str(tmp_path)
+    log = tmp_path / "stage.log"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, STAGE, str(log)], env=env, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60
+        while "running" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "stage: running" in log.read_text()
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + (30 if under_dvc else 3)
+        while "stopped" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if under_dvc:
+            assert log.read_text().endswith("stage: stopped by SIGTERM; no file was left half-written\n")
+        else:
+            assert log.read_text() == "stage: running\n", "still working after its parent died"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("stopped_by, status, line", [
+    (KeyboardInterrupt, 130, "train: interrupted while starting; nothing was written\n"),
+    (Terminated, 143, "train: stopped by SIGTERM while starting; nothing was written\n")])
+def test_the_launcher_tells_an_interruption_during_a_stages_imports_in_one_line(monkeypatch, capsys, stopped_by,
+                                                                                 status, line):
+    """stages/run starts every stage as `python -m stages NAME`; importing torch takes seconds, and
+    Ctrl-C there printed Python's traceback."""
+    ran = []
+
+    def importing(module, run_name, alter_sys):
+        ran.append((module, run_name, list(sys.argv)))
+        raise stopped_by
+
+    monkeypatch.setattr(launcher.runpy, "run_module", importing)
+    monkeypatch.setattr(sys, "argv", ["stages", "train", "in.pt", "--checkpoint", "c.pt"])
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            launcher.main()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.code == status and capsys.readouterr().err == line
+    assert ran == [("stages.train", "__main__", ["stages.train", "in.pt", "--checkpoint", "c.pt"])]
+
+
+def test_the_launcher_runs_the_stage_as_python_m_does(tmp_path):
+    """`python -m stages NAME ARGS` is `python -m stages.NAME ARGS`: same output, same status."""
+    for args in (["params", "--help"], ["params", str(tmp_path / "out.txt")]):
+        direct, launched = (subprocess.run([sys.executable, "-m", *module, *args[1:]], cwd=tmp_path,
+                                           env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+                                           capture_output=True, text=True)
+                            for module in (["stages.params"], ["stages", "params"]))
+        assert (launched.returncode, launched.stdout, launched.stderr) == (direct.returncode, direct.stdout, direct.stderr)
+    assert direct.returncode == 1 and "params.yaml" in direct.stderr  # no params.yaml here: one line
+    usage = subprocess.run([sys.executable, "-m", "stages"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert usage.returncode == 1 and usage.stderr.startswith("usage: python -m stages NAME")

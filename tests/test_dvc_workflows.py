@@ -105,6 +105,9 @@ RERUNS: dict[str, Rerun] = {
     "stages/run": _rerun(
         "stages/run", "`stages/run` (the launcher)", set(),
         "no stage depends on it; `dvc repro -f` forces a run"),
+    "stages/__main__.py": _rerun(
+        "stages/__main__.py", "`stages/__main__.py` (the launcher's Python half)", set(),
+        "no stage depends on it: it starts a stage, computes nothing"),
     "stages/presets.py": _rerun(
         "stages/presets.py", "`stages/presets.py`", set(), "used by `make exp`, not by any stage"),
 }

@@ -55,7 +55,7 @@ def transitive_imports(module: str) -> set[str]:
 
 
 def stage_module(stage: dict) -> str:
-    # Every stage runs as `stages/run NAME ...`, which runs `python -m stages.NAME`.
+    # Every stage runs as `stages/run NAME ...`, which runs `python -m stages NAME`: stages.NAME.
     launcher, name, *_ = stage["cmd"].split()
     assert launcher == "stages/run", stage["cmd"]
     return f"{PACKAGE}.{name}"

@@ -12,6 +12,8 @@ import hashlib
 import io
 import json
 import re
+import shutil
+import subprocess
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -24,7 +26,7 @@ from stages.common import Progress
 from stages.plot import confusion_figure, curves_figure, panels, within_bounds
 from stages.runtime import numerics, resolve_device, resolve_precision
 from stages.tracking import TrainLog, step_log_interval
-from tests.conftest import PROJECT_ROOT, SMALL_PARAMS
+from tests.conftest import PROJECT_ROOT, SMALL_PARAMS, VENV_BIN
 from tests.test_fetch import http_mirrors, mirror  # noqa: F401  (fixtures)
 
 LIVE = "metrics/train"
@@ -153,17 +155,30 @@ def test_same_params_give_byte_identical_dvclive_files(project):
 
 @pytest.mark.integration
 def test_artifacts_get_returns_the_model_byte_identical(project, tmp_path):
-    """The model registered as a version (a GTO tag) is fetched from a local git repo's DVC remote."""
+    """The model registered as a version (a GTO tag) is fetched from a local git repo's DVC remote,
+    by someone outside the project: the project's own cache is moved aside first (DVC reads a
+    local repository's cache when it can, and inside a DVC project its own), so the file must
+    come from the remote; with the remote gone, the get fails as a forgotten `dvc push` does."""
     p = project
     p.dvc("remote", "add", "-d", "shared", str(tmp_path / "dvc-remote"))
     p.dvc("push")
     p.commit("a DVC remote")
     p.run("git", "tag", "-a", "mnist-classifier@v1.0.0", "-m", "mnist-classifier v1.0.0")
-    target = tmp_path / "elsewhere" / "model.pt"
-    target.parent.mkdir()
-    result = p.dvc("artifacts", "get", str(p.root), "mnist-classifier", "-o", str(target))
-    assert "Downloaded 1 file(s)" in result.stdout
-    assert digest(target) == digest(p.path("models/model.pt"))
+    p.path(".dvc/cache").rename(tmp_path / "cache-aside")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def get(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(VENV_BIN / "dvc"), "artifacts", "get", str(p.root), "mnist-classifier",
+                               "-o", name], cwd=elsewhere, env=p.env, capture_output=True, text=True)
+
+    result = get("model.pt")
+    assert result.returncode == 0 and "Downloaded 1 file(s)" in result.stdout, result.stdout + result.stderr
+    assert digest(elsewhere / "model.pt") == digest(p.path("models/model.pt"))
+    shutil.rmtree(tmp_path / "dvc-remote")
+    missing = get("again.pt")
+    assert missing.returncode != 0 and not (elsewhere / "again.pt").exists()
+    assert "No storage files available: 'models/model.pt'" in missing.stderr, missing.stderr
 
 
 def test_artifact_declared_in_dvc_yaml():
