@@ -8,18 +8,21 @@ or SIGTERM there printed Python's traceback or nothing at all; here either is on
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import runpy
 import signal
 import sys
 
-from stages.common import Terminated, log, raise_terminated, stop_with_parent  # no torch: no delay
+from stages.common import interruption, log, raise_terminated, stop_with_parent  # no torch: no delay
 
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
         sys.exit("usage: python -m stages NAME [ARGS...]   (NAME: a stage's module in stages/, e.g. train)")
     stage, module = sys.argv[1], f"stages.{sys.argv[1]}"
+    if importlib.util.find_spec(module) is None:
+        sys.exit(f"python -m stages: no stage {stage!r} (a module of stages/, e.g. train)")
     signal.signal(signal.SIGTERM, raise_terminated)
     if "DVC_ROOT" in os.environ:
         stop_with_parent()
@@ -28,12 +31,10 @@ def main() -> None:
         # The stage's imports, then its run_main, which tells every later interruption itself
         # (and exits through SystemExit, which passes here).
         runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except Terminated:
-        log(stage, "stopped by SIGTERM while starting; nothing was written")
-        sys.exit(128 + signal.SIGTERM)
-    except KeyboardInterrupt:
-        log(stage, "interrupted while starting; nothing was written")
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
+        stopped, status = interruption(exc)
+        log(stage, f"{stopped} while starting; nothing was written")
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -332,16 +332,25 @@ PR_SET_PDEATHSIG = 1
 
 def stop_with_parent() -> None:
     """Asks Linux for SIGTERM when this process's parent dies (elsewhere: nothing). For a stage
-    that DVC runs: a `dvc repro` that is killed would otherwise leave its stage running on, writing
-    outputs and DVCLive logs that the next `dvc repro` then races with."""
+    that DVC runs (dvc.yaml's `exec` makes DVC the parent): a `dvc repro` that is killed would
+    otherwise leave its stage running on, writing outputs and DVCLive logs that the next
+    `dvc repro` then races with."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
     parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        return  # refused (a sandbox's seccomp filter): the stage runs on without the tie, as before
     if os.getppid() != parent:  # the parent died before the request was in place
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def interruption(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """(what stopped the program, its exit status) for Ctrl-C or SIGTERM: 128 + the signal."""
+    if isinstance(exc, Terminated):
+        return "stopped by SIGTERM", 128 + signal.SIGTERM
+    return "interrupted", 128 + signal.SIGINT
 
 
 def run_main(stage: str, entry: Callable[[], None], kept: str = "no file was left half-written") -> None:
@@ -359,12 +368,10 @@ def run_main(stage: str, entry: Callable[[], None], kept: str = "no file was lef
     except PipelineError as exc:
         log(stage, f"error: {exc}")
         sys.exit(1)
-    except Terminated:
-        log(stage, f"stopped by SIGTERM; {kept}")
-        sys.exit(128 + signal.SIGTERM)
-    except KeyboardInterrupt:
-        log(stage, f"interrupted; {kept}")
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
+        stopped, status = interruption(exc)
+        log(stage, f"{stopped}; {kept}")
+        sys.exit(status)
     finally:
         if main_thread:  # a handler installed outside Python reads as None: the default then
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

@@ -10,6 +10,8 @@ file where it is off.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shlex
 import sys
@@ -49,14 +51,18 @@ def pulled_remotes(pull_args: list[str], config: Any) -> set[str]:
     """The remotes `dvc pull PULL_ARGS` downloads from, as DVC chooses them: the one `-r` names
     (outputs pinned to another remote are then skipped); else the default remote and every remote
     an output of the workspace pins (`remote:` in dvc.yaml); with -a, -T or -A (other commits,
-    whose outputs may pin others) every remote. `pull_args` are read by DVC's own parser, which
-    prints its usage and error for options `dvc pull` does not take."""
+    whose outputs may pin others) every remote. `pull_args` are read by DVC's own parser, whose
+    ERROR line names an option `dvc pull` does not take (its usage text, on stdout, is left out:
+    `dvc pull -h` prints it, which is also why -h checks nothing)."""
     from dvc.cli import DvcParserError, parse_args
 
     try:
-        args = parse_args(["pull", *pull_args])
+        with contextlib.redirect_stdout(io.StringIO()):
+            args = parse_args(["pull", *pull_args])
     except DvcParserError:
-        sys.exit(2)  # DVC has said what is wrong, as `dvc pull` would
+        sys.exit(2)  # DVC has logged what is wrong
+    except SystemExit:  # -h: `dvc pull -h` will print the help, and pull nothing
+        return set()
     if args.remote:
         return {args.remote}
     if args.all_branches or args.all_tags or args.all_commits:

@@ -514,7 +514,15 @@ def launch_torchrun(processes: int, argv: list[str]) -> int:
     log(STAGE, f"train.processes = {processes}: launching torchrun")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", "stages.train", *argv]
-    return subprocess.call(command)
+    torchrun = subprocess.Popen(command)
+    try:
+        return torchrun.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: torchrun's workers run in sessions of their own, so only torchrun can
+        # stop them. SIGTERM makes it stop them and wait (subprocess.call's SIGKILL left them training).
+        torchrun.terminate()
+        torchrun.wait()
+        raise
 
 
 if __name__ == "__main__":

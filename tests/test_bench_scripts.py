@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 import torchvision  # noqa: F401 (the tutorials' input pipeline: the test extra carries it, never skipped)
 
 from benchmarks import predict_check, speed
@@ -36,7 +37,11 @@ def test_make_bench_measures_every_input_pipeline_the_fast_preset_and_memory(tmp
 
 
 def test_predict_check_classifies_every_format_and_measures_memory(capsys):
-    predict_check.main(["--quick", "--digits", "3"])
+    threads = torch.get_num_threads()
+    try:
+        predict_check.main(["--quick", "--digits", "3"])
+    finally:
+        torch.set_num_threads(threads)  # it measures on one thread; later tests in this process need theirs
     out = capsys.readouterr().out
     rows = dict(re.findall(r"^\| ([^|]+?) \| (\d+) \|$", out, flags=re.MULTILINE))
     assert list(rows) == ["raw 28x28 (IDX, no conversion)", *FORMATS]

@@ -15,7 +15,7 @@ import yaml
 
 import stages.__main__ as launcher
 from stages.common import PipelineError, Terminated, exception_line, parse_yaml, run_main, write_files_atomic
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, VENV_BIN
 
 
 def test_ctrl_c_while_writing_leaves_every_target_as_it_was(tmp_path, monkeypatch):
@@ -175,3 +175,38 @@ def test_the_launcher_runs_the_stage_as_python_m_does(tmp_path):
     assert direct.returncode == 1 and "params.yaml" in direct.stderr  # no params.yaml here: one line
     usage = subprocess.run([sys.executable, "-m", "stages"], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert usage.returncode == 1 and usage.stderr.startswith("usage: python -m stages NAME")
+    typo = subprocess.run([sys.executable, "-m", "stages", "trian"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert (typo.returncode, typo.stderr) == (1, "python -m stages: no stage 'trian' (a module of stages/, e.g. train)\n")
+
+
+@pytest.mark.integration
+def test_a_stage_stops_when_dvc_repro_is_killed_whatever_the_shell(tmp_path):
+    """DVC runs a stage's command through `$SHELL -c`; dash (/bin/sh on Debian) stays as the
+    stage's parent and outlives a killed `dvc`, unless the command starts with `exec`, as every
+    command of dvc.yaml does. A real `dvc repro` with SHELL=/bin/sh, killed while its stage runs."""
+    project = tmp_path / "project"
+    project.mkdir()
+    env = {**os.environ, "SHELL": "/bin/sh", "PYTHONPATH": str(PROJECT_ROOT), "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([str(VENV_BIN / "dvc"), "init", "-q"], cwd=project, env=env, check=True)
+    (project / "stage.py").write_text(STAGE)
+    (project / "dvc.yaml").write_text(f"stages:\n  s:\n    cmd: exec {sys.executable} stage.py 2> stage.log\n"
+                                      "    deps: [stage.py]\n")
+    dvc = subprocess.Popen([str(VENV_BIN / "dvc"), "repro"], cwd=project, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = project / "stage.log"
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and "running" in log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "stage: running" in log.read_text()
+        dvc.kill()
+        dvc.wait()
+        deadline = time.monotonic() + 30
+        while "stopped" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert log.read_text().endswith("stage: stopped by SIGTERM; no file was left half-written\n")
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", f"{sys.executable} stage.py"], check=False)
+

@@ -436,7 +436,7 @@ def test_remote_credentials_in_config_local_work_on_every_branch(project):
 def _run_cache_entries(project: DvcProject, stage: str) -> list[Path]:
     runs = project.path(".dvc/cache/runs")
     return [entry for entry in runs.glob("*/*/*")
-            if yaml.safe_load(entry.read_text())["cmd"].startswith(f"stages/run {stage} ")]
+            if yaml.safe_load(entry.read_text())["cmd"].startswith(f"exec stages/run {stage} ")]
 
 
 def test_run_cache_restores_a_run_made_elsewhere(project, tmp_path):

@@ -55,9 +55,10 @@ def transitive_imports(module: str) -> set[str]:
 
 
 def stage_module(stage: dict) -> str:
-    # Every stage runs as `stages/run NAME ...`, which runs `python -m stages NAME`: stages.NAME.
-    launcher, name, *_ = stage["cmd"].split()
-    assert launcher == "stages/run", stage["cmd"]
+    # Every stage runs as `exec stages/run NAME ...`, which runs `python -m stages NAME`: stages.NAME
+    # (exec: the stage replaces the shell DVC starts it in, whatever that shell, so it stops with DVC).
+    exec_, launcher, name, *_ = stage["cmd"].split()
+    assert (exec_, launcher) == ("exec", "stages/run"), stage["cmd"]
     return f"{PACKAGE}.{name}"
 
 

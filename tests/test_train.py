@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import signal
 import sys
 
 import numpy as np
@@ -565,3 +566,29 @@ def test_cpuinfo_field_reads_the_first_match(tmp_path):
     assert runtime_mod.cpuinfo_field("flags", cpuinfo) == ""
     assert runtime_mod.cpuinfo_field("vendor_id", tmp_path / "absent") == ""
 
+
+
+def test_an_interrupted_torchrun_launch_stops_torchrun_and_waits_for_it(monkeypatch):
+    """torchrun's workers run in sessions of their own: only torchrun can stop them, so Ctrl-C or
+    SIGTERM to the stage gives torchrun SIGTERM and waits (a SIGKILL left the workers training)."""
+    calls = []
+
+    class Torchrun:
+        def __init__(self, command):
+            calls.append(("start", command[command.index("-m", 3) + 1]))
+            self.waits = 0
+
+        def wait(self):
+            self.waits += 1
+            calls.append(("wait", self.waits))
+            if self.waits == 1:
+                raise KeyboardInterrupt  # arrives while the workers train
+            return -signal.SIGTERM
+
+        def terminate(self):
+            calls.append(("terminate", self.waits))
+
+    monkeypatch.setattr(train_mod.subprocess, "Popen", Torchrun)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.launch_torchrun(2, ["in.pt"])
+    assert calls == [("start", "stages.train"), ("wait", 1), ("terminate", 1), ("wait", 2)]
