@@ -109,7 +109,8 @@ class Budget:
 
 def run_logged(args: list[str], cwd: Path, env: dict, log_path: Path, timeout_s: float) -> Command:
     """Runs a command with stdout and stderr into log_path; on timeout kills its whole process group
-    (dvc's stages and torchrun's workers included)."""
+    (dvc's stages included; torchrun's workers, in sessions of their own, stop with their stage
+    when it runs under dvc: stages.common.stop_with_parent)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_path, "w") as log_file:

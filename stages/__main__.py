@@ -21,7 +21,8 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
         sys.exit("usage: python -m stages NAME [ARGS...]   (NAME: a stage's module in stages/, e.g. train)")
     stage, module = sys.argv[1], f"stages.{sys.argv[1]}"
-    if importlib.util.find_spec(module) is None:
+    # A dotted name (`train.py`) would make find_spec import stages.train, torch and all, first.
+    if "." in stage or importlib.util.find_spec(module) is None:
         sys.exit(f"python -m stages: no stage {stage!r} (a module of stages/, e.g. train)")
     signal.signal(signal.SIGTERM, raise_terminated)
     if "DVC_ROOT" in os.environ:

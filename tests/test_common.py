@@ -175,8 +175,9 @@ def test_the_launcher_runs_the_stage_as_python_m_does(tmp_path):
     assert direct.returncode == 1 and "params.yaml" in direct.stderr  # no params.yaml here: one line
     usage = subprocess.run([sys.executable, "-m", "stages"], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert usage.returncode == 1 and usage.stderr.startswith("usage: python -m stages NAME")
-    typo = subprocess.run([sys.executable, "-m", "stages", "trian"], cwd=PROJECT_ROOT, capture_output=True, text=True)
-    assert (typo.returncode, typo.stderr) == (1, "python -m stages: no stage 'trian' (a module of stages/, e.g. train)\n")
+    for typo in ("trian", "train.py"):
+        said = subprocess.run([sys.executable, "-m", "stages", typo], cwd=PROJECT_ROOT, capture_output=True, text=True)
+        assert (said.returncode, said.stderr) == (1, f"python -m stages: no stage '{typo}' (a module of stages/, e.g. train)\n")
 
 
 @pytest.mark.integration
@@ -191,8 +192,8 @@ def test_a_stage_stops_when_dvc_repro_is_killed_whatever_the_shell(tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     subprocess.run([str(VENV_BIN / "dvc"), "init", "-q"], cwd=project, env=env, check=True)
     (project / "stage.py").write_text(STAGE)
-    (project / "dvc.yaml").write_text(f"stages:\n  s:\n    cmd: exec {sys.executable} stage.py 2> stage.log\n"
-                                      "    deps: [stage.py]\n")
+    (project / "dvc.yaml").write_text(f"stages:\n  s:\n    cmd: echo $$ > stage.pid; exec {sys.executable} stage.py 2> stage.log\n"
+                                      "    deps: [stage.py]\n")  # exec keeps the shell's pid: the stage's
     dvc = subprocess.Popen([str(VENV_BIN / "dvc"), "repro"], cwd=project, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = project / "stage.log"
@@ -208,5 +209,8 @@ def test_a_stage_stops_when_dvc_repro_is_killed_whatever_the_shell(tmp_path):
             time.sleep(0.1)
         assert log.read_text().endswith("stage: stopped by SIGTERM; no file was left half-written\n")
     finally:
-        subprocess.run(["pkill", "-KILL", "-f", f"{sys.executable} stage.py"], check=False)
+        dvc.kill()
+        dvc.wait()
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int((project / "stage.pid").read_text()), signal.SIGKILL)
 
