@@ -49,4 +49,4 @@ def test_predict_check_classifies_every_format_and_measures_memory(capsys):
     memory = re.search(r"^\| one 28x28 PNG \(the floor: [^|]+\| (\d+) \| (\d+) \| (-?\d+) \|$", out, flags=re.MULTILINE)
     assert memory, out
     start, peak, added = map(int, memory.groups())
-    assert 0 < start <= peak and added == peak - start
+    assert 0 < start <= peak and abs(added - (peak - start)) <= 1  # each column rounded on its own
