@@ -67,11 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     progress = Progress(STAGE, "images transformed", cfg.copies * len(data["labels"]))
     out = augmented_split(data, cfg, progress)
     progress.close(summary=False)  # the log line below is the summary; on a terminal, a line of its own
+    save_tensors(args.train_out, out)  # before the summary: a failed write must not follow a line of success
     if cfg.on_the_fly:
         log(STAGE, f"{len(data['labels']):,} train images; train draws a fresh view of each every epoch (on_the_fly)")
     else:
         log(STAGE, f"{len(data['labels']):,} originals + {cfg.copies} copies = {len(out['labels']):,} train images")
-    save_tensors(args.train_out, out)
 
 
 if __name__ == "__main__":

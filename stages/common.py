@@ -1,7 +1,8 @@
 """Helpers every stage uses: errors, logging and progress, YAML, atomic outputs, tensor files, entry points.
 
 Every stage imports this module, so a change here re-runs the whole pipeline: it holds only what
-every stage needs. What train alone needs (device, seeding, torchrun rank) is in stages.runtime.
+every stage needs. What only train needs of the stages (device, seeding, torchrun rank) is in
+stages.runtime.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ import time
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+
+# train.device: cuda where torch sees no GPU. The params stage says it before any output is touched,
+# stages.runtime.resolve_device at train time (a stage run by hand, a GPU gone since).
+NO_CUDA_GPU = "'cuda' was requested but no CUDA GPU is available; use 'auto' (GPU when present, else CPU) or 'cpu'"
 
 
 class PipelineError(Exception):
@@ -165,6 +171,19 @@ def parse_yaml(text: str, source: str) -> Any:
         raise PipelineError(f"{source}: not valid YAML: {problem}{at}") from None
 
 
+def read_yaml(path: str | os.PathLike, what: str) -> Any:
+    """YAML file `path` (`what` it holds, for the message), read by parse_yaml. A file that cannot
+    be read (missing, a directory, no permission) is a one-line PipelineError too; a relative path
+    is taken from the working directory, so that case says where the stages run."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        where = "" if path.is_absolute() else "; the stages run from the repository root"
+        raise PipelineError(f"{path}: cannot read {what} ({exc.strerror or exc}{where})") from None
+    return parse_yaml(text, str(path))
+
+
 # ---------------------------------------------------------------------------------------------
 # Atomic outputs: DVC hashes whatever lies at an output path, so a file half-written by a crash
 # or Ctrl-C must never appear there. Everything is written beside the target and renamed into
@@ -196,27 +215,43 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
     """Yields a temporary path beside `target`; renames it to `target` if the block succeeds.
 
     With `directory=True` the temporary path is an empty directory to fill. On any exception,
-    KeyboardInterrupt included, the temporary path is removed and `target` is left untouched.
+    KeyboardInterrupt included, the temporary path is removed; `target` is left untouched, except
+    that a directory is removed just before its replacement is renamed into place (rename() cannot
+    replace a non-empty one), so a failure between the two leaves none. An OSError (a full disk, no
+    permission, a file where a directory should be) becomes a one-line PipelineError naming `target`.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target)
-    prefix = f"{_TMP_PREFIX}{target.name}."
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(target)
+        prefix = f"{_TMP_PREFIX}{target.name}."
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as exc:
+        raise cannot_write(target, exc) from None
     try:
         yield tmp
         tmp.chmod(0o755 if directory else 0o644)  # mkdtemp/mkstemp create owner-only paths
         if directory and target.exists():
-            _remove(target)  # rename() cannot replace a non-empty directory; DVC usually removed it
+            _remove(target)  # DVC has usually removed it already
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
+        if isinstance(exc, OSError):
+            raise cannot_write(target, exc) from None
         raise
+
+
+def cannot_write(target: Path, exc: OSError) -> PipelineError:
+    """The one-line error for an output that could not be written."""
+    reason = exc.strerror or exception_line(exc)
+    if isinstance(exc, FileExistsError) and exc.filename and not Path(exc.filename).is_dir():
+        reason = "Not a directory"  # mkdir's word for a file where a parent directory should be
+    return PipelineError(f"{target}: cannot write ({reason}{f': {exc.filename}' if exc.filename else ''})")
 
 
 def write_files_atomic(files: dict[str | os.PathLike, bytes]) -> None:
@@ -344,6 +379,21 @@ def stop_with_parent() -> None:
         return  # refused (a sandbox's seccomp filter): the stage runs on without the tie, as before
     if os.getppid() != parent:  # the parent died before the request was in place
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def ctrl_c_reached_my_group(exc: KeyboardInterrupt) -> bool:
+    """Whether `exc` is Ctrl-C typed on the terminal this process runs in the foreground of: the
+    terminal then sent SIGINT to the whole foreground process group, children included, so a
+    child started without a session of its own has it already."""
+    if isinstance(exc, Terminated):
+        return False
+    for fd in (0, 1, 2):  # any standard stream still on the terminal can name its foreground group
+        try:
+            if os.isatty(fd):
+                return os.tcgetpgrp(fd) == os.getpgrp()
+        except OSError:  # closed, or a terminal this process does not control
+            continue
+    return False  # no terminal: SIGINT came from `kill -INT` to this process alone
 
 
 def interruption(exc: KeyboardInterrupt) -> tuple[str, int]:

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common import PipelineError, parse_yaml
+from stages.common import PipelineError, read_yaml
 from stages.model_config import framing_problem, is_valid_crop, largest_crop
 
 TABLE_PATH = Path(__file__).with_name("datasets.yaml")
@@ -88,11 +88,7 @@ def _parse_entry(name: str, raw: object) -> Dataset:
 
 
 def load_table(path: Path = TABLE_PATH) -> dict[str, Dataset]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read the dataset table ({exc.strerror or exc})") from None
-    raw = parse_yaml(text, str(path))
+    raw = read_yaml(path, "the dataset table")
     if not isinstance(raw, dict) or not raw:
         raise PipelineError(f"{path}: expected a mapping of dataset names to entries")
     return {name: _parse_entry(name, entry) for name, entry in raw.items()}

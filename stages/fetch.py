@@ -42,8 +42,8 @@ def is_url(source: str) -> bool:
 
 
 def _download(url: str, timeout_s: float) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "mnist-dvc-pipeline"})
     try:
+        request = urllib.request.Request(url, headers={"User-Agent": "mnist-dvc-pipeline"})
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             # None when the server sends no Content-Length; file:// responses have no such attribute.
             total = getattr(response, "length", None)
@@ -61,6 +61,8 @@ def _download(url: str, timeout_s: float) -> bytes:
         raise SourceError(f"cannot connect ({exc.reason})") from None
     except (OSError, TimeoutError, http.client.HTTPException) as exc:  # resets, time-outs, cut-off bodies
         raise SourceError(f"transfer failed ({exc})") from None
+    except ValueError as exc:  # urllib's word for a malformed URL (http://[::1/, a bad port)
+        raise SourceError(f"not a valid URL ({exc})") from None
     data = b"".join(chunks)
     if total is not None and len(data) != total:
         raise SourceError(f"transfer ended after {len(data):,} of {total:,} bytes")
@@ -86,7 +88,10 @@ def _read_local(directory: Path, file: DataFile) -> bytes:
     path = file.path_in(directory)
     if not path.is_file():
         raise SourceError(f"neither {file.gz_name} nor {file.name} is in {describe_local(directory)}")
-    return path.read_bytes()
+    try:
+        return path.read_bytes()
+    except OSError as exc:  # unreadable (permissions, an I/O error): the next source may serve it
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def uncompressed(data: bytes) -> bytes:

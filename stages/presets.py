@@ -9,21 +9,26 @@ from __future__ import annotations
 import argparse
 import copy
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from stages import params as params_mod
-from stages.common import PipelineError, parse_yaml, run_main
+from stages.common import PipelineError, parse_yaml, read_yaml, run_main
 
 PRESETS_PATH = Path("presets.yaml")
 
 
 def load_presets(path: Path = PRESETS_PATH) -> dict[str, dict[str, Any]]:
-    presets = parse_yaml(path.read_text(), str(path))
+    presets = read_yaml(path, "the presets file")
     if not isinstance(presets, dict):
         raise PipelineError(f"{path}: expected a mapping of preset names to overrides")
+    for name, overrides in presets.items():
+        if overrides is not None and not isinstance(overrides, dict):
+            raise PipelineError(f"{path}: preset {name!r}: expected a mapping of params.yaml keys to values "
+                                f"(train.lr: 0.1), got {type(overrides).__name__}")
     return {name: overrides or {} for name, overrides in presets.items()}
 
 
@@ -43,7 +48,7 @@ def apply(raw_params: dict, overrides: dict[str, Any]) -> dict:
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
         if section not in result or key not in result[section]:
-            raise PipelineError(f"preset key {dotted!r} is not a key of params.yaml")
+            raise PipelineError(f"{dotted!r} is not a key of params.yaml")  # a preset's, or a --set of a benchmark
         result[section][key] = value
     return result
 
@@ -68,12 +73,52 @@ def as_set_options(overrides: dict[str, Any]) -> list[str]:
             for key, value in overrides.items()]
 
 
+def committed_params(params_path: Path) -> dict | None:
+    """`params_path` as the last commit holds it; None outside a git work tree (nothing to compare)."""
+    shown = subprocess.run(["git", "show", f"HEAD:./{params_path}"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        return None
+    return parse_yaml(shown.stdout, f"{params_path} (HEAD)")
+
+
+def leftover_keys(workspace: dict, committed: dict, overrides: dict[str, Any]) -> list[str]:
+    """`section.key`s whose value in the workspace's params differs from the committed one and that
+    `overrides` does not set: what a preset run would silently inherit."""
+    found = []
+    for section in dict.fromkeys([*committed, *workspace]):
+        here, there = workspace.get(section), committed.get(section)
+        if not (isinstance(here, dict) and isinstance(there, dict)):
+            found += [] if here == there else [section]
+            continue
+        found += [f"{section}.{key}" for key in dict.fromkeys([*there, *here])
+                  if f"{section}.{key}" not in overrides and here.get(key, KeyError) != there.get(key, KeyError)]
+    return found
+
+
+def check_from_commit(spec: str, overrides: dict[str, Any], params_path: Path) -> None:
+    """Presets apply to the committed params; `dvc exp run` leaves the last experiment's params in
+    the workspace, and a second preset run on top of them would train a mix of both under the
+    second one's name."""
+    committed = committed_params(params_path)
+    if committed is None:
+        return
+    leftover = leftover_keys(params_mod.load_raw(params_path), committed, overrides)
+    if leftover:
+        raise PipelineError(
+            f"{params_path} differs from the last commit in {', '.join(leftover)}, which preset {spec!r} does not "
+            "set, so the run would inherit them (dvc exp run leaves the last experiment's params in the "
+            f"workspace). Start from the committed params: `git checkout {params_path}`; or commit your edits first")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.presets",
                                      description="Print a preset as `dvc exp run -S` options.")
     parser.add_argument("preset", nargs="?", help="a preset name, or several joined by '+'")
     parser.add_argument("--params", type=Path, default=params_mod.DEFAULT_PATH,
                         help="the params file the presets apply to (default: %(default)s)")
+    parser.add_argument("--from-commit", action="store_true",
+                        help="refuse when the params file differs from the last commit in keys the preset does not "
+                             "set (make exp)")
     args = parser.parse_args(argv)
     presets = load_presets()
     if args.preset is None:
@@ -82,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = resolve(args.preset, presets)
     # Fail here, not halfway through an experiment, if the result would not validate.
     check(args.preset, overrides, args.params)
+    if args.from_commit:
+        check_from_commit(args.preset, overrides, args.params)
     print(" ".join(shlex.quote(option) for option in as_set_options(overrides)))
 
 

@@ -1,8 +1,9 @@
 """Train's runtime: its place in a torchrun launch, its device and precision, how it computes
 (the CPU or GPU, recorded with its metrics), seeding, and the allocator setting.
 
-Only train (and the benchmarks) use these, so they live apart from stages.common,
-which every stage imports: a change here re-runs training, not the download of MNIST.
+Of the stages only train uses these (predict, which is no stage, and the benchmarks pick their
+device with it too), so they live apart from stages.common, which every stage imports: a change
+here re-runs training, not the download of MNIST.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.common import PipelineError
+from stages.common import NO_CUDA_GPU, PipelineError
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,7 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     """`auto` picks the GPU when one is available; `cuda` without a GPU is an error, not a CPU run."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise PipelineError(
-                "train.device: 'cuda' was requested but no CUDA GPU is available; "
-                "use 'auto' (GPU when present, else CPU) or 'cpu'"
-            )
+            raise PipelineError(f"train.device: {NO_CUDA_GPU}")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages import params as params_mod
-from stages.common import PipelineError, Progress, load_tensors, log, run_main, save_tensors
+from stages.common import PipelineError, Progress, ctrl_c_reached_my_group, load_tensors, log, run_main, save_tensors
 from stages.models import build_model, count_parameters, predict_logits, save_model
 from stages.params import TrainParams
 from stages.runtime import (Rank, describe_device, describe_precision, numerics, rank_from_env,
@@ -41,13 +41,13 @@ from stages.views import view_drawer
 STAGE = "train"
 CODE_DIR = Path(__file__).resolve().parent  # the stages package: the code a checkpoint was written by
 # What Ctrl-C leaves: the checkpoint (written after each epoch) and DVCLive's live log.
-INTERRUPTED_KEEPS = ("the epochs completed, if any, are kept in the checkpoint (models/train-checkpoint.pt in the "
-                     "pipeline), which a re-run with the same params, data, code and numerics resumes, and in "
+INTERRUPTED_KEEPS = ("the epochs completed, if any, are kept in the --checkpoint file (models/train-checkpoint.pt "
+                     "under dvc repro), which a re-run with the same params, data, code and numerics resumes, and in "
                      "metrics/train (DVCLive's log)")
 # Images per forward pass when scoring val. Small enough for a batch's activations to stay in the CPU's
 # caches: the fashion preset's model (six test-time views, fp32) scored 5,000 images in 3.85 s at 500
-# against 5.16 s at 2,000 (2-core Zen 4), the default CNN 0.32 s against 0.38 s. A view's logits do not
-# depend on it; their mean over the views may differ in the last bit.
+# against 5.16 s at 2,000 (2-core Zen 4), the default CNN 0.32 s against 0.38 s. Another batch may move
+# the logits in their last bits (see EvaluateParams.batch_size).
 VAL_BATCH = 500
 
 
@@ -398,9 +398,14 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     state = TrainingState(model, optimizer, make_schedule(optimizer, cfg, total_steps), generator, average, lookahead)
     loss_of = make_loss(network, cfg, device)
     say = (lambda message: log(STAGE, message)) if rank.is_main else (lambda message: None)
-    say(f"{cfg.model}: {count_parameters(model):,} parameters; {len(train['labels']):,} train and "
-        f"{len(val_labels):,} val images; {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {len(batches)} steps"
+    if cfg.fresh_views and views > 0:  # the file holds 1 + views images per original; an epoch 2
+        images = f"{originals:,} train images with {views} stored view{'s' * (views != 1)} of each"
+    else:
+        images = f"{len(train['labels']):,} train images"
+    say(f"{cfg.model}: {count_parameters(model):,} parameters; {images} and {len(val_labels):,} val images; "
+        f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {len(batches)} steps"
         + (", each over the originals and a view of each drawn on the fly" if on_the_fly else "")
+        + (", each over the originals and one view of each" if cfg.fresh_views and views > 0 else "")
         + (f", each shared by {rank.world} processes" if rank.world > 1 else ""))
     train_log = train_log if train_log is not None else TrainLog()
     saved = load_checkpoint(checkpoint, run_id) if checkpoint else None
@@ -438,8 +443,10 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
         say(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"val accuracy {100 * val_accuracy:.2f}% ({time.perf_counter() - start:.1f} s)")
     if average is not None and rank.is_main:
-        model = pick_average(model, average.module, val_images, val_labels,
-                             train_log.epochs()[-1]["val_accuracy"], say)
+        # Scored again, not read from the log: it keeps 6 decimals, and a tie (2/3 logged as 0.666667)
+        # would go to the last weights. Also right after a resume past the last epoch.
+        _, last_accuracy = score(model, val_images, val_labels)
+        model = pick_average(model, average.module, val_images, val_labels, last_accuracy, say)
     return model, config, train_log.epochs()
 
 
@@ -517,10 +524,13 @@ def launch_torchrun(processes: int, argv: list[str]) -> int:
     torchrun = subprocess.Popen(command)
     try:
         return torchrun.wait()
-    except KeyboardInterrupt:
-        # Ctrl-C or SIGTERM: torchrun's workers run in sessions of their own, so only torchrun can
-        # stop them. SIGTERM makes it stop them and wait (subprocess.call's SIGKILL left them training).
-        torchrun.terminate()
+    except KeyboardInterrupt as exc:
+        # torchrun's workers run in sessions of their own, so only torchrun can stop them: SIGTERM
+        # makes it stop them and wait (subprocess.call's SIGKILL left them training). Ctrl-C on the
+        # terminal reached torchrun too (our process group): a second signal in the middle of its
+        # shutdown made a worker print a traceback, so then the stage only waits.
+        if not ctrl_c_reached_my_group(exc):
+            torchrun.terminate()
         torchrun.wait()
         raise
 

@@ -12,17 +12,14 @@ import torch
 import torchvision  # noqa: F401 (the tutorials' input pipeline: the test extra carries it, never skipped)
 
 from benchmarks import predict_check, speed
-from benchmarks.presets import QUICK_VAL, write_quick_mirror
+from benchmarks.frontier import quick_data
 from stages.common import save_tensors
-from stages.datasets import load_table
-from stages.params import PreprocessParams
-from stages.preprocess import prepare
 from tests.test_predict_formats import FORMATS
 
 
 def test_make_bench_measures_every_input_pipeline_the_fast_preset_and_memory(tmp_path, capsys):
-    raw = write_quick_mirror(tmp_path / "raw")
-    for name, split in prepare(raw, load_table()["mnist"], PreprocessParams(val_size=QUICK_VAL, seed=0)).items():
+    raw, splits = quick_data(tmp_path)
+    for name, split in splits.items():
         save_tensors(tmp_path / "prepared" / f"{name}.pt", split)
     speed.main(["--raw", str(raw), "--data", str(tmp_path / "prepared"), "--repeats", "2", "--device", "cpu"])
     out = capsys.readouterr().out

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 import stages.__main__ as launcher
-from stages.common import PipelineError, Terminated, exception_line, parse_yaml, run_main, write_files_atomic
+from stages.common import (PipelineError, Terminated, ctrl_c_reached_my_group, exception_line, parse_yaml, run_main,
+                           write_files_atomic)
 from tests.conftest import PROJECT_ROOT, VENV_BIN
 
 
@@ -41,6 +42,29 @@ def test_ctrl_c_while_writing_leaves_every_target_as_it_was(tmp_path, monkeypatc
     write_files_atomic(targets)
     assert {target: target.read_bytes() for target in targets} == targets
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.pt", "b.pt", "c.pt"]
+
+
+def test_an_output_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """A file where the output's directory should be, or a full disk while writing: one line from
+    run_main (status 1), no temporary left, the old output untouched."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main("x", lambda: write_files_atomic({tmp_path / "afile" / "out.json": b"{}"}))
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (f"x: error: {tmp_path}/afile/out.json: cannot write (Not a directory: "
+                                       f"{tmp_path}/afile)\n")
+
+    target = tmp_path / "out.pt"
+    target.write_bytes(b"old")
+
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(PipelineError) as info:
+        write_files_atomic({target: b"new"})
+    assert str(info.value) == f"{target}: cannot write (No space left on device)"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile", "out.pt"] and target.read_bytes() == b"old"
 
 
 def test_a_target_named_like_anothers_temporary_is_spared(tmp_path):
@@ -173,11 +197,44 @@ def test_the_launcher_runs_the_stage_as_python_m_does(tmp_path):
                             for module in (["stages.params"], ["stages", "params"]))
         assert (launched.returncode, launched.stdout, launched.stderr) == (direct.returncode, direct.stdout, direct.stderr)
     assert direct.returncode == 1 and "params.yaml" in direct.stderr  # no params.yaml here: one line
+    # A stage that succeeds (the launcher ends it through finish()): the same output and status 0.
+    direct, launched = (subprocess.run([sys.executable, "-m", *module, str(tmp_path / "valid.txt")],
+                                       cwd=PROJECT_ROOT, capture_output=True, text=True)
+                        for module in (["stages.params"], ["stages", "params"]))
+    assert (launched.returncode, launched.stdout, launched.stderr) == (direct.returncode, direct.stdout, direct.stderr)
+    assert launched.returncode == 0 and (tmp_path / "valid.txt").is_file()
     usage = subprocess.run([sys.executable, "-m", "stages"], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert usage.returncode == 1 and usage.stderr.startswith("usage: python -m stages NAME")
     for typo in ("trian", "train.py"):
         said = subprocess.run([sys.executable, "-m", "stages", typo], cwd=PROJECT_ROOT, capture_output=True, text=True)
         assert (said.returncode, said.stderr) == (1, f"python -m stages: no stage '{typo}' (a module of stages/, e.g. train)\n")
+
+
+FINISH = """
+import atexit, os, signal, sys
+from stages import __main__ as launcher
+print("the stage's last output", end="")  # unflushed: finish() must flush it
+atexit.register(lambda: print(" and atexit's", end=""))
+if sys.argv[1] != "none":  # a signal while exiting (here from the last atexit function, run first)
+    atexit.register(lambda: os.kill(os.getpid(), getattr(signal, sys.argv[1])))
+launcher.finish("stage")
+"""
+
+
+@pytest.mark.parametrize("signal_name, status, line", [
+    ("none", 0, ""),
+    ("SIGINT", 130, "stage: interrupted while exiting; its outputs were complete, but DVC does not record a stage "
+                    "that did not exit 0\n"),
+    ("SIGTERM", 143, "stage: stopped by SIGTERM while exiting; its outputs were complete, but DVC does not record "
+                     "a stage that did not exit 0\n")])
+def test_a_finished_stage_exits_at_once_and_says_a_late_signal(signal_name, status, line):
+    """After a stage's work, Python's teardown of torch took 0.8 s, where Ctrl-C printed nothing and
+    left status -2. finish() runs atexit's functions, flushes, and exits without it; a signal in
+    those moments is one line and the signal's status (DVC then stops rather than go on)."""
+    done = subprocess.run([sys.executable, "-c", FINISH, signal_name], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (status, line)
+    assert done.stdout == ("the stage's last output and atexit's" if status == 0 else "the stage's last output")
 
 
 @pytest.mark.integration
@@ -214,3 +271,46 @@ def test_a_stage_stops_when_dvc_repro_is_killed_whatever_the_shell(tmp_path):
         with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
             os.kill(int((project / "stage.pid").read_text()), signal.SIGKILL)
 
+
+
+def _in_a_terminal(check) -> int:
+    """Runs `check()` in a child process that leads a session on a pseudo-terminal of its own (its
+    controlling terminal, as a shell's job would have); the child's exit status."""
+    import pty
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: only os calls, then _exit (nothing of pytest's may run here)
+        try:
+            os._exit(check())
+        finally:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    os.close(terminal)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_ctrl_c_reached_my_group_only_for_ctrl_c_on_a_terminal_whose_foreground_we_are():
+    """Ctrl-C on a terminal goes to its whole foreground process group; `kill -INT` or SIGTERM to
+    one process, or any signal with no terminal, reach that process alone."""
+    def foreground(exc):
+        return lambda: 0 if ctrl_c_reached_my_group(exc) else 1
+
+    def background_group(exc):
+        def check():  # a session leader cannot leave its group: a child of it does
+            child = os.fork()
+            if child == 0:
+                try:
+                    os.setpgid(0, 0)  # a group of its own, not the terminal's foreground one
+                    os._exit(0 if ctrl_c_reached_my_group(exc) else 1)
+                finally:
+                    os._exit(99)
+            return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+        return check
+
+    assert _in_a_terminal(foreground(KeyboardInterrupt())) == 0
+    assert _in_a_terminal(foreground(Terminated())) == 1
+    assert _in_a_terminal(background_group(KeyboardInterrupt())) == 1
+    # Here (pytest's standard streams are pipes or files under CI): no terminal at all.
+    streams_on_a_terminal = any(os.isatty(fd) for fd in (0, 1, 2))
+    assert ctrl_c_reached_my_group(KeyboardInterrupt()) is (streams_on_a_terminal and
+                                                             os.tcgetpgrp(0) == os.getpgrp())

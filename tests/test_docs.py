@@ -70,7 +70,7 @@ RUN_BY = {
     "dvc exp run -S train.lr=0.003": EXPERIMENTS,
     "dvc exp run --queue -S train.lr=0.01": EXPERIMENTS,
     "dvc exp run --queue -S train.lr=0.02": EXPERIMENTS,
-    "dvc queue start -j 2": EXPERIMENTS,
+    "OMP_NUM_THREADS=1 dvc queue start -j 2": EXPERIMENTS,
     "dvc queue status": EXPERIMENTS,
     "dvc exp show --csv > experiments.csv": EXPERIMENTS,
     "dvc exp show --json": EXPERIMENTS,

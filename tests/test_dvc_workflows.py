@@ -21,7 +21,7 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT, DvcProject
+from tests.conftest import PROJECT_ROOT, VENV_BIN, DvcProject
 from tests.sshd import Sshd, SshdMissing
 
 pytestmark = pytest.mark.integration
@@ -310,7 +310,7 @@ def test_experiments_run_queue_show_apply(project):
     for lr in SWEEP:
         p.dvc("exp", "run", "--queue", "-S", f"train.lr={lr}")
     try:
-        p.dvc("queue", "start", "-j", "2")
+        p.run("env", "OMP_NUM_THREADS=1", str(VENV_BIN / "dvc"), "queue", "start", "-j", "2")  # a core each
         status = _wait_for_queue(p)
     finally:
         p.dvc("queue", "stop", "--kill", check=False)

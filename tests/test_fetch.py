@@ -134,6 +134,38 @@ def test_fetch_file_falls_back_to_next_source(mirror, tmp_path):
     assert fetch.fetch_file([str(bad), str(directory)], file, TIMEOUT_S) == content_of(directory, file)
 
 
+@pytest.mark.parametrize("url, reason", [("http://[::1/", "not a valid URL (Invalid IPv6 URL)"),
+                                         ("http://127.0.0.1:port/", "transfer failed (nonnumeric port: 'port')")])
+def test_a_malformed_url_is_a_source_that_fails_not_a_crash(mirror, url, reason):
+    """A typo in MNIST_MIRROR or fetch.mirrors (neither is parsed beforehand): urllib raises
+    ValueError or InvalidURL, and the next source is still tried."""
+    directory, files = mirror
+    file = files["test_labels"]
+    with pytest.raises(fetch.SourceError) as info:
+        fetch.fetch_verified(url, file, TIMEOUT_S)
+    assert str(info.value) == reason
+    assert fetch.fetch_file([url, str(directory)], file, TIMEOUT_S) == content_of(directory, file)
+
+
+def test_an_unreadable_file_in_a_local_mirror_is_a_source_that_fails(mirror, monkeypatch):
+    """An I/O error reading a mirror's file (root reads through permissions, so a stand-in raises
+    it) names the file, and the next source is still tried."""
+    directory, files = mirror
+    file = files["test_labels"]
+    unreadable, expected = file.path_in(directory), content_of(directory, file)
+    real_read_bytes = Path.read_bytes
+
+    def read_bytes(path):
+        if path == unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(fetch.SourceError, match=f"^cannot read {unreadable}: Permission denied$"):
+        fetch.fetch_verified(str(directory), file, TIMEOUT_S)
+    assert fetch.fetch_file([str(directory), directory.as_uri()], file, TIMEOUT_S) == expected
+
+
 def test_fetch_file_reports_every_source(mirror, tmp_path):
     """When every source fails, one PipelineError lists each source's reason and the MNIST_MIRROR hint."""
     _, files = mirror

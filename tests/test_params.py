@@ -70,6 +70,15 @@ def test_load_reads_a_file(tmp_path):
     assert load(path) == parse(copy.deepcopy(BASE))
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_sgd_only_keys_do_not_bind_other_optimizers(optimizer):
+    """momentum and nesterov are SGD's (params.yaml says so): Adam with momentum 0 and the committed
+    nesterov: true is valid, not refused for nesterov's sake."""
+    raw = with_change("train", "momentum", 0.0)
+    raw["train"].update(optimizer=optimizer, nesterov=True)
+    assert parse(raw).train.optimizer == optimizer
+
+
 @pytest.mark.parametrize("value", [1, TRAIN_SPLIT])
 def test_batch_size_bounds_are_inclusive(value):
     """batch_size 1 and exactly the train split size (60000 - val_size) are accepted."""
@@ -93,6 +102,9 @@ def _bad_cases():
     yield "bool for int", c("train", "epochs", True), "train.epochs", ["integer"]
     yield "bool for float", c("train", "lr", True), "train.lr", ["number"]
     yield "string for bool", c("train", "nesterov", "yes"), "train.nesterov", ["true or false"]
+    sgd_without_momentum = c("train", "momentum", 0.0)
+    sgd_without_momentum["train"].update(optimizer="sgd", nesterov=True)
+    yield "nesterov without momentum", sgd_without_momentum, "train.nesterov", ["needs momentum > 0"]
     yield "lr zero", c("train", "lr", 0), "train.lr", ["> 0"]
     yield "lr negative", c("train", "lr", -0.1), "train.lr", ["> 0"]
     yield "epochs zero", c("train", "epochs", 0), "train.epochs", ["between 1 and"]
@@ -366,12 +378,6 @@ def test_unusable_file_is_a_pipeline_error(tmp_path, content):
         load(path)
 
 
-def test_missing_file_is_a_pipeline_error(tmp_path):
-    """A params file that does not exist is reported as not found."""
-    with pytest.raises(PipelineError, match="not found"):
-        load(tmp_path / "nope.yaml")
-
-
 def run_stage(marker, params_path) -> subprocess.CompletedProcess:
     """`python -m stages.params MARKER --params PATH`, as the params stage runs it."""
     return subprocess.run([sys.executable, "-m", "stages.params", str(marker), "--params", str(params_path)],
@@ -449,3 +455,18 @@ def test_params_stage_checks_the_gpus_when_params_ask_for_them(device, processes
     params_mod.main([str(tmp_path / "params-valid.txt"), "--params", str(path)])
     assert [(train.device, train.processes) for train in calls] == ([(device, processes)] if checked else [])
     assert (tmp_path / "params-valid.txt").read_text() == VALID_MARKER
+
+
+@pytest.mark.parametrize("problem, reason", [("missing", "No such file or directory"), ("directory", "Is a directory")])
+def test_a_params_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch, problem, reason):
+    """Any reason the file cannot be read is a PipelineError naming it; a relative path (the default
+    params.yaml) also says where the stages run, since it is taken from the working directory."""
+    if problem == "directory":
+        (tmp_path / "params.yaml").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError) as info:
+        params_mod.load_raw()
+    assert str(info.value) == (f"params.yaml: cannot read the params file ({reason}; the stages run from the "
+                               "repository root)")
+    with pytest.raises(PipelineError, match=rf"^{tmp_path}/params.yaml: cannot read the params file \({reason}\)$"):
+        params_mod.load_raw(tmp_path / "params.yaml")

@@ -142,7 +142,7 @@ def test_main_writes_its_three_splits_together_or_not_at_all(tmp_path, monkeypat
 
     with monkeypatch.context() as patch:
         patch.setattr(type(prepared), "write_bytes", disk_full_at_the_third_file)
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(PipelineError, match=r"prepared/test.pt: cannot write \(No space left on device\)$"):
             preprocess.main([str(tmp_path / "raw"), str(prepared)])
     assert len(written) == 2, "two splits were written in full before the disk filled"
     assert {path.name: path.read_bytes() for path in prepared.iterdir()} == old

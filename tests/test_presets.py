@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,7 +12,7 @@ import yaml
 from benchmarks import presets as bench
 from stages.common import PipelineError
 from stages.params import parse
-from stages.presets import apply, check, load_presets, resolve
+from stages.presets import apply, check, check_from_commit, leftover_keys, load_presets, resolve
 from tests.conftest import PROJECT_ROOT
 from tests.synthetic import write_prepared
 
@@ -31,6 +33,18 @@ def test_unknown_key_in_a_preset_is_refused():
         apply(RAW, {"train.nope": 1})
 
 
+def test_a_preset_that_is_no_mapping_is_named(tmp_path):
+    """A preset written as a list (`- train.lr: 0.1`) is refused by name, not a TypeError later."""
+    path = tmp_path / "presets.yaml"
+    path.write_text("empty:\nlisted:\n  - train.lr: 0.1\n")
+    with pytest.raises(PipelineError) as info:
+        load_presets(path)
+    assert str(info.value) == (f"{path}: preset 'listed': expected a mapping of params.yaml keys to values "
+                               "(train.lr: 0.1), got list")
+    path.write_text("empty:\nset:\n  train.lr: 0.1\n")
+    assert load_presets(path) == {"empty": {}, "set": {"train.lr": 0.1}}
+
+
 def test_a_preset_that_breaks_a_rule_is_named_with_the_key(tmp_path):
     """An invalid value from a preset is reported against the preset and the key, not as an
     error in params.yaml; a bad value of the file itself says so."""
@@ -44,6 +58,40 @@ def test_a_preset_that_breaks_a_rule_is_named_with_the_key(tmp_path):
     params_path.write_text((PROJECT_ROOT / "params.yaml").read_text().replace("  epochs: ", "  epochs: 0 #", 1))
     with pytest.raises(PipelineError, match=r"train\.epochs \(as in .*params\.yaml\): must be between 1 and 1000"):
         check("cnn-max+mlp-best", {"train.lr": 0.1}, params_path)
+
+
+def test_a_preset_run_refuses_to_inherit_the_last_experiments_params(tmp_path, monkeypatch):
+    """`make exp PRESET=fashion` right after `make exp PRESET=fast`: dvc exp run left fast's params in
+    params.yaml, and fashion's options on top would train fast's stem, lr and batch under fashion's
+    name. Refused, naming the keys; the same preset again (EXP_ARGS=-f) and the committed params pass."""
+    params = tmp_path / "params.yaml"
+    params.write_text((PROJECT_ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run([*git, "add", "params.yaml"], check=True)
+    subprocess.run([*git, "commit", "-qm", "params"], check=True)
+    fast, fashion = resolve("fast", PRESETS), resolve("fashion", PRESETS)
+    check_from_commit("fashion", fashion, Path("params.yaml"))  # the committed params: no complaint
+
+    after_fast = apply(yaml.safe_load(params.read_text()), fast)
+    params.write_text(yaml.safe_dump(after_fast, sort_keys=False))  # as dvc exp run -S leaves it
+    check_from_commit("fast", fast, Path("params.yaml"))  # fast again, over its own params
+    with pytest.raises(PipelineError) as info:
+        check_from_commit("fashion", fashion, Path("params.yaml"))
+    leftover = "train.stem, train.lr, train.label_smoothing, train.batch_size"  # fast's, in params.yaml's order
+    assert str(info.value).startswith(f"params.yaml differs from the last commit in {leftover}, which preset "
+                                      "'fashion' does not set")
+    assert "`git checkout params.yaml`" in str(info.value)
+
+
+def test_leftover_keys_compare_values_not_spelling():
+    committed = {"train": {"lr": 0.001, "channels": [16, 64]}, "plot": {"misclassified": 40}}
+    assert leftover_keys({"train": {"lr": 1.0e-3, "channels": [16, 64]}, "plot": {"misclassified": 40}},
+                         committed, {}) == []
+    workspace = {"train": {"lr": 0.01, "channels": [16, 64], "new": 1}, "plot": None}
+    assert leftover_keys(workspace, committed, {}) == ["train.lr", "train.new", "plot"]
+    assert leftover_keys(workspace, committed, {"train.lr": 0.1}) == ["train.new", "plot"]
 
 
 TUTORIAL_PRESETS = list(PRESETS)[:list(PRESETS).index("aug")]  # presets.yaml lists them before `aug`

@@ -190,8 +190,8 @@ def test_ctrl_c_says_what_the_stage_leaves(stage, kept, capsys):
     if kept is None:
         assert line == "augment: interrupted; no file was left half-written"
     else:
-        assert line.startswith("train: interrupted; the epochs completed, if any, are kept in the checkpoint "
-                               "(models/train-checkpoint.pt in the pipeline)")
+        assert line.startswith("train: interrupted; the epochs completed, if any, are kept in the --checkpoint file "
+                               "(models/train-checkpoint.pt under dvc repro)")
         assert "metrics/train" in line and "\n" not in line
 
 
@@ -322,13 +322,16 @@ def test_batches_with_rows_cover_exactly_those_rows():
     assert len(batches) == 5 and sorted(seen) == list(range(10)) + list(range(20, 30))
 
 
-def test_fresh_views_train_on_one_view_per_epoch(views_data, monkeypatch):
+def test_fresh_views_train_on_one_view_per_epoch(views_data, monkeypatch, capsys):
     """With fresh_views each epoch sees 2 N images (originals + one view): as many steps as a run on
     one fixed copy; without it, all 3 N. The fresh-view run is bit-identical when repeated and
-    differs from training on every view."""
+    differs from training on every view. Its first line counts originals, not the file's 3 N."""
     train, val = views_data
     seen = count_steps_per_epoch(monkeypatch)
     model_a, _, rows_a = fit(SMALL_CNN_FRESH_VIEWS, train, val, CPU)
+    first_line = capsys.readouterr().err.splitlines()[0]
+    assert first_line.endswith(f"parameters; 320 train images with 2 stored views of each and 100 val images; 3 epochs of "
+                               f"{steps_per_epoch(640, 32, False)} steps, each over the originals and one view of each")
     model_b, _, rows_b = fit(SMALL_CNN_FRESH_VIEWS, train, val, CPU)
     all_views, _, _ = fit(dataclasses.replace(SMALL_CNN_FRESH_VIEWS, fresh_views=False), train, val, CPU)
     n = len(train["labels"]) // 3
@@ -428,7 +431,8 @@ def test_ema_saves_the_average_only_when_it_scores_at_least_as_well_on_val(data,
     model, _, rows = fit(SMALL_CNN_EMA, train, val, CPU)
     assert model is chosen["result"]
     averaged_accuracy = train_mod.score(chosen["average"], val["images"], val["labels"])[1]
-    expected = chosen["average"] if averaged_accuracy >= rows[-1]["val_accuracy"] else chosen["model"]
+    last_accuracy = train_mod.score(chosen["model"], val["images"], val["labels"])[1]
+    expected = chosen["average"] if averaged_accuracy >= last_accuracy else chosen["model"]
     assert model is expected
     assert not torch.equal(weights(chosen["average"])["1.weight"], weights(chosen["model"])["1.weight"])
     say = lambda message: None  # noqa: E731
@@ -438,6 +442,20 @@ def test_ema_saves_the_average_only_when_it_scores_at_least_as_well_on_val(data,
     assert pick(averaged_accuracy, say) is chosen["average"]
     assert pick(math.nextafter(averaged_accuracy, 2.0), say) is chosen["model"]
     assert pick(math.nextafter(averaged_accuracy, -1.0), say) is chosen["average"]
+
+
+def test_ema_judges_a_tie_on_exact_accuracies_not_the_logs_rounded_ones(data, monkeypatch):
+    """The log keeps val accuracy to 6 decimals: an exact 2/3 there reads 0.666667, more than the
+    average's 2/3, and the tie went to the last weights."""
+    train, val = data
+    monkeypatch.setattr(train_mod, "score", lambda model, images, labels: (0.5, 2 / 3))
+    averages = []
+    real_pick = train_mod.pick_average
+    monkeypatch.setattr(train_mod, "pick_average",
+                        lambda model, averaged, *args: averages.append(averaged) or real_pick(model, averaged, *args))
+    model, _, rows = fit(SMALL_CNN_EMA, train, val, CPU)
+    assert rows[-1]["val_accuracy"] == 0.666667
+    assert model is averages[0]
 
 
 @pytest.mark.parametrize("total", [10, 12])
@@ -568,10 +586,13 @@ def test_cpuinfo_field_reads_the_first_match(tmp_path):
 
 
 
-def test_an_interrupted_torchrun_launch_stops_torchrun_and_waits_for_it(monkeypatch):
-    """torchrun's workers run in sessions of their own: only torchrun can stop them, so Ctrl-C or
-    SIGTERM to the stage gives torchrun SIGTERM and waits (a SIGKILL left the workers training)."""
+@pytest.mark.parametrize("terminal_ctrl_c", [False, True])
+def test_an_interrupted_torchrun_launch_stops_torchrun_and_waits_for_it(monkeypatch, terminal_ctrl_c):
+    """torchrun's workers run in sessions of their own: only torchrun can stop them, so an
+    interruption gives torchrun SIGTERM and waits (a SIGKILL left the workers training), unless it
+    was Ctrl-C on the terminal, which reached torchrun itself: then only the wait."""
     calls = []
+    monkeypatch.setattr(train_mod, "ctrl_c_reached_my_group", lambda exc: terminal_ctrl_c)
 
     class Torchrun:
         def __init__(self, command):
@@ -591,4 +612,5 @@ def test_an_interrupted_torchrun_launch_stops_torchrun_and_waits_for_it(monkeypa
     monkeypatch.setattr(train_mod.subprocess, "Popen", Torchrun)
     with pytest.raises(KeyboardInterrupt):
         train_mod.launch_torchrun(2, ["in.pt"])
-    assert calls == [("start", "stages.train"), ("wait", 1), ("terminate", 1), ("wait", 2)]
+    stop = [] if terminal_ctrl_c else [("terminate", 1)]
+    assert calls == [("start", "stages.train"), ("wait", 1), *stop, ("wait", 2)]
