@@ -72,7 +72,7 @@ predict: $(INSTALLED)
 # then names the runs PRESET-1, PRESET-2, ...: make exp PRESET=fast EXP_ARGS="--queue -S 'train.seed=range(0,3)'"
 exp: $(INSTALLED)
 	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [EXP_ARGS=...] (see presets.yaml; EXP_ARGS=-f runs it again)"; exit 2; }
-	options=$$($(BIN)/python -m stages.presets --from-commit '$(PRESET)') && \
+	options=$$(eval "$(BIN)/python -m stages.presets --from-commit '$(PRESET)' -- $(EXP_ARGS)") && \
 	eval "$(BIN)/dvc exp run -n '$(subst +,-,$(PRESET))' $$options $(EXP_ARGS)"
 
 # Run every queued experiment on JOBS parallel workers and wait for them: make queue JOBS=2.

@@ -34,12 +34,15 @@ def main() -> None:
     sys.argv = [module, *sys.argv[2:]]
     try:
         # The stage's imports, then its run_main, which tells every later interruption itself
-        # (and exits through SystemExit, which passes here).
+        # (and exits through SystemExit(1) or another failing status, which passes here).
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
         stopped, status = interruption(exc)
         log(stage, f"{stopped} while starting; nothing was written")
         sys.exit(status)
+    except SystemExit as exc:  # a failure's status passes; exit 0 (torchrun's launch, --help) ends as a success
+        if exc.code not in (0, None):
+            raise
     finish(stage)
 
 
@@ -55,7 +58,8 @@ def finish(stage: str) -> None:
         sys.stdout.flush()
         os._exit(128 + signum)
 
-    signal.signal(signal.SIGINT, stopped_while_exiting)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started in a script's background: left ignored
+        signal.signal(signal.SIGINT, stopped_while_exiting)
     signal.signal(signal.SIGTERM, stopped_while_exiting)
     atexit._run_exitfuncs()  # what the libraries registered, as a normal exit runs them
     sys.stdout.flush()

@@ -181,6 +181,8 @@ def read_yaml(path: str | os.PathLike, what: str) -> Any:
     except OSError as exc:
         where = "" if path.is_absolute() else "; the stages run from the repository root"
         raise PipelineError(f"{path}: cannot read {what} ({exc.strerror or exc}{where})") from None
+    except UnicodeDecodeError as exc:  # saved in another encoding, or not text at all
+        raise PipelineError(f"{path}: {what} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     return parse_yaml(text, str(path))
 
 

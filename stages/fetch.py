@@ -59,10 +59,10 @@ def _download(url: str, timeout_s: float) -> bytes:
         raise SourceError(f"HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
         raise SourceError(f"cannot connect ({exc.reason})") from None
+    except (ValueError, http.client.InvalidURL) as exc:  # malformed: http://[::1/, a port that is no number
+        raise SourceError(f"not a valid URL ({exc})") from None
     except (OSError, TimeoutError, http.client.HTTPException) as exc:  # resets, time-outs, cut-off bodies
         raise SourceError(f"transfer failed ({exc})") from None
-    except ValueError as exc:  # urllib's word for a malformed URL (http://[::1/, a bad port)
-        raise SourceError(f"not a valid URL ({exc})") from None
     data = b"".join(chunks)
     if total is not None and len(data) != total:
         raise SourceError(f"transfer ended after {len(data):,} of {total:,} bytes")

@@ -10,6 +10,7 @@ import argparse
 import copy
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,31 @@ def as_set_options(overrides: dict[str, Any]) -> list[str]:
 
 
 def committed_params(params_path: Path) -> dict | None:
-    """`params_path` as the last commit holds it; None outside a git work tree (nothing to compare)."""
-    shown = subprocess.run(["git", "show", f"HEAD:./{params_path}"], capture_output=True, text=True)
+    """`params_path` as the last commit of its repository holds it; None where there is nothing to
+    compare with (no git, not in a git work tree, no commit yet, the file not committed)."""
+    try:
+        shown = subprocess.run(["git", "-C", str(params_path.parent), "show", f"HEAD:./{params_path.name}"],
+                               capture_output=True, text=True)
+    except OSError:  # no git: no experiments either, which is what the check is for
+        return None
     if shown.returncode != 0:
         return None
     return parse_yaml(shown.stdout, f"{params_path} (HEAD)")
+
+
+def set_param_keys(exp_args: list[str]) -> set[str]:
+    """The params.yaml keys that `dvc exp run` options set (`-S train.seed=1`, `-Strain.lr=0.1`,
+    `--set-param=...`, a grid's `train.lr=0.1,0.2`, Hydra's `+key`/`~key`, `params.yaml:key`)."""
+    values = []
+    for i, arg in enumerate(exp_args):
+        if arg in ("-S", "--set-param"):
+            values += exp_args[i + 1:i + 2]
+        elif arg.startswith("--set-param="):
+            values.append(arg.removeprefix("--set-param="))
+        elif arg.startswith("-S"):
+            values.append(arg.removeprefix("-S"))
+    keys = {value.split("=", 1)[0].lstrip("+~") for value in values}
+    return {key.removeprefix(f"{params_mod.DEFAULT_PATH}:") for key in keys}
 
 
 def leftover_keys(workspace: dict, committed: dict, overrides: dict[str, Any]) -> list[str]:
@@ -95,14 +116,15 @@ def leftover_keys(workspace: dict, committed: dict, overrides: dict[str, Any]) -
     return found
 
 
-def check_from_commit(spec: str, overrides: dict[str, Any], params_path: Path) -> None:
+def check_from_commit(spec: str, overrides: dict[str, Any], params_path: Path,
+                      also_set: set[str] = frozenset()) -> None:
     """Presets apply to the committed params; `dvc exp run` leaves the last experiment's params in
     the workspace, and a second preset run on top of them would train a mix of both under the
-    second one's name."""
+    second one's name. `also_set`: keys the run sets besides the preset's (EXP_ARGS's -S)."""
     committed = committed_params(params_path)
     if committed is None:
         return
-    leftover = leftover_keys(params_mod.load_raw(params_path), committed, overrides)
+    leftover = leftover_keys(params_mod.load_raw(params_path), committed, {**overrides, **dict.fromkeys(also_set)})
     if leftover:
         raise PipelineError(
             f"{params_path} differs from the last commit in {', '.join(leftover)}, which preset {spec!r} does not "
@@ -111,7 +133,13 @@ def check_from_commit(spec: str, overrides: dict[str, Any], params_path: Path) -
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    # After `--`: the options the run also gets (make exp's EXP_ARGS), for the keys their -S set.
+    exp_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(prog="python -m stages.presets",
+                                     usage="%(prog)s [-h] [--params PARAMS] [--from-commit] [preset] "
+                                           "[-- DVC_EXP_RUN_OPTIONS]",
                                      description="Print a preset as `dvc exp run -S` options.")
     parser.add_argument("preset", nargs="?", help="a preset name, or several joined by '+'")
     parser.add_argument("--params", type=Path, default=params_mod.DEFAULT_PATH,
@@ -125,10 +153,10 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(presets))
         return
     overrides = resolve(args.preset, presets)
+    if args.from_commit:  # first: another experiment's params would also fail the check below, misleadingly
+        check_from_commit(args.preset, overrides, args.params, set_param_keys(exp_args))
     # Fail here, not halfway through an experiment, if the result would not validate.
     check(args.preset, overrides, args.params)
-    if args.from_commit:
-        check_from_commit(args.preset, overrides, args.params)
     print(" ".join(shlex.quote(option) for option in as_set_options(overrides)))
 
 

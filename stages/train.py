@@ -515,6 +515,10 @@ def main(argv: list[str] | None = None) -> None:
         args.checkpoint.unlink(missing_ok=True)
 
 
+# Seconds torchrun gets to stop its workers after the terminal's Ctrl-C reached it, before SIGTERM.
+TORCHRUN_STOP_S = 10.0
+
+
 def launch_torchrun(processes: int, argv: list[str]) -> int:
     """Re-runs this stage under torchrun, `processes` workers on this machine; its exit status.
     For several machines, run torchrun yourself (docs/reproducibility.md): the stage then trains as it is."""
@@ -528,10 +532,13 @@ def launch_torchrun(processes: int, argv: list[str]) -> int:
         # torchrun's workers run in sessions of their own, so only torchrun can stop them: SIGTERM
         # makes it stop them and wait (subprocess.call's SIGKILL left them training). Ctrl-C on the
         # terminal reached torchrun too (our process group): a second signal in the middle of its
-        # shutdown made a worker print a traceback, so then the stage only waits.
-        if not ctrl_c_reached_my_group(exc):
+        # shutdown made a worker print a traceback, so then the stage gives it time to stop alone
+        # (SIGINT from `kill` to this process only looks the same: torchrun then gets SIGTERM late).
+        try:
+            torchrun.wait(timeout=TORCHRUN_STOP_S if ctrl_c_reached_my_group(exc) else 0)
+        except subprocess.TimeoutExpired:
             torchrun.terminate()
-        torchrun.wait()
+            torchrun.wait()
         raise
 
 

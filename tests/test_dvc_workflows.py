@@ -65,7 +65,8 @@ RERUNS: dict[str, Rerun] = {
         {"params", "train", "evaluate", "plot"}, "a new model"),
     "params-evaluate": _rerun(
         {"evaluate": {"batch_size": 50}}, "`evaluate.batch_size`", {"params", "evaluate"},
-        "same predictions, so `metrics/confusion.csv` is unchanged and `plot` does not run"),
+        "same predictions (a batch of a few images may move the logits, so `loss`, in their last bits), so "
+        "`metrics/confusion.csv` is unchanged and `plot` does not run"),
     "params-plot": _rerun(
         {"plot": {"misclassified": 5}}, "`plot.misclassified`", {"params", "plot"}, "only the figures"),
     # Code: a comment appended changes the file's hash, so every stage depending on it re-runs;

@@ -457,6 +457,14 @@ def test_params_stage_checks_the_gpus_when_params_ask_for_them(device, processes
     assert (tmp_path / "params-valid.txt").read_text() == VALID_MARKER
 
 
+def test_a_params_file_in_another_encoding_is_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes("train:\n  lr: 0.1  # \u00e9tape\n".encode("latin-1"))
+    with pytest.raises(PipelineError) as info:
+        params_mod.load_raw(path)
+    assert str(info.value) == f"{path}: the params file is not UTF-8 text (byte 20: invalid continuation byte)"
+
+
 @pytest.mark.parametrize("problem, reason", [("missing", "No such file or directory"), ("directory", "Is a directory")])
 def test_a_params_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch, problem, reason):
     """Any reason the file cannot be read is a PipelineError naming it; a relative path (the default

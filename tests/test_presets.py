@@ -12,7 +12,7 @@ import yaml
 from benchmarks import presets as bench
 from stages.common import PipelineError
 from stages.params import parse
-from stages.presets import apply, check, check_from_commit, leftover_keys, load_presets, resolve
+from stages.presets import apply, check, leftover_keys, load_presets, main, resolve, set_param_keys
 from tests.conftest import PROJECT_ROOT
 from tests.synthetic import write_prepared
 
@@ -60,29 +60,42 @@ def test_a_preset_that_breaks_a_rule_is_named_with_the_key(tmp_path):
         check("cnn-max+mlp-best", {"train.lr": 0.1}, params_path)
 
 
-def test_a_preset_run_refuses_to_inherit_the_last_experiments_params(tmp_path, monkeypatch):
+def test_a_preset_run_refuses_to_inherit_the_last_experiments_params(tmp_path, monkeypatch, capsys):
     """`make exp PRESET=fashion` right after `make exp PRESET=fast`: dvc exp run left fast's params in
     params.yaml, and fashion's options on top would train fast's stem, lr and batch under fashion's
-    name. Refused, naming the keys; the same preset again (EXP_ARGS=-f) and the committed params pass."""
-    params = tmp_path / "params.yaml"
-    params.write_text((PROJECT_ROOT / "params.yaml").read_text())
+    name. Refused before the params are validated (fashion over mlp-best's would fail that check
+    for another reason), naming the keys; the same preset again (EXP_ARGS=-f), keys that EXP_ARGS's
+    -S set, and the committed params pass. Through main(), as make exp calls it."""
+    for name in ("params.yaml", "presets.yaml"):
+        (tmp_path / name).write_text((PROJECT_ROOT / name).read_text())
     monkeypatch.chdir(tmp_path)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q"], check=True)
     subprocess.run([*git, "add", "params.yaml"], check=True)
     subprocess.run([*git, "commit", "-qm", "params"], check=True)
-    fast, fashion = resolve("fast", PRESETS), resolve("fashion", PRESETS)
-    check_from_commit("fashion", fashion, Path("params.yaml"))  # the committed params: no complaint
 
-    after_fast = apply(yaml.safe_load(params.read_text()), fast)
-    params.write_text(yaml.safe_dump(after_fast, sort_keys=False))  # as dvc exp run -S leaves it
-    check_from_commit("fast", fast, Path("params.yaml"))  # fast again, over its own params
+    def after(preset, *sets):  # params.yaml as `dvc exp run -S ...` leaves it (the real rewrite is in block style)
+        raw = apply(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()), resolve(preset, PRESETS))
+        Path("params.yaml").write_text(yaml.safe_dump(apply(raw, dict(sets)), sort_keys=False))
+
+    main(["--from-commit", "fashion"])  # the committed params: no complaint
+    assert capsys.readouterr().out.startswith("-Sfetch.dataset=fashion-mnist ")
+    after("fast")
+    main(["--from-commit", "fast", "--", "-f"])  # fast again, over its own params
     with pytest.raises(PipelineError) as info:
-        check_from_commit("fashion", fashion, Path("params.yaml"))
+        main(["--from-commit", "fashion"])
     leftover = "train.stem, train.lr, train.label_smoothing, train.batch_size"  # fast's, in params.yaml's order
     assert str(info.value).startswith(f"params.yaml differs from the last commit in {leftover}, which preset "
                                       "'fashion' does not set")
     assert "`git checkout params.yaml`" in str(info.value)
+    after("mlp-best")  # on_the_fly with fashion's copies: 4 would fail validation, not say why
+    with pytest.raises(PipelineError, match=r"^params.yaml differs from the last commit in augment.on_the_fly, "):
+        main(["--from-commit", "fashion"])
+    after("fast", ("train.seed", 1))
+    with pytest.raises(PipelineError, match=r"in train.seed, which preset 'fast' does not set"):
+        main(["--from-commit", "fast"])
+    main(["--from-commit", "fast", "--", "-f", "-S", "train.seed=2"])  # the run sets the seed itself
+    main(["--from-commit", "fast", "--", "--queue", "-S", "train.seed=range(0,3)"])
 
 
 def test_leftover_keys_compare_values_not_spelling():
@@ -92,6 +105,12 @@ def test_leftover_keys_compare_values_not_spelling():
     workspace = {"train": {"lr": 0.01, "channels": [16, 64], "new": 1}, "plot": None}
     assert leftover_keys(workspace, committed, {}) == ["train.lr", "train.new", "plot"]
     assert leftover_keys(workspace, committed, {"train.lr": 0.1}) == ["train.new", "plot"]
+
+
+def test_set_param_keys_reads_every_spelling_of_dvc_exp_runs_option():
+    args = ["-f", "-S", "train.seed=1", "-Strain.lr=0.1,0.2", "--set-param=augment.copies=2", "--set-param",
+            "+train.x=1", "-S", "params.yaml:train.epochs=range(1,3)", "--queue", "-n", "a-name=1"]
+    assert set_param_keys(args) == {"train.seed", "train.lr", "augment.copies", "train.x", "train.epochs"}
 
 
 TUTORIAL_PRESETS = list(PRESETS)[:list(PRESETS).index("aug")]  # presets.yaml lists them before `aug`

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import math
 import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -586,31 +587,38 @@ def test_cpuinfo_field_reads_the_first_match(tmp_path):
 
 
 
-@pytest.mark.parametrize("terminal_ctrl_c", [False, True])
-def test_an_interrupted_torchrun_launch_stops_torchrun_and_waits_for_it(monkeypatch, terminal_ctrl_c):
+@pytest.mark.parametrize("terminal_ctrl_c, stops_alone, expected", [
+    (False, True, [("wait", 0), ("terminate",), ("wait", None)]),  # SIGTERM or kill -INT: torchrun has no signal
+    (True, True, [("wait", train_mod.TORCHRUN_STOP_S)]),  # the terminal's Ctrl-C reached torchrun: it stops
+    (True, False, [("wait", train_mod.TORCHRUN_STOP_S), ("terminate",), ("wait", None)]),  # or it did not
+])
+def test_an_interrupted_torchrun_launch_stops_torchrun_and_waits_for_it(monkeypatch, terminal_ctrl_c, stops_alone,
+                                                                        expected):
     """torchrun's workers run in sessions of their own: only torchrun can stop them, so an
-    interruption gives torchrun SIGTERM and waits (a SIGKILL left the workers training), unless it
-    was Ctrl-C on the terminal, which reached torchrun itself: then only the wait."""
+    interruption gives torchrun SIGTERM and waits (a SIGKILL left the workers training). A Ctrl-C
+    typed on the terminal reached torchrun itself (a second signal in its shutdown made a worker
+    print a traceback): then it gets TORCHRUN_STOP_S seconds to stop alone before the SIGTERM."""
     calls = []
     monkeypatch.setattr(train_mod, "ctrl_c_reached_my_group", lambda exc: terminal_ctrl_c)
 
     class Torchrun:
         def __init__(self, command):
             calls.append(("start", command[command.index("-m", 3) + 1]))
-            self.waits = 0
+            self.signalled = terminal_ctrl_c and stops_alone
 
-        def wait(self):
-            self.waits += 1
-            calls.append(("wait", self.waits))
-            if self.waits == 1:
+        def wait(self, timeout=None):
+            calls.append(("wait", timeout))
+            if len(calls) == 2:
                 raise KeyboardInterrupt  # arrives while the workers train
+            if not self.signalled and timeout is not None:
+                raise subprocess.TimeoutExpired("torchrun", timeout)
             return -signal.SIGTERM
 
         def terminate(self):
-            calls.append(("terminate", self.waits))
+            calls.append(("terminate",))
+            self.signalled = True
 
     monkeypatch.setattr(train_mod.subprocess, "Popen", Torchrun)
     with pytest.raises(KeyboardInterrupt):
         train_mod.launch_torchrun(2, ["in.pt"])
-    stop = [] if terminal_ctrl_c else [("terminate", 1)]
-    assert calls == [("start", "stages.train"), ("wait", 1), *stop, ("wait", 2)]
+    assert calls == [("start", "stages.train"), ("wait", None), *expected]
