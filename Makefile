@@ -70,10 +70,13 @@ predict: $(INSTALLED)
 # The experiment is named after the preset, so running it again needs EXP_ARGS=-f (DVC refuses to
 # overwrite it otherwise). More `dvc exp run` options go in EXP_ARGS; a grid must be queued, and DVC
 # then names the runs PRESET-1, PRESET-2, ...: make exp PRESET=fast EXP_ARGS="--queue -S 'train.seed=range(0,3)'"
+# EXP_ARGS reaches the shell as a variable, so that eval parses its quotes (make would paste it
+# into eval's double-quoted string, where a " of its own would end that string).
+exp: export EXP_ARGS := $(EXP_ARGS)
 exp: $(INSTALLED)
 	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [EXP_ARGS=...] (see presets.yaml; EXP_ARGS=-f runs it again)"; exit 2; }
-	options=$$(eval "$(BIN)/python -m stages.presets --from-commit '$(PRESET)' -- $(EXP_ARGS)") && \
-	eval "$(BIN)/dvc exp run -n '$(subst +,-,$(PRESET))' $$options $(EXP_ARGS)"
+	options=$$(eval "$(BIN)/python -m stages.presets --from-commit '$(PRESET)' -- $$EXP_ARGS") && \
+	eval "$(BIN)/dvc exp run -n '$(subst +,-,$(PRESET))' $$options $$EXP_ARGS"
 
 # Run every queued experiment on JOBS parallel workers and wait for them: make queue JOBS=2.
 # With JOBS > 1 each worker's stages get an equal share of the cores (OMP_NUM_THREADS: cores / JOBS,

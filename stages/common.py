@@ -177,7 +177,7 @@ def read_yaml(path: str | os.PathLike, what: str) -> Any:
     is taken from the working directory, so that case says where the stages run."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # not the locale's: the same file reads the same everywhere
     except OSError as exc:
         where = "" if path.is_absolute() else "; the stages run from the repository root"
         raise PipelineError(f"{path}: cannot read {what} ({exc.strerror or exc}{where})") from None

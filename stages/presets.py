@@ -54,10 +54,11 @@ def apply(raw_params: dict, overrides: dict[str, Any]) -> dict:
     return result
 
 
-def check(spec: str, overrides: dict[str, Any], params_path: Path) -> params_mod.Params:
-    """`params_path` with the overrides of preset(s) `spec` applied, validated. A ParamsError names the
-    preset as well as the key: the bad value may be the preset's or the file's own."""
-    raw = params_mod.load_raw(params_path)
+def check(spec: str, overrides: dict[str, Any], params_path: Path, raw: dict | None = None) -> params_mod.Params:
+    """`params_path` (or `raw`, its content as committed) with the overrides of preset(s) `spec`
+    applied, validated. A ParamsError names the preset as well as the key: the bad value may be the
+    preset's or the file's own."""
+    raw = params_mod.load_raw(params_path) if raw is None else raw
     try:
         return params_mod.parse(apply(raw, overrides))
     except params_mod.ParamsError as exc:
@@ -79,7 +80,7 @@ def committed_params(params_path: Path) -> dict | None:
     compare with (no git, not in a git work tree, no commit yet, the file not committed)."""
     try:
         shown = subprocess.run(["git", "-C", str(params_path.parent), "show", f"HEAD:./{params_path.name}"],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, encoding="utf-8", errors="replace")
     except OSError:  # no git: no experiments either, which is what the check is for
         return None
     if shown.returncode != 0:
@@ -117,19 +118,21 @@ def leftover_keys(workspace: dict, committed: dict, overrides: dict[str, Any]) -
 
 
 def check_from_commit(spec: str, overrides: dict[str, Any], params_path: Path,
-                      also_set: set[str] = frozenset()) -> None:
+                      also_set: set[str] = frozenset()) -> dict | None:
     """Presets apply to the committed params; `dvc exp run` leaves the last experiment's params in
     the workspace, and a second preset run on top of them would train a mix of both under the
-    second one's name. `also_set`: keys the run sets besides the preset's (EXP_ARGS's -S)."""
+    second one's name. `also_set`: keys the run sets besides the preset's (EXP_ARGS's -S).
+    Returns the committed params (None: nothing to compare with): the run's own but for those keys."""
     committed = committed_params(params_path)
     if committed is None:
-        return
+        return None
     leftover = leftover_keys(params_mod.load_raw(params_path), committed, {**overrides, **dict.fromkeys(also_set)})
     if leftover:
         raise PipelineError(
             f"{params_path} differs from the last commit in {', '.join(leftover)}, which preset {spec!r} does not "
             "set, so the run would inherit them (dvc exp run leaves the last experiment's params in the "
             f"workspace). Start from the committed params: `git checkout {params_path}`; or commit your edits first")
+    return committed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,10 +156,13 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(presets))
         return
     overrides = resolve(args.preset, presets)
+    base = None  # the params file itself
     if args.from_commit:  # first: another experiment's params would also fail the check below, misleadingly
-        check_from_commit(args.preset, overrides, args.params, set_param_keys(exp_args))
+        # The committed params then stand for the run's: the workspace's differ only where the run's
+        # own -S set them, whose values the params stage checks when the run starts.
+        base = check_from_commit(args.preset, overrides, args.params, set_param_keys(exp_args))
     # Fail here, not halfway through an experiment, if the result would not validate.
-    check(args.preset, overrides, args.params)
+    check(args.preset, overrides, args.params, base)
     print(" ".join(shlex.quote(option) for option in as_set_options(overrides)))
 
 

@@ -241,6 +241,8 @@ print("the stage's last output", end="")  # unflushed: finish() must flush it
 atexit.register(lambda: print(" and atexit's", end=""))
 if sys.argv[1] == "SIGINT-ignored":  # as a command started in a script's background inherits it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+else:  # as Python starts a command from a terminal (this test may itself run with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 if sys.argv[1] != "none":  # a signal while exiting (here from the last atexit function, run first)
     atexit.register(lambda: os.kill(os.getpid(), getattr(signal, sys.argv[1].removesuffix("-ignored"))))
 launcher.finish("stage")

@@ -73,3 +73,44 @@ def test_queue_says_when_workers_are_already_running(venv, workers, said):
     assert started.returncode == 0
     assert ("queue workers are already running" in started.stdout) == said, started.stdout
     assert calls(venv)[-1].startswith("exp run --run-all -j 2"), "the runs start either way"
+
+
+# A stand-in for .venv/bin/python (as `python -m stages.presets`): records its arguments one a line
+# in ../presets-args, then prints ../options (or exits 1 when there is none).
+FAKE_PRESETS = """#!/bin/sh
+printf '%s\\n' "$@" > "$(dirname "$0")/../presets-args"
+cat "$(dirname "$0")/../options" 2>/dev/null || { echo "presets: error: refused" >&2; exit 1; }
+"""
+# ... and a dvc that records its arguments one a line, to see each word as the shell split it.
+WORDS_DVC = """#!/bin/sh
+printf '%s\\n' "$@" > "$(dirname "$0")/../dvc-args"
+"""
+
+
+@pytest.mark.parametrize("exp_args, words", [
+    ("", []),
+    ("-f", ["-f"]),
+    ("--queue -S 'train.seed=range(0,3)'", ["--queue", "-S", "train.seed=range(0,3)"]),
+    ('-S "train.channels=[8, 16, 32]"', ["-S", "train.channels=[8, 16, 32]"]),  # a " of its own, a space
+])
+def test_exp_passes_exp_args_word_for_word_to_the_presets_check_and_to_dvc(venv, exp_args, words):
+    """EXP_ARGS goes to `python -m stages.presets --from-commit NAME --` (for the keys its -S set) and
+    to `dvc exp run`, each word as a shell would read it; the preset's options come first."""
+    for name, script in (("python", FAKE_PRESETS), ("dvc", WORDS_DVC)):
+        (venv / "bin" / name).write_text(script)
+        (venv / "bin" / name).chmod(0o755)
+    (venv / "options").write_text("-Strain.epochs=1 '-Strain.channels=[16, 32, 48]'\n")
+    ran = make(venv, "exp", "PRESET=fast", f"EXP_ARGS={exp_args}")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert (venv / "presets-args").read_text().splitlines() == ["-m", "stages.presets", "--from-commit", "fast", "--",
+                                                                *words]
+    assert (venv / "dvc-args").read_text().splitlines() == ["exp", "run", "-n", "fast", "-Strain.epochs=1",
+                                                            "-Strain.channels=[16, 32, 48]", *words]
+
+
+def test_exp_stops_before_dvc_when_the_presets_check_refuses(venv):
+    (venv / "bin" / "python").write_text(FAKE_PRESETS)
+    (venv / "bin" / "python").chmod(0o755)
+    refused = make(venv, "exp", "PRESET=fashion", "EXP_ARGS=-f")
+    assert refused.returncode != 0 and "presets: error: refused" in refused.stderr
+    assert calls(venv) == [], "DVC was not called"

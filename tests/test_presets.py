@@ -96,6 +96,33 @@ def test_a_preset_run_refuses_to_inherit_the_last_experiments_params(tmp_path, m
         main(["--from-commit", "fast"])
     main(["--from-commit", "fast", "--", "-f", "-S", "train.seed=2"])  # the run sets the seed itself
     main(["--from-commit", "fast", "--", "--queue", "-S", "train.seed=range(0,3)"])
+    # fashion with -S augment.on_the_fly=true -S augment.copies=0 leaves a workspace that fashion's
+    # copies: 4 does not validate on; a run that sets on_the_fly back itself is fashion as committed.
+    after("fashion", ("augment.on_the_fly", True), ("augment.copies", 0))
+    with pytest.raises(PipelineError, match=r"in augment.on_the_fly, which preset 'fashion' does not set"):
+        main(["--from-commit", "fashion", "--", "-f"])
+    main(["--from-commit", "fashion", "--", "-f", "-S", "augment.on_the_fly=false"])
+
+
+def test_the_presets_check_reads_the_commit_of_the_params_files_own_repository(tmp_path, monkeypatch):
+    """--params in another directory than the working one (which holds presets.yaml and is no git
+    repository) is compared with its own repository's last commit; where git itself is missing
+    there is nothing to compare, not a traceback."""
+    repo, work = tmp_path / "repo", tmp_path / "work"
+    repo.mkdir(), work.mkdir()
+    (repo / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
+    (work / "presets.yaml").write_text((PROJECT_ROOT / "presets.yaml").read_text())
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "params.yaml"], check=True)
+    subprocess.run([*git, "commit", "-qm", "params"], check=True)
+    raw = apply(yaml.safe_load((repo / "params.yaml").read_text()), resolve("fast", PRESETS))
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.chdir(work)
+    with pytest.raises(PipelineError, match=rf"^{repo}/params.yaml differs from the last commit in train.stem, "):
+        main(["--from-commit", "--params", str(repo / "params.yaml"), "fashion"])
+    monkeypatch.setenv("PATH", str(tmp_path / "no-programs-here"))
+    main(["--from-commit", "--params", str(repo / "params.yaml"), "fast"])
 
 
 def test_leftover_keys_compare_values_not_spelling():

@@ -241,6 +241,9 @@ def test_preset_grid_sweep_through_make(project):
     for name in ("Makefile", "presets.yaml"):
         shutil.copy2(PROJECT_ROOT / name, p.path(name))
     p.commit("Makefile and presets")  # queued runs see only what git tracks
+    # A seed left in the workspace (by an earlier run): the grid sets it, so make exp's check of
+    # leftovers lets the preset run (it reads EXP_ARGS's -S keys).
+    p.set_params({"train": {"seed": 7}})
 
     queued = _make(p, "exp", "PRESET=fast", "EXP_ARGS=--queue -S 'train.seed=range(0,2)'")
     assert "Queued experiment 'fast-1'" in queued.stdout and "Queued experiment 'fast-2'" in queued.stdout
