@@ -18,7 +18,7 @@ import runpy
 import signal
 import sys
 
-from stages.common import interruption, log, raise_terminated, stop_with_parent  # no torch: no delay
+from stages.common import interruption, log, raise_terminated, stop_with_parent, stopped_by  # no torch: no delay
 
 
 def main() -> None:
@@ -52,11 +52,11 @@ def finish(stage: str) -> None:
     output is complete and closed). A signal meanwhile: one line and the signal's status, so that
     DVC stops instead of recording the stage and going on to the next."""
     def stopped_while_exiting(signum: int, frame: object) -> None:
-        stopped = "interrupted" if signum == signal.SIGINT else "stopped by SIGTERM"
+        stopped, status = stopped_by(signum)
         log(stage, f"{stopped} while exiting; its outputs were complete, but DVC does not record a stage "
                    "that did not exit 0")
         sys.stdout.flush()
-        os._exit(128 + signum)
+        os._exit(status)
 
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started in a script's background: left ignored
         signal.signal(signal.SIGINT, stopped_while_exiting)

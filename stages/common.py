@@ -398,11 +398,14 @@ def ctrl_c_reached_my_group(exc: KeyboardInterrupt) -> bool:
     return False  # no terminal: SIGINT came from `kill -INT` to this process alone
 
 
+def stopped_by(signum: int) -> tuple[str, int]:
+    """(what stopped the program, its exit status: 128 + the signal) for SIGINT (Ctrl-C) or SIGTERM."""
+    return ("stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"), 128 + signum
+
+
 def interruption(exc: KeyboardInterrupt) -> tuple[str, int]:
-    """(what stopped the program, its exit status) for Ctrl-C or SIGTERM: 128 + the signal."""
-    if isinstance(exc, Terminated):
-        return "stopped by SIGTERM", 128 + signal.SIGTERM
-    return "interrupted", 128 + signal.SIGINT
+    """stopped_by for the exception Ctrl-C or SIGTERM raised (KeyboardInterrupt or Terminated)."""
+    return stopped_by(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
 
 
 def run_main(stage: str, entry: Callable[[], None], kept: str = "no file was left half-written") -> None:

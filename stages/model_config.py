@@ -3,7 +3,8 @@
 A module of its own, free of torch and of params, because both sides need it: params.py checks
 train.model against ARCHITECTURES and builds a ModelConfig from the train section, and the model
 file (stages.models) stores one. Only the train and evaluate stages (and predict, which is no
-stage) import the network code; every stage imports params, so the layers kept here would make every stage depend on them.
+stage) import the network code; every stage imports params, so the layers kept here would make
+every stage depend on them.
 """
 
 from __future__ import annotations

@@ -138,8 +138,8 @@ def check_from_commit(spec: str, overrides: dict[str, Any], params_path: Path,
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # After `--`: the options the run also gets (make exp's EXP_ARGS), for the keys their -S set.
-    exp_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    argv, exp_args = argv[:split], argv[split + 1:]
     parser = argparse.ArgumentParser(prog="python -m stages.presets",
                                      usage="%(prog)s [-h] [--params PARAMS] [--from-commit] [preset] "
                                            "[-- DVC_EXP_RUN_OPTIONS]",

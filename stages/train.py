@@ -384,7 +384,8 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     # preprocess has none.
     views = int(train.get("views", 0))
     originals = len(train["labels"]) // (views + 1)
-    if cfg.fresh_views and views > 0:
+    view_per_epoch = cfg.fresh_views and views > 0  # each epoch: the originals and one stored view of each
+    if view_per_epoch:
         batches.rows = epoch_rows(originals, views, 1).to(device)  # every epoch has as many images
     on_the_fly = train.get("on_the_fly")  # augment.on_the_fly: the params to draw views with, or None
     if on_the_fly:
@@ -398,14 +399,14 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     state = TrainingState(model, optimizer, make_schedule(optimizer, cfg, total_steps), generator, average, lookahead)
     loss_of = make_loss(network, cfg, device)
     say = (lambda message: log(STAGE, message)) if rank.is_main else (lambda message: None)
-    if cfg.fresh_views and views > 0:  # the file holds 1 + views images per original; an epoch 2
+    if view_per_epoch:  # the file holds 1 + views images per original, an epoch 2: count originals
         images = f"{originals:,} train images with {views} stored view{'s' * (views != 1)} of each"
     else:
         images = f"{len(train['labels']):,} train images"
     say(f"{cfg.model}: {count_parameters(model):,} parameters; {images} and {len(val_labels):,} val images; "
         f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {len(batches)} steps"
         + (", each over the originals and a view of each drawn on the fly" if on_the_fly else "")
-        + (", each over the originals and one view of each" if cfg.fresh_views and views > 0 else "")
+        + (", each over the originals and one view of each" if view_per_epoch else "")
         + (f", each shared by {rank.world} processes" if rank.world > 1 else ""))
     train_log = train_log if train_log is not None else TrainLog()
     saved = load_checkpoint(checkpoint, run_id) if checkpoint else None
