@@ -217,10 +217,9 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
     """Yields a temporary path beside `target`; renames it to `target` if the block succeeds.
 
     With `directory=True` the temporary path is an empty directory to fill. On any exception,
-    KeyboardInterrupt included, the temporary path is removed; `target` is left untouched, except
-    that a directory is removed just before its replacement is renamed into place (rename() cannot
-    replace a non-empty one), so a failure between the two leaves none. An OSError (a full disk, no
-    permission, a file where a directory should be) becomes a one-line PipelineError naming `target`.
+    KeyboardInterrupt included, the temporary path is removed and `target` is left untouched. An
+    OSError (a full disk, no permission, a file where a directory should be) becomes a one-line
+    PipelineError naming `target`.
     """
     target = Path(target)
     try:
@@ -238,14 +237,41 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
     try:
         yield tmp
         tmp.chmod(0o755 if directory else 0o644)  # mkdtemp/mkstemp create owner-only paths
-        if directory and target.exists():
-            _remove(target)  # DVC has usually removed it already
-        os.replace(tmp, target)
+        if directory and target.is_dir() and not target.is_symlink():  # DVC has usually removed it already
+            _replace_directory(tmp, target)
+        else:
+            if directory and os.path.lexists(target):  # a file or a link where the directory goes
+                _remove(target)
+            os.replace(tmp, target)
     except BaseException as exc:
         _remove(tmp)
         if isinstance(exc, OSError):
             raise cannot_write(target, exc) from None
         raise
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    # rename() cannot replace a non-empty directory, and removing the old one first would leave it
+    # half-deleted if interrupted. So the old one is renamed aside (onto an empty temporary, which
+    # rename() may replace) and removed once `target` is the new one; if anything stops the swap
+    # between the two renames (an error, Ctrl-C), the old one is put back. Only a SIGKILL there leaves
+    # no `target`; an old one whose removal is cut short is a stale temporary, which the next write
+    # of `target` removes.
+    aside = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}.", dir=target.parent))
+    try:
+        os.replace(target, aside)
+        os.replace(new, target)
+    except BaseException:
+        if not os.path.lexists(target):
+            os.replace(aside, target)
+        raise
+    finally:
+        _remove(aside)
+
+
+def cannot_read(path: str | os.PathLike, exc: OSError) -> PipelineError:
+    """The one-line error for an input the system refused to read (no permission, a directory)."""
+    return PipelineError(f"{path}: cannot read ({exc.strerror or exception_line(exc)})")
 
 
 def cannot_write(target: Path, exc: OSError) -> PipelineError:
@@ -327,12 +353,20 @@ def check_crcs(path: Path) -> None:
     """PipelineError if a record of torch.save's zip archive fails the CRC-32 stored beside it, or
     cannot be read back at all. torch.load does not check them, so a flipped bit in the weights
     would load silently and predict wrong classes; checking costs 0.14 s for the 218 MB augmented
-    train split. A file that is no zip archive at all is left to torch.load to name."""
+    train split. A zip archive that zipfile cannot open (cut short) is left to torch.load to name."""
     try:
         with zipfile.ZipFile(path) as archive:
             failing = archive.testzip()
     except zipfile.BadZipFile:
-        return
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if b"PK\x03\x04".startswith(head):  # a zip archive's first record, damaged or cut short after it
+            return
+        # torch.load would try its pre-1.6 pickle format on it and fail with anything from
+        # "KeyError: 101" (a text file) on; torch.save has written zip archives since 1.6.
+        raise PipelineError(f"{path}: not a tensor file written by this pipeline (torch.save's zip archive)") from None
+    except PermissionError as exc:  # the file may be fine: not "damaged"
+        raise cannot_read(path, exc) from None
     except Exception as exc:  # an unknown compression method, an encryption flag, a cut-off record
         raise damaged_tensor_file(path, exc) from None
     if failing:

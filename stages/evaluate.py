@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix
 
 from stages import params as params_mod
-from stages.common import load_tensors, log, run_main, write_files_atomic
+from stages.common import PipelineError, load_tensors, log, run_main, write_files_atomic
 from stages.models import load_model, predict_logits
 
 STAGE = "evaluate"
@@ -42,6 +43,21 @@ def test_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -
             "per_class": per_class}
 
 
+def split_problem(images: torch.Tensor, labels: torch.Tensor, image_size: int, num_classes: int) -> str | None:
+    """Why a labelled split cannot be scored by a model of `image_size` and `num_classes`, or None.
+    preprocess writes test.pt from the same dataset as the model's, so this meets only a file
+    swapped or edited by hand, which would otherwise fail deep in torch or be scored wrongly."""
+    if images.ndim != 3 or tuple(images.shape[1:]) != (image_size, image_size):
+        return f"images of shape {list(images.shape)}, the model takes [N, {image_size}, {image_size}]"
+    if len(images) == 0:
+        return "no images"
+    if labels.shape != (len(images),) or labels.dtype not in (torch.int64, torch.uint8):  # cross_entropy's
+        return f"labels of shape {list(labels.shape)} and type {labels.dtype} for {len(images)} images"
+    if labels.min() < 0 or labels.max() >= num_classes:
+        return f"labels {labels.min().item()}-{labels.max().item()}, the model has classes 0-{num_classes - 1}"
+    return None
+
+
 def confusion_csv(labels: torch.Tensor, predicted: torch.Tensor) -> str:
     rows = "".join(f"{a},{p}\n" for a, p in zip(labels.tolist(), predicted.tolist()))
     return "actual,predicted\n" + rows
@@ -57,8 +73,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params_mod.load().evaluate
     model, meta = load_model(args.model_in)
     test = load_tensors(args.test_in, required=("images", "labels"))
+    problem = split_problem(test["images"], test["labels"], meta["config"]["image_size"], len(meta["classes"]))
+    if problem:
+        raise PipelineError(f"{args.test_in}: {problem}; re-run `dvc repro` to rebuild it")
     logits = predict_logits(model, test["images"], cfg.batch_size)
     metrics = test_metrics(logits, test["labels"], len(meta["classes"]))
+    if not math.isfinite(metrics["loss"]):  # JSON has no NaN, and the accuracy would be chance
+        raise PipelineError(f"{args.model_in}: the model's test loss is {metrics['loss']} (logits that "
+                            "overflow: a diverged run?); retrain it with a lower train.lr")
     log(STAGE, f"test accuracy {100 * metrics['accuracy']:.2f}% on {len(test['labels']):,} images, "
                f"loss {metrics['loss']:.4f}")
     write_files_atomic({args.metrics_out: (json.dumps(metrics, indent=2) + "\n").encode("utf-8"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import PipelineError
+from stages.common import PipelineError, cannot_read
 
 UBYTE = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -78,9 +78,13 @@ def gunzip_if_compressed(data: bytes, name: str = "<bytes>", max_size: int | Non
 
 def read_bytes(path: Path, max_size: int | None = None) -> bytes:
     """The uncompressed content of `path`; with `max_size`, refused (IdxFormatError) above that
-    many bytes, read or inflated, so the memory it takes is bounded whatever the file holds."""
-    with open(path, "rb") as f:
-        data = f.read(-1 if max_size is None else max_size + 1)
+    many bytes, read or inflated, so the memory it takes is bounded whatever the file holds. A file
+    that cannot be read (no permission, a directory) is a one-line PipelineError naming it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(-1 if max_size is None else max_size + 1)
+    except OSError as exc:
+        raise cannot_read(path, exc) from None
     return gunzip_if_compressed(data, str(path), max_size)
 
 

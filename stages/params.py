@@ -45,6 +45,19 @@ def _require(ok: bool, key: str, problem: str) -> None:
 SEED_MAX = 2**32 - 1
 
 
+# Upper bounds that keep a typo from failing inside train, after DVC has deleted its outputs, with
+# a traceback: a rate or decay above float32's range overflows in the optimizer's update (no SGD or
+# Adam rate this high trains: the presets use 0.001-0.3), and a width of 10**12 asks the allocator
+# for terabytes. The widths allow 16x mlp-best's 1,024 and 8x the default CNN's widest block; the
+# largest MLP they allow, 16 layers of 16,384, is 4.0G weights, which no 2-core machine trains
+# either, but only a typo reaches that far.
+MAX_LR = 10.0
+MAX_WEIGHT_DECAY = 1.0
+MAX_WIDTH = 16_384  # units of one MLP hidden layer
+MAX_HIDDEN_LAYERS = 16
+MAX_CHANNELS = 1_024  # of one CNN block
+
+
 def _check_seed(key: str, seed: int) -> None:
     _require(0 <= seed <= SEED_MAX, key, f"must be between 0 and {SEED_MAX} (2**32 - 1), got {seed}")
 
@@ -200,20 +213,22 @@ class TrainParams:
         _require(is_valid_crop(self.crop, image_size), "train.crop",
                  f"must be 'auto' (the dataset's, datasets.yaml) or between 0 and {largest_crop(image_size)} "
                  f"pixels (the CNN needs at least 8x8 of the {image_size}x{image_size} image), got {self.crop}")
-        _require(all(h >= 1 for h in self.hidden), "train.hidden",
-                 f"every hidden size must be a positive integer, got {self.hidden}")
+        _require(all(1 <= h <= MAX_WIDTH for h in self.hidden) and len(self.hidden) <= MAX_HIDDEN_LAYERS,
+                 "train.hidden", f"must be at most {MAX_HIDDEN_LAYERS} hidden sizes, each a positive integer "
+                 f"up to {MAX_WIDTH:,}, got {self.hidden}")
         _require(self.model != "mlp" or len(self.hidden) > 0, "train.hidden",
                  "must list at least one hidden size for model 'mlp' (use model 'softmax' for none)")
         _require(0 <= self.dropout < 1, "train.dropout", f"must be in [0, 1), got {self.dropout}")
-        _require(len(self.channels) == 3 and all(c >= 1 for c in self.channels), "train.channels",
-                 f"must be three positive integers (one per conv block), got {self.channels}")
+        _require(len(self.channels) == 3 and all(1 <= c <= MAX_CHANNELS for c in self.channels), "train.channels",
+                 f"must be three positive integers up to {MAX_CHANNELS:,} (one per conv block), got {self.channels}")
         _require(1 <= self.convs_per_block <= 4, "train.convs_per_block",
                  f"must be between 1 and 4, got {self.convs_per_block}")
-        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(0 < self.lr <= MAX_LR, "train.lr", f"must be > 0 and at most {MAX_LR:g}, got {self.lr}")
         _require(0 <= self.momentum < 1, "train.momentum", f"must be in [0, 1), got {self.momentum}")
         _require(self.optimizer != "sgd" or not self.nesterov or self.momentum > 0, "train.nesterov",
                  "needs momentum > 0 (with optimizer sgd)")
-        _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.weight_decay <= MAX_WEIGHT_DECAY, "train.weight_decay",
+                 f"must be between 0 and {MAX_WEIGHT_DECAY:g}, got {self.weight_decay}")
         _require(0 <= self.warmup < 1, "train.warmup", f"must be in [0, 1), got {self.warmup}")
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing",
                  f"must be in [0, 1), got {self.label_smoothing}")
@@ -281,6 +296,18 @@ def _choices(values) -> str:
     return ", ".join(repr(v) for v in values)
 
 
+def _as_yaml(value: Any) -> str:
+    """A value as params.yaml spells it, for an error message: true, false and null rather than
+    Python's True, False and None; strings quoted, so that a number read as text shows as one."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    if isinstance(value, list):
+        return "[" + ", ".join(_as_yaml(item) for item in value) + "]"
+    return repr(value)
+
+
 def _describe(hint: Any) -> str:
     """What an annotation accepts, in words, for an option of a union's error message."""
     if get_origin(hint) is Literal:
@@ -300,15 +327,15 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
                 return _convert(key, value, option)
             except ParamsError:
                 pass
-        raise ParamsError(key, f"must be {' or '.join(_describe(option) for option in get_args(hint))}, got {value!r}")
+        raise ParamsError(key, f"must be {' or '.join(_describe(option) for option in get_args(hint))}, got {_as_yaml(value)}")
     if origin is Literal:
-        _require(value in get_args(hint), key, f"must be one of {_choices(get_args(hint))}, got {value!r}")
+        _require(value in get_args(hint), key, f"must be one of {_choices(get_args(hint))}, got {_as_yaml(value)}")
         return value
     if hint is bool:
-        _require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        _require(isinstance(value, bool), key, f"must be true or false, got {_as_yaml(value)}")
         return value
     if hint is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {_as_yaml(value)}")
         return value
     if hint is float:
         if isinstance(value, str):
@@ -321,28 +348,28 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
                                        "with an exponent as text unless it has a dot and the exponent a sign: "
                                        "write e.g. 1.0e-3 or 1.0e+10")
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-                 f"must be a number, got {value!r}")
+                 f"must be a number, got {_as_yaml(value)}")
         # An integer too large for a float (10**400) would raise OverflowError below, not this.
         _require(isinstance(value, float) or abs(value) < 2**1023, key,
                  "must be a finite number, got an integer too large for a float")
-        _require(math.isfinite(value), key, f"must be a finite number, got {value!r}")
+        _require(math.isfinite(value), key, f"must be a finite number, got {_as_yaml(value)}")
         return float(value)
     if hint is str:
-        _require(isinstance(value, str), key, f"must be a string, got {value!r}")
+        _require(isinstance(value, str), key, f"must be a string, got {_as_yaml(value)}")
         return value
     if origin is list:
-        _require(isinstance(value, list), key, f"must be a list, got {value!r}")
+        _require(isinstance(value, list), key, f"must be a list, got {_as_yaml(value)}")
         (item_hint,) = get_args(hint)
         return [_convert(f"{key}[{i}]", item, item_hint) for i, item in enumerate(value)]
     if origin is dict:
-        _require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        _require(isinstance(value, dict), key, f"must be a mapping, got {_as_yaml(value)}")
         key_hint, item_hint = get_args(hint)
         return {_convert(key, k, key_hint): _convert(f"{key}.{k}", v, item_hint) for k, v in value.items()}
     raise TypeError(f"unsupported annotation {hint!r} for {key}")  # a bug in this module, not in params
 
 
 def _build(cls: type, key: str, raw: Any) -> Any:
-    _require(isinstance(raw, dict), key, f"must be a mapping, got {raw!r}")
+    _require(isinstance(raw, dict), key, f"must be a mapping, got {_as_yaml(raw)}")
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for name in raw:

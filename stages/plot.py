@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
 from stages import params as params_mod
-from stages.common import PipelineError, load_tensors, run_main, write_files_atomic
+from stages.common import PipelineError, cannot_read, exception_line, load_tensors, run_main, write_files_atomic
 
 STAGE = "plot"
 
@@ -30,15 +30,42 @@ MARKER_POINTS = 20  # series this short get a marker on each point (a one-epoch 
 
 
 def read_table(path: Path, delimiter: str = ",") -> dict[str, np.ndarray]:
-    """Columns of a numeric CSV (or, with delimiter "\t", TSV) file with a header row."""
+    """Columns of a numeric CSV (or, with delimiter "\t", TSV) file with a header row. A file that
+    cannot be read, or a cell that is not a number (a file cut short, edited by hand), is a one-line
+    PipelineError naming the file and the line."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter=delimiter))
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            columns: dict[str, list[float]] = {}
+            for row in reader:
+                columns = columns or {key: [] for key in reader.fieldnames}
+                _append_row(columns, row, path, reader.line_num)
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found (run `dvc repro`)") from None
-    if not rows:
+    except OSError as exc:
+        raise cannot_read(path, exc) from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise PipelineError(f"{path}: cannot read ({exception_line(exc)})") from None
+    if not columns:
         raise PipelineError(f"{path}: no rows")
-    return {key: np.array([float(row[key]) for row in rows]) for key in rows[0]}
+    return {key: np.array(values) for key, values in columns.items()}
+
+
+def _append_row(columns: dict[str, list[float]], row: dict, path: Path, line: int) -> None:
+    if None in row:  # DictReader's key for cells beyond the header's
+        problem = "more cells than the header names"
+    elif None in row.values():
+        problem = "fewer cells than the header names"
+    else:
+        try:
+            values = [float(row[key]) for key in columns]
+        except ValueError as exc:
+            problem = str(exc)
+        else:
+            for column, value in zip(columns.values(), values):
+                column.append(value)
+            return
+    raise PipelineError(f"{path}: line {line}: {problem} (a damaged file? `dvc repro` rebuilds it)")
 
 
 def read_series(directory: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -141,11 +168,18 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params_mod.load().plot
     series = read_series(args.series_dir)
     confusion = read_table(args.confusion)
-    actual, predicted = confusion["actual"].astype(int), confusion["predicted"].astype(int)
+    if set(confusion) != {"actual", "predicted"}:
+        raise PipelineError(f"{args.confusion}: expected columns actual and predicted, found {sorted(confusion)}")
     test = load_tensors(args.test_in, required=("images", "labels", "classes"))
-    if len(actual) != len(test["labels"]):
-        raise PipelineError(f"{args.confusion} has {len(actual)} rows for {len(test['labels'])} test images")
+    if len(confusion["actual"]) != len(test["labels"]):
+        raise PipelineError(f"{args.confusion} has {len(confusion['actual'])} rows for {len(test['labels'])} test images")
     classes = test["classes"]
+    for name, column in confusion.items():
+        outside = np.flatnonzero(~np.isin(column, np.arange(len(classes))))
+        if len(outside):  # evaluate writes one row per line, after the header
+            raise PipelineError(f"{args.confusion}: line {outside[0] + 2}: {name} class {column[outside[0]]:g} is "
+                                f"not one of the test split's classes 0-{len(classes) - 1}")
+    actual, predicted = confusion["actual"].astype(int), confusion["predicted"].astype(int)
     write_files_atomic({
         args.out_dir / "loss_curves.png": png_bytes(curves_figure(series)),
         args.out_dir / "confusion_matrix.png": png_bytes(confusion_figure(actual, predicted, classes)),

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages.common import PipelineError, exception_line, log, run_main
+from stages.common import PipelineError, cannot_read, exception_line, log, run_main
 from stages.idx import IdxFormatError, parse_idx, read_bytes
 from stages.model_config import digit_framing
 from stages.models import load_model, predict_logits
@@ -89,7 +89,7 @@ def check_file(path: str) -> None:
         hint = " (predict reads files, not standard input: save the image and name it)" if path == "-" else ""
         raise PipelineError(f"{path}: no such file{hint}") from None
     except OSError as exc:  # e.g. ELOOP "Too many levels of symbolic links", EACCES on a parent
-        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise cannot_read(path, exc) from None
     if stat.S_ISDIR(info.st_mode):
         raise PipelineError(f"{path}: is a directory, not an image file")
     if not stat.S_ISREG(info.st_mode):
@@ -366,11 +366,8 @@ def load_samples(path: str, size: int, framing: dict | None = None) -> list[Samp
     except UnidentifiedImageError:
         pass  # not an image format Pillow knows: try IDX
     except OSError as exc:  # opening failed (e.g. permission denied)
-        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        return idx_samples(path, size)
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise cannot_read(path, exc) from None
+    return idx_samples(path, size)  # stages.idx.read_bytes names a file it cannot read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,11 +494,24 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             for row in new:
                 # Flushed line by line: results appear as they come, in order with the errors
                 # on stderr, and a closed pipe (`| head`) is noticed at once.
-                print(text_line(row), flush=True)
+                emit(text_line(row))
     if args.json:
-        print(json.dumps(rows, indent=2), flush=True)
+        emit(json.dumps(rows, indent=2))
     if failed:
         sys.exit(1)
+
+
+def emit(text: str) -> None:
+    """Prints results on stdout, flushed. A closed pipe propagates (cli ends quietly); any other
+    failure to write (a full disk: `> /dev/full`) is one line."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        discard_stdout()
+        raise PipelineError(f"cannot write the results to standard output "
+                            f"({exc.strerror or exception_line(exc)})") from None
 
 
 def cli(prog: str | None = None) -> None:
@@ -509,10 +519,15 @@ def cli(prog: str | None = None) -> None:
     try:
         run_main(STAGE, lambda: main(prog=prog))
     except BrokenPipeError:
-        # The reader went away (`... | head -5`): stop quietly, as cat or grep do. Point stdout at
-        # /dev/null so that the interpreter's final flush does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # The reader went away (`... | head -5`): stop quietly, as cat or grep do.
+        discard_stdout()
         sys.exit(128 + signal.SIGPIPE)
+
+
+def discard_stdout() -> None:
+    """Points stdout at /dev/null, so that the interpreter's final flush of what could not be
+    written does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ def load_presets(path: Path = PRESETS_PATH) -> dict[str, dict[str, Any]]:
         if overrides is not None and not isinstance(overrides, dict):
             raise PipelineError(f"{path}: preset {name!r}: expected a mapping of params.yaml keys to values "
                                 f"(train.lr: 0.1), got {type(overrides).__name__}")
+        bad_keys = [key for key in overrides or {} if not isinstance(key, str)]
+        if bad_keys:
+            raise PipelineError(f"{path}: preset {name!r}: key {bad_keys[0]!r} is not a params.yaml key "
+                                "(section.key, as in train.lr)")
     return {name: overrides or {} for name, overrides in presets.items()}
 
 

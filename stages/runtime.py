@@ -78,18 +78,31 @@ def cpu_has_amx() -> bool:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 instructions (AVX512_BF16 dot products or AMX tiles); without
-    them oneDNN emulates bf16 with conversions. Whether they make training faster: cpu_bf16_is_faster."""
+    them oneDNN emulates bf16 with conversions. Whether they make training faster: cpu_bf16_choice."""
     return _cpu_supports("_is_avx512_bf16_supported") or cpu_has_amx()
 
 
 def cpu_bf16_is_faster() -> bool:
-    """Whether bf16 autocast trains faster than fp32 on this CPU, as measured for this project's presets:
-    yes with AMX tiles (a Sapphire Rapids Xeon) and on an AMD CPU with AVX512_BF16 (a Zen 4 EPYC:
-    the default CNN 1.3-1.9x); no on an Intel CPU with AVX512_BF16 but no AMX (a Xeon whose virtual
-    machine hides AMX: every preset's training step took 1.4-1.6x as long in bf16 as in fp32, the
-    convolutions' backward twice as long; docs/speed.md). Other Intel CPUs with AVX512_BF16 and no
-    AMX (Cooper Lake) are unmeasured and get fp32, the safe answer."""
-    return cpu_has_amx() or (_cpu_supports("_is_avx512_bf16_supported") and cpu_is_amd())
+    """Whether bf16 autocast trains faster than fp32 on this CPU (why: cpu_bf16_choice)."""
+    return cpu_bf16_choice()[0]
+
+
+def cpu_bf16_choice() -> tuple[bool, str]:
+    """Whether bf16 autocast trains faster than fp32 on this CPU, as measured for this project's
+    presets, and why, for the train stage's log: yes with AMX tiles (a Sapphire Rapids Xeon) and on
+    an AMD CPU with AVX512_BF16 (a Zen 4 EPYC: the default CNN 1.3-1.9x); no on an Intel CPU with
+    AVX512_BF16 but no AMX (a Xeon whose virtual machine hides AMX: every preset's training step took
+    1.4-1.6x as long in bf16 as in fp32, the convolutions' backward twice as long; docs/speed.md).
+    Other Intel CPUs with AVX512_BF16 and no AMX (Cooper Lake) are unmeasured and get fp32, the safe
+    answer."""
+    if cpu_has_amx():
+        return True, "this CPU has AMX"
+    if not _cpu_supports("_is_avx512_bf16_supported"):
+        return False, "no bf16 instructions on this CPU"
+    if cpu_is_amd():
+        return True, "an AMD CPU with AVX512_BF16"
+    return False, ("bf16 instructions without AMX on a CPU not made by AMD; bf16 measured 1.4-1.6x "
+                   "slower than fp32 on such a Xeon")
 
 
 def cpu_is_amd() -> bool:
@@ -115,17 +128,12 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 def describe_precision(requested: str, device: torch.device) -> str:
     """'bf16' or 'fp32' as resolve_precision decides, and for 'auto' why, for the train stage's log."""
-    precision = resolve_precision(requested, device)
     if requested != "auto":
-        return precision
+        return requested
     if device.type == "cuda":
         return "fp32 (auto: on a GPU bf16 measured no faster, on an H200 for the default and fast; docs/gpu.md)"
-    if precision == "bf16":
-        return f"bf16 (auto: {'this CPU has AMX' if cpu_has_amx() else 'an AMD CPU with AVX512_BF16'})"
-    if cpu_has_bf16():
-        return ("fp32 (auto: bf16 instructions without AMX on a CPU not made by AMD; bf16 measured "
-                "1.4-1.6x slower than fp32 on such a Xeon)")
-    return "fp32 (auto: no bf16 instructions on this CPU)"
+    faster, why = cpu_bf16_choice()  # what resolve_precision decided by, and why
+    return f"{'bf16' if faster else 'fp32'} (auto: {why})"
 
 
 def describe_device(device: torch.device) -> str:

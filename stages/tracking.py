@@ -30,9 +30,13 @@ DVCLive is used with the project's own dvc.yaml (it writes none), saves no exper
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 from dvclive import Live
+
+from stages.common import cannot_write
 
 POINTS_PER_EPOCH = 10  # step_loss points per epoch
 SUMMARY_ONLY = ("epoch",)  # in metrics.json, no series of its own
@@ -55,8 +59,20 @@ class TrainLog:
     def __init__(self, directory: Path | None = None):
         self.records: list[dict] = []  # {"step": int, series: value, ...}, in logging order
         self._live = None
+        self._directory = directory
         if directory is not None:
-            self._live = Live(str(directory), resume=False, report=None, save_dvc_exp=False, dvcyaml=False)
+            with self._writing():
+                self._live = Live(str(directory), resume=False, report=None, save_dvc_exp=False, dvcyaml=False)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        # DVCLive writes in place, not atomically (a running experiment must show its points), so a
+        # full disk or a file where the directory should be surfaces here, as the stage's one-line
+        # error naming the directory (stages.common.cannot_write), not a traceback from dvclive.
+        try:
+            yield
+        except OSError as exc:
+            raise cannot_write(self._directory, exc) from None
 
     def log(self, step: int, values: dict[str, float]) -> None:
         """Logs `values` at optimizer step `step` and rewrites metrics.json."""
@@ -64,17 +80,19 @@ class TrainLog:
         if self._live is None:
             return
         self._live.step = step
-        for name, value in values.items():
-            self._live.log_metric(name, value, plot=name not in SUMMARY_ONLY)
-        # make_summary, and Studio's live update when the user has configured Studio.
-        self._live.sync()
+        with self._writing():
+            for name, value in values.items():
+                self._live.log_metric(name, value, plot=name not in SUMMARY_ONLY)
+            # make_summary, and Studio's live update when the user has configured Studio.
+            self._live.sync()
 
     def log_numerics(self, values: dict[str, str | int | bool]) -> None:
         """Writes params.yaml: how this run computed (stages.runtime.numerics) and what `auto`
         params resolved to, not a choice in params.yaml. Logged by every run, a resumed one too, so
         it is not one of `records`."""
         if self._live is not None:
-            self._live.log_params(values)
+            with self._writing():
+                self._live.log_params(values)
 
     def replay(self, records: list[dict]) -> None:
         for record in records:

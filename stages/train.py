@@ -62,6 +62,10 @@ def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
     return optimizer_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
+ONECYCLE_START_DIV = 25.0  # one-cycle starts at lr / 25
+ONECYCLE_FINAL_DIV = 1e3  # and ends at that / 1,000
+
+
 def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainParams, total_steps: int):
     """A per-step learning-rate schedule, or None for a constant rate."""
     if cfg.schedule == "onecycle":
@@ -69,11 +73,17 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainParams, total_step
         # behind the fastest small-CNN MNIST runs. Momentum is left alone (SGD may have none).
         # OneCycleLR's warm-up ends at step warmup * total_steps - 1 and it divides by that length,
         # so a warm-up of one step or less (a run of a few steps: tiny data, a large batch) would
-        # divide by zero or count backwards; such a run starts at the peak and only decays.
-        warmup = cfg.warmup if cfg.warmup * total_steps > 1 else 0.0
+        # divide by zero or count backwards, and without one its first step is already past the
+        # peak (a one-step run took its only step at the final rate, lr / 25,000). Such a run
+        # starts at the peak and decays linearly to that final rate at its last step.
+        if cfg.warmup * total_steps <= 1:
+            final = 1 / (ONECYCLE_START_DIV * ONECYCLE_FINAL_DIV)
+            # (Floored at the final rate: after the last step the count is total_steps, one past it.)
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: max(final, 1 - (1 - final) * step / max(1, total_steps - 1)))
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=warmup,
-            anneal_strategy="linear", cycle_momentum=False, div_factor=25.0, final_div_factor=1e3)
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup, anneal_strategy="linear",
+            cycle_momentum=False, div_factor=ONECYCLE_START_DIV, final_div_factor=ONECYCLE_FINAL_DIV)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     return None
@@ -429,14 +439,18 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
         if not math.isfinite(train_loss):  # the same all-reduced value in every process: all stop here
             if progress is not None:
                 progress.close(summary=False)  # the error gets a line of its own
-            raise PipelineError(f"epoch {epoch}: the train loss is {train_loss}: training diverged; lower "
-                                f"train.lr (now {cfg.lr:g}), rather than save a model of NaN weights")
+            raise diverged(epoch, "train", train_loss, cfg.lr)
         end_step = epoch * len(batches)
         if not rank.is_main:
             train_log.log(end_step, {"epoch": epoch})  # keeps the epoch count; only rank 0's log is written
             continue
         progress.close(summary=False)
         val_loss, val_accuracy = score(model, val_images, val_labels)
+        if not math.isfinite(val_loss):
+            # The train loss is taken before each step's update, so a blow-up in the epoch's last
+            # steps shows here first: weights still finite, but logits that overflow. (Under torchrun
+            # the other processes are stopped by torchrun when this one fails.)
+            raise diverged(epoch, "val", val_loss, cfg.lr)
         train_log.log(end_step, {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
                                  "val_accuracy": round(val_accuracy, 6), "lr": round(float(step_log.used_lr), 9)})
         if checkpoint:  # rank 0 only: every process resumes from the one file
@@ -449,6 +463,11 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
         _, last_accuracy = score(model, val_images, val_labels)
         model = pick_average(model, average.module, val_images, val_labels, last_accuracy, say)
     return model, config, train_log.epochs()
+
+
+def diverged(epoch: int, split: str, loss: float, lr: float) -> PipelineError:
+    return PipelineError(f"epoch {epoch}: the {split} loss is {loss}: training diverged; lower train.lr "
+                         f"(now {lr:g}), rather than save a model that cannot classify")
 
 
 def pick_average(model: nn.Module, averaged: nn.Module, val_images: torch.Tensor, val_labels: torch.Tensor,

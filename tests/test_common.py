@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import stages.__main__ as launcher
-from stages.common import (PipelineError, Terminated, ctrl_c_reached_my_group, exception_line, parse_yaml, run_main,
-                           write_files_atomic)
+from stages.common import (PipelineError, Terminated, atomic_path, ctrl_c_reached_my_group, exception_line,
+                           load_tensors, parse_yaml, run_main, save_tensors, write_files_atomic)
 from tests.conftest import PROJECT_ROOT, VENV_BIN
 
 
@@ -65,6 +68,55 @@ def test_an_output_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkey
         write_files_atomic({target: b"new"})
     assert str(info.value) == f"{target}: cannot write (No space left on device)"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["afile", "out.pt"] and target.read_bytes() == b"old"
+
+
+def test_a_directory_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """fetch's data/raw: the old directory stays complete until the new one is in place, comes back
+    if the swap fails, and an old copy whose removal was cut short is cleaned up by the next write."""
+    target = tmp_path / "raw"
+    target.mkdir()
+    (target / "old.gz").write_bytes(b"old")
+
+    def fill(files):
+        with atomic_path(target, directory=True) as tmp:
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+
+    real_replace, calls = os.replace, []
+
+    def second_rename_fails(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(PipelineError, match=r"raw: cannot write \(No space left on device\)$"):
+        fill({"new.gz": b"new"})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert calls[0][0] == "raw" and calls[1][1] == "raw" and calls[2] == (calls[0][1], "raw")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["raw"]
+    assert [path.name for path in target.iterdir()] == ["old.gz"]
+
+    monkeypatch.setattr("stages.common._remove", lambda path: None)  # as if cut short by a SIGKILL
+    fill({"new.gz": b"new"})
+    assert [path.name for path in target.iterdir()] == ["new.gz"]
+    assert len(list(tmp_path.glob(".tmp-raw.*"))) == 1
+    monkeypatch.undo()
+    fill({"newer.gz": b"newer"})
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["raw"]
+    assert [path.name for path in target.iterdir()] == ["newer.gz"]
+
+    elsewhere = tmp_path / "elsewhere"  # a file, or a link to a directory, where the output goes
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_bytes(b"someone's")
+    for occupant in (lambda: target.write_bytes(b"a file"), lambda: target.symlink_to(elsewhere)):
+        shutil.rmtree(target)
+        occupant()
+        fill({"new.gz": b"new"})
+        assert target.is_dir() and not target.is_symlink() and [p.name for p in target.iterdir()] == ["new.gz"]
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["elsewhere", "raw"]
+    assert (elsewhere / "keep").read_bytes() == b"someone's", "the link goes, not what it points to"
 
 
 def test_a_target_named_like_anothers_temporary_is_spared(tmp_path):
@@ -340,3 +392,17 @@ def test_ctrl_c_reached_my_group_only_for_ctrl_c_on_a_terminal_whose_foreground_
     assert _in_a_terminal(foreground(KeyboardInterrupt())) == 0
     assert _in_a_terminal(foreground(Terminated())) == 1
     assert _in_a_terminal(background_group(KeyboardInterrupt())) == 1
+
+
+def test_a_tensor_file_that_cannot_be_read_is_not_called_damaged(tmp_path, monkeypatch):
+    """As root, chmod 000 does not stop a read, so the refusal is simulated where zipfile opens it."""
+    path = tmp_path / "train.pt"
+    save_tensors(path, {"images": torch.zeros(2, 3)})
+    assert torch.equal(load_tensors(path, required=("images",))["images"], torch.zeros(2, 3))
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(zipfile, "ZipFile", refused)
+    with pytest.raises(PipelineError, match=rf"^{path}: cannot read \(Permission denied\)$"):
+        load_tensors(path)

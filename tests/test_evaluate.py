@@ -1,15 +1,22 @@
-"""stages.evaluate: test metrics from logits, and the confusion CSV."""
+"""stages.evaluate: test metrics from logits, the confusion CSV, and a test split or model it refuses."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.evaluate import confusion_csv, test_metrics as compute_metrics  # not collected as a test
+from stages.common import PipelineError, save_tensors
+from stages.evaluate import confusion_csv, main as evaluate_main, test_metrics as compute_metrics  # not collected as a test
+from stages.model_config import ModelConfig
+from stages.models import build_model, save_model
+from tests.conftest import PROJECT_ROOT
 
 # Six samples over 4 classes; class 3 never occurs in the labels.
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -60,3 +67,56 @@ def test_confusion_csv():
     assert text.endswith("\n")
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [(int(r["actual"]), int(r["predicted"])) for r in rows] == list(zip(LABELS.tolist(), PREDICTED.tolist()))
+
+
+def write_model(path: Path, fill: float | None = None) -> None:
+    """An 8x8-image softmax model of 3 classes, every weight and bias `fill` if given."""
+    config = ModelConfig(architecture="softmax", hidden=(), dropout=0.0, channels=(), convs_per_block=1,
+                         pool="end", image_size=8, num_classes=3, mean=0.5, std=0.25)
+    model = build_model(config)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if fill is not None:
+                weight.fill_(fill)
+    save_model(path, model, config, ["a", "b", "c"])
+
+
+def run_evaluate(tmp_path: Path, monkeypatch, images: torch.Tensor, labels: torch.Tensor, fill: float | None = None):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
+    write_model(tmp_path / "model.pt", fill)
+    save_tensors(tmp_path / "test.pt", {"images": images, "labels": labels})
+    evaluate_main(["model.pt", "test.pt", "eval.json", "confusion.csv"])
+
+
+GOOD_IMAGES = torch.rand(6, 8, 8)
+GOOD_LABELS = torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def test_evaluate_writes_metrics_for_a_matching_split(tmp_path, monkeypatch):
+    run_evaluate(tmp_path, monkeypatch, GOOD_IMAGES, GOOD_LABELS)
+    assert set(json.loads((tmp_path / "eval.json").read_text())) == {"accuracy", "loss", "per_class"}
+    assert len((tmp_path / "confusion.csv").read_text().splitlines()) == 7
+
+
+@pytest.mark.parametrize(("images", "labels", "problem"), [
+    (torch.rand(6, 9, 9), GOOD_LABELS, r"images of shape \[6, 9, 9\], the model takes \[N, 8, 8\]"),
+    (torch.rand(0, 8, 8), torch.tensor([], dtype=torch.long), r"no images"),
+    (GOOD_IMAGES, GOOD_LABELS[:4], r"labels of shape \[4\] and type torch.int64 for 6 images"),
+    (GOOD_IMAGES, GOOD_LABELS.float(), r"labels of shape \[6\] and type torch.float32 for 6 images"),
+    (GOOD_IMAGES, GOOD_LABELS + 5, r"labels 5-7, the model has classes 0-2"),
+], ids=["image size", "empty", "count", "float labels", "label range"])
+def test_a_test_split_that_does_not_fit_the_model_is_one_line(tmp_path, monkeypatch, images, labels, problem):
+    """A test.pt swapped or edited by hand: one line naming it, no metrics written (not a traceback
+    from torch or scikit-learn, nor a silent score of the wrong images)."""
+    with pytest.raises(PipelineError, match=rf"^test\.pt: {problem}; re-run `dvc repro` to rebuild it$"):
+        run_evaluate(tmp_path, monkeypatch, images, labels)
+    assert not (tmp_path / "eval.json").exists() and not (tmp_path / "confusion.csv").exists()
+
+
+def test_a_model_whose_logits_overflow_writes_no_nan_metrics(tmp_path, monkeypatch):
+    """Finite weights (load_model accepts them) whose logits overflow: eval.json would hold NaN,
+    which is not JSON, beside a chance accuracy."""
+    with pytest.raises(PipelineError, match=r"^model\.pt: the model's test loss is nan .*lower train\.lr$"):
+        run_evaluate(tmp_path, monkeypatch, GOOD_IMAGES, GOOD_LABELS, fill=3.0e38)
+    assert not (tmp_path / "eval.json").exists()

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from stages.common import PipelineError
 from stages.idx import IdxFormatError, parse_idx, read_bytes, read_images, read_labels, read_pair, write_idx
 
 SIZE = 28
@@ -98,6 +99,22 @@ def test_huge_declared_dims_allocate_nothing():
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
+
+
+def test_a_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, monkeypatch):
+    """Not a format problem, so not IdxFormatError: the reason the system gives (as root, chmod
+    000 does not stop a read, so a refusal is simulated)."""
+    with pytest.raises(PipelineError, match=rf"^{tmp_path}: cannot read \(Is a directory\)$"):
+        read_images(tmp_path, SIZE)
+    labels = write(tmp_path / "labels", write_idx(np.zeros(3, np.uint8)), False)
+
+    def refused(path, mode="r", *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("builtins.open", refused)
+    with pytest.raises(PipelineError, match=rf"^{labels}: cannot read \(Permission denied\)$") as info:
+        read_labels(labels, CLASSES)
+    assert not isinstance(info.value, IdxFormatError)
 
 
 def test_images_of_wrong_shape(tmp_path):

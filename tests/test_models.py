@@ -444,11 +444,14 @@ def test_missing_file(tmp_path):
     expect_model_file_error(tmp_path / "none.pt", "not found")
 
 
-def test_random_bytes(tmp_path):
-    """Bytes that are no tensor file at all are refused with the path."""
+@pytest.mark.parametrize("data", [b"not a model" + random.Random(0).randbytes(4096), b"e-mail notes\n"],
+                         ids=["random bytes", "text"])
+def test_bytes_that_are_no_tensor_file_are_named_so(tmp_path, data):
+    """Not torch.save's zip archive at all: said so, not as torch.load's pickle error (`KeyError: 101`
+    for a text file starting with 'e')."""
     path = tmp_path / "model.pt"
-    path.write_bytes(b"not a model" + random.Random(0).randbytes(4096))
-    expect_model_file_error(path)
+    path.write_bytes(data)
+    expect_model_file_error(path, "not a tensor file written by this pipeline (torch.save's zip archive)")
 
 
 def test_truncated_file(saved):

@@ -100,13 +100,20 @@ def _bad_cases():
     yield "string for int", c("train", "epochs", "ten"), "train.epochs", ["integer", "'ten'"]
     yield "float as YAML string", c("train", "lr", "1e-3"), "train.lr", ["string", "1.0e-3"]
     yield "bool for int", c("train", "epochs", True), "train.epochs", ["integer"]
-    yield "bool for float", c("train", "lr", True), "train.lr", ["number"]
+    yield "bool for float", c("train", "lr", True), "train.lr", ["number", "got true"]  # as YAML spells it
+    yield "null for int", c("train", "epochs", None), "train.epochs", ["integer", "got null"]
     yield "string for bool", c("train", "nesterov", "yes"), "train.nesterov", ["true or false"]
     sgd_without_momentum = c("train", "momentum", 0.0)
     sgd_without_momentum["train"].update(optimizer="sgd", nesterov=True)
     yield "nesterov without momentum", sgd_without_momentum, "train.nesterov", ["needs momentum > 0"]
     yield "lr zero", c("train", "lr", 0), "train.lr", ["> 0"]
     yield "lr negative", c("train", "lr", -0.1), "train.lr", ["> 0"]
+    # Values an optimizer or the allocator would fail on inside train, with a traceback.
+    yield "lr beyond float32", c("train", "lr", 1.0e+300), "train.lr", ["at most 10"]
+    yield "weight_decay huge", c("train", "weight_decay", 1.0e+300), "train.weight_decay", ["between 0 and 1"]
+    yield "hidden size huge", c("train", "hidden", [10**15]), "train.hidden", ["up to 16,384"]
+    yield "too many hidden layers", c("train", "hidden", [100] * 17), "train.hidden", ["at most 16"]
+    yield "channels huge", c("train", "channels", [10**8, 8, 16]), "train.channels", ["up to 1,024"]
     yield "epochs zero", c("train", "epochs", 0), "train.epochs", ["between 1 and"]
     yield "batch_size zero", c("train", "batch_size", 0), "train.batch_size", ["between 1 and", str(TRAIN_SPLIT)]
     yield ("batch_size over train split", c("train", "batch_size", TRAIN_SPLIT + 1), "train.batch_size",

@@ -534,3 +534,20 @@ def test_bad_options_cost_one_line_and_status_1(argv, expected, tmp_path, monkey
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.splitlines() == [expected.format(tmp=tmp_path)]
+
+
+@pytest.mark.parametrize("json_output", [False, True], ids=["text", "json"])
+def test_results_that_cannot_be_written_are_one_line(tmp_path, json_output):
+    """`predict ... > /dev/full` (Linux: every write fails with ENOSPC): one line naming the reason,
+    status 1, no traceback (and none from the interpreter's last flush of what it could not write)."""
+    config = ModelConfig(architecture="softmax", hidden=(), dropout=0.0, channels=(), convs_per_block=1, pool="end",
+                         image_size=28, num_classes=10, mean=0.13, std=0.31)
+    save_model(tmp_path / "model.pt", build_model(config), config, [str(k) for k in range(10)])
+    image = save(grey(mnist_like_digit()), tmp_path / "digit.png")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "stages.predict", "--model", str(tmp_path / "model.pt"),
+                                 str(image), *(["--json"] if json_output else [])],
+                                cwd=PROJECT_ROOT, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert result.stderr == ("predict: error: cannot write the results to standard output "
+                             "(No space left on device)\n")
+    assert result.returncode == 1

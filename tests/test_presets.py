@@ -34,13 +34,18 @@ def test_unknown_key_in_a_preset_is_refused():
 
 
 def test_a_preset_that_is_no_mapping_is_named(tmp_path):
-    """A preset written as a list (`- train.lr: 0.1`) is refused by name, not a TypeError later."""
+    """A preset written as a list (`- train.lr: 0.1`), or with a key that is no text, is refused by
+    name, not a TypeError or AttributeError later."""
     path = tmp_path / "presets.yaml"
     path.write_text("empty:\nlisted:\n  - train.lr: 0.1\n")
     with pytest.raises(PipelineError) as info:
         load_presets(path)
     assert str(info.value) == (f"{path}: preset 'listed': expected a mapping of params.yaml keys to values "
                                "(train.lr: 0.1), got list")
+    path.write_text("numbered:\n  1: 2\n")
+    with pytest.raises(PipelineError) as info:
+        load_presets(path)
+    assert str(info.value) == f"{path}: preset 'numbered': key 1 is not a params.yaml key (section.key, as in train.lr)"
     path.write_text("empty:\nset:\n  train.lr: 0.1\n")
     assert load_presets(path) == {"empty": {}, "set": {"train.lr": 0.1}}
 
@@ -51,7 +56,7 @@ def test_a_preset_that_breaks_a_rule_is_named_with_the_key(tmp_path):
     params_path = tmp_path / "params.yaml"
     params_path.write_text((PROJECT_ROOT / "params.yaml").read_text())
     with pytest.raises(PipelineError, match=r"^preset 'fast\+x' \(presets\.yaml\) on .*params\.yaml: "
-                                            r"train\.lr \(overridden\): must be > 0, got -1\.0$"):
+                                            r"train\.lr \(overridden\): must be > 0 and at most 10, got -1\.0$"):
         check("fast+x", {**PRESETS["fast"], "train.lr": -1.0}, params_path)
     with pytest.raises(PipelineError, match=r"train\.channels\[0\] \(overridden\): must be an integer"):
         check("x", {"train.channels": ["x", 64, 128]}, params_path)  # an item of a list the preset sets

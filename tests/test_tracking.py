@@ -8,6 +8,7 @@ the model's.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -22,8 +23,8 @@ import torch
 import yaml
 
 from stages import fetch
-from stages.common import Progress
-from stages.plot import confusion_figure, curves_figure, panels, within_bounds
+from stages.common import PipelineError, Progress, save_tensors
+from stages.plot import confusion_figure, curves_figure, main as plot_main, panels, read_table, within_bounds
 from stages.runtime import numerics, resolve_device, resolve_precision
 from stages.tracking import TrainLog, step_log_interval
 from tests.conftest import PROJECT_ROOT, SMALL_PARAMS, VENV_BIN
@@ -209,6 +210,60 @@ def test_replayed_log_writes_the_same_files(tmp_path, monkeypatch):
     assert not (tmp_path / "direct" / "plots" / "metrics" / "epoch.tsv").exists()
     assert not (tmp_path / "dvc.yaml").exists(), "DVCLive must leave the project's dvc.yaml alone"
     assert direct.epochs() == [{"step": 6, **points[2][1]}]
+
+
+def test_a_directory_that_cannot_be_written_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics").write_text("a file where the directory should be")
+    with pytest.raises(PipelineError, match=r"^.*metrics/train: cannot write \(Not a directory"):
+        TrainLog(tmp_path / "metrics" / "train")
+
+    log = TrainLog(tmp_path / "live")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", full_disk)  # DVCLive's .tsv and metrics.json writes
+    with pytest.raises(PipelineError, match=r"live: cannot write \(No space left on device\)$"):
+        log.log(1, {"step_loss": 2.0})
+    with pytest.raises(PipelineError, match=r"live: cannot write \(No space left on device\)$"):
+        log.log_numerics({"device": "cpu"})
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("step\tstep_loss\n3\t0.5\n6\t", r"line 3: could not convert string to float: ''"),
+    ("step\tstep_loss\n3\t0.5\n6\n", r"line 3: fewer cells than the header names"),
+    ("step\tstep_loss\n3\t0.5\t9\n", r"line 2: more cells than the header names"),
+    (b"step\tstep_loss\n3\t\xff\n", r"cannot read \(UnicodeDecodeError: "),
+], ids=["cut mid-row", "cut after a cell", "extra cell", "not text"])
+def test_a_damaged_table_is_one_line_naming_the_file_and_line(tmp_path, text, problem):
+    """The plot stage reads DVCLive's .tsv series and evaluate's confusion.csv: a damaged one is named,
+    with the line, not a traceback from float()."""
+    path = tmp_path / "step_loss.tsv"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}: {problem}"):
+        read_table(path, delimiter="\t")
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(tmp_path))}: cannot read \(Is a directory\)$"):
+        read_table(tmp_path)
+
+
+@pytest.mark.parametrize(("rows", "problem"), [
+    ("actual,predicted\n0,1\n1,12\n", r"line 3: predicted class 12 is not one of the test split's classes 0-2"),
+    ("actual,predicted\n0,1\n-1,1\n", r"line 3: actual class -1 is not one of the test split's classes 0-2"),
+    ("actual,predicted\n0,1\n1,0.5\n", r"line 3: predicted class 0.5 is not one of"),
+    ("actual,guess\n0,1\n1,1\n", r"expected columns actual and predicted, found \['actual', 'guess'\]"),
+], ids=["class 12", "class -1", "half a class", "column"])
+def test_a_confusion_file_that_does_not_fit_the_test_split_is_refused(tmp_path, monkeypatch, rows, problem):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(PROJECT_ROOT / "params.yaml", "params.yaml")
+    (tmp_path / "series").mkdir()
+    (tmp_path / "series" / "step_loss.tsv").write_text("step\tstep_loss\n1\t0.5\n")
+    (tmp_path / "confusion.csv").write_text(rows)
+    save_tensors(tmp_path / "test.pt", {"images": torch.zeros(2, 28, 28), "labels": torch.tensor([0, 1]),
+                                        "classes": ["a", "b", "c"]})
+    with pytest.raises(PipelineError, match=rf"^confusion\.csv: {problem}"):
+        plot_main(["series", "confusion.csv", "test.pt", "plots"])
+    assert not (tmp_path / "plots").exists()
 
 
 def test_step_log_interval_is_a_tenth_of_an_epoch():
