@@ -21,8 +21,9 @@ every preset for the next seed, ...) so that a change in the machine's load fall
 prepared splits come from data/prepared/*.pt, or are built from the raw IDX files (data/raw) by the
 preprocess stage's function when they are missing. Prints a table and the machine (CPU with its
 vector ISA, threads, torch); writes benchmarks/frontier.png (accuracy against time, log x axis).
-`--quick` runs everything on tiny synthetic data for one epoch, in seconds: a smoke test of the
-script (the test suite runs it), its numbers mean nothing.
+`--quick` runs everything on tiny synthetic data for one epoch, in a minute or two on 2 cores
+(cnn-max's 12 stored views take the most), and draws benchmarks/frontier-quick.png: a smoke test of
+the script (the test suite runs it), its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from typing import Any
 import torch
 
 from benchmarks import presets
-from benchmarks.presets import (DATA_DIR, QUICK_VAL, comma_ints, comma_list, load_splits, parse_override,
-                                test_accuracy, timed_fit, write_quick_mirror)
+from benchmarks.presets import (DATA_DIR, QUICK_VAL, comma_ints, comma_list, load_splits, output_file,
+                                parse_override, test_accuracy, timed_fit, write_quick_mirror)
 from benchmarks.reference import torchvision_mnist, train_reference
 from benchmarks.speed import RAW_DIR
 from stages.augment import augmented_split
@@ -53,6 +54,7 @@ from stages.runtime import (cpu_has_amx, cpu_has_bf16, cpu_model, describe_devic
 
 DEFAULT_PRESETS = ("default", "fast", "cnn-max", "mlp-best")
 PLOT_PATH = Path("benchmarks/frontier.png")
+QUICK_PLOT_PATH = Path("benchmarks/frontier-quick.png")  # a smoke test's figure never replaces a real one
 QUICK_OVERRIDES = {"train.epochs": 1}  # --quick: one epoch of everything, on benchmarks.presets' tiny data
 
 
@@ -187,16 +189,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-epochs", type=int, default=3,
                         help="epochs of the reference recipe; the median epoch time is the unit")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
-                        help="where every run trains (presets' train.device is overridden)")
+                        help="where every run trains, presets' train.device overridden (default: cpu, the "
+                             "machine issue 14's targets are set for)")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic data, one epoch: a smoke test")
     parser.add_argument("--raw", type=Path, default=RAW_DIR, help="directory of the MNIST IDX files (plain or .gz)")
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="directory of train.pt, val.pt, test.pt")
-    parser.add_argument("--plot", type=Path, default=PLOT_PATH, help="where to write the figure")
+    parser.add_argument("--plot", type=output_file, help=f"where to write the figure (default: {PLOT_PATH}; "
+                                                          f"with --quick, {QUICK_PLOT_PATH})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
                         metavar="SECTION.KEY=VALUE", help="a param for every preset, after its own (repeatable)")
     args = parser.parse_args(argv)
     if args.reference_epochs < 1 or not args.seeds or not args.presets:
         parser.error("--reference-epochs must be >= 1, and --seeds and --presets non-empty")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error("--seeds: a seed given twice would count one run twice in the means")
+    args.plot = args.plot or (QUICK_PLOT_PATH if args.quick else PLOT_PATH)
     overrides = dict(args.overrides)
     seeded = sorted({"train.seed", "augment.seed"} & overrides.keys())
     if seeded:

@@ -24,7 +24,7 @@ import yaml
 
 from stages import params as params_mod
 from stages.augment import augmented_split
-from stages.common import PipelineError, load_tensors, run_main
+from stages.common import PipelineError, cannot_write, load_tensors, run_main
 from stages.datasets import load_table
 from stages.evaluate import test_metrics
 from stages.models import predict_logits
@@ -137,6 +137,19 @@ def comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def output_file(text: str) -> Path:
+    """An argparse type for a file the benchmark writes: its folder is made now and the path must not
+    be a folder, so that a bad path is one line before any training, not a traceback after it."""
+    path = Path(text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(str(cannot_write(path, exc))) from None
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a folder; name a file")
+    return path
+
+
 def comma_ints(text: str) -> list[int]:
     """An argparse type: "0,1,2" -> [0, 1, 2]."""
     return [int(item) for item in comma_list(text)]
@@ -149,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                              "with and without +aug, then this project's presets)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
                         metavar="KEY=VALUE", help="a further override applied after the preset (repeatable)")
-    parser.add_argument("--out", type=Path, help="also write the table here, a row as each run finishes")
+    parser.add_argument("--out", type=output_file, help="also write the table here, a row as each run finishes")
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="directory of train.pt, val.pt, test.pt")
     args = parser.parse_args(argv)
     overrides = dict(args.overrides)

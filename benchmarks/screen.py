@@ -35,7 +35,8 @@ from typing import Any
 
 import yaml
 
-from benchmarks.presets import QUICK_VAL, comma_ints, preset_params, test_accuracy, timed_fit, write_quick_mirror
+from benchmarks.presets import (QUICK_VAL, comma_ints, output_file, preset_params, test_accuracy, timed_fit,
+                               write_quick_mirror)
 from benchmarks.speed import RAW_DIR
 from stages.augment import augmented_split
 from stages.common import PipelineError, parse_yaml, run_main
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="presets.yaml entry the candidates start from (cnn: params.yaml as it is)")
     parser.add_argument("--seeds", type=comma_ints, default=[0, 1, 2, 3, 4, 5],
                         help="comma-separated; seed k: preprocess.seed, train.seed and augment.seed k")
-    parser.add_argument("--sealed-test", type=Path, metavar="FILE",
+    parser.add_argument("--sealed-test", type=output_file, metavar="FILE",
                         help="append each run's test accuracy here (nothing about test is printed)")
     parser.add_argument("--raw", type=Path,
                         help=f"directory of the dataset's IDX files, plain or .gz (default {RAW_DIR})")

@@ -37,3 +37,13 @@ def test_each_layout_reaches_batch_norm_as_asked(monkeypatch, channels_last):
         or real(images, *rest, **kw))
     batchnorm.time_batchnorm((2, 3, 4, 4), torch.bfloat16, channels_last, 2, 1)
     assert seen and set(seen) == {(torch.bfloat16, channels_last, not channels_last)}
+
+
+@pytest.mark.parametrize("args", [["--iterations", "0"], ["--repeats", "0"], ["--batch", "-1"], ["--channels", "0"],
+                                  ["--sizes", ""]], ids=["iterations", "repeats", "batch", "channels", "sizes"])
+def test_a_count_below_one_is_an_argument_error_not_a_traceback(args, capsys):
+    """Before: ZeroDivisionError, an empty table, `index 0 out of range` or a negative dimension."""
+    with pytest.raises(SystemExit) as info:
+        batchnorm.main(args)
+    assert info.value.code == 2
+    assert f"error: {args[0]}" in capsys.readouterr().err

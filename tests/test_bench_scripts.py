@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 import torchvision  # noqa: F401 (the tutorials' input pipeline: the test extra carries it, never skipped)
 
 from benchmarks import predict_check, speed
 from benchmarks.frontier import quick_data
-from stages.common import save_tensors
+from stages.common import PipelineError, save_tensors
 from tests.test_predict_formats import FORMATS
 
 
@@ -31,6 +32,17 @@ def test_make_bench_measures_every_input_pipeline_the_fast_preset_and_memory(tmp
     assert re.search(r"2\. Preset 'fast': cnn \[16, 32, 48\], 1 epoch\(s\)", out)
     assert re.search(r"trained in \d+\.\d s; test accuracy \d+\.\d\d% on 200 images", out)
     assert re.search(r"3\. Peak resident memory of this process: \d+ MiB", out)
+
+
+def test_make_bench_names_every_missing_idx_file_before_timing_anything(tmp_path, capsys):
+    """Only the train files in --raw: the test files are named too, before any timed epoch (they
+    were found missing only after part 1's epochs)."""
+    raw, splits = quick_data(tmp_path)
+    for test_file in raw.glob("t10k-*"):
+        test_file.unlink()
+    with pytest.raises(PipelineError, match=r": no t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte \(nor \.gz\)"):
+        speed.main(["--raw", str(raw), "--data", str(tmp_path / "prepared"), "--repeats", "1", "--device", "cpu"])
+    assert "(a) tutorials" not in capsys.readouterr().out
 
 
 def test_predict_check_classifies_every_format_and_measures_memory(capsys):

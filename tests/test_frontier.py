@@ -66,6 +66,21 @@ def test_unknown_preset_is_refused_before_anything_runs(tmp_path, capsys):
     assert not (tmp_path / "f.png").exists()
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--plot", "{tmp}/afile/f.png"], "argument --plot: {tmp}/afile/f.png: cannot write (Not a directory: {tmp}/afile)"),
+    (["--plot", "{tmp}"], "argument --plot: {tmp}: is a folder; name a file"),
+    (["--seeds", "0,0"], "--seeds: a seed given twice would count one run twice in the means"),
+], ids=["plot under a file", "plot a folder", "seed twice"])
+def test_an_output_or_seed_that_cannot_work_is_refused_before_anything_runs(tmp_path, capsys, args, message):
+    """Not a traceback after the whole run: a full one takes an hour."""
+    (tmp_path / "afile").write_text("x")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    with pytest.raises(SystemExit) as info:
+        frontier.main(["--quick", "--plot", str(tmp_path / "f.png"), *args])
+    assert info.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
 def test_a_preset_of_another_dataset_is_refused_before_anything_runs(tmp_path, capsys):
     # `fashion` has no reference recipe here, and would be trained on MNIST's splits.
     with pytest.raises(PipelineError, match=r"^fashion: fetch.dataset is not mnist"):

@@ -34,8 +34,20 @@ def test_without_a_cuda_gpu_it_stops_before_doing_anything(tmp_path):
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == [
         "gpu_check: no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False); run it on a "
-        "machine with one, or with --device cpu --quick to check the script itself"]
+        "machine with one, or check the script itself with --device cpu --quick --source DIR, DIR a "
+        "small project (as tests/test_gpu_check.py makes): on this checkout each run is a full dvc repro"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--budget-s", "0"], "error: --budget-s must be > 0 seconds, got 0"),
+    (["--out", "README.md"], "is a file; give an empty or new --out folder"),
+], ids=["no time", "out is a file"])
+def test_arguments_that_cannot_work_are_one_line(tmp_path, args, message):
+    write_mirror(tmp_path / "mirror")
+    result = gpu_check("--device", "cpu", "--mirror", str(tmp_path / "mirror"), *args)
+    assert result.returncode != 0 and result.stdout == ""
+    assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_checkouts_data_raw_is_a_mirror_too(tmp_path):
@@ -65,8 +77,10 @@ def test_a_mirror_lacking_a_file_is_named_before_anything_runs(tmp_path):
 def test_steps_that_no_longer_fit_the_budget_are_reported_as_skipped(tmp_path):
     write_mirror(tmp_path / "mirror")
     out = tmp_path / "out"
-    result = gpu_check("--device", "cpu", "--mirror", str(tmp_path / "mirror"), "--out", str(out), "--budget-s", "0")
-    assert result.returncode == 0, result.stderr
+    # 1 s: less than any step needs to start (MIN_STEP_S)
+    result = gpu_check("--device", "cpu", "--mirror", str(tmp_path / "mirror"), "--out", str(out), "--budget-s", "1")
+    assert result.returncode == 1, result.stderr  # run1 did not run, so nothing was checked
+    assert result.stdout.rstrip().endswith(f"gpu_check: failed: run1 (logs under {out})")
     steps = {s["name"]: s for s in json.loads((out / "results.json").read_text())["steps"]}
     assert steps["env"]["status"] == "ok"
     assert [(s["name"], s["status"], s["detail"]) for s in steps.values() if s["name"] != "env"] == [
@@ -97,8 +111,8 @@ def test_steps_left_out_are_reported_as_not_asked_for(tmp_path):
     write_mirror(tmp_path / "mirror")
     out = tmp_path / "out"
     result = gpu_check("--device", "cpu", "--mirror", str(tmp_path / "mirror"), "--out", str(out),
-                       "--budget-s", "0", "--steps", "variants")
-    assert result.returncode == 0, result.stderr
+                       "--budget-s", "1", "--steps", "variants")
+    assert result.returncode == 1, result.stderr
     steps = [(s["name"], s["detail"]) for s in json.loads((out / "results.json").read_text())["steps"]]
     # run1 still runs (here: is out of time), since the variants use its copy
     assert steps[1:4] == [("run1", "out of time"), ("run2", "not in --steps"), ("compare", "not in --steps")]

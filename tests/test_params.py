@@ -96,12 +96,13 @@ def _bad_cases():
     missing_section = copy.deepcopy(BASE)
     del missing_section["evaluate"]
     yield "missing section", missing_section, "evaluate", ["missing"]
-    yield "section not a mapping", {**copy.deepcopy(BASE), "plot": None}, "plot", ["mapping"]
+    yield "section not a mapping", {**copy.deepcopy(BASE), "plot": None}, "plot", ["mapping", "got null"]
     yield "string for int", c("train", "epochs", "ten"), "train.epochs", ["integer", "'ten'"]
     yield "float as YAML string", c("train", "lr", "1e-3"), "train.lr", ["string", "1.0e-3"]
     yield "bool for int", c("train", "epochs", True), "train.epochs", ["integer"]
     yield "bool for float", c("train", "lr", True), "train.lr", ["number", "got true"]  # as YAML spells it
     yield "null for int", c("train", "epochs", None), "train.epochs", ["integer", "got null"]
+    yield "infinite float in a list", c("train", "hidden", [100, float("inf")]), "train.hidden[1]", ["got .inf"]
     yield "string for bool", c("train", "nesterov", "yes"), "train.nesterov", ["true or false"]
     sgd_without_momentum = c("train", "momentum", 0.0)
     sgd_without_momentum["train"].update(optimizer="sgd", nesterov=True)

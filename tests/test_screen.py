@@ -72,8 +72,9 @@ def test_every_candidate_is_validated_before_anything_runs(tmp_path, monkeypatch
         screen.main(["--quick", "--candidates", "{a: {}, b: {fetch.dataset: fashion-mnist}}", "--seeds", "0"])
     with pytest.raises(PipelineError, match="share train.device"):
         screen.main(["--quick", "--candidates", "{a: {}, b: {train.device: cpu}}", "--seeds", "0"])
-    with pytest.raises(FileNotFoundError):  # a sealed file that cannot be written fails before training
-        screen.main(["--quick", "--candidates", "{a: {}}", "--sealed-test", str(tmp_path / "no" / "such.txt")])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):  # a sealed file that cannot be written: one line, before training
+        screen.main(["--quick", "--candidates", "{a: {}}", "--sealed-test", str(tmp_path / "afile" / "such.txt")])
     for bad in (["--candidates", "[1, 2]"],  # not a mapping of names to overrides
                 ["--candidates", "{a: 3}"],
                 ["--candidates", "{a: {train.seed: 4}}"],  # seeds come from --seeds
