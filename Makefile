@@ -16,9 +16,14 @@ ifneq ($(and $(MNIST_MIRROR),$(wildcard $(MNIST_MIRROR))),)
 override export MNIST_MIRROR := $(abspath $(MNIST_MIRROR))
 endif
 
-.PHONY: repro test setup bench frontier exp queue pull predict clean-venv gpu-check screen
+.PHONY: help repro test setup bench frontier exp queue pull predict clean-venv gpu-check screen
 
-setup: $(INSTALLED)
+# `make` alone sets up; `make help` lists the targets, each with the `## ` note on its line.
+.DEFAULT_GOAL := setup
+help:  ## this list
+	@sed -n 's/^\([a-z-]*\):.*## \(.*\)/  make \1\t\2/p' $(MAKEFILE_LIST) | expand -t 20
+
+setup: $(INSTALLED)  ## set up .venv (pinned packages; once, a few minutes)
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,10 +32,10 @@ $(INSTALLED): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
-repro: $(INSTALLED)
+repro: $(INSTALLED)  ## set up if needed, then run the DVC pipeline (dvc repro)
 	$(BIN)/dvc repro
 
-test: $(INSTALLED)
+test: $(INSTALLED)  ## set up if needed, then run the tests (PYTEST_ARGS="...")
 	DVC_NO_ANALYTICS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The bench extra (torchvision, for the tutorials' input pipeline) on top of the usual install.
@@ -39,30 +44,30 @@ $(INSTALLED)-bench: $(INSTALLED)
 	touch $@
 
 # Options go in BENCH_ARGS: make bench BENCH_ARGS="--repeats 5"
-bench: $(INSTALLED)-bench
+bench: $(INSTALLED)-bench  ## input-pipeline speed, time to 99 %, peak memory (BENCH_ARGS="...")
 	$(BIN)/python -m benchmarks.speed $(BENCH_ARGS)
 
 # The speed frontier (benchmarks/frontier.py): default, fast, cnn-max and mlp-best against the
 # pytorch/examples recipe.
 # Options go in FRONTIER_ARGS: make frontier FRONTIER_ARGS="--presets default,fast --seeds 0"
-frontier: $(INSTALLED)-bench
+frontier: $(INSTALLED)-bench  ## the speed frontier against the pytorch/examples recipe (FRONTIER_ARGS="...")
 	$(BIN)/python -m benchmarks.frontier $(FRONTIER_ARGS)
 
 # A validation screen over rotating splits (benchmarks/screen.py): candidates compared on val.
 # make screen SCREEN_ARGS="--candidates '{now: {}, crop3: {train.crop: 3}}' --preset fast --seeds 0,1,2"
-screen: $(INSTALLED)-bench
+screen: $(INSTALLED)-bench  ## compare candidate params on val over rotating splits (SCREEN_ARGS="...")
 	$(BIN)/python -m benchmarks.screen $(SCREEN_ARGS)
 
-clean-venv:
+clean-venv:  ## remove .venv
 	rm -rf $(VENV)
 
 # On a CUDA machine: check and measure the GPU path in one go (docs/gpu.md). Options in
 # GPU_CHECK_ARGS, e.g. make gpu-check GPU_CHECK_ARGS="--out /tmp/gpu --mirror ../shared/data/mnist"
-gpu-check: $(INSTALLED)
+gpu-check: $(INSTALLED)  ## on a CUDA machine: check and time the GPU path (GPU_CHECK_ARGS="...")
 	$(BIN)/python -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 # Classify image files with the trained model: make predict FILES="a.png b.jpg"
-predict: $(INSTALLED)
+predict: $(INSTALLED)  ## classify image files with the trained model (FILES="a.png b.jpg")
 	@test -n "$(FILES)" || { echo "usage: make predict FILES=\"a.png b.jpg\" (or: $(BIN)/python -m stages.predict --help)"; exit 2; }
 	$(BIN)/python -m stages.predict $(FILES)
 
@@ -73,7 +78,7 @@ predict: $(INSTALLED)
 # EXP_ARGS reaches the shell as a variable, so that eval parses its quotes (make would paste it
 # into eval's double-quoted string, where a " of its own would end that string).
 exp: export EXP_ARGS := $(EXP_ARGS)
-exp: $(INSTALLED)
+exp: $(INSTALLED)  ## run a preset of presets.yaml as a DVC experiment (PRESET=name, EXP_ARGS="...")
 	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [EXP_ARGS=...] (see presets.yaml; EXP_ARGS=-f runs it again)"; exit 2; }
 	options=$$(eval "$(BIN)/python -m stages.presets --from-commit '$(PRESET)' -- $$EXP_ARGS") && \
 	eval "$(BIN)/dvc exp run -n '$(subst +,-,$(PRESET))' $$options $$EXP_ARGS"
@@ -85,7 +90,7 @@ exp: $(INSTALLED)
 # Workers left running by an earlier `dvc queue start` take queued runs too, in the environment they
 # started with: said, not stopped (they may be running someone's experiment).
 JOBS ?= 1
-queue: $(INSTALLED)
+queue: $(INSTALLED)  ## run the queued experiments on JOBS workers
 	@case '$(JOBS)' in ''|*[!0-9]*|0*) echo "make queue: JOBS must be a positive whole number, not '$(JOBS)'"; exit 2;; esac
 	@if $(BIN)/dvc queue status 2>/dev/null | grep -Eq '^Worker status: ([1-9]|0 active, [1-9])'; then \
 	  echo "make queue: queue workers are already running (dvc queue status); they take queued runs too, with the threads they started with: 'dvc queue stop' first to give every run its share"; \
@@ -100,6 +105,6 @@ queue: $(INSTALLED)
 # DVC places a remote object whose bytes changed in the workspace unnoticed (docs/sharing.md).
 # stages/remotes.py checks the remotes `dvc pull $(PULL_ARGS)` would use, reading DVC's config and
 # options as DVC does (every level, dotted names, each kind's default).
-pull: $(INSTALLED)
+pull: $(INSTALLED)  ## dvc pull, from remotes that verify what they download (PULL_ARGS="...")
 	@$(BIN)/python -m stages.remotes $(PULL_ARGS)
 	$(BIN)/dvc pull $(PULL_ARGS)

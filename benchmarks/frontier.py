@@ -40,8 +40,8 @@ from typing import Any
 import torch
 
 from benchmarks import presets
-from benchmarks.presets import (DATA_DIR, QUICK_VAL, comma_ints, comma_list, load_splits, output_file,
-                                parse_override, test_accuracy, timed_fit, write_quick_mirror)
+from benchmarks.presets import (DATA_DIR, QUICK_VAL, comma_ints, comma_list, device_option, load_splits,
+                                output_file, parse_override, test_accuracy, timed_fit, write_quick_mirror)
 from benchmarks.reference import torchvision_mnist, train_reference
 from benchmarks.speed import RAW_DIR
 from stages.augment import augmented_split
@@ -50,7 +50,7 @@ from stages.datasets import load_table
 from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
 from stages.runtime import (cpu_has_amx, cpu_has_bf16, cpu_model, describe_device, release_freed_memory,
-                            resolve_device, resolve_precision, retain_freed_memory)
+                            resolve_precision, retain_freed_memory)
 
 DEFAULT_PRESETS = ("default", "fast", "cnn-max", "mlp-best")
 PLOT_PATH = Path("benchmarks/frontier.png")
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated; each preset runs once per seed (train.seed = augment.seed)")
     parser.add_argument("--reference-epochs", type=int, default=3,
                         help="epochs of the reference recipe; the median epoch time is the unit")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+    parser.add_argument("--device", type=device_option, default="cpu", metavar="{auto,cpu,cuda}",
                         help="where every run trains, presets' train.device overridden (default: cpu, the "
                              "machine issue 14's targets are set for)")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic data, one epoch: a smoke test")
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     seeded = sorted({"train.seed", "augment.seed"} & overrides.keys())
     if seeded:
         parser.error(f"--set {', '.join(seeded)}: the seeds come from --seeds (each run sets both)")
-    device = resolve_device(args.device)
+    device = args.device
     extra = {"train.device": device.type, **(QUICK_OVERRIDES if args.quick else {}), **overrides}
     # Every preset and seed checked before anything runs.
     all_params = {(name, seed): preset_params(name, seed, extra) for seed in args.seeds for name in args.presets}

@@ -24,7 +24,7 @@ import yaml
 
 from stages import params as params_mod
 from stages.augment import augmented_split
-from stages.common import PipelineError, cannot_write, load_tensors, run_main
+from stages.common import NO_CUDA_GPU, PipelineError, cannot_write, load_tensors, run_main
 from stages.datasets import load_table
 from stages.evaluate import test_metrics
 from stages.models import predict_logits
@@ -148,6 +148,20 @@ def output_file(text: str) -> Path:
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: is a folder; name a file")
     return path
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def device_option(text: str) -> torch.device:
+    """An argparse type for --device (auto | cpu | cuda), resolved by train's rule when the command line
+    is read, so that `cuda` on a machine without a GPU is one line naming the option, before any work."""
+    if text not in DEVICES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(DEVICES)})")
+    try:
+        return resolve_device(text)
+    except PipelineError:
+        raise argparse.ArgumentTypeError(NO_CUDA_GPU) from None
 
 
 def comma_ints(text: str) -> list[int]:

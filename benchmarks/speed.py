@@ -29,15 +29,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.presets import (DATA_DIR, augmented, load_splits, preset_params, synchronize, test_accuracy,
-                                timed_fit)
+from benchmarks.presets import (DATA_DIR, augmented, device_option, load_splits, preset_params, synchronize,
+                                test_accuracy, timed_fit)
 from benchmarks.reference import place_for_torchvision
 from stages.common import PipelineError, load_tensors, run_main
 from stages.datasets import load_table
 from stages.models import build_model
 from stages.params import TrainParams
 from stages.preprocess import read_split
-from stages.runtime import cpu_model, describe_device, resolve_device, retain_freed_memory, seed_everything
+from stages.runtime import cpu_model, describe_device, retain_freed_memory, seed_everything
 from stages.train import Batches, TrainingState, make_loss, make_optimizer, steps_per_epoch, train_epoch
 
 RAW_DIR = Path("data/raw")  # the fetch stage's output: the four IDX files
@@ -191,7 +191,7 @@ def print_peak_memory() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", type=device_option, default="auto", metavar="{auto,cpu,cuda}",
                         help="where to train (auto: the GPU when there is one)")
     parser.add_argument("--skip-torchvision", action="store_true",
                         help="time only this project's epoch, not the tutorials' DataLoader one")
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    device = resolve_device(args.device)
+    device = args.device
     # Process-wide, and set before anything is timed: the tutorials' loop gets it as much as ours.
     allocator_tuned = retain_freed_memory()
     print_machine(device, allocator_tuned)

@@ -180,7 +180,7 @@ def read_yaml(path: str | os.PathLike, what: str) -> Any:
         text = path.read_text(encoding="utf-8")  # not the locale's: the same file reads the same everywhere
     except OSError as exc:
         where = "" if path.is_absolute() else "; the stages run from the repository root"
-        raise PipelineError(f"{path}: cannot read {what} ({exc.strerror or exc}{where})") from None
+        raise PipelineError(f"{path}: cannot read {what} ({os_reason(exc)}{where})") from None
     except UnicodeDecodeError as exc:  # saved in another encoding, or not text at all
         raise PipelineError(f"{path}: {what} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     return parse_yaml(text, str(path))
@@ -271,12 +271,12 @@ def _replace_directory(new: Path, target: Path) -> None:
 
 def cannot_read(path: str | os.PathLike, exc: OSError) -> PipelineError:
     """The one-line error for an input the system refused to read (no permission, a directory)."""
-    return PipelineError(f"{path}: cannot read ({exc.strerror or exception_line(exc)})")
+    return PipelineError(f"{path}: cannot read ({os_reason(exc)})")
 
 
 def cannot_write(target: Path, exc: OSError) -> PipelineError:
     """The one-line error for an output that could not be written."""
-    reason = exc.strerror or exception_line(exc)
+    reason = os_reason(exc)
     if isinstance(exc, FileExistsError) and exc.filename and not Path(exc.filename).is_dir():
         reason = "Not a directory"  # mkdir's word for a file where a parent directory should be
     return PipelineError(f"{target}: cannot write ({reason}{f': {exc.filename}' if exc.filename else ''})")
@@ -383,6 +383,12 @@ def exception_line(exc: BaseException) -> str:
     library (torch, Pillow, zipfile), whose messages can run to many lines, is told in one line."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def os_reason(exc: OSError) -> str:
+    """Why the system refused a read or a write, in its words ("Permission denied", "No space left on
+    device"); the exception in one line where it gave none."""
+    return exc.strerror or exception_line(exc)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from stages import params as params_mod
-from stages.common import PipelineError, Progress, atomic_path, log, run_main
+from stages.common import PipelineError, Progress, atomic_path, log, os_reason, run_main
 from stages.datasets import FILE_ROLES, DataFile, load_table
 from stages.idx import IdxFormatError, gunzip_if_compressed
 
@@ -91,7 +91,7 @@ def _read_local(directory: Path, file: DataFile) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:  # unreadable (permissions, an I/O error): the next source may serve it
-        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise SourceError(f"cannot read {path}: {os_reason(exc)}") from None
 
 
 def uncompressed(data: bytes) -> bytes:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages.common import PipelineError, cannot_read, exception_line, log, run_main
+from stages.common import PipelineError, cannot_read, exception_line, log, os_reason, run_main
 from stages.idx import IdxFormatError, parse_idx, read_bytes
 from stages.model_config import digit_framing
 from stages.models import load_model, predict_logits
@@ -511,7 +511,7 @@ def emit(text: str) -> None:
     except OSError as exc:
         discard_stdout()
         raise PipelineError(f"cannot write the results to standard output "
-                            f"({exc.strerror or exception_line(exc)})") from None
+                            f"({os_reason(exc)})") from None
 
 
 def cli(prog: str | None = None) -> None:

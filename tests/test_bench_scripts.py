@@ -52,6 +52,7 @@ def test_predict_check_classifies_every_format_and_measures_memory(capsys):
     finally:
         torch.set_num_threads(threads)  # it measures on one thread; later tests in this process need theirs
     out = capsys.readouterr().out
+    assert "--quick: a smoke test" in out  # its numbers are not to be read as the real check's
     rows = dict(re.findall(r"^\| ([^|]+?) \| (\d+) \|$", out, flags=re.MULTILINE))
     assert list(rows) == ["raw 28x28 (IDX, no conversion)", *FORMATS]
     assert all(0 <= int(right) <= 3 for right in rows.values())

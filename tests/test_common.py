@@ -18,7 +18,7 @@ import yaml
 
 import stages.__main__ as launcher
 from stages.common import (PipelineError, Terminated, atomic_path, ctrl_c_reached_my_group, exception_line,
-                           load_tensors, parse_yaml, run_main, save_tensors, write_files_atomic)
+                           load_tensors, os_reason, parse_yaml, run_main, save_tensors, write_files_atomic)
 from tests.conftest import PROJECT_ROOT, VENV_BIN
 
 
@@ -147,6 +147,11 @@ def test_exception_line_is_the_type_and_the_first_line_of_the_message():
         "RuntimeError: size mismatch for fc.weight"
     assert exception_line(OSError("  \n")) == "OSError"  # no message: the type alone
     assert exception_line(KeyError("fc.bias")) == "KeyError: 'fc.bias'"
+
+
+def test_os_reason_is_the_systems_words_else_the_exception_in_one_line():
+    assert os_reason(PermissionError(13, "Permission denied", "/x")) == "Permission denied"
+    assert os_reason(OSError("tar member is a device\nmore")) == "OSError: tar member is a device"
 
 
 def test_sigterm_stops_a_stage_as_ctrl_c_does_and_the_handler_is_put_back(capsys):

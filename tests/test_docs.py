@@ -182,6 +182,9 @@ NOT_RUN = {
     "make exp PRESET=fashion":
         "trains on real Fashion-MNIST (twice the default run's work); tests/test_fashion.py validates the "
         "preset and runs its augment params through DVC on a synthetic dataset",
+    "make exp PRESET=fashion-max":
+        "trains on real Fashion-MNIST for about 15 minutes; tests/test_fashion.py checks that it is "
+        "`fashion` with only its epochs and on-the-fly views changed, and tests/test_presets.py validates it",
     "MNIST_MIRROR=/usr/share/datasets/fashion-mnist make exp PRESET=fashion":
         "as `make exp PRESET=fashion`, with the Debian package's files as the mirror",
     "python -m benchmarks.presets fashion --set train.seed=1 --set augment.seed=1":

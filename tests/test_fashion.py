@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -32,6 +33,16 @@ def test_fashion_preset_command():
     params = params_mod.parse(apply(BASE, resolve("fashion", PRESETS)))
     assert params.dataset.flippable and params.augment.flip > 0 and params.augment.erase > 0
     assert params.augment.pad > 0 and not params.augment.allow_flip
+
+
+def test_fashion_max_is_the_fashion_recipe_for_20_epochs_on_views_drawn_on_the_fly():
+    """What docs/fashion-mnist.md says of it: the same network, augmentation and test-time views;
+    only the epochs and where the views come from differ (20 stored views: 862 MB of output)."""
+    fashion, longer = (params_mod.parse(apply(BASE, resolve(name, PRESETS))) for name in ("fashion", "fashion-max"))
+    assert longer.train.epochs == 20 and longer.augment.on_the_fly and longer.augment.copies == 0
+    assert dataclasses.replace(longer.train, epochs=fashion.train.epochs) == fashion.train
+    assert dataclasses.replace(longer.augment, on_the_fly=False, copies=fashion.augment.copies) == fashion.augment
+    assert dataclasses.replace(longer, train=fashion.train, augment=fashion.augment) == fashion
 
 
 def test_flip_on_unflippable_data_fails_first_then_runs_when_allowed(project):

@@ -11,6 +11,7 @@ import re
 import sys
 
 import pytest
+import torch
 # The reference recipe reads MNIST through torchvision: the test extra carries it (pyproject), so
 # this test runs wherever the tests do, never skipped.
 import torchvision  # noqa: F401
@@ -70,9 +71,13 @@ def test_unknown_preset_is_refused_before_anything_runs(tmp_path, capsys):
     (["--plot", "{tmp}/afile/f.png"], "argument --plot: {tmp}/afile/f.png: cannot write (Not a directory: {tmp}/afile)"),
     (["--plot", "{tmp}"], "argument --plot: {tmp}: is a folder; name a file"),
     (["--seeds", "0,0"], "--seeds: a seed given twice would count one run twice in the means"),
-], ids=["plot under a file", "plot a folder", "seed twice"])
-def test_an_output_or_seed_that_cannot_work_is_refused_before_anything_runs(tmp_path, capsys, args, message):
-    """Not a traceback after the whole run: a full one takes an hour."""
+    (["--device", "cuda"], "argument --device: 'cuda' was requested but no CUDA GPU is available"),
+    (["--device", "gpu"], "argument --device: invalid choice: 'gpu' (choose from auto, cpu, cuda)"),
+], ids=["plot under a file", "plot a folder", "seed twice", "cuda without a GPU", "unknown device"])
+def test_an_output_or_seed_that_cannot_work_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch, args,
+                                                                              message):
+    """Not a traceback after the whole run: a full one takes an hour. The flag named, not train.device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
     (tmp_path / "afile").write_text("x")
     args = [arg.format(tmp=tmp_path) for arg in args]
     with pytest.raises(SystemExit) as info:
@@ -134,7 +139,6 @@ def test_reference_epochs_do_not_depend_on_random_numbers_drawn_between_them(tmp
     """The frontier runs presets (which reseed and draw from torch's global generator) between the
     reference recipe's epochs; its dropout masks, hence its losses, must not change with them, and
     the caller's random state must not change with the recipe."""
-    import torch
 
     from benchmarks.reference import torchvision_mnist, train_reference
     from tests.synthetic import write_mirror
@@ -176,7 +180,6 @@ def test_reference_epochs_do_not_depend_on_random_numbers_drawn_between_them(tmp
 def test_release_freed_memory_hands_the_heap_back_between_runs():
     """With the train stage's allocator setting, freed blocks stay resident; release_freed_memory()
     (called before each preset run, so its peak is its own) gives them back."""
-    import torch
 
     from stages.runtime import release_freed_memory, retain_freed_memory
 

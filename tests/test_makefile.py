@@ -114,3 +114,14 @@ def test_exp_stops_before_dvc_when_the_presets_check_refuses(venv):
     refused = make(venv, "exp", "PRESET=fashion", "EXP_ARGS=-f")
     assert refused.returncode != 0 and "presets: error: refused" in refused.stderr
     assert calls(venv) == [], "DVC was not called"
+
+
+def test_help_lists_every_target_with_its_note(venv):
+    phony = next(line for line in (PROJECT_ROOT / "Makefile").read_text().splitlines()
+                 if line.startswith(".PHONY:")).split()[1:]
+    listed = make(venv, "help")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[1]: line.split(None, 2)[2] for line in listed.stdout.splitlines()}
+    assert sorted(rows) == sorted(phony), "every phony target has a `## ` note, and only they are listed"
+    assert rows["repro"].startswith("set up if needed, then run the DVC pipeline")
+    assert calls(venv) == [], "help runs nothing"
