@@ -21,7 +21,7 @@ endif
 # `make` alone sets up; `make help` lists the targets, each with the `## ` note on its line.
 .DEFAULT_GOAL := setup
 help:  ## this list
-	@sed -n 's/^\([a-z-]*\):.*## \(.*\)/  make \1\t\2/p' $(MAKEFILE_LIST) | expand -t 20
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / { printf "  make %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 setup: $(INSTALLED)  ## set up .venv (pinned packages; once, a few minutes)
 

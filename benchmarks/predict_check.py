@@ -167,8 +167,9 @@ def main(argv: list[str] | None = None) -> None:
             train_fast_model(Path(mirror), model_path, QUICK_VAL if args.quick else VAL)
         print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; Pillow {Image.__version__}, torch {torch.__version__}")
         if args.quick:
-            print("--quick: a smoke test; synthetic digits and a model trained on them for seconds, so the "
-                  "numbers below say only that every part ran")
+            trained = " and a model trained on them for seconds" if args.model is None else ""
+            print(f"--quick: a smoke test on synthetic digits{trained}: the numbers below say only that "
+                  "every part ran")
         print(f"\n| format | right of {args.digits} |\n|---|---:|")
         for name, right in format_accuracy(model_path, Path(mirror), args.digits, work / "formats"):
             print(f"| {name} | {right} |", flush=True)
