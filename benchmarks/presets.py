@@ -17,7 +17,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import torch
 import yaml
@@ -150,7 +150,7 @@ def output_file(text: str) -> Path:
     return path
 
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = get_args(get_type_hints(TrainParams)["device"])  # train.device's choices: auto, cpu, cuda
 
 
 def device_option(text: str) -> torch.device:
