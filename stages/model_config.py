@@ -86,6 +86,10 @@ class ModelConfig:
     # 2 pixels, though 11.8 % of images have a pixel above 64 there) while every conv's cost scales
     # with the pixels it sees. Applied after the test-time views are formed.
     crop: int = 0
+    # Networks of this config trained side by side (stages.models.Ensemble), each from its own
+    # initial weights, on the same batches; in eval mode their logits (each after its test-time
+    # augmentation) are averaged. 1: a single network, whose weights keep their names.
+    networks: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists, not tuples) for the model file."""
@@ -112,6 +116,9 @@ class ModelConfig:
         if not is_valid_crop(crop, raw["image_size"]):
             raise ValueError(f"configuration crop {crop!r} is not a whole number of pixels in "
                              f"0-{largest_crop(raw['image_size'])}")
+        networks = raw["networks"]
+        if not isinstance(networks, int) or isinstance(networks, bool) or networks < 1:
+            raise ValueError(f"configuration networks {networks!r} is not a positive whole number")
         if crop and raw["architecture"] != "cnn":
             raise ValueError(f"configuration crop {crop} for a {raw['architecture']!r}: only a cnn crops")
         return cls(**{**raw, "hidden": tuple(raw["hidden"]), "channels": tuple(raw["channels"])})

@@ -56,6 +56,7 @@ MAX_WEIGHT_DECAY = 1.0
 MAX_WIDTH = 16_384  # units of one MLP hidden layer
 MAX_HIDDEN_LAYERS = 16
 MAX_CHANNELS = 1_024  # of one CNN block
+MAX_NETWORKS = 16  # of an ensemble (train.networks): each multiplies the training time
 
 
 def _check_seed(key: str, seed: int) -> None:
@@ -198,6 +199,10 @@ class TrainParams:
     # include it. Costs 1 + tta_flip + 4 * (tta_shift > 0) forward passes per image when scoring.
     tta_flip: bool
     tta_shift: int
+    # Networks of this config trained side by side, each from its own initial weights, on the same
+    # batches (each on its own loss: the step costs `networks` single steps); the model averages
+    # their logits. 1: a single network.
+    networks: int
     seed: int
     device: Literal["auto", "cpu", "cuda"]
     # bf16 autocast, or fp32; auto: bf16 on a CPU where bf16 trains faster (AMX, or AVX512_BF16 on
@@ -240,6 +245,8 @@ class TrainParams:
         _require(0 <= self.lookahead < 1, "train.lookahead",
                  f"must be 0 (off) or in (0, 1) (decay per sync), got {self.lookahead}")
         _require(0 <= self.tta_shift <= 2, "train.tta_shift", f"must be 0 (off), 1 or 2 pixels, got {self.tta_shift}")
+        _require(1 <= self.networks <= MAX_NETWORKS, "train.networks",
+                 f"must be between 1 and {MAX_NETWORKS}, got {self.networks}")
         _check_seed("train.seed", self.seed)
         _require(1 <= self.processes <= 64, "train.processes", f"must be between 1 and 64, got {self.processes}")
         _require(self.batch_size >= self.processes, "train.batch_size",
@@ -254,7 +261,7 @@ class TrainParams:
                            channels=tuple(self.channels), convs_per_block=self.convs_per_block, pool=self.pool,
                            image_size=image_size, num_classes=num_classes, mean=mean, std=std,
                            tta_flip=self.tta_flip, tta_shift=self.tta_shift, stem=self.stem,
-                           crop=self.crop if self.model == "cnn" else 0)
+                           crop=self.crop if self.model == "cnn" else 0, networks=self.networks)
 
 
 @dataclass(frozen=True)

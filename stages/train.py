@@ -31,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages import params as params_mod
 from stages.common import PipelineError, Progress, ctrl_c_reached_my_group, load_tensors, log, run_main, save_tensors
-from stages.models import build_model, count_parameters, predict_logits, save_model
+from stages.models import build_model, count_parameters, network_count, predict_logits, save_model
 from stages.params import TrainParams
 from stages.runtime import (Rank, describe_device, describe_precision, numerics, rank_from_env,
                             resolve_device, resolve_precision, retain_freed_memory, seed_everything)
@@ -250,28 +250,35 @@ class TrainingState:
 
 def make_loss(network: nn.Module, cfg: TrainParams, device: torch.device) -> Callable[..., torch.Tensor]:
     """loss(images, labels): the label-smoothed cross-entropy of `network` on a batch, a scalar, run
-    under bf16 autocast when train.precision resolves to bf16 on `device` (the loss itself in float32)."""
+    under bf16 autocast when train.precision resolves to bf16 on `device` (the loss itself in float32).
+    For an ensemble (train.networks > 1), the sum of its networks' losses: each network's gradient
+    is then the one it would get training alone, at the same learning rate and weight decay."""
     bf16 = resolve_precision(cfg.precision, device) == "bf16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast:
-            return F.cross_entropy(network(images).float(), labels, label_smoothing=cfg.label_smoothing)
+            logits = network(images).float()  # [N, C]; an ensemble's in training: [networks, N, C]
+            if logits.dim() == 2:
+                return F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+            return sum(F.cross_entropy(each, labels, label_smoothing=cfg.label_smoothing) for each in logits)
     return loss
 
 
 def train_epoch(state: TrainingState, batches: Batches, loss_of: Callable[..., torch.Tensor],
                 after_step: Callable[[torch.Tensor], None] | None = None) -> float:
-    """One pass over `batches`; returns the mean train loss (over every process under torchrun).
-    `after_step`, if given, is called with the running [loss sum, images] after each step (StepLog)."""
+    """One pass over `batches`; returns the mean train loss (over every process under torchrun; of
+    one network: an ensemble's summed loss is divided by its count). `after_step`, if given, is
+    called with the running [loss sum, images] after each step (StepLog)."""
     state.model.train()
+    networks = network_count(state.model)
     total = torch.zeros(2, device=batches.images.device)  # [loss sum, images]: on device, no per-step sync
     for images, labels in batches:
         loss = loss_of(images, labels)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.step()
-        total[0] += loss.detach() * len(labels)
+        total[0] += loss.detach() * len(labels) / networks
         total[1] += len(labels)
         if after_step is not None:
             after_step(total)
@@ -413,7 +420,8 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
         images = f"{originals:,} train images with {views} stored view{'s' * (views != 1)} of each"
     else:
         images = f"{len(train['labels']):,} train images"
-    say(f"{cfg.model}: {count_parameters(model):,} parameters; {images} and {len(val_labels):,} val images; "
+    name = cfg.model if cfg.networks == 1 else f"{cfg.networks} {cfg.model}s averaged"
+    say(f"{name}: {count_parameters(model):,} parameters; {images} and {len(val_labels):,} val images; "
         f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {len(batches)} steps"
         + (", each over the originals and a view of each drawn on the fly" if on_the_fly else "")
         + (", each over the originals and one view of each" if view_per_epoch else "")

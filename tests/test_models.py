@@ -18,7 +18,8 @@ import yaml
 from stages.model_config import ARCHITECTURES, ModelConfig
 from stages.datasets import load_table
 from stages.model_config import digit_framing
-from stages.models import FORMAT_VERSION, ModelFileError, build_model, load_model, save_model, shifted
+from stages.models import (FORMAT_VERSION, Ensemble, ModelFileError, Network, build_model, count_parameters,
+                           load_model, network_count, save_model, shifted)
 from stages.params import parse
 from tests.conftest import PROJECT_ROOT
 
@@ -163,28 +164,35 @@ def test_model_file_with_an_unknown_choice_is_refused(tmp_path, key, value):
         load_model(path)
 
 
+def as_format_8(payload):
+    """A current payload as format 8 wrote it: one network, before `networks`."""
+    del payload["config"]["networks"]
+    payload["format_version"] = 8
+
+
 def as_format_7(payload):
-    """A format-8 payload as format 7 wrote it: before `framing`."""
+    """A current payload as format 7 wrote it: format 8's, before `framing`."""
+    as_format_8(payload)
     del payload["framing"]
     payload["format_version"] = 7
 
 
 def as_format_6(payload):
-    """A format-8 payload as format 6 wrote it: format 7's, before `crop`."""
+    """A current payload as format 6 wrote it: format 7's, before `crop`."""
     as_format_7(payload)
     del payload["config"]["crop"]
     payload["format_version"] = 6
 
 
 def as_format_5(payload):
-    """A format-8 payload as format 5 wrote it: format 6's, before `stem`."""
+    """A current payload as format 5 wrote it: format 6's, before `stem`."""
     as_format_6(payload)
     del payload["config"]["stem"]
     payload["format_version"] = 5
 
 
 def as_format_4(payload):
-    """A format-8 payload as format 4 wrote it: format 5's, before the test-time augmentation fields."""
+    """A current payload as format 4 wrote it: format 5's, before the test-time augmentation fields."""
     as_format_5(payload)
     for key in ("tta_flip", "tta_shift"):
         del payload["config"][key]
@@ -192,7 +200,7 @@ def as_format_4(payload):
 
 
 def as_format_3(payload):
-    """A format-8 payload as format 3 wrote it: format 4's, with the architecture under the key `model`."""
+    """A current payload as format 3 wrote it: format 4's, with the architecture under the key `model`."""
     as_format_4(payload)
     config = payload["config"]
     payload["config"] = {"model": config.pop("architecture"), **config}
@@ -200,7 +208,7 @@ def as_format_3(payload):
 
 
 def as_format_2(payload):
-    """A format-8 payload as format 2 wrote it: format 3's, before `pool` existed."""
+    """A current payload as format 2 wrote it: format 3's, before `pool` existed."""
     as_format_3(payload)
     del payload["config"]["pool"]
     payload["format_version"] = 2
@@ -215,6 +223,58 @@ def test_format_6_file_loads_uncropped(tmp_path, images, model):
     assert ModelConfig.from_dict(meta["config"]) == cfg
     with torch.no_grad():
         assert torch.equal(loaded(images), net(images))
+
+
+@pytest.mark.parametrize("model", ARCHITECTURES)
+def test_format_8_file_loads_as_one_network(tmp_path, images, model):
+    """Model files of format 8 (no `networks` in the config) load as the single network they were."""
+    cfg = config(model)
+    net, loaded, meta = save_and_load(tmp_path, cfg, 8, as_format_8)
+    assert meta["format_version"] == 8 and meta["config"]["networks"] == 1
+    assert ModelConfig.from_dict(meta["config"]) == cfg and isinstance(loaded, Network)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), net(images))
+
+
+@pytest.mark.parametrize("model", ARCHITECTURES)
+def test_an_ensemble_averages_its_networks_logits_in_eval_and_returns_each_in_training(images, model):
+    """networks > 1: an Ensemble whose first network is the single network of the same seed (the
+    others drawn after it, so different); in eval mode the mean of their logits [N, C], in training
+    mode each one's [networks, N, C]."""
+    torch.manual_seed(3)
+    single = build_model(config(model, dropout=0.0)).eval()
+    torch.manual_seed(3)
+    ensemble = build_model(config(model, dropout=0.0, networks=3)).eval()
+    assert isinstance(ensemble, Ensemble) and network_count(ensemble) == 3 and network_count(single) == 1
+    assert count_parameters(ensemble) == 3 * count_parameters(single)
+    with torch.no_grad():
+        each = torch.stack([network(images) for network in ensemble.networks])  # [3, N, 10], eval
+        assert torch.equal(each[0], single(images)) and not torch.equal(each[1], each[0])
+        assert ensemble(images).shape == (len(images), 10) and torch.allclose(ensemble(images), each.mean(0))
+        ensemble.train()
+        in_training = ensemble(images)
+        assert in_training.shape == (3, len(images), 10)
+        # (Training mode: a cnn's BatchNorm normalises by the batch's statistics, the same each call.)
+        assert all(torch.equal(in_training[k], network(images)) for k, network in enumerate(ensemble.networks))
+
+
+def test_an_ensemble_round_trips_through_the_model_file(tmp_path, images):
+    """An ensemble's file holds every network's weights and loads as the same averaged model."""
+    cfg = config("cnn", networks=2, tta_shift=1)
+    net, loaded, meta = save_and_load(tmp_path, cfg, 5)
+    assert isinstance(loaded, Ensemble) and meta["config"]["networks"] == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(images), net(images))
+
+
+@pytest.mark.parametrize("networks", [0, -1, 1.0, True, "2"])
+def test_model_file_with_a_network_count_that_is_no_positive_integer_is_refused(tmp_path, networks):
+    path = tmp_path / "model.pt"
+    cfg = config("mlp")
+    save_model(path, build_model(cfg), cfg, CLASSES)
+    rewrite(path, lambda payload: payload["config"].update(networks=networks))
+    with pytest.raises(ModelFileError, match="configuration networks .* is not a positive whole number"):
+        load_model(path)
 
 
 @pytest.mark.parametrize("crop", [2, 3])
@@ -326,7 +386,7 @@ def test_model_file_stores_the_config_as_plain_values(saved):
     assert stored == {"architecture": "mlp", "hidden": [32, 16], "dropout": 0.2, "channels": [4, 8, 16],
                       "convs_per_block": cfg.convs_per_block, "pool": cfg.pool, "image_size": 28,
                       "num_classes": 10, "mean": 0.13, "std": 0.31, "tta_flip": False, "tta_shift": 0,
-                      "stem": "pool", "crop": 0}
+                      "stem": "pool", "crop": 0, "networks": 1}
     assert ModelConfig.from_dict(stored) == cfg
 
 

@@ -165,6 +165,9 @@ def _bad_cases():
     yield "tta_flip not bool", c("train", "tta_flip", 1), "train.tta_flip", ["true or false"]
     yield "tta_shift negative", c("train", "tta_shift", -1), "train.tta_shift", ["0 (off), 1 or 2 pixels"]
     yield "tta_shift over two", c("train", "tta_shift", 3), "train.tta_shift", ["0 (off), 1 or 2 pixels"]
+    yield "networks zero", c("train", "networks", 0), "train.networks", ["between 1 and 16, got 0"]
+    yield "networks over 16", c("train", "networks", 17), "train.networks", ["between 1 and 16, got 17"]
+    yield "networks not int", c("train", "networks", 2.5), "train.networks", ["integer"]
     yield ("crop negative", c("train", "crop", -1), "train.crop",
            ["'auto' (the dataset's, datasets.yaml) or between 0 and 10 pixels", "8x8 of the 28x28"])
     yield "crop leaving under 8x8", c("train", "crop", 11), "train.crop", ["between 0 and 10 pixels"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -20,6 +21,7 @@ from stages.params import AugmentParams, parse
 import stages.runtime as runtime_mod
 from stages.augment import augmented_split
 from stages.runtime import Rank, resolve_precision, retain_freed_memory, seed_everything
+from stages.models import Ensemble, build_model
 from stages.train import Batches, Lookahead, epoch_rows, fit, make_optimizer, make_schedule, steps_per_epoch
 from tests.conftest import PROJECT_ROOT
 from tests.synthetic import make_split
@@ -36,6 +38,7 @@ SMALL_CNN_EMA = dataclasses.replace(SMALL_CNN, ema=0.9)
 # Batches of 30: 11 steps an epoch, so the checkpoint after epoch 1 falls between two syncs, when the
 # weights and the slow copy differ and both must be restored.
 SMALL_CNN_LOOKAHEAD = dataclasses.replace(SMALL_CNN, lookahead=0.77, batch_size=30)
+SMALL_CNN_ENSEMBLE = dataclasses.replace(SMALL_CNN, networks=2)
 CPU = torch.device("cpu")
 
 
@@ -94,8 +97,8 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_CNN_POOL_EARLY, SMALL_MLP],
-                         ids=["cnn-sgd", "cnn-pool-early", "mlp-adam"])
+@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_CNN_POOL_EARLY, SMALL_MLP, SMALL_CNN_ENSEMBLE],
+                         ids=["cnn-sgd", "cnn-pool-early", "mlp-adam", "cnn-ensemble"])
 def test_fit_learns_and_is_bit_identical_when_repeated(data, cfg):
     train, val = data
     model_a, config, rows_a = fit(cfg, train, val, CPU)
@@ -105,6 +108,45 @@ def test_fit_learns_and_is_bit_identical_when_repeated(data, cfg):
     assert rows_a == rows_b
     assert_same_weights(weights(model_a), weights(model_b))
     assert config.architecture == cfg.model
+
+
+@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_MLP], ids=["cnn-sgd", "mlp-adam"])
+def test_each_network_of_an_ensemble_trains_as_it_would_alone(data, cfg):
+    """train.networks 3: the first network starts from the single run's weights (drawn first) and
+    sees the same batches, and the summed loss gives it its own gradient, so it ends bit-identical to
+    the single run's network; the others, drawn after it, end elsewhere. The saved model averages them."""
+    train, val = data
+    alone, _, _ = fit(cfg, train, val, CPU)
+    ensemble, config, rows = fit(dataclasses.replace(cfg, networks=3), train, val, CPU)
+    assert config.networks == 3 and len(ensemble.networks) == 3
+    assert_same_weights(weights(ensemble.networks[0]), weights(alone))
+    output_layer = [name for name, _ in alone.named_parameters()][-1]
+    assert not torch.equal(ensemble.networks[1].get_parameter(output_layer), alone.get_parameter(output_layer))
+    assert rows[-1]["val_accuracy"] >= 0.9
+    with torch.no_grad():
+        each = torch.stack([network.eval()(val["images"]) for network in ensemble.networks])
+        assert torch.allclose(ensemble.eval()(val["images"]), each.mean(0))
+
+
+
+def test_an_ensembles_train_loss_is_that_of_one_network(data):
+    """The loss an ensemble steps on is the sum of its networks' losses (each network's gradient is
+    its own); the train loss logged is divided by their count: two copies of one network log that
+    network's loss, bit for bit."""
+    train, _ = data
+    cfg = dataclasses.replace(SMALL_CNN, networks=2)
+    torch.manual_seed(0)
+    single = build_model(dataclasses.replace(cfg, networks=1).model_config(28, 10, train["mean"], train["std"]))
+    twice = Ensemble([copy.deepcopy(single), copy.deepcopy(single)])
+    losses = []
+    for model in (single, twice):
+        generator = torch.Generator().manual_seed(0)
+        state = train_mod.TrainingState(model, make_optimizer(model, cfg), None, generator)
+        batches = Batches(train["images"], train["labels"], cfg.batch_size, cfg.drop_last, generator)
+        losses.append(train_mod.train_epoch(state, batches, train_mod.make_loss(model, cfg, CPU)))
+    assert losses[0] == losses[1]
+    # Had the step used the mean of the two losses, each copy would have moved half as far.
+    assert_same_weights(weights(twice.networks[0]), weights(single))
 
 
 def test_a_diverging_run_stops_with_the_lr_to_lower(data):
@@ -129,8 +171,9 @@ def test_a_run_that_diverges_in_its_last_step_is_stopped(data):
 
 @pytest.mark.parametrize("cfg, dataset", [(SMALL_CNN, "data"), (SMALL_MLP, "data"), (SMALL_CNN_FRESH_VIEWS, "views_data"),
                                           (SMALL_CNN_EMA, "data"), (SMALL_CNN_FRESH_VIEWS, "on_the_fly_data"),
-                                          (SMALL_CNN_LOOKAHEAD, "data")],
-                         ids=["cnn-sgd", "mlp-adam", "cnn-fresh-views", "cnn-ema", "cnn-on-the-fly", "cnn-lookahead"])
+                                          (SMALL_CNN_LOOKAHEAD, "data"), (SMALL_CNN_ENSEMBLE, "data")],
+                         ids=["cnn-sgd", "mlp-adam", "cnn-fresh-views", "cnn-ema", "cnn-on-the-fly", "cnn-lookahead",
+                              "cnn-ensemble"])
 def test_interrupted_fit_resumes_to_the_uninterrupted_result(request, cfg, dataset, tmp_path, monkeypatch):
     """Stopped after epoch 1's checkpoint, a second fit() picks up the model, optimizer (momentum,
     Adam moments), schedule, weight average, lookahead's slow weights and batch-order state, and the view of each epoch
