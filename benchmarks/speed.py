@@ -21,6 +21,7 @@ before the first measurement, so that it favours neither side of the comparison.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import tempfile
 import time
@@ -67,10 +68,11 @@ def official_train(raw_dir: Path, data_dir: Path) -> dict:
 
 
 def fresh_model(cfg: TrainParams, data: dict, device: torch.device) -> torch.nn.Module:
-    """A newly initialised model of `cfg` for `data`, seeded as fit() seeds it."""
+    """A newly initialised network of `cfg` for `data`, seeded as fit() seeds it: one network
+    whatever train.networks says (the loops compared step a network, as the tutorials do)."""
     seed_everything(cfg.seed, cfg.deterministic)
     config = cfg.model_config(data["images"].shape[-1], len(data["classes"]), data["mean"], data["std"])
-    return build_model(config).to(device)
+    return build_model(dataclasses.replace(config, networks=1)).to(device)
 
 
 def tutorial_dataset(raw_dir: Path):

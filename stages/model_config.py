@@ -17,6 +17,7 @@ Architecture = Literal["softmax", "mlp", "cnn"]
 Pool = Literal["end", "early"]  # cnn: each block's max-pool after its last ReLU, or right after its first conv
 Stem = Literal["pool", "stride"]  # cnn: the first block halves the image by its max-pool, or by a stride-2 first conv
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
+MAX_NETWORKS = 16  # of an ensemble (train.networks, ModelConfig.networks): each multiplies the training time
 
 
 def largest_crop(image_size: int) -> int:
@@ -116,9 +117,10 @@ class ModelConfig:
         if not is_valid_crop(crop, raw["image_size"]):
             raise ValueError(f"configuration crop {crop!r} is not a whole number of pixels in "
                              f"0-{largest_crop(raw['image_size'])}")
+        # Bounded before any network is built: a damaged count would otherwise build that many.
         networks = raw["networks"]
-        if not isinstance(networks, int) or isinstance(networks, bool) or networks < 1:
-            raise ValueError(f"configuration networks {networks!r} is not a positive whole number")
+        if not isinstance(networks, int) or isinstance(networks, bool) or not 1 <= networks <= MAX_NETWORKS:
+            raise ValueError(f"configuration networks {networks!r} is not a whole number in 1-{MAX_NETWORKS}")
         if crop and raw["architecture"] != "cnn":
             raise ValueError(f"configuration crop {crop} for a {raw['architecture']!r}: only a cnn crops")
         return cls(**{**raw, "hidden": tuple(raw["hidden"]), "channels": tuple(raw["channels"])})

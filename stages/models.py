@@ -121,8 +121,10 @@ class Network(nn.Sequential):
 class Ensemble(nn.Module):
     """Networks of one config side by side (ModelConfig.networks). In training mode the logits of
     each, [networks, N, C], so that each is trained on its own loss (stages.train.make_loss); in eval
-    mode their mean, [N, C]: averaging differently initialised networks cancels part of each one's
-    errors (the default CNN's val, 2026-11-28: 99.60 % alone, 99.66 % averaged over 4-5 of them)."""
+    mode their mean, [N, C]. Averaging networks cancels part of each one's errors: separate runs of
+    the default CNN scored val 99.60 % alone, 99.66 % averaged over 4-5 (2026-11-28); four trained
+    here side by side, sharing batches and views, scored no better than cnn-max at its time
+    (benchmarks/README.md, rule 16)."""
 
     def __init__(self, networks: list[nn.Module]):
         super().__init__()

@@ -22,7 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from stages.common import NO_CUDA_GPU, PipelineError, read_yaml, run_main, write_text_atomic
 from stages.datasets import Dataset, load_table
-from stages.model_config import Architecture, ModelConfig, Pool, Stem, is_valid_crop, largest_crop
+from stages.model_config import MAX_NETWORKS, Architecture, ModelConfig, Pool, Stem, is_valid_crop, largest_crop
 
 DEFAULT_PATH = Path("params.yaml")
 VALID_MARKER = "params.yaml is valid\n"
@@ -56,7 +56,6 @@ MAX_WEIGHT_DECAY = 1.0
 MAX_WIDTH = 16_384  # units of one MLP hidden layer
 MAX_HIDDEN_LAYERS = 16
 MAX_CHANNELS = 1_024  # of one CNN block
-MAX_NETWORKS = 16  # of an ensemble (train.networks): each multiplies the training time
 
 
 def _check_seed(key: str, seed: int) -> None:

@@ -6,15 +6,20 @@ Not timing tests: the numbers they print are not checked, only that every part r
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
 import torch
+import yaml
 import torchvision  # noqa: F401 (the tutorials' input pipeline: the test extra carries it, never skipped)
 
 from benchmarks import predict_check, speed
 from benchmarks.frontier import quick_data
 from stages.common import PipelineError, save_tensors
+from stages.models import network_count
+from stages.params import parse
+from tests.conftest import PROJECT_ROOT
 from tests.test_predict_formats import FORMATS
 
 
@@ -32,6 +37,16 @@ def test_make_bench_measures_every_input_pipeline_the_fast_preset_and_memory(tmp
     assert re.search(r"2\. Preset 'fast': cnn \[16, 32, 48\], 1 epoch\(s\)", out)
     assert re.search(r"trained in \d+\.\d s; test accuracy \d+\.\d\d% on 200 images", out)
     assert re.search(r"3\. Peak resident memory of this process: \d+ MiB", out)
+
+
+def test_make_bench_times_one_network_of_an_ensemble():
+    """The loops make bench compares step a network as the tutorials do (their loss takes [N, C]
+    logits): with train.networks > 1 it times one network, not an ensemble's [networks, N, C]."""
+    cfg = dataclasses.replace(parse(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())).train, networks=3)
+    data = {"images": torch.zeros(4, 28, 28, dtype=torch.uint8), "classes": [str(k) for k in range(10)],
+            "mean": 0.13, "std": 0.31}
+    model = speed.fresh_model(cfg, data, torch.device("cpu"))
+    assert network_count(model) == 1 and model.train()(data["images"]).shape == (4, 10)
 
 
 def test_make_bench_names_every_missing_idx_file_before_timing_anything(tmp_path, capsys):

@@ -267,13 +267,14 @@ def test_an_ensemble_round_trips_through_the_model_file(tmp_path, images):
         assert torch.equal(loaded(images), net(images))
 
 
-@pytest.mark.parametrize("networks", [0, -1, 1.0, True, "2"])
-def test_model_file_with_a_network_count_that_is_no_positive_integer_is_refused(tmp_path, networks):
+@pytest.mark.parametrize("networks", [0, -1, 1.0, True, "2", 17, 10**9])
+def test_model_file_with_a_network_count_out_of_range_is_refused_before_building(tmp_path, networks):
+    """A damaged count is refused before any network is built (10**9 would exhaust memory first)."""
     path = tmp_path / "model.pt"
     cfg = config("mlp")
     save_model(path, build_model(cfg), cfg, CLASSES)
     rewrite(path, lambda payload: payload["config"].update(networks=networks))
-    with pytest.raises(ModelFileError, match="configuration networks .* is not a positive whole number"):
+    with pytest.raises(ModelFileError, match="configuration networks .* is not a whole number in 1-16"):
         load_model(path)
 
 

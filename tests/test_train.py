@@ -114,7 +114,8 @@ def test_fit_learns_and_is_bit_identical_when_repeated(data, cfg):
 def test_each_network_of_an_ensemble_trains_as_it_would_alone(data, cfg):
     """train.networks 3: the first network starts from the single run's weights (drawn first) and
     sees the same batches, and the summed loss gives it its own gradient, so it ends bit-identical to
-    the single run's network; the others, drawn after it, end elsewhere. The saved model averages them."""
+    the single run's network; the others, drawn after it, end elsewhere. The saved model averages them.
+    (Without dropout, as here: with it the networks share the global generator's masks.)"""
     train, val = data
     alone, _, _ = fit(cfg, train, val, CPU)
     ensemble, config, rows = fit(dataclasses.replace(cfg, networks=3), train, val, CPU)
@@ -126,7 +127,6 @@ def test_each_network_of_an_ensemble_trains_as_it_would_alone(data, cfg):
     with torch.no_grad():
         each = torch.stack([network.eval()(val["images"]) for network in ensemble.networks])
         assert torch.allclose(ensemble.eval()(val["images"]), each.mean(0))
-
 
 
 def test_an_ensembles_train_loss_is_that_of_one_network(data):
