@@ -92,17 +92,27 @@ def committed_params(params_path: Path) -> dict | None:
     return parse_yaml(shown.stdout, f"{params_path} (HEAD)")
 
 
+# `dvc exp run`'s short options that take no value (DVC 3.67): argparse lets them share one dash with
+# -S, as in `-fS train.seed=1`.
+EXP_RUN_SHORT_FLAGS = frozenset("hqvfispPRk")
+
+
 def set_param_keys(exp_args: list[str]) -> set[str]:
     """The params.yaml keys that `dvc exp run` options set (`-S train.seed=1`, `-Strain.lr=0.1`,
-    `--set-param=...`, a grid's `train.lr=0.1,0.2`, Hydra's `+key`/`~key`, `params.yaml:key`)."""
+    `-fS train.seed=1`, `--set-param=...`, a grid's `train.lr=0.1,0.2`, Hydra's `+key`/`~key`,
+    `params.yaml:key`)."""
     values = []
     for i, arg in enumerate(exp_args):
-        if arg in ("-S", "--set-param"):
+        if arg == "--set-param":
             values += exp_args[i + 1:i + 2]
         elif arg.startswith("--set-param="):
             values.append(arg.removeprefix("--set-param="))
-        elif arg.startswith("-S"):
-            values.append(arg.removeprefix("-S"))
+        elif arg.startswith("-") and not arg.startswith("--"):
+            # -S, then its value in this word (-Strain.lr=0.1) or the next one (-S train.lr=0.1),
+            # after any value-less flags (-fS); -nS... is -n's value "S...", not an -S.
+            flags, s, value = arg[1:].partition("S")
+            if s and set(flags) <= EXP_RUN_SHORT_FLAGS:
+                values += [value] if value else exp_args[i + 1:i + 2]
     keys = {value.split("=", 1)[0].lstrip("+~") for value in values}
     return {key.removeprefix(f"{params_mod.DEFAULT_PATH}:") for key in keys}
 

@@ -145,6 +145,12 @@ def test_set_param_keys_reads_every_spelling_of_dvc_exp_runs_option():
     assert set_param_keys(args) == {"train.seed", "train.lr", "augment.copies", "train.x", "train.epochs"}
 
 
+def test_set_param_keys_reads_an_S_bundled_after_flags_but_not_another_options_value():
+    """argparse reads -fS x as -f -S x, and -fSx likewise; -nSx names the run "Sx"."""
+    assert set_param_keys(["-fS", "train.seed=1", "-qvSaugment.copies=2"]) == {"train.seed", "augment.copies"}
+    assert set_param_keys(["-nStrain.seed=1", "--queue"]) == set()
+
+
 TUTORIAL_PRESETS = list(PRESETS)[:list(PRESETS).index("aug")]  # presets.yaml lists them before `aug`
 
 
