@@ -12,14 +12,13 @@ Prints one line `ddp probe ok: ...` from rank 0, or raises.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from stages import params as params_mod
-from stages.models import build_model
+from stages.models import build_network
 from stages.runtime import rank_from_env
 
 STEPS = 3
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params_mod.load().train
     torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     # One network whatever train.networks says: the loss below takes a network's [N, C] logits.
-    model = build_model(dataclasses.replace(cfg.model_config(28, 10, 0.13, 0.31), networks=1)).to(device)
+    model = build_network(cfg.model_config(28, 10, 0.13, 0.31)).to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
     generator = torch.Generator().manual_seed(1 + rank.rank)  # different data per rank

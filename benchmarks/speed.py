@@ -21,7 +21,6 @@ before the first measurement, so that it favours neither side of the comparison.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import resource
 import tempfile
 import time
@@ -35,7 +34,7 @@ from benchmarks.presets import (DATA_DIR, augmented, device_option, load_splits,
 from benchmarks.reference import place_for_torchvision
 from stages.common import PipelineError, load_tensors, run_main
 from stages.datasets import load_table
-from stages.models import build_model
+from stages.models import build_network
 from stages.params import TrainParams
 from stages.preprocess import read_split
 from stages.runtime import cpu_model, describe_device, retain_freed_memory, seed_everything
@@ -72,7 +71,7 @@ def fresh_model(cfg: TrainParams, data: dict, device: torch.device) -> torch.nn.
     whatever train.networks says (the loops compared step a network, as the tutorials do)."""
     seed_everything(cfg.seed, cfg.deterministic)
     config = cfg.model_config(data["images"].shape[-1], len(data["classes"]), data["mean"], data["std"])
-    return build_model(dataclasses.replace(config, networks=1)).to(device)
+    return build_network(config).to(device)
 
 
 def tutorial_dataset(raw_dir: Path):

@@ -26,6 +26,12 @@ def largest_crop(image_size: int) -> int:
     return (image_size - 8) // 2
 
 
+def is_valid_network_count(networks: object) -> bool:
+    """Whether `networks` is a whole number of networks in 1-MAX_NETWORKS: the one rule for
+    train.networks and a model file's."""
+    return isinstance(networks, int) and not isinstance(networks, bool) and 1 <= networks <= MAX_NETWORKS
+
+
 def is_valid_crop(crop: object, image_size: int) -> bool:
     """Whether `crop` is a whole number of pixels a cnn can cut off each side, 0 to largest_crop: the
     one rule for train.crop, a dataset's crop (datasets.yaml) and a model file's."""
@@ -118,9 +124,8 @@ class ModelConfig:
             raise ValueError(f"configuration crop {crop!r} is not a whole number of pixels in "
                              f"0-{largest_crop(raw['image_size'])}")
         # Bounded before any network is built: a damaged count would otherwise build that many.
-        networks = raw["networks"]
-        if not isinstance(networks, int) or isinstance(networks, bool) or not 1 <= networks <= MAX_NETWORKS:
-            raise ValueError(f"configuration networks {networks!r} is not a whole number in 1-{MAX_NETWORKS}")
+        if not is_valid_network_count(raw["networks"]):
+            raise ValueError(f"configuration networks {raw['networks']!r} is not a whole number in 1-{MAX_NETWORKS}")
         if crop and raw["architecture"] != "cnn":
             raise ValueError(f"configuration crop {crop} for a {raw['architecture']!r}: only a cnn crops")
         return cls(**{**raw, "hidden": tuple(raw["hidden"]), "channels": tuple(raw["channels"])})

@@ -22,7 +22,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from stages.common import NO_CUDA_GPU, PipelineError, read_yaml, run_main, write_text_atomic
 from stages.datasets import Dataset, load_table
-from stages.model_config import MAX_NETWORKS, Architecture, ModelConfig, Pool, Stem, is_valid_crop, largest_crop
+from stages.model_config import (MAX_NETWORKS, Architecture, ModelConfig, Pool, Stem, is_valid_crop,
+                                  is_valid_network_count, largest_crop)
 
 DEFAULT_PATH = Path("params.yaml")
 VALID_MARKER = "params.yaml is valid\n"
@@ -244,7 +245,7 @@ class TrainParams:
         _require(0 <= self.lookahead < 1, "train.lookahead",
                  f"must be 0 (off) or in (0, 1) (decay per sync), got {self.lookahead}")
         _require(0 <= self.tta_shift <= 2, "train.tta_shift", f"must be 0 (off), 1 or 2 pixels, got {self.tta_shift}")
-        _require(1 <= self.networks <= MAX_NETWORKS, "train.networks",
+        _require(is_valid_network_count(self.networks), "train.networks",
                  f"must be between 1 and {MAX_NETWORKS}, got {self.networks}")
         _check_seed("train.seed", self.seed)
         _require(1 <= self.processes <= 64, "train.processes", f"must be between 1 and 64, got {self.processes}")
