@@ -114,7 +114,7 @@ def project_epoch(cfg: TrainParams, data: dict, device: torch.device) -> tuple[f
     """(seconds, mean train loss) of one epoch of this project's train_epoch on the same images."""
     model = fresh_model(cfg, data, device)
     generator = torch.Generator().manual_seed(cfg.seed)
-    state = TrainingState(model, make_optimizer(model, cfg), None, generator)
+    state = TrainingState(model, make_optimizer(model, cfg), None, [generator])
     batches = Batches(data["images"].to(device), data["labels"].to(device), cfg.batch_size, cfg.drop_last, generator)
     loss_of = make_loss(model, cfg, device)
     synchronize(device)

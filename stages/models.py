@@ -2,7 +2,8 @@
 
 Every model takes raw images, uint8 or float in [0, 255], shape [N, H, W], and returns logits
 [N, num_classes]: normalisation is the model's first layer, with the train split's statistics as
-buffers, so the model file alone is enough to classify images.
+buffers, so the model file alone is enough to classify images. (In training, an Ensemble returns
+each network's logits, and may take a batch per network: see Ensemble.)
 """
 
 from __future__ import annotations
@@ -120,18 +121,25 @@ class Network(nn.Sequential):
 
 class Ensemble(nn.Module):
     """Networks of one config side by side (ModelConfig.networks). In training mode the logits of
-    each, [networks, N, C], so that each is trained on its own loss (stages.train.make_loss); in eval
-    mode their mean, [N, C]. Averaging networks cancels part of each one's errors: separate runs of
-    the default CNN scored val 99.60 % alone, 99.66 % averaged over 4-5 (2026-11-28); four trained
-    here side by side, sharing batches and views, scored no better than cnn-max at its time
-    (benchmarks/README.md, rule 16)."""
+    each, [networks, N, C], so that each is trained on its own loss (stages.train.make_loss), from
+    the same images [N, H, W] or from a batch each, [networks, N, H, W] (train.network_batches own);
+    in eval mode the mean of their logits on the same images, [N, C]. Averaging networks cancels part
+    of each one's errors: separate runs of the default CNN scored val 99.60 % alone, 99.66 % averaged
+    over 4-5 (2026-11-28); four trained here side by side, sharing batches and views, scored no better
+    than cnn-max at its time (benchmarks/README.md, rule 16)."""
 
     def __init__(self, networks: list[nn.Module]):
         super().__init__()
         self.networks = nn.ModuleList(networks)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = torch.stack([network(images) for network in self.networks])  # [networks, N, C]
+        if images.dim() == 4:  # a batch per network: training only (eval averages over the same images)
+            if not self.training or len(images) != len(self.networks):
+                raise ValueError(f"a batch per network needs training mode and {len(self.networks)} batches, "
+                                 f"got {'eval mode' if not self.training else len(images)}")
+            logits = torch.stack([network(each) for network, each in zip(self.networks, images)])
+        else:
+            logits = torch.stack([network(images) for network in self.networks])  # [networks, N, C]
         return logits if self.training else logits.mean(0)
 
 

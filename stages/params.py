@@ -199,10 +199,15 @@ class TrainParams:
     # include it. Costs 1 + tta_flip + 4 * (tta_shift > 0) forward passes per image when scoring.
     tta_flip: bool
     tta_shift: int
-    # Networks of this config trained side by side, each from its own initial weights, on the same
-    # batches (each on its own loss: the step costs `networks` single steps); the model averages
-    # their logits. 1: a single network.
+    # Networks of this config trained side by side, each from its own initial weights (each on its
+    # own loss: the step costs `networks` single steps); the model averages their logits. 1: a
+    # single network.
     networks: int
+    # With networks > 1: "shared", every network trains on the same batches and views; "own", each
+    # draws its own batch order (stages.train.NetworkBatches) and takes the stored views in an order
+    # of its own (network k: view epoch + k), or draws views on the fly from its own seed (a draw
+    # per network each step). The first network trains on the single run's batches either way.
+    network_batches: Literal["shared", "own"]
     seed: int
     device: Literal["auto", "cpu", "cuda"]
     # bf16 autocast, or fp32; auto: bf16 on a CPU where bf16 trains faster (AMX, or AVX512_BF16 on

@@ -31,6 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages import params as params_mod
 from stages.common import PipelineError, Progress, ctrl_c_reached_my_group, load_tensors, log, run_main, save_tensors
+from stages.model_config import MAX_NETWORKS
 from stages.models import build_model, count_parameters, network_count, predict_logits, save_model
 from stages.params import TrainParams
 from stages.runtime import (Rank, describe_device, describe_precision, numerics, rank_from_env,
@@ -154,6 +155,38 @@ class Batches:
             yield images[share], self.labels[source[share]]
 
 
+class NetworkBatches:
+    """train.network_batches own: the batches of an ensemble whose networks each draw their own, one
+    Batches per network (its own generator, so its own order; fit gives each its own view per
+    epoch). Yields images [networks, B, H, W] and labels [networks, B]: the Ensemble runs network k
+    on images[k]. Every stream has the same images, batch size and rank, so the same steps."""
+
+    def __init__(self, streams: list[Batches]):
+        self.streams = streams
+
+    @property
+    def images(self) -> torch.Tensor:  # the split: its device is the training device
+        return self.streams[0].images
+
+    @property
+    def rank(self) -> Rank:
+        return self.streams[0].rank
+
+    def __len__(self) -> int:
+        return len(self.streams[0])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for each in zip(*self.streams):
+            yield torch.stack([images for images, _ in each]), torch.stack([labels for _, labels in each])
+
+
+def stream_seed(seed: int, network: int) -> int:
+    """The seed of network `network`'s batch order and views under train.network_batches own. The
+    first network's is the run's seed (it trains on the batches of the single network of that seed);
+    the others' lie above 2**40, beyond every train.seed (< 2**32) and distinct per (seed, network)."""
+    return seed if network == 0 else 2**40 + seed * MAX_NETWORKS + network
+
+
 def epoch_rows(originals: int, views: int, epoch: int) -> torch.Tensor:
     """The images epoch `epoch` (from 1) trains on when train.fresh_views is set: indices [2 N] into
     the augment stage's [(views + 1) N, H, W] layout (originals, then view 1, ..., view K, N each),
@@ -210,7 +243,7 @@ class TrainingState:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler | None  # None: a constant learning rate
-    generator: torch.Generator  # the batch order
+    generators: list[torch.Generator]  # the batch order: one, or one per network (train.network_batches own)
     average: AveragedModel | None = None  # train.ema: the moving average of the weights; None: off
     lookahead: Lookahead | None = None  # train.lookahead; None: off
 
@@ -228,7 +261,7 @@ class TrainingState:
                 "schedule": self.schedule.state_dict() if self.schedule is not None else None,
                 "average": self.average.state_dict() if self.average is not None else None,
                 "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
-                "batch_order_rng": self.generator.get_state(),
+                "batch_order_rng": [generator.get_state() for generator in self.generators],
                 # The global generators: dropout draws from them.
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -242,7 +275,8 @@ class TrainingState:
             self.average.load_state_dict(state["average"])
         if self.lookahead is not None:
             self.lookahead.load_state_dict(state["lookahead"])
-        self.generator.set_state(state["batch_order_rng"])
+        for generator, saved in zip(self.generators, state["batch_order_rng"], strict=True):
+            generator.set_state(saved)
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -252,7 +286,8 @@ def make_loss(network: nn.Module, cfg: TrainParams, device: torch.device) -> Cal
     """loss(images, labels): the label-smoothed cross-entropy of `network` on a batch, a scalar, run
     under bf16 autocast when train.precision resolves to bf16 on `device` (the loss itself in float32).
     For an ensemble (train.networks > 1), the sum of its networks' losses: each network's gradient
-    is then the one it would get training alone, at the same learning rate and weight decay."""
+    is then the one it would get training alone, at the same learning rate and weight decay. Its
+    labels are [N], or [networks, N] when each network has its own batch (NetworkBatches)."""
     bf16 = resolve_precision(cfg.precision, device) == "bf16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -261,11 +296,13 @@ def make_loss(network: nn.Module, cfg: TrainParams, device: torch.device) -> Cal
             logits = network(images).float()  # [N, C]; an ensemble's in training: [networks, N, C]
             if logits.dim() == 2:
                 return F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-            return sum(F.cross_entropy(each, labels, label_smoothing=cfg.label_smoothing) for each in logits)
+            targets = labels if labels.dim() == 2 else labels.expand(len(logits), -1)  # [networks, N]
+            return sum(F.cross_entropy(each, target, label_smoothing=cfg.label_smoothing)
+                       for each, target in zip(logits, targets))
     return loss
 
 
-def train_epoch(state: TrainingState, batches: Batches, loss_of: Callable[..., torch.Tensor],
+def train_epoch(state: TrainingState, batches: Batches | NetworkBatches, loss_of: Callable[..., torch.Tensor],
                 after_step: Callable[[torch.Tensor], None] | None = None) -> float:
     """One pass over `batches`; returns the mean train loss (over every process under torchrun; of
     one network: an ensemble's summed loss is divided by its count). `after_step`, if given, is
@@ -278,8 +315,9 @@ def train_epoch(state: TrainingState, batches: Batches, loss_of: Callable[..., t
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.step()
-        total[0] += loss.detach() * len(labels) / networks
-        total[1] += len(labels)
+        images_per_network = labels.shape[-1]  # labels: [B], or [networks, B] (NetworkBatches)
+        total[0] += loss.detach() * images_per_network / networks
+        total[1] += images_per_network
         if after_step is not None:
             after_step(total)
     if batches.rank.world > 1:
@@ -394,33 +432,45 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         network = torch.compile(network)
-    generator = torch.Generator().manual_seed(cfg.seed)  # batch order, independent of model init
-    batches = Batches(train["images"].to(device), train["labels"].to(device), cfg.batch_size, cfg.drop_last,
-                      generator, rank)
+    # The batch order, independent of model init: one stream, or one per network (network_batches own).
+    own_batches = cfg.networks > 1 and cfg.network_batches == "own"
+    generators = [torch.Generator().manual_seed(stream_seed(cfg.seed, k)) for k in range(cfg.networks if own_batches else 1)]
+    train_images, train_labels = train["images"].to(device), train["labels"].to(device)
+    streams = [Batches(train_images, train_labels, cfg.batch_size, cfg.drop_last, generator, rank)
+               for generator in generators]
+    batches = streams[0] if len(streams) == 1 else NetworkBatches(streams)
     # The augment stage records how many views follow the originals; a split straight from
     # preprocess has none.
     views = int(train.get("views", 0))
     originals = len(train["labels"]) // (views + 1)
     view_per_epoch = cfg.fresh_views and views > 0  # each epoch: the originals and one stored view of each
-    if view_per_epoch:
-        batches.rows = epoch_rows(originals, views, 1).to(device)  # every epoch has as many images
     on_the_fly = train.get("on_the_fly")  # augment.on_the_fly: the params to draw views with, or None
-    if on_the_fly:
-        batches.draw_view = view_drawer(on_the_fly, 1, device)  # set per epoch below; here for len()
+
+    def set_views(epoch: int) -> None:
+        """The views each stream trains on in `epoch`: stream k (network k under network_batches own)
+        the stored view k epochs further on, or views drawn from its own seed."""
+        for k, stream in enumerate(streams):
+            if view_per_epoch:
+                stream.rows = epoch_rows(originals, views, epoch + k).to(device)
+            if on_the_fly:
+                stream.draw_view = view_drawer({**on_the_fly, "seed": stream_seed(on_the_fly["seed"], k)}, epoch, device)
+
+    set_views(1)  # set per epoch below; here for len(): every epoch has as many images
     val_images, val_labels = val["images"].to(device), val["labels"].to(device)
     optimizer = make_optimizer(model, cfg)
     # use_buffers: BatchNorm's running statistics are averaged too, so the average is a model of its own.
     average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
     total_steps = cfg.epochs * len(batches)
     lookahead = Lookahead(model, cfg.lookahead, total_steps) if cfg.lookahead else None
-    state = TrainingState(model, optimizer, make_schedule(optimizer, cfg, total_steps), generator, average, lookahead)
+    state = TrainingState(model, optimizer, make_schedule(optimizer, cfg, total_steps), generators, average, lookahead)
     loss_of = make_loss(network, cfg, device)
     say = (lambda message: log(STAGE, message)) if rank.is_main else (lambda message: None)
     if view_per_epoch:  # the file holds 1 + views images per original, an epoch 2: count originals
         images = f"{originals:,} train images with {views} stored view{'s' * (views != 1)} of each"
     else:
         images = f"{len(train['labels']):,} train images"
-    name = cfg.model if cfg.networks == 1 else f"{cfg.networks} {cfg.model}s averaged"
+    name = cfg.model if cfg.networks == 1 else (f"{cfg.networks} {cfg.model}s averaged, "
+                                                 f"{'each on its own' if own_batches else 'on the same'} batches")
     say(f"{name}: {count_parameters(model):,} parameters; {images} and {len(val_labels):,} val images; "
         f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {len(batches)} steps"
         + (", each over the originals and a view of each drawn on the fly" if on_the_fly else "")
@@ -434,10 +484,7 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
         say(f"resuming from {checkpoint} after epoch {saved['epoch']}")
     for epoch in range(len(train_log.epochs()) + 1, cfg.epochs + 1):
         start = time.perf_counter()
-        if batches.rows is not None:
-            batches.rows = epoch_rows(originals, views, epoch).to(device)
-        if on_the_fly:
-            batches.draw_view = view_drawer(on_the_fly, epoch, device)
+        set_views(epoch)
         # "training epoch", not "epoch": the line `train: epoch N/M: ...` says the epoch is done.
         progress = Progress(STAGE, f"training epoch {epoch}/{cfg.epochs}", len(batches), "steps", rate_unit="images",
                             rate_per_item=cfg.batch_size, after=(cfg.epochs - epoch) * len(batches)) if rank.is_main else None

@@ -258,6 +258,22 @@ def test_an_ensemble_averages_its_networks_logits_in_eval_and_returns_each_in_tr
         assert all(torch.equal(in_training[k], network(images)) for k, network in enumerate(ensemble.networks))
 
 
+@pytest.mark.parametrize("model", ARCHITECTURES)
+def test_an_ensemble_in_training_runs_each_network_on_its_own_batch(images, model):
+    """train.network_batches own: images [networks, N, H, W] give network k the batch k (logits
+    [networks, N, C]); eval mode, or another count of batches, is refused."""
+    ensemble = build_model(config(model, dropout=0.0, networks=2)).train()
+    batches = torch.stack([images, images.flip(0)])  # [2, N, 28, 28]
+    with torch.no_grad():
+        logits = ensemble(batches)
+        assert logits.shape == (2, len(images), 10)
+        assert all(torch.equal(logits[k], network(batches[k])) for k, network in enumerate(ensemble.networks))
+        with pytest.raises(ValueError, match="needs training mode and 2 batches, got 3"):
+            ensemble(torch.stack([images] * 3))
+        with pytest.raises(ValueError, match="got eval mode"):
+            ensemble.eval()(batches)
+
+
 def test_an_ensemble_round_trips_through_the_model_file(tmp_path, images):
     """An ensemble's file holds every network's weights and loads as the same averaged model."""
     cfg = config("cnn", networks=2, tta_shift=1)

@@ -168,6 +168,7 @@ def _bad_cases():
     yield "networks zero", c("train", "networks", 0), "train.networks", ["between 1 and 16, got 0"]
     yield "networks over 16", c("train", "networks", 17), "train.networks", ["between 1 and 16, got 17"]
     yield "networks not int", c("train", "networks", 2.5), "train.networks", ["integer"]
+    yield "network_batches unknown", c("train", "network_batches", "mixed"), "train.network_batches", ["shared", "own"]
     yield ("crop negative", c("train", "crop", -1), "train.crop",
            ["'auto' (the dataset's, datasets.yaml) or between 0 and 10 pixels", "8x8 of the 28x28"])
     yield "crop leaving under 8x8", c("train", "crop", 11), "train.crop", ["between 0 and 10 pixels"]

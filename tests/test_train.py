@@ -22,7 +22,8 @@ import stages.runtime as runtime_mod
 from stages.augment import augmented_split
 from stages.runtime import Rank, resolve_precision, retain_freed_memory, seed_everything
 from stages.models import Ensemble, build_model
-from stages.train import Batches, Lookahead, epoch_rows, fit, make_optimizer, make_schedule, steps_per_epoch
+from stages.train import (Batches, Lookahead, NetworkBatches, epoch_rows, fit, make_optimizer, make_schedule,
+                          steps_per_epoch, stream_seed)
 from tests.conftest import PROJECT_ROOT
 from tests.synthetic import make_split
 
@@ -39,6 +40,8 @@ SMALL_CNN_EMA = dataclasses.replace(SMALL_CNN, ema=0.9)
 # weights and the slow copy differ and both must be restored.
 SMALL_CNN_LOOKAHEAD = dataclasses.replace(SMALL_CNN, lookahead=0.77, batch_size=30)
 SMALL_CNN_ENSEMBLE = dataclasses.replace(SMALL_CNN, networks=2)
+# Two networks, each on its own batch order and views (stored or drawn on the fly), for 3 epochs.
+SMALL_CNN_OWN_BATCHES = dataclasses.replace(SMALL_CNN_FRESH_VIEWS, networks=2, network_batches="own")
 CPU = torch.device("cpu")
 
 
@@ -97,28 +100,32 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_CNN_POOL_EARLY, SMALL_MLP, SMALL_CNN_ENSEMBLE],
-                         ids=["cnn-sgd", "cnn-pool-early", "mlp-adam", "cnn-ensemble"])
+@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_CNN_POOL_EARLY, SMALL_MLP, SMALL_CNN_ENSEMBLE, SMALL_CNN_OWN_BATCHES],
+                         ids=["cnn-sgd", "cnn-pool-early", "mlp-adam", "cnn-ensemble", "cnn-ensemble-own-batches"])
 def test_fit_learns_and_is_bit_identical_when_repeated(data, cfg):
     train, val = data
     model_a, config, rows_a = fit(cfg, train, val, CPU)
     model_b, _, rows_b = fit(cfg, train, val, CPU)
-    assert [row["epoch"] for row in rows_a] == [1, 2]
+    assert [row["epoch"] for row in rows_a] == list(range(1, cfg.epochs + 1))
     assert rows_a[-1]["val_accuracy"] >= 0.9  # the synthetic classes are trivially separable
     assert rows_a == rows_b
     assert_same_weights(weights(model_a), weights(model_b))
     assert config.architecture == cfg.model
 
 
-@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_MLP], ids=["cnn-sgd", "mlp-adam"])
-def test_each_network_of_an_ensemble_trains_as_it_would_alone(data, cfg):
+@pytest.mark.parametrize("network_batches", ["shared", "own"])
+@pytest.mark.parametrize("cfg, dataset", [(SMALL_CNN, "data"), (SMALL_MLP, "data"), (SMALL_CNN_FRESH_VIEWS, "views_data"),
+                                          (SMALL_CNN_FRESH_VIEWS, "on_the_fly_data")],
+                         ids=["cnn-sgd", "mlp-adam", "cnn-fresh-views", "cnn-on-the-fly"])
+def test_each_network_of_an_ensemble_trains_as_it_would_alone(request, cfg, dataset, network_batches):
     """train.networks 3: the first network starts from the single run's weights (drawn first) and
-    sees the same batches, and the summed loss gives it its own gradient, so it ends bit-identical to
-    the single run's network; the others, drawn after it, end elsewhere. The saved model averages them.
-    (Without dropout, as here: with it the networks share the global generator's masks.)"""
-    train, val = data
+    sees the same batches and views (network_batches own too: its stream is the single run's), and
+    the summed loss gives it its own gradient, so it ends bit-identical to the single run's network;
+    the others, drawn after it, end elsewhere. The saved model averages them. (Without dropout, as
+    here: with it the networks share the global generator's masks.)"""
+    train, val = request.getfixturevalue(dataset)
     alone, _, _ = fit(cfg, train, val, CPU)
-    ensemble, config, rows = fit(dataclasses.replace(cfg, networks=3), train, val, CPU)
+    ensemble, config, rows = fit(dataclasses.replace(cfg, networks=3, network_batches=network_batches), train, val, CPU)
     assert config.networks == 3 and len(ensemble.networks) == 3
     assert_same_weights(weights(ensemble.networks[0]), weights(alone))
     output_layer = [name for name, _ in alone.named_parameters()][-1]
@@ -127,6 +134,73 @@ def test_each_network_of_an_ensemble_trains_as_it_would_alone(data, cfg):
     with torch.no_grad():
         each = torch.stack([network.eval()(val["images"]) for network in ensemble.networks])
         assert torch.allclose(ensemble.eval()(val["images"]), each.mean(0))
+
+
+def test_network_batches_stack_a_batch_per_network_each_in_its_own_order():
+    """network_batches own: a step gives network k the batch of stream k, [networks, B, H, W] with
+    labels [networks, B]; stream 0 is the single run's (the run's seed), and each stream covers
+    the split once per epoch in an order of its own."""
+    ids = torch.arange(10, dtype=torch.uint8)[:, None, None]  # [N, 1, 1] "images" that name themselves
+
+    def stream(network: int) -> Batches:
+        return Batches(ids, torch.arange(10), 4, False, torch.Generator().manual_seed(stream_seed(5, network)))
+
+    alone = list(Batches(ids, torch.arange(10), 4, False, torch.Generator().manual_seed(5)))
+    together = NetworkBatches([stream(k) for k in range(3)])
+    epoch = list(together)
+    assert len(together) == len(epoch) == len(alone) == steps_per_epoch(10, 4, False)
+    for (images, labels), (first_images, first_labels) in zip(epoch, alone):
+        assert images.shape == (3, len(first_labels), 1, 1) and labels.shape == (3, len(first_labels))
+        assert torch.equal(images[0], first_images) and torch.equal(labels[0], first_labels)
+        assert torch.equal(images.flatten(1).long(), labels)  # each image beside its own label
+    orders = [torch.cat([labels[k] for _, labels in epoch]).tolist() for k in range(3)]
+    assert all(sorted(order) == list(range(10)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 3
+    assert len({stream_seed(seed, k) for seed in (0, 1, 2**32 - 1) for k in range(16)}) == 48
+
+
+def test_own_batches_give_each_network_its_own_views(views_data, on_the_fly_data, monkeypatch):
+    """network_batches own: in epoch e network k trains on the stored view e + k (in turn), or on
+    views drawn from its own seed; with shared batches every network on the first one's."""
+    seen: list[list] = []
+    real_train_epoch, real_view_drawer = train_mod.train_epoch, train_mod.view_drawer
+
+    def recording(state, batches, loss_of, after_step=None):
+        streams = batches.streams if isinstance(batches, NetworkBatches) else [batches]
+        seen.append([stream.rows.tolist() if stream.rows is not None else stream.draw_view.seed for stream in streams])
+        return real_train_epoch(state, batches, loss_of, after_step)
+
+    def drawer_with_its_seed(recipe, epoch, device):
+        draw = real_view_drawer(recipe, epoch, device)
+        draw.seed = (recipe["seed"], epoch)
+        return draw
+
+    monkeypatch.setattr(train_mod, "train_epoch", recording)
+    monkeypatch.setattr(train_mod, "view_drawer", drawer_with_its_seed)
+    fit(SMALL_CNN_OWN_BATCHES, *views_data, CPU)
+    fit(dataclasses.replace(SMALL_CNN_OWN_BATCHES, network_batches="shared"), *views_data, CPU)
+    fit(SMALL_CNN_OWN_BATCHES, *on_the_fly_data, CPU)
+    n, seed = len(views_data[0]["labels"]) // 3, on_the_fly_data[0]["on_the_fly"]["seed"]
+    stored = [[epoch_rows(n, 2, e).tolist(), epoch_rows(n, 2, e + 1).tolist()] for e in (1, 2, 3)]
+    shared = [[epoch_rows(n, 2, e).tolist()] for e in (1, 2, 3)]
+    drawn = [[(seed, e), (stream_seed(seed, 1), e)] for e in (1, 2, 3)]
+    assert seen == stored + shared + drawn
+
+
+def test_each_network_is_scored_against_the_labels_of_its_own_batch(data):
+    """network_batches own: the loss is the sum over networks of network k's cross-entropy on batch
+    k against batch k's labels (not the first batch's)."""
+    train, _ = data
+    cfg = dataclasses.replace(SMALL_MLP, networks=2, network_batches="own", precision="fp32")
+    torch.manual_seed(0)
+    ensemble = build_model(cfg.model_config(28, 10, train["mean"], train["std"])).train()
+    images, labels = train["images"][:32], train["labels"][:32]
+    batches, targets = torch.stack([images, images.flip(0)]), torch.stack([labels, labels.roll(1)])
+    loss = train_mod.make_loss(ensemble, cfg, CPU)(batches, targets)
+    with torch.no_grad():
+        expected = sum(torch.nn.functional.cross_entropy(network(batch).float(), target, label_smoothing=cfg.label_smoothing)
+                       for network, batch, target in zip(ensemble.networks, batches, targets))
+    assert torch.allclose(loss, expected)
 
 
 def test_an_ensembles_train_loss_is_that_of_one_network(data):
@@ -141,7 +215,7 @@ def test_an_ensembles_train_loss_is_that_of_one_network(data):
     losses = []
     for model in (single, twice):
         generator = torch.Generator().manual_seed(0)
-        state = train_mod.TrainingState(model, make_optimizer(model, cfg), None, generator)
+        state = train_mod.TrainingState(model, make_optimizer(model, cfg), None, [generator])
         batches = Batches(train["images"], train["labels"], cfg.batch_size, cfg.drop_last, generator)
         losses.append(train_mod.train_epoch(state, batches, train_mod.make_loss(model, cfg, CPU)))
     assert losses[0] == losses[1]
@@ -171,9 +245,10 @@ def test_a_run_that_diverges_in_its_last_step_is_stopped(data):
 
 @pytest.mark.parametrize("cfg, dataset", [(SMALL_CNN, "data"), (SMALL_MLP, "data"), (SMALL_CNN_FRESH_VIEWS, "views_data"),
                                           (SMALL_CNN_EMA, "data"), (SMALL_CNN_FRESH_VIEWS, "on_the_fly_data"),
-                                          (SMALL_CNN_LOOKAHEAD, "data"), (SMALL_CNN_ENSEMBLE, "data")],
+                                          (SMALL_CNN_LOOKAHEAD, "data"), (SMALL_CNN_ENSEMBLE, "data"),
+                                          (SMALL_CNN_OWN_BATCHES, "views_data"), (SMALL_CNN_OWN_BATCHES, "on_the_fly_data")],
                          ids=["cnn-sgd", "mlp-adam", "cnn-fresh-views", "cnn-ema", "cnn-on-the-fly", "cnn-lookahead",
-                              "cnn-ensemble"])
+                              "cnn-ensemble", "cnn-ensemble-own-views", "cnn-ensemble-own-on-the-fly"])
 def test_interrupted_fit_resumes_to_the_uninterrupted_result(request, cfg, dataset, tmp_path, monkeypatch):
     """Stopped after epoch 1's checkpoint, a second fit() picks up the model, optimizer (momentum,
     Adam moments), schedule, weight average, lookahead's slow weights and batch-order state, and the view of each epoch
