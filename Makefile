@@ -104,7 +104,8 @@ queue: $(INSTALLED)  ## run the queued experiments on JOBS workers
 # dvc pull, but only from remotes that re-hash what they download (`verify = true`): without it
 # DVC places a remote object whose bytes changed in the workspace unnoticed (docs/sharing.md).
 # stages/remotes.py checks the remotes `dvc pull $(PULL_ARGS)` would use, reading DVC's config and
-# options as DVC does (every level, dotted names, each kind's default).
+# options as DVC does (every level, dotted names, each kind's default). With no remote configured
+# at all it says how to add one (or to build with make repro), and dvc pull runs.
 pull: $(INSTALLED)  ## dvc pull, from remotes that verify what they download (PULL_ARGS="...")
 	@$(BIN)/python -m stages.remotes $(PULL_ARGS)
 	$(BIN)/dvc pull $(PULL_ARGS)

@@ -5,7 +5,8 @@ Without it, DVC places a remote object whose bytes changed in the workspace unno
 notices afterwards (docs/sharing.md). `python -m stages.remotes [dvc pull options]`, run in the
 project, exits 0 when every remote that `dvc pull` with those options would use verifies, else with
 status 2 and a line per remote that does not, naming the command that turns it on in the config
-file where it is off.
+file where it is off. Where no remote is configured at all, it says so and how to add one (or to
+build the outputs with `make repro`) before `dvc pull` runs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from typing import Any
 from stages.common import PipelineError, run_main
 
 LABEL = "make pull"
+# Without any remote, `dvc pull` warns "No remote provided and no default remote set.", says
+# "Everything is up to date" and then fails to check out whatever this machine's cache lacks (all
+# of it, in a fresh clone), asking whether the cache is up to date: nothing says how to go on.
+NO_REMOTE = ("no DVC remote is configured here, so there is nothing to download: `dvc pull` can only check out "
+             "what this machine's cache holds. Add your team's remote with `dvc remote add -d NAME URL` "
+             "(docs/sharing.md), or build every output here with `make repro`")
 # DVC's config levels, lowest priority first (a later level wins), and how `dvc remote modify`
 # names each; the project's own .dvc/config is "repo", the only one git shares.
 LEVEL_OPTIONS = {"system": "--system ", "global": "--global ", "repo": "", "local": "--local "}
@@ -47,6 +54,21 @@ def advice(remote: str, levels: dict[str, dict[str, Any]], files: dict[str, str]
     return f"remote '{remote}' has verify off ({where}), so a corrupt download would go unnoticed; {fix}"
 
 
+def parsed_pull_args(pull_args: list[str]) -> Any:
+    """`dvc pull PULL_ARGS`'s options as DVC's own parser reads them (abbreviations, bundled flags),
+    or None where they ask for help (`-h`, `--he`, `-fh`): `dvc pull` then prints it and pulls
+    nothing. An option `dvc pull` does not take exits with status 2 after DVC's ERROR line."""
+    from dvc.cli import DvcParserError, parse_args
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the usage text is left to `dvc pull`
+            return parse_args(["pull", *pull_args])
+    except DvcParserError:
+        sys.exit(2)  # DVC has logged what is wrong
+    except SystemExit:  # help
+        return None
+
+
 def pulled_remotes(pull_args: list[str], config: Any) -> set[str]:
     """The remotes `dvc pull PULL_ARGS` downloads from, as DVC chooses them: the one `-r` names
     (outputs pinned to another remote are then skipped); else the default remote and every remote
@@ -54,14 +76,8 @@ def pulled_remotes(pull_args: list[str], config: Any) -> set[str]:
     whose outputs may pin others) every remote. `pull_args` are read by DVC's own parser, whose
     ERROR line names an option `dvc pull` does not take (its usage text, on stdout, is left out:
     `dvc pull -h` prints it, which is also why -h checks nothing)."""
-    from dvc.cli import DvcParserError, parse_args
-
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            args = parse_args(["pull", *pull_args])
-    except DvcParserError:
-        sys.exit(2)  # DVC has logged what is wrong
-    except SystemExit:  # -h: `dvc pull -h` will print the help, and pull nothing
+    args = parsed_pull_args(pull_args)
+    if args is None:
         return set()
     if args.remote:
         return {args.remote}
@@ -97,12 +113,24 @@ def unverified(pull_args: list[str] | None = None) -> list[str]:
             if name in used and not remote.get("verify", False)]
 
 
+def no_remote_configured() -> bool:
+    """Whether no config level (system, global, the repository's, local) defines a remote or names a
+    default one (a default that no level defines: `dvc pull` says "remote '...' doesn't exist")."""
+    from dvc.config import Config
+
+    config = Config.from_cwd()
+    return not config["remote"] and not config["core"].get("remote")
+
+
 def main() -> None:
-    lines = unverified(sys.argv[1:])
+    pull_args = sys.argv[1:]
+    lines = unverified(pull_args)
     for line in lines:
         print(f"{LABEL}: {line}", flush=True)
     if lines:
         sys.exit(2)
+    if parsed_pull_args(pull_args) is not None and no_remote_configured():
+        print(f"{LABEL}: {NO_REMOTE}", flush=True)  # a note, not an error: the pull may still check out
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from stages.common import PipelineError
-from stages.remotes import unverified
+from stages.remotes import NO_REMOTE, main, unverified
 
 
 @pytest.fixture
@@ -91,3 +91,25 @@ def test_a_config_dvc_cannot_read_is_one_line(project):
     (project / "project/.dvc/config").write_text("['remote \"storage\"']\n    verify = true\n")  # no url
     with pytest.raises(PipelineError, match=r"^DVC's config: .*expected 'url'"):
         unverified()
+
+
+def test_a_pull_with_no_remote_configured_says_how_to_get_one(project, capsys, monkeypatch):
+    """A fresh clone: `dvc pull` alone warns there is no remote, says "Everything is up to date" and
+    then fails to check out, asking whether the cache is up to date."""
+    monkeypatch.setattr("sys.argv", ["stages.remotes"])
+    main()
+    assert capsys.readouterr().out == f"make pull: {NO_REMOTE}\n"
+    assert "dvc remote add -d NAME URL" in NO_REMOTE and "make repro" in NO_REMOTE
+    for asks_help in (["-h"], ["--he"], ["-fh"]):  # as DVC's parser reads them
+        monkeypatch.setattr("sys.argv", ["stages.remotes", *asks_help])
+        main()
+        assert capsys.readouterr().out == "", f"help checks nothing: {asks_help}"
+    (project / "project/.dvc/config").write_text("[core]\n    remote = storage\n")  # defined nowhere
+    monkeypatch.setattr("sys.argv", ["stages.remotes"])
+    main()
+    assert capsys.readouterr().out == "", "`dvc pull` names the missing remote itself"
+    (project / "project/.dvc/config").write_text("")
+    (project / "global/config").write_text("['remote \"team\"']\n    url = /tmp/team\n    verify = true\n")
+    monkeypatch.setattr("sys.argv", ["stages.remotes"])
+    main()
+    assert capsys.readouterr().out == "", "a remote at any level: nothing to say"
