@@ -57,11 +57,12 @@ def advice(remote: str, levels: dict[str, dict[str, Any]], files: dict[str, str]
 def parsed_pull_args(pull_args: list[str]) -> Any:
     """`dvc pull PULL_ARGS`'s options as DVC's own parser reads them (abbreviations, bundled flags),
     or None where they ask for help (`-h`, `--he`, `-fh`): `dvc pull` then prints it and pulls
-    nothing. An option `dvc pull` does not take exits with status 2 after DVC's ERROR line."""
+    nothing. An option `dvc pull` does not take exits with status 2 after DVC's ERROR line (its
+    usage text, on stdout, is left to `dvc pull`, which would print it a second time)."""
     from dvc.cli import DvcParserError, parse_args
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the usage text is left to `dvc pull`
+        with contextlib.redirect_stdout(io.StringIO()):
             return parse_args(["pull", *pull_args])
     except DvcParserError:
         sys.exit(2)  # DVC has logged what is wrong
@@ -69,16 +70,22 @@ def parsed_pull_args(pull_args: list[str]) -> Any:
         return None
 
 
-def pulled_remotes(pull_args: list[str], config: Any) -> set[str]:
-    """The remotes `dvc pull PULL_ARGS` downloads from, as DVC chooses them: the one `-r` names
-    (outputs pinned to another remote are then skipped); else the default remote and every remote
-    an output of the workspace pins (`remote:` in dvc.yaml); with -a, -T or -A (other commits,
-    whose outputs may pin others) every remote. `pull_args` are read by DVC's own parser, whose
-    ERROR line names an option `dvc pull` does not take (its usage text, on stdout, is left out:
-    `dvc pull -h` prints it, which is also why -h checks nothing)."""
-    args = parsed_pull_args(pull_args)
-    if args is None:
-        return set()
+def read_config() -> Any:
+    """The working directory's DVC config as DVC reads it: every level merged, defaults filled in,
+    checked (a config DVC cannot read is one line)."""
+    from dvc.config import Config, ConfigError
+
+    try:
+        return Config.from_cwd()
+    except ConfigError as exc:
+        raise PipelineError(f"DVC's config: {exc}") from None
+
+
+def pulled_remotes(args: Any, config: Any) -> set[str]:
+    """The remotes `dvc pull` with the parsed options `args` downloads from, as DVC chooses them:
+    the one `-r` names (outputs pinned to another remote are then skipped); else the default
+    remote and every remote an output of the workspace pins (`remote:` in dvc.yaml); with -a, -T
+    or -A (other commits, whose outputs may pin others) every remote."""
     if args.remote:
         return {args.remote}
     if args.all_branches or args.all_tags or args.all_commits:
@@ -95,41 +102,45 @@ def pulled_remotes(pull_args: list[str], config: Any) -> set[str]:
     return pinned | ({default} if default else set())
 
 
-def unverified(pull_args: list[str] | None = None) -> list[str]:
-    """One advice line, by name, for each remote that `dvc pull PULL_ARGS` would download from in
-    the DVC project of the working directory and whose verify is off. A name that no config
-    defines is left to `dvc pull` to report, as is a pull that names no remote at all."""
-    from dvc.config import Config, ConfigError  # DVC's own reading: its levels, defaults and checks
+def unverified_remotes(args: Any, config: Any) -> list[str]:
+    """One advice line, by name, for each remote that `dvc pull` with the parsed options `args`
+    would download from and whose verify is off. A name that no config defines is left to
+    `dvc pull` to report, as is a pull that names no remote at all."""
+    from dvc.config import Config
 
-    try:
-        config = Config.from_cwd()
-    except ConfigError as exc:
-        raise PipelineError(f"DVC's config: {exc}") from None
     files = {level: os.path.relpath(path) if level in ("repo", "local") else path
              for level, path in config.files.items()}
     levels = {level: config.load_one(level) for level in Config.LEVELS if level in config.files}
-    used = pulled_remotes(pull_args or [], config)
+    used = pulled_remotes(args, config)
     return [advice(name, levels, files) for name, remote in sorted(config["remote"].items())
             if name in used and not remote.get("verify", False)]
 
 
-def no_remote_configured() -> bool:
+def unverified(pull_args: list[str] | None = None) -> list[str]:
+    """unverified_remotes for `dvc pull PULL_ARGS` in the DVC project of the working directory;
+    none where the options ask for help."""
+    args = parsed_pull_args(pull_args or [])
+    return [] if args is None else unverified_remotes(args, read_config())
+
+
+def no_remote_configured(config: Any) -> bool:
     """Whether no config level (system, global, the repository's, local) defines a remote or names a
     default one (a default that no level defines: `dvc pull` says "remote '...' doesn't exist")."""
-    from dvc.config import Config
-
-    config = Config.from_cwd()
     return not config["remote"] and not config["core"].get("remote")
 
 
 def main() -> None:
-    pull_args = sys.argv[1:]
-    lines = unverified(pull_args)
+    # The options parsed and the config read once: what is checked is what the note speaks of.
+    args = parsed_pull_args(sys.argv[1:])
+    if args is None:
+        return  # help: `dvc pull` prints it and pulls nothing
+    config = read_config()
+    lines = unverified_remotes(args, config)
     for line in lines:
         print(f"{LABEL}: {line}", flush=True)
     if lines:
         sys.exit(2)
-    if parsed_pull_args(pull_args) is not None and no_remote_configured():
+    if no_remote_configured(config):
         print(f"{LABEL}: {NO_REMOTE}", flush=True)  # a note, not an error: the pull may still check out
 
 

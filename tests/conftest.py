@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,12 +33,69 @@ SMALL_PARAMS = {
     "plot": {"misclassified": 10},
 }
 
+# No test command may run for ever: a hung `dvc` or a worker it left behind ends in a failure
+# that shows what it printed, not in a CI job killed at its own limit with nothing to read.
+# The slowest single command in the suite (a fresh `dvc repro` of a preset on real data) takes
+# a few minutes on 2 cores; 10 minutes is a hang.
+COMMAND_TIMEOUT_S = 600
+
 os.environ["DVC_NO_ANALYTICS"] = "1"
 # `make test` (CI) exports its level and flags: a `make` that a test runs would then be a sub-make
 # and print "make[1]: Entering directory ..." around the output the test reads. Tests see the
 # same make whether pytest was started by make or by hand.
 for variable in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS"):
     os.environ.pop(variable, None)
+
+
+def run_bounded(args, timeout_s: float = COMMAND_TIMEOUT_S, output: Path | None = None,
+                **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(args, capture_output=True, text=True, **kwargs)` that fails after
+    `timeout_s` seconds, killing the command and every process it started.
+
+    `output`: a file that takes stdout and stderr together instead of pipes, read back into the
+    result's stdout. Use it for commands that leave a daemon behind on purpose (`dvc queue
+    start`): a daemon inherits the pipes, and reading a pipe to its end waits for the daemon."""
+    with contextlib.ExitStack() as stack:
+        if output is None:
+            streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        else:
+            sink = stack.enter_context(open(output, "w"))
+            streams = {"stdout": sink, "stderr": subprocess.STDOUT}
+        # Its own process group, so that a timeout kills the command's children too.
+        process = subprocess.Popen(args, text=True, start_new_session=True, **streams, **kwargs)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(process.pid)
+            try:  # what it printed before it hung; a grandchild outside the group may still hold a pipe
+                stdout, stderr = process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                stdout, stderr = "(a process outside the command's group holds its output open)", ""
+            if output is not None:
+                stdout = Path(output).read_text()
+            raise AssertionError(f"{' '.join(map(str, args))} did not finish in {timeout_s:g} s and was killed\n"
+                                 f"stdout:\n{stdout}\nstderr:\n{stderr}") from None
+        except BaseException:  # Ctrl-C, or pytest-timeout's alarm: its own session would outlive the test
+            _kill_group(process.pid)
+            raise
+    if output is not None:
+        stdout, stderr = Path(output).read_text(), ""
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (exited, not yet reaped by its parent) counts as ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # the state follows the command's "(name)"
 
 
 def deep_update(base: dict, changes: dict) -> dict:
@@ -66,15 +125,19 @@ class DvcProject:
             "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
         }
 
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True)
+    def run(self, *args: str, check: bool = True, timeout_s: float = COMMAND_TIMEOUT_S,
+            output: Path | None = None) -> subprocess.CompletedProcess:
+        """Runs a command in the copy; fails with its output when it exits non-zero (`check`) or
+        runs past `timeout_s`. `output`: see run_bounded."""
+        result = run_bounded(args, timeout_s, output, cwd=self.root, env=self.env)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n"
                                  f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
         return result
 
-    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.run(str(VENV_BIN / "dvc"), *args, check=check)
+    def dvc(self, *args: str, check: bool = True, timeout_s: float = COMMAND_TIMEOUT_S,
+            output: Path | None = None) -> subprocess.CompletedProcess:
+        return self.run(str(VENV_BIN / "dvc"), *args, check=check, timeout_s=timeout_s, output=output)
 
     def repro(self, *args: str, check: bool = True) -> set[str]:
         """Runs `dvc repro`; returns the names of the stages that actually ran."""

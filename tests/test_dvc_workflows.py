@@ -10,18 +10,22 @@ and docs/workflows.md's table is printed from it: `python -m tests.test_dvc_work
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT, VENV_BIN, DvcProject
+from tests.conftest import PROJECT_ROOT, VENV_BIN, DvcProject, process_alive
 from tests.sshd import Sshd, SshdMissing
 
 pytestmark = pytest.mark.integration
@@ -285,19 +289,64 @@ def _experiments(project: DvcProject) -> dict[str, dict]:
     return found
 
 
-def _wait_for_queue(project: DvcProject, timeout_s: float = 900) -> str:
+# Where `dvc queue start` keeps its workers: dvc-exp-worker-N.json (pid, returncode) and .out (log).
+QUEUE_DIR = ".dvc/tmp/exps/celery"
+
+
+def _start_queue(project: DvcProject, jobs: int = 2) -> None:
+    """`dvc queue start -j jobs`, one thread per worker (a core each on 2 cores).
+
+    Its output goes to a file, not to pipes: the workers' launchers inherit the command's
+    stdout and stderr and hold them until the workers exit, so reading pipes to their end would
+    wait for the whole queue, or for ever if a worker never exits."""
+    started = project.run("env", "OMP_NUM_THREADS=1", str(VENV_BIN / "dvc"), "queue", "start", "-j", str(jobs),
+                          output=project.path(".dvc/tmp/queue-start.log"), timeout_s=120)
+    assert "new experiments task queue worker" in started.stdout, started.stdout
+
+
+def _queue_workers(project: DvcProject) -> dict[str, dict]:
+    """Worker name -> its process info as dvc-task records it ({"pid", "returncode", ...})."""
+    return {path.stem: json.loads(path.read_text()) for path in project.path(QUEUE_DIR).glob("dvc-exp-worker-*.json")}
+
+
+def _worker_logs(project: DvcProject, lines: int = 40) -> str:
+    return "".join(f"--- {path.name} (last {lines} lines)\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
+                   for path in sorted(project.path(QUEUE_DIR).glob("*.out")))
+
+
+def _wait_for_queue(project: DvcProject, timeout_s: float = 600) -> str:
+    """Polls `dvc queue status` until nothing is queued or running; fails on a failed task, or
+    after `timeout_s` with the workers' logs."""
     deadline = time.monotonic() + timeout_s
     while True:
-        status = project.dvc("queue", "status").stdout
+        status = project.dvc("queue", "status", timeout_s=60).stdout
         tasks = [line for line in status.splitlines()[1:] if line.strip() and not line.startswith("Worker")]
         failed = [line.split()[1] for line in tasks if "Failed" in line]
         if failed:
-            logs = project.dvc("queue", "logs", failed[0], check=False)
+            logs = project.dvc("queue", "logs", failed[0], check=False, timeout_s=60)
             raise AssertionError(f"a queued experiment failed:\n{status}\n{logs.stdout}{logs.stderr}")
         if not any(word in line for line in tasks for word in ("Queued", "Running")):
             return status
-        assert time.monotonic() < deadline, f"the queue did not finish in {timeout_s} s:\n{status}"
+        assert time.monotonic() < deadline, (f"the queue did not finish in {timeout_s:g} s:\n{status}\n"
+                                             f"{_worker_logs(project)}")
         time.sleep(3)
+
+
+def _stop_queue(project: DvcProject, grace_s: float = 60) -> None:
+    """`dvc queue stop --kill`, then waits for every worker to exit. A worker still running after
+    `grace_s` is killed with its process group, with a warning: the test goes on, and no worker
+    outlives it to hold a core or the test's temporary directory."""
+    project.dvc("queue", "stop", "--kill", check=False, timeout_s=60)
+    deadline = time.monotonic() + grace_s
+    while (alive := {name: info["pid"] for name, info in _queue_workers(project).items() if process_alive(info["pid"])}):
+        if time.monotonic() > deadline:
+            for pid in alive.values():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)
+            warnings.warn(f"queue workers {alive} still ran {grace_s:g} s after dvc queue stop; killed\n"
+                          f"{_worker_logs(project)}", stacklevel=2)
+            return
+        time.sleep(1)
 
 
 def test_experiments_run_queue_show_apply(project):
@@ -311,10 +360,10 @@ def test_experiments_run_queue_show_apply(project):
     for lr in SWEEP:
         p.dvc("exp", "run", "--queue", "-S", f"train.lr={lr}")
     try:
-        p.run("env", "OMP_NUM_THREADS=1", str(VENV_BIN / "dvc"), "queue", "start", "-j", "2")  # a core each
+        _start_queue(p, jobs=2)
         status = _wait_for_queue(p)
     finally:
-        p.dvc("queue", "stop", "--kill", check=False)
+        _stop_queue(p)
     assert status.count("Success") == len(SWEEP), status
 
     runs = _experiments(p)

@@ -14,7 +14,8 @@ from tests.conftest import PROJECT_ROOT
 
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
-PROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+PYPROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]
 
 
 def distribution(requirement: str) -> str:
@@ -51,9 +52,14 @@ def test_runtime_dependencies_are_what_the_stages_import():
     assert RUNTIME == imported_distributions("stages")
 
 
+# pytest loads its plugins itself; pytest refuses to start without these (pyproject.toml).
+PYTEST_PLUGINS = {distribution(r) for r in PYPROJECT["tool"]["pytest"]["ini_options"].get("required_plugins", [])}
+
+
 def test_tests_need_only_runtime_and_test_extra():
     assert imported_distributions("tests") <= RUNTIME | EXTRAS["test"]
-    assert EXTRAS["test"] <= imported_distributions("tests")
+    assert EXTRAS["test"] <= imported_distributions("tests") | PYTEST_PLUGINS
+    assert PYTEST_PLUGINS <= EXTRAS["test"], "a required pytest plugin that `make setup` does not install"
 
 
 def test_benchmarks_need_only_runtime_and_bench_extra():

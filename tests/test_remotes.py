@@ -113,3 +113,28 @@ def test_a_pull_with_no_remote_configured_says_how_to_get_one(project, capsys, m
     monkeypatch.setattr("sys.argv", ["stages.remotes"])
     main()
     assert capsys.readouterr().out == "", "a remote at any level: nothing to say"
+
+
+def test_make_pull_parses_the_options_and_reads_the_config_once(project, capsys, monkeypatch):
+    """The remotes checked and the no-remote note come from one reading of each: the same
+    options, the same config (and DVC's parser or config errors, where any, said once)."""
+    import dvc.cli
+    import dvc.config
+
+    calls = {"parse_args": 0, "from_cwd": 0}
+    real_parse_args, real_from_cwd = dvc.cli.parse_args, dvc.config.Config.from_cwd
+
+    def parse_args(*args, **kwargs):
+        calls["parse_args"] += 1
+        return real_parse_args(*args, **kwargs)
+
+    def from_cwd(*args, **kwargs):
+        calls["from_cwd"] += 1
+        return real_from_cwd(*args, **kwargs)
+
+    monkeypatch.setattr(dvc.cli, "parse_args", parse_args)
+    monkeypatch.setattr(dvc.config.Config, "from_cwd", staticmethod(from_cwd))
+    monkeypatch.setattr("sys.argv", ["stages.remotes", "-j", "2"])
+    main()
+    assert capsys.readouterr().out == f"make pull: {NO_REMOTE}\n"
+    assert calls == {"parse_args": 1, "from_cwd": 1}

@@ -25,6 +25,7 @@ from tests.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
 from tests.sshd import Sshd
 from tests.test_dvc_workflows import (
     _check_clone_matches,
+    _stop_queue,
     _wait_for_queue,
     git_clone,
     lock_md5,
@@ -224,11 +225,12 @@ def test_experiment_shared_through_git_host(project, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 3. A preset combined with a grid, through the Makefile, and the seed mean
 
-def _make(project: DvcProject, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`make` in the copy, with the venv this test runs in (the copy has none: -o skips setup)."""
+def _make(project: DvcProject, *args: str, check: bool = True, output: Path | None = None) -> subprocess.CompletedProcess:
+    """`make` in the copy, with the venv this test runs in (the copy has none: -o skips setup).
+    `output`: a file for stdout and stderr together (DvcProject.run)."""
     venv = VENV_BIN.parent
     return project.run("make", "--no-print-directory", "-o", f"{venv}/.installed", f"VENV={venv}", *args,
-                       check=check)
+                       check=check, output=output)
 
 
 # The seed mean as docs/sharing.md shows it: CSV columns Experiment, accuracy, loss.
@@ -249,11 +251,12 @@ def test_preset_grid_sweep_through_make(project):
     assert "Queued experiment 'fast-1'" in queued.stdout and "Queued experiment 'fast-2'" in queued.stdout
     env, p.env = p.env, {k: v for k, v in p.env.items() if k != "OMP_NUM_THREADS"}  # unset, as for a user
     try:
-        started = _make(p, "queue", "JOBS=2")
+        # A file, not pipes: the queue's workers hold what `make queue` prints to (_start_queue).
+        started = _make(p, "queue", "JOBS=2", output=p.path(".dvc/tmp/make-queue.log"))
         _wait_for_queue(p)
     finally:
         p.env = env
-        p.dvc("queue", "stop", "--kill", check=False)
+        _stop_queue(p)
     share = max(1, len(os.sched_getaffinity(0)) // 2)  # make queue's share of the cores for 2 workers
     assert "thread(s) each" in started.stdout and f" {share} thread" in started.stdout, started.stdout
 
@@ -268,7 +271,7 @@ def test_preset_grid_sweep_through_make(project):
         # Each worker's training took its share of the cores (torch's own default: every core).
         assert data["params"]["metrics/train/params.yaml"]["data"]["threads"] == share
     metrics = [data["metrics"]["metrics/eval.json"]["data"] for data in fast.values()]
-    mean = subprocess.run(["bash", "-c", SEED_MEAN], cwd=p.root, env=p.env, capture_output=True, text=True, check=True)
+    mean = p.run("bash", "-c", SEED_MEAN)
     runs, _, _, accuracy, _, loss = mean.stdout.split()  # "2 runs: accuracy A loss L"
     assert int(runs) == 2
     assert float(accuracy) == pytest.approx(sum(m["accuracy"] for m in metrics) / 2, abs=1e-5), mean.stdout
