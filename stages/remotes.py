@@ -116,13 +116,6 @@ def unverified_remotes(args: Any, config: Any) -> list[str]:
             if name in used and not remote.get("verify", False)]
 
 
-def unverified(pull_args: list[str] | None = None) -> list[str]:
-    """unverified_remotes for `dvc pull PULL_ARGS` in the DVC project of the working directory;
-    none where the options ask for help."""
-    args = parsed_pull_args(pull_args or [])
-    return [] if args is None else unverified_remotes(args, read_config())
-
-
 def no_remote_configured(config: Any) -> bool:
     """Whether no config level (system, global, the repository's, local) defines a remote or names a
     default one (a default that no level defines: `dvc pull` says "remote '...' doesn't exist")."""
@@ -130,7 +123,7 @@ def no_remote_configured(config: Any) -> bool:
 
 
 def main() -> None:
-    # The options parsed and the config read once: what is checked is what the note speaks of.
+    # The options parsed and the config read once here: the check and the note see the same.
     args = parsed_pull_args(sys.argv[1:])
     if args is None:
         return  # help: `dvc pull` prints it and pulls nothing

@@ -33,11 +33,13 @@ SMALL_PARAMS = {
     "plot": {"misclassified": 10},
 }
 
-# No test command may run for ever: a hung `dvc` or a worker it left behind ends in a failure
-# that shows what it printed, not in a CI job killed at its own limit with nothing to read.
-# The slowest single command in the suite (a fresh `dvc repro` of a preset on real data) takes
-# a few minutes on 2 cores; 10 minutes is a hang.
+# No command a test runs may run for ever: a hung `dvc` ends in a failure that shows what it
+# printed, not in a CI job killed at its own limit with nothing to read. The slowest command in
+# the suite (`make queue JOBS=2`, a whole sweep) takes about 25 s on 2 cores; 10 minutes is a hang.
 COMMAND_TIMEOUT_S = 600
+# After a kill: how long what the command printed is still read. A process that left the command's
+# process group (its own setpgid or setsid) survives the kill and may hold the pipes open longer.
+KILLED_READ_S = 10
 
 os.environ["DVC_NO_ANALYTICS"] = "1"
 # `make test` (CI) exports its level and flags: a `make` that a test runs would then be a sub-make
@@ -48,9 +50,10 @@ for variable in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS"):
 
 
 def run_bounded(args, timeout_s: float = COMMAND_TIMEOUT_S, output: Path | None = None,
-                **kwargs) -> subprocess.CompletedProcess:
+                killed_read_s: float = KILLED_READ_S, **kwargs) -> subprocess.CompletedProcess:
     """`subprocess.run(args, capture_output=True, text=True, **kwargs)` that fails after
-    `timeout_s` seconds, killing the command and every process it started.
+    `timeout_s` seconds, killing the command's process group (the command and the children that
+    stay in its group) and showing what it printed.
 
     `output`: a file that takes stdout and stderr together instead of pipes, read back into the
     result's stdout. Use it for commands that leave a daemon behind on purpose (`dvc queue
@@ -61,27 +64,39 @@ def run_bounded(args, timeout_s: float = COMMAND_TIMEOUT_S, output: Path | None 
         else:
             sink = stack.enter_context(open(output, "w"))
             streams = {"stdout": sink, "stderr": subprocess.STDOUT}
-        # Its own process group, so that a timeout kills the command's children too.
-        process = subprocess.Popen(args, text=True, start_new_session=True, **streams, **kwargs)
+        # Its own process group (a new session), so that a timeout kills its children too.
+        process = stack.enter_context(subprocess.Popen(args, text=True, start_new_session=True, **streams, **kwargs))
         try:
             stdout, stderr = process.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(process.pid)
-            try:  # what it printed before it hung; a grandchild outside the group may still hold a pipe
-                stdout, stderr = process.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                stdout, stderr = "(a process outside the command's group holds its output open)", ""
+            try:
+                stdout, stderr = process.communicate(timeout=killed_read_s)
+            except subprocess.TimeoutExpired as still_open:  # a process outside the group holds the pipes
+                stdout, stderr = (_text(still_open.stdout) + "\n(output cut: a process that left the command's "
+                                  "process group holds its stdout or stderr open)", _text(still_open.stderr))
+                for pipe in (process.stdout, process.stderr):
+                    pipe.close()
+                process.wait()  # the killed leader: reaped, not left a zombie
             if output is not None:
-                stdout = Path(output).read_text()
+                stdout, stderr = _read(output), "(with stdout)"
             raise AssertionError(f"{' '.join(map(str, args))} did not finish in {timeout_s:g} s and was killed\n"
                                  f"stdout:\n{stdout}\nstderr:\n{stderr}") from None
         except BaseException:  # Ctrl-C, or pytest-timeout's alarm: its own session would outlive the test
             _kill_group(process.pid)
             raise
     if output is not None:
-        stdout, stderr = Path(output).read_text(), ""
+        stdout, stderr = _read(output), ""
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _text(partial: bytes | str | None) -> str:
+    """A TimeoutExpired's partial output (bytes even in text mode) as text."""
+    return partial.decode(errors="replace") if isinstance(partial, bytes) else partial or ""
+
+
+def _read(path: Path) -> str:
+    return Path(path).read_text(errors="replace")  # a kill may cut a character in two
 
 
 def _kill_group(pid: int) -> None:

@@ -27,7 +27,7 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from stages.runtime import numerics
-from tests.conftest import PROJECT_ROOT, DvcProject
+from tests.conftest import PROJECT_ROOT, DvcProject, run_bounded
 from tests.test_sharing import SEED_MEAN
 
 PAGES = ("README.md", *sorted(path.relative_to(PROJECT_ROOT).as_posix() for path in (PROJECT_ROOT / "docs").glob("*.md")))
@@ -356,8 +356,7 @@ def run_block(project: DvcProject, commands: list[tuple[str, list[str]]],
     """Runs each command in bash, in order; every one must succeed unless named in `may_fail`."""
     results = {}
     for command, _ in commands:
-        result = subprocess.run(["bash", "-c", command], cwd=project.root, env=project.env,
-                                capture_output=True, text=True)
+        result = run_bounded(["bash", "-c", command], cwd=project.root, env=project.env)
         assert (result.returncode != 0) == (command in may_fail), (
             f"`{command}` exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
         results[command] = result

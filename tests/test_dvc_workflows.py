@@ -332,21 +332,41 @@ def _wait_for_queue(project: DvcProject, timeout_s: float = 600) -> str:
         time.sleep(3)
 
 
+def _running_workers(project: DvcProject) -> dict[str, int]:
+    """Worker name -> pid, for the workers that have not exited. dvc-task writes a worker's
+    returncode when its launcher sees it exit; a pid checked without that could be a new process's."""
+    return {name: info["pid"] for name, info in _queue_workers(project).items()
+            if info.get("returncode") is None and process_alive(info["pid"]) and "queue-worker" in _command_line(info["pid"])}
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:  # exited meanwhile
+        return ""
+
+
 def _stop_queue(project: DvcProject, grace_s: float = 60) -> None:
     """`dvc queue stop --kill`, then waits for every worker to exit. A worker still running after
-    `grace_s` is killed with its process group, with a warning: the test goes on, and no worker
-    outlives it to hold a core or the test's temporary directory."""
-    project.dvc("queue", "stop", "--kill", check=False, timeout_s=60)
+    `grace_s` is killed with its process group (each launcher makes its own), with a warning: the
+    test goes on, and no worker outlives it to hold a core or the test's temporary directory."""
+    try:
+        project.dvc("queue", "stop", "--kill", check=False, timeout_s=60)
+        stop_failure = None
+    except AssertionError as failure:  # `dvc queue stop` hung: the workers are still to be stopped
+        stop_failure = failure
     deadline = time.monotonic() + grace_s
-    while (alive := {name: info["pid"] for name, info in _queue_workers(project).items() if process_alive(info["pid"])}):
-        if time.monotonic() > deadline:
-            for pid in alive.values():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(os.getpgid(pid), signal.SIGKILL)
-            warnings.warn(f"queue workers {alive} still ran {grace_s:g} s after dvc queue stop; killed\n"
-                          f"{_worker_logs(project)}", stacklevel=2)
-            return
+    while (alive := _running_workers(project)) and time.monotonic() < deadline:
         time.sleep(1)
+    for pid in alive.values():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            group = os.getpgid(pid)
+            if group != os.getpgrp():  # never this test run's own group
+                os.killpg(group, signal.SIGKILL)
+    if alive or stop_failure:
+        said = [f"queue workers {alive} still ran {grace_s:g} s after dvc queue stop: killed"] if alive else []
+        said += [f"dvc queue stop failed: {stop_failure}"] if stop_failure else []
+        warnings.warn("\n".join([*said, _worker_logs(project)]), stacklevel=2)
 
 
 def test_experiments_run_queue_show_apply(project):

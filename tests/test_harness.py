@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import signal
+import subprocess
 import sys
 import time
 
@@ -29,9 +32,9 @@ def _wait_until_dead(pid: int, timeout_s: float = 5) -> bool:
 
 def test_a_hung_command_fails_with_its_output_and_its_children_die(tmp_path):
     child_pid = tmp_path / "child.pid"
-    hung = ["bash", "-c", f"echo started; sleep 300 & echo $! > {child_pid}; wait"]
-    with pytest.raises(AssertionError, match=r"did not finish in 1 s and was killed") as failure:
-        run_bounded(hung, timeout_s=1)
+    hung = ["bash", "-c", f"echo started; sleep 300 & echo $! > {shlex.quote(str(child_pid))}; wait"]
+    with pytest.raises(AssertionError, match=r"did not finish in 5 s and was killed") as failure:
+        run_bounded(hung, timeout_s=5, killed_read_s=1)
     assert "started" in str(failure.value)
     assert _wait_until_dead(int(child_pid.read_text())), "the hung command's child outlived it"
 
@@ -46,10 +49,11 @@ def test_a_daemon_holding_the_pipes_fails_the_pipe_call_not_the_file_call(tmp_pa
     pid_file = tmp_path / "daemon.pid"
     # With pipes, the call waits for the daemon (bounded: it fails, and says why).
     try:
-        with pytest.raises(AssertionError, match="holds its output open"):
-            run_bounded([*LEAVES_A_DAEMON, str(pid_file)], timeout_s=1)
+        with pytest.raises(AssertionError, match="holds its stdout or stderr open"):
+            run_bounded([*LEAVES_A_DAEMON, str(pid_file)], timeout_s=5, killed_read_s=1)
     finally:
-        _kill(pid_file)
+        if pid_file.exists():  # else the command was killed before it started the daemon: said above
+            _kill(pid_file)
     # With a file, it returns when the command exits; the daemon goes on.
     result = run_bounded([*LEAVES_A_DAEMON, str(pid_file)], timeout_s=30, output=tmp_path / "out.log")
     try:
@@ -64,3 +68,30 @@ def test_a_command_that_ends_returns_its_streams_and_status(tmp_path):
     assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
     together = run_bounded(command, output=tmp_path / "both.log")
     assert (together.returncode, sorted(together.stdout.splitlines()), together.stderr) == (3, ["err", "out"], "")
+
+
+def test_a_queue_worker_that_outlives_dvc_queue_stop_is_killed_with_a_warning(tmp_path):
+    """tests.test_dvc_workflows._stop_queue: a worker still running after the grace time is killed,
+    with its process group; one whose record says it exited is left alone (its pid may be reused)."""
+    from tests.conftest import DvcProject
+    from tests.test_dvc_workflows import QUEUE_DIR, _stop_queue
+
+    project = DvcProject(tmp_path, tmp_path)  # no DVC repository: `dvc queue stop` fails, the rest goes on
+    queue = project.path(QUEUE_DIR)
+    queue.mkdir(parents=True)
+    # A stand-in worker that ignores `dvc queue stop`, in its own process group as dvc-task's are.
+    worker = subprocess.Popen(["bash", "-c", "exec -a dvc-exp-queue-worker sleep 300"], start_new_session=True)
+    exited = subprocess.Popen(["sleep", "300"], start_new_session=True)  # recorded as exited: not ours to kill
+    try:
+        for number, process, returncode in ((1, worker, None), (2, exited, 0)):
+            (queue / f"dvc-exp-worker-{number}.json").write_text(json.dumps(
+                {"pid": process.pid, "stdin": None, "stdout": None, "stderr": None, "returncode": returncode}))
+        (queue / "dvc-exp-worker-1.out").write_text("a worker's last words\n")
+        with pytest.warns(UserWarning, match=r"(?s)still ran 1 s after dvc queue stop: killed.*a worker's last words"):
+            _stop_queue(project, grace_s=1)
+        assert worker.wait(timeout=5) == -signal.SIGKILL
+        assert exited.poll() is None
+    finally:
+        for process in (worker, exited):
+            process.kill()
+            process.wait()

@@ -8,7 +8,13 @@ import subprocess
 import pytest
 
 from stages.common import PipelineError
-from stages.remotes import NO_REMOTE, main, unverified
+from stages.remotes import NO_REMOTE, main, parsed_pull_args, read_config, unverified_remotes
+
+
+def unverified(pull_args: list[str] | None = None) -> list[str]:
+    """The check's lines for `dvc pull PULL_ARGS` in the working directory; none for help."""
+    args = parsed_pull_args(pull_args or [])
+    return [] if args is None else unverified_remotes(args, read_config())
 
 
 @pytest.fixture
@@ -117,7 +123,7 @@ def test_a_pull_with_no_remote_configured_says_how_to_get_one(project, capsys, m
 
 def test_make_pull_parses_the_options_and_reads_the_config_once(project, capsys, monkeypatch):
     """The remotes checked and the no-remote note come from one reading of each: the same
-    options, the same config (and DVC's parser or config errors, where any, said once)."""
+    options, the same config (opening the pipeline, DVC reads its config again itself)."""
     import dvc.cli
     import dvc.config
 
@@ -138,3 +144,19 @@ def test_make_pull_parses_the_options_and_reads_the_config_once(project, capsys,
     main()
     assert capsys.readouterr().out == f"make pull: {NO_REMOTE}\n"
     assert calls == {"parse_args": 1, "from_cwd": 1}
+
+
+def test_options_are_read_before_the_config(project, capsys, caplog, monkeypatch):
+    """As `dvc pull` does: help prints whatever the config holds, and an option it does not take
+    is refused before the config is read."""
+    (project / "project/.dvc/config").write_text("['remote \"storage\"']\n    verify = true\n")  # no url
+    monkeypatch.setattr("sys.argv", ["stages.remotes", "-h"])
+    main()
+    assert capsys.readouterr().out == "", "help: `dvc pull -h` prints it"
+    monkeypatch.setattr("sys.argv", ["stages.remotes", "--bogus"])
+    with pytest.raises(SystemExit) as refused:
+        main()
+    assert refused.value.code == 2 and "unrecognized arguments: --bogus" in caplog.text
+    monkeypatch.setattr("sys.argv", ["stages.remotes"])
+    with pytest.raises(PipelineError, match=r"^DVC's config: .*expected 'url'"):
+        main()

@@ -27,7 +27,7 @@ from stages.common import PipelineError, Progress, save_tensors
 from stages.plot import confusion_figure, curves_figure, main as plot_main, panels, read_table, within_bounds
 from stages.runtime import numerics, resolve_device, resolve_precision
 from stages.tracking import TrainLog, step_log_interval
-from tests.conftest import PROJECT_ROOT, SMALL_PARAMS, VENV_BIN
+from tests.conftest import PROJECT_ROOT, SMALL_PARAMS, VENV_BIN, run_bounded
 from tests.test_fetch import http_mirrors, mirror  # noqa: F401  (fixtures)
 
 LIVE = "metrics/train"
@@ -170,8 +170,8 @@ def test_artifacts_get_returns_the_model_byte_identical(project, tmp_path):
     elsewhere.mkdir()
 
     def get(name: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(VENV_BIN / "dvc"), "artifacts", "get", str(p.root), "mnist-classifier",
-                               "-o", name], cwd=elsewhere, env=p.env, capture_output=True, text=True)
+        return run_bounded([str(VENV_BIN / "dvc"), "artifacts", "get", str(p.root), "mnist-classifier", "-o", name],
+                           cwd=elsewhere, env=p.env)
 
     result = get("model.pt")
     assert result.returncode == 0 and "Downloaded 1 file(s)" in result.stdout, result.stdout + result.stderr
