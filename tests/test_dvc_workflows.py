@@ -25,7 +25,7 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT, VENV_BIN, DvcProject, process_alive
+from tests.conftest import PROJECT_ROOT, VENV_BIN, DvcProject
 from tests.sshd import Sshd, SshdMissing
 
 pytestmark = pytest.mark.integration
@@ -336,13 +336,14 @@ def _running_workers(project: DvcProject) -> dict[str, int]:
     """Worker name -> pid, for the workers that have not exited. dvc-task writes a worker's
     returncode when its launcher sees it exit; a pid checked without that could be a new process's."""
     return {name: info["pid"] for name, info in _queue_workers(project).items()
-            if info.get("returncode") is None and process_alive(info["pid"]) and "queue-worker" in _command_line(info["pid"])}
+            if info.get("returncode") is None and "queue-worker" in _command_line(info["pid"])}
 
 
 def _command_line(pid: int) -> str:
+    """The process's command line; empty once it has exited (a zombie's is empty too)."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except FileNotFoundError:  # exited meanwhile
+    except FileNotFoundError:
         return ""
 
 

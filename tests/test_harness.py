@@ -9,16 +9,26 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import process_alive, run_bounded
+from tests.conftest import run_bounded
 
 # Starts a daemon the way `dvc queue start` starts its workers' launchers: in a process group of
 # its own, holding the command's stdout and stderr, outliving the command. Writes its pid to argv[1].
 LEAVES_A_DAEMON = [sys.executable, "-c", "import pathlib, subprocess, sys\n"
                    "daemon = subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
                    "pathlib.Path(sys.argv[1]).write_text(str(daemon.pid))"]
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (exited, not yet reaped by its parent) counts as ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # the state follows the command's "(name)"
 
 
 def _wait_until_dead(pid: int, timeout_s: float = 5) -> bool:
