@@ -123,7 +123,8 @@ def _bad_cases():
     yield "val_size negative", c("preprocess", "val_size", -5), "preprocess.val_size", ["between"]
     yield "val_size whole set", c("preprocess", "val_size", 60000), "preprocess.val_size", ["between", "60000"]
     for key, bad in [("model", "resnet"), ("optimizer", "lbfgs"), ("device", "tpu"),
-                     ("schedule", "step"), ("precision", "fp16"), ("pool", "before"), ("stem", "strided")]:
+                     ("schedule", "step"), ("precision", "fp16"), ("pool", "before"), ("stem", "strided"),
+                     ("weight_decay_on", "biases")]:
         allowed = [repr(v) for v in get_args(get_type_hints(TrainParams)[key])]
         yield f"unknown {key}", c("train", key, bad), f"train.{key}", ["one of", repr(bad), *allowed]
     mlp_no_hidden = c("train", "model", "mlp")

@@ -335,6 +335,46 @@ def test_seed_everything_sets_determinism_both_ways():
         seed_everything(0, deterministic=TRAIN.deterministic)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_weight_decay_on_weights_leaves_norms_and_biases_alone(optimizer):
+    """train.weight_decay_on: a step with zero gradients, where decay alone can move a parameter,
+    moves every conv and linear weight matrix and no BatchNorm scale or shift or bias with
+    "weights", and every parameter with "all"; both with each optimizer."""
+    torch.manual_seed(0)
+    network = build_model(SMALL_CNN.model_config(28, 10, mean=0.13, std=0.31))
+    with torch.no_grad():
+        for parameter in network.parameters():  # nonzero everywhere: decay moves a zero nowhere
+            parameter.uniform_(0.5, 1.5)
+    names = {name for name, _ in network.named_parameters()}
+    matrices = {name for name, parameter in network.named_parameters() if parameter.ndim > 1}
+    assert any(".weight" in name for name in names - matrices), "the CNN has BatchNorm scales"
+    for decay_on, expected in [("weights", matrices), ("all", names)]:
+        cfg = dataclasses.replace(SMALL_CNN, optimizer=optimizer, lr=0.1, schedule="constant", weight_decay=0.1,
+                                  weight_decay_on=decay_on)
+        model = copy.deepcopy(network)
+        optimizer_obj = make_optimizer(model, cfg)
+        for parameter in model.parameters():
+            parameter.grad = torch.zeros_like(parameter)
+        optimizer_obj.step()
+        moved = {name for name, parameter in model.named_parameters()
+                 if not torch.equal(parameter, dict(network.named_parameters())[name])}
+        assert moved == expected, decay_on
+
+
+def test_weight_decay_on_all_is_one_group_as_before(data):
+    """"all" gives the optimizer one group, every parameter with the decay (what every run trained
+    with before the param existed), and "weights" changes what training ends with."""
+    train, val = data
+    cfg = dataclasses.replace(SMALL_CNN, weight_decay=0.05, epochs=1)
+    network = build_model(cfg.model_config(28, 10, mean=0.13, std=0.31))
+    groups = train_mod.parameter_groups(network, cfg)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.05
+    assert groups[0]["params"] == list(network.parameters())
+    all_model, _, _ = fit(cfg, train, val, CPU)
+    weights_model, _, _ = fit(dataclasses.replace(cfg, weight_decay_on="weights"), train, val, CPU)
+    assert not torch.equal(next(all_model.parameters()), next(weights_model.parameters()))
+
+
 @pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 8])
 def test_onecycle_of_a_few_steps_never_divides_by_zero(total):
     """Runs of a few steps: with warm-up 0.25, up to 4 steps leave at most one step to warm up,
