@@ -175,8 +175,9 @@ class TrainParams:
     momentum: float  # sgd only
     nesterov: bool  # sgd only
     weight_decay: float
-    # Which parameters weight_decay shrinks: "all"; "weights", the conv and linear weight matrices
-    # only (BatchNorm's scales and shifts, and every bias, get none: stages.train.parameter_groups).
+    # Which parameters weight_decay shrinks: "all"; "weights", those of two or more dimensions only:
+    # the conv and linear weight matrices (BatchNorm's scales and shifts, and every bias, get none:
+    # stages.train.parameter_groups). No effect with weight_decay 0.
     weight_decay_on: Literal["all", "weights"]
     schedule: Literal["constant", "onecycle", "cosine"]
     warmup: float  # onecycle: fraction of all steps spent rising to lr

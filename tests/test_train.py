@@ -40,6 +40,7 @@ SMALL_CNN_EMA = dataclasses.replace(SMALL_CNN, ema=0.9)
 # weights and the slow copy differ and both must be restored.
 SMALL_CNN_LOOKAHEAD = dataclasses.replace(SMALL_CNN, lookahead=0.77, batch_size=30)
 SMALL_CNN_ENSEMBLE = dataclasses.replace(SMALL_CNN, networks=2)
+SMALL_CNN_DECAY_WEIGHTS = dataclasses.replace(SMALL_CNN, weight_decay_on="weights")  # two parameter groups
 # Two networks, each on its own batch order and views (stored or drawn on the fly), for 3 epochs.
 SMALL_CNN_OWN_BATCHES = dataclasses.replace(SMALL_CNN_FRESH_VIEWS, networks=2, network_batches="own")
 CPU = torch.device("cpu")
@@ -246,9 +247,11 @@ def test_a_run_that_diverges_in_its_last_step_is_stopped(data):
 @pytest.mark.parametrize("cfg, dataset", [(SMALL_CNN, "data"), (SMALL_MLP, "data"), (SMALL_CNN_FRESH_VIEWS, "views_data"),
                                           (SMALL_CNN_EMA, "data"), (SMALL_CNN_FRESH_VIEWS, "on_the_fly_data"),
                                           (SMALL_CNN_LOOKAHEAD, "data"), (SMALL_CNN_ENSEMBLE, "data"),
-                                          (SMALL_CNN_OWN_BATCHES, "views_data"), (SMALL_CNN_OWN_BATCHES, "on_the_fly_data")],
+                                          (SMALL_CNN_OWN_BATCHES, "views_data"), (SMALL_CNN_OWN_BATCHES, "on_the_fly_data"),
+                                          (SMALL_CNN_DECAY_WEIGHTS, "data")],
                          ids=["cnn-sgd", "mlp-adam", "cnn-fresh-views", "cnn-ema", "cnn-on-the-fly", "cnn-lookahead",
-                              "cnn-ensemble", "cnn-ensemble-own-views", "cnn-ensemble-own-on-the-fly"])
+                              "cnn-ensemble", "cnn-ensemble-own-views", "cnn-ensemble-own-on-the-fly",
+                              "cnn-decay-weights"])
 def test_interrupted_fit_resumes_to_the_uninterrupted_result(request, cfg, dataset, tmp_path, monkeypatch):
     """Stopped after epoch 1's checkpoint, a second fit() picks up the model, optimizer (momentum,
     Adam moments), schedule, weight average, lookahead's slow weights and batch-order state, and the view of each epoch
@@ -361,18 +364,44 @@ def test_weight_decay_on_weights_leaves_norms_and_biases_alone(optimizer):
         assert moved == expected, decay_on
 
 
-def test_weight_decay_on_all_is_one_group_as_before(data):
-    """"all" gives the optimizer one group, every parameter with the decay (what every run trained
-    with before the param existed), and "weights" changes what training ends with."""
-    train, val = data
-    cfg = dataclasses.replace(SMALL_CNN, weight_decay=0.05, epochs=1)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_weight_decay_on_all_steps_as_the_optimizer_built_before_the_param(optimizer):
+    """"all" is one group of every parameter with the decay: the same steps, bit for bit, as the
+    optimizer every run trained with before train.weight_decay_on existed (model.parameters() and
+    weight_decay given to the constructor; AdamW's own default decay, 0.01, must not leak in)."""
+    cfg = dataclasses.replace(SMALL_CNN, optimizer=optimizer, lr=0.01, schedule="constant", weight_decay=0.05)
+    torch.manual_seed(0)
     network = build_model(cfg.model_config(28, 10, mean=0.13, std=0.31))
     groups = train_mod.parameter_groups(network, cfg)
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.05
-    assert groups[0]["params"] == list(network.parameters())
+    assert len(groups[0]["params"]) == len(list(network.parameters()))
+    assert all(a is b for a, b in zip(groups[0]["params"], network.parameters()))
+    now, before = copy.deepcopy(network), copy.deepcopy(network)
+    if optimizer == "sgd":
+        old = torch.optim.SGD(before.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                              weight_decay=cfg.weight_decay)
+    else:
+        old_cls = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
+        old = old_cls(before.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    new = make_optimizer(now, cfg)
+    gradients = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for a, b in zip(now.parameters(), before.parameters()):
+            a.grad = torch.randn(a.shape, generator=gradients)
+            b.grad = a.grad.clone()
+        new.step()
+        old.step()
+    assert all(torch.equal(a, b) for a, b in zip(now.parameters(), before.parameters()))
+
+
+def test_weight_decay_on_weights_changes_what_training_ends_with(data):
+    """With "weights" a run ends elsewhere: BatchNorm's scales, undecayed, differ from the run with "all"."""
+    train, val = data
+    cfg = dataclasses.replace(SMALL_CNN, weight_decay=0.05, epochs=1)
     all_model, _, _ = fit(cfg, train, val, CPU)
     weights_model, _, _ = fit(dataclasses.replace(cfg, weight_decay_on="weights"), train, val, CPU)
-    assert not torch.equal(next(all_model.parameters()), next(weights_model.parameters()))
+    scales = [(a, b) for a, b in zip(all_model.parameters(), weights_model.parameters()) if a.ndim == 1]
+    assert scales and not any(torch.equal(a, b) for a, b in scales)
 
 
 @pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 8])
