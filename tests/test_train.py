@@ -348,8 +348,9 @@ def test_weight_decay_on_weights_leaves_norms_and_biases_alone(optimizer):
     with torch.no_grad():
         for parameter in network.parameters():  # nonzero everywhere: decay moves a zero nowhere
             parameter.uniform_(0.5, 1.5)
-    names = {name for name, _ in network.named_parameters()}
-    matrices = {name for name, parameter in network.named_parameters() if parameter.ndim > 1}
+    initial = dict(network.named_parameters())
+    names = set(initial)
+    matrices = {name for name, parameter in initial.items() if parameter.ndim > 1}
     assert any(".weight" in name for name in names - matrices), "the CNN has BatchNorm scales"
     for decay_on, expected in [("weights", matrices), ("all", names)]:
         cfg = dataclasses.replace(SMALL_CNN, optimizer=optimizer, lr=0.1, schedule="constant", weight_decay=0.1,
@@ -359,8 +360,7 @@ def test_weight_decay_on_weights_leaves_norms_and_biases_alone(optimizer):
         for parameter in model.parameters():
             parameter.grad = torch.zeros_like(parameter)
         optimizer_obj.step()
-        moved = {name for name, parameter in model.named_parameters()
-                 if not torch.equal(parameter, dict(network.named_parameters())[name])}
+        moved = {name for name, parameter in model.named_parameters() if not torch.equal(parameter, initial[name])}
         assert moved == expected, decay_on
 
 
@@ -395,7 +395,8 @@ def test_weight_decay_on_all_steps_as_the_optimizer_built_before_the_param(optim
 
 
 def test_weight_decay_on_weights_changes_what_training_ends_with(data):
-    """With "weights" a run ends elsewhere: BatchNorm's scales, undecayed, differ from the run with "all"."""
+    """With "weights" a run ends elsewhere: every one-dimensional parameter (BatchNorm's scales and shifts,
+    the classifier's bias), undecayed, differs from the run with "all"."""
     train, val = data
     cfg = dataclasses.replace(SMALL_CNN, weight_decay=0.05, epochs=1)
     all_model, _, _ = fit(cfg, train, val, CPU)
