@@ -570,3 +570,16 @@ def test_rejected_params_as_written(project):
     assert stale == {"params", "train"}, results["dvc status"].stdout
     assert p.path("data/params-valid.txt").read_bytes() == marker
     assert p.run("git", "status", "--porcelain").stdout.split() == ["M", "params.yaml"]
+
+
+def test_tracking_counts_the_params_dvc_exp_show_lists():
+    """docs/tracking.md says how many param columns plain `dvc exp show` adds (one per leaf of
+    params.yaml, a list being one); a new key must update it."""
+    def leaves(node) -> int:
+        return sum(leaves(value) for value in node.values()) if isinstance(node, dict) else 1
+
+    count = leaves(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()))
+    page = (PROJECT_ROOT / "docs/tracking.md").read_text()
+    stated = re.search(r"a column for every param \((\d+) in `params.yaml`", page)
+    assert stated is not None, "docs/tracking.md no longer states the count"
+    assert int(stated.group(1)) == count

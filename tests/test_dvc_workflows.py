@@ -104,6 +104,9 @@ RERUNS: dict[str, Rerun] = {
         "both depend on it; training is deterministic, so `plot` does not run"),
     "stages/train.py": _rerun(
         "stages/train.py", "`stages/train.py`", {"train"}, "the model comes out bit-identical"),
+    "stages/tracking.py": _rerun(
+        "stages/tracking.py", "`stages/tracking.py` (DVCLive's layout)", {"train"},
+        "only train logs through it; the model comes out bit-identical"),
     "stages/evaluate.py": _rerun(
         "stages/evaluate.py", "`stages/evaluate.py`", {"evaluate"}, "nothing downstream reads `metrics/eval.json`; `confusion.csv` comes out identical"),
     "stages/plot.py": _rerun("stages/plot.py", "`stages/plot.py`", {"plot"}, "nothing depends on the figures"),
@@ -115,6 +118,12 @@ RERUNS: dict[str, Rerun] = {
         "no stage depends on it: it starts a stage, computes nothing"),
     "stages/presets.py": _rerun(
         "stages/presets.py", "`stages/presets.py`", set(), "used by `make exp`, not by any stage"),
+    "stages/predict.py": _rerun(
+        "stages/predict.py", "`stages/predict.py`", set(), "used by `make predict`, not by any stage"),
+    "stages/remotes.py": _rerun(
+        "stages/remotes.py", "`stages/remotes.py`", set(), "used by `make pull`, not by any stage"),
+    "stages/__init__.py": _rerun(
+        "stages/__init__.py", "`stages/__init__.py`", set(), "an empty package marker; no stage depends on it"),
 }
 
 TABLE_HEADER = "| Change | Stages `dvc repro` runs | Why |"
@@ -153,6 +162,12 @@ def test_only_what_changed_reruns(project, case):
 @pytest.mark.parametrize("case", TRAINING_CASES)
 def test_only_what_changed_reruns_with_training(project, case):
     _check_reruns(project, case)
+
+
+def test_rerun_table_covers_every_file_of_stages():
+    """A new module in stages/ needs a row: either a stage lists it in dvc.yaml or the row says why none does."""
+    files = {path.relative_to(PROJECT_ROOT).as_posix() for path in (PROJECT_ROOT / "stages").iterdir() if path.is_file()}
+    assert files - set(RERUNS) == set()
 
 
 def test_workflows_page_rerun_table_is_current():
