@@ -19,6 +19,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 class DataFile:
     name: str  # uncompressed IDX name, as fetch writes it to data/raw; mirrors serve it as name + ".gz"
     sha256: str  # of the uncompressed content
+    size: int  # bytes of the uncompressed content (IDX header + data), from the dataset's counts
 
     @property
     def gz_name(self) -> str:
@@ -52,6 +53,12 @@ class Dataset:
         return f"no {', '.join(lacking)} (nor .gz)" if lacking else ""
 
 
+def idx_size(role: str, count: int, image_size: int) -> int:
+    """Bytes of an IDX file of `count` images (a 16-byte header: magic, count, rows, columns; then
+    one uint8 per pixel) or labels (an 8-byte header: magic, count; then one uint8 each)."""
+    return 16 + count * image_size * image_size if role.endswith("images") else 8 + count
+
+
 def _parse_entry(name: str, raw: object) -> Dataset:
     where = f"{TABLE_PATH.name}: {name}"
     if not isinstance(raw, dict):
@@ -62,16 +69,17 @@ def _parse_entry(name: str, raw: object) -> Dataset:
     files_raw = raw["files"]
     if not isinstance(files_raw, dict) or set(files_raw) != set(FILE_ROLES):
         raise PipelineError(f"{where}.files: expected exactly {list(FILE_ROLES)}")
+    for key in ("train_count", "test_count", "image_size"):
+        if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
+            raise PipelineError(f"{where}.{key}: expected a positive integer")
     files = {}
     for role in FILE_ROLES:
         entry = files_raw[role]
         if not (isinstance(entry, dict) and set(entry) == {"name", "sha256"}
                 and isinstance(entry["name"], str) and _SHA256.fullmatch(str(entry["sha256"]))):
             raise PipelineError(f"{where}.files.{role}: expected {{name, sha256 (64 hex digits)}}")
-        files[role] = DataFile(entry["name"], entry["sha256"])
-    for key in ("train_count", "test_count", "image_size"):
-        if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
-            raise PipelineError(f"{where}.{key}: expected a positive integer")
+        count = raw["train_count"] if role.startswith("train") else raw["test_count"]
+        files[role] = DataFile(entry["name"], entry["sha256"], idx_size(role, count, raw["image_size"]))
     classes = raw["classes"]
     if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
         raise PipelineError(f"{where}.classes: expected a list of at least two names")

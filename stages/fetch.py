@@ -7,6 +7,8 @@ pins, whichever mirror served them and whichever zlib this machine has (mirrors'
 differ, and other zlib builds, e.g. zlib-ng, Fedora's zlib since version 40, deflate to other
 bytes), so DVC sees the same output everywhere. MNIST_MIRROR is deliberately no DVC param (nor are
 fetch.mirrors and fetch.timeout_s): the content is verified, so the source cannot change the output.
+A source is read, and a .gz inflated, only up to the size the file can have (stages/datasets.yaml's
+counts give it): a wrong URL's endless body or a gzip bomb is refused there, memory bounded.
 """
 
 from __future__ import annotations
@@ -41,17 +43,37 @@ def is_url(source: str) -> bool:
     return "://" in source
 
 
-def _download(url: str, timeout_s: float) -> bytes:
+# Where a size limit comes from, said with each refusal: a table entry with too small a count
+# would otherwise look like every mirror's fault.
+_BY_THE_TABLE = " (the file's size follows from its dataset's counts in stages/datasets.yaml)"
+
+
+def served_limit(file: DataFile) -> int:
+    """The most bytes a source may serve for `file`, gzipped or plain: its content's size plus room
+    for gzip's overhead (on incompressible data a few bytes per 64 KiB block, and a header). A source
+    serving more (a wrong URL's endless or huge body, a gzip bomb's container) is refused as soon as
+    it passes this, so a bad mirror cannot fill the memory."""
+    return file.size + file.size // 100 + 65536
+
+
+def _download(url: str, timeout_s: float, limit: int) -> bytes:
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "mnist-dvc-pipeline"})
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             # None when the server sends no Content-Length; file:// responses have no such attribute.
             total = getattr(response, "length", None)
+            if total is not None and total > limit:
+                raise SourceError(f"announces {total:,} bytes, more than the file can take ({limit:,}; refused)"
+                                  + _BY_THE_TABLE)
             progress = Progress(STAGE, f"downloading {url}", total, "bytes")
-            chunks = []
+            chunks, received = [], 0
             try:
                 while chunk := response.read(_CHUNK):
                     chunks.append(chunk)
+                    received += len(chunk)
+                    if received > limit:
+                        raise SourceError(f"sent more than {limit:,} bytes, more than the file can take (refused)"
+                                          + _BY_THE_TABLE)
                     progress.update(len(chunk))
             finally:  # ends the progress line also when the transfer breaks off, before its error line
                 progress.close()
@@ -88,27 +110,34 @@ def _read_local(directory: Path, file: DataFile) -> bytes:
     path = file.path_in(directory)
     if not path.is_file():
         raise SourceError(f"neither {file.gz_name} nor {file.name} is in {describe_local(directory)}")
+    limit = served_limit(file)
     try:
-        return path.read_bytes()
+        with path.open("rb") as f:
+            data = f.read(limit + 1)  # at most one byte past the limit, whatever the file's size
     except OSError as exc:  # unreadable (permissions, an I/O error): the next source may serve it
         raise SourceError(f"cannot read {path}: {os_reason(exc)}") from None
+    if len(data) > limit:
+        raise SourceError(f"{path} holds more than {limit:,} bytes, more than the file can take (refused)"
+                          + _BY_THE_TABLE)
+    return data
 
 
-def uncompressed(data: bytes) -> bytes:
+def uncompressed(data: bytes, max_size: int) -> bytes:
     try:
-        return gunzip_if_compressed(data)
+        return gunzip_if_compressed(data, max_size=max_size)
     except IdxFormatError as exc:
-        raise SourceError(str(exc).removeprefix("<bytes>: ")) from None
+        reason = str(exc).removeprefix("<bytes>: ")
+        raise SourceError(reason + (_BY_THE_TABLE if reason.startswith("content larger") else "")) from None
 
 
 def fetch_verified(source: str, file: DataFile, timeout_s: float, known: dict[str, str] | None = None) -> bytes:
     """The uncompressed, digest-checked content of `file` from one source; raises SourceError.
     `known`: SHA-256 -> a name (another dataset's file), said when the content is that file."""
     if is_url(source):
-        data = _download(f"{source.rstrip('/')}/{file.gz_name}", timeout_s)
+        data = _download(f"{source.rstrip('/')}/{file.gz_name}", timeout_s, served_limit(file))
     else:
         data = _read_local(Path(source), file)
-    content = uncompressed(data)
+    content = uncompressed(data, file.size)  # a gzip bomb stops one byte past the expected size
     digest = hashlib.sha256(content).hexdigest()
     if digest != file.sha256:
         which = f": it is {known[digest]}" if known and digest in known else ""

@@ -26,6 +26,14 @@ def largest_crop(image_size: int) -> int:
     return (image_size - 8) // 2
 
 
+def feature_side(image_size: int, crop: int, stem: str) -> int:
+    """The side of the CNN's last feature map, which its classifier flattens: three halvings of the
+    central (image_size - 2 crop) square; a 2x2 max-pool floors (28 -> 14 -> 7 -> 3), a stride-2
+    conv with padding 1 (stem: stride) rounds up."""
+    seen = image_size - 2 * crop
+    return (seen + 1) // 2 // 4 if stem == "stride" else seen // 8
+
+
 def is_valid_network_count(networks: object) -> bool:
     """Whether `networks` is a whole number of networks in 1-MAX_NETWORKS: the one rule for
     train.networks and a model file's."""

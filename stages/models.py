@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from stages.common import PipelineError, exception_line, load_tensors, save_tensors
-from stages.model_config import ARCHITECTURES, ModelConfig, digit_framing, framing_problem
+from stages.model_config import ARCHITECTURES, ModelConfig, digit_framing, feature_side, framing_problem
 
 # 2: the config gained convs_per_block; 3: it gained pool; 4: its `model` key became `architecture`
 # (the fields of ModelConfig); 5: it gained tta_flip and tta_shift; 6: it gained stem; 7: it gained crop;
@@ -168,9 +168,7 @@ def build_network(config: ModelConfig) -> Network:
     elif config.architecture == "cnn":
         c1, c2, c3 = config.channels
         convs, pool, stride = config.convs_per_block, config.pool, config.stem == "stride"
-        seen = size - 2 * config.crop  # the side of the central square the convs see
-        # Three halvings: a 2x2 pool floors (28 -> 14 -> 7 -> 3), a stride-2 conv with padding 1 rounds up.
-        side = (seen + 1) // 2 // 4 if stride else seen // 8
+        side = feature_side(size, config.crop, config.stem)  # of the last block's output
         layers += [*_conv_block(1, c1, convs, pool, stride), *_conv_block(c1, c2, convs, pool),
                    *_conv_block(c2, c3, convs, pool),
                    nn.Flatten(), nn.Linear(c3 * side * side, classes)]

@@ -22,7 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from stages.common import NO_CUDA_GPU, PipelineError, read_yaml, run_main, write_text_atomic
 from stages.datasets import Dataset, load_table
-from stages.model_config import (MAX_NETWORKS, Architecture, ModelConfig, Pool, Stem, is_valid_crop,
+from stages.model_config import (MAX_NETWORKS, Architecture, ModelConfig, Pool, Stem, feature_side, is_valid_crop,
                                   is_valid_network_count, largest_crop)
 
 DEFAULT_PATH = Path("params.yaml")
@@ -87,6 +87,12 @@ class FetchParams:
         key = f"fetch.mirrors.{self.dataset}"
         _require(self.dataset in self.mirrors, key, "missing: list the base URLs to fetch this dataset from")
         _require(len(self.mirrors[self.dataset]) > 0, key, "must list at least one base URL")
+        for name, mirrors in self.mirrors.items():
+            for index, mirror in enumerate(mirrors):
+                # A URL without its scheme (storage.googleapis.com/...) would be read as a relative
+                # directory, and one that is relative breaks where DVC runs stages in a copy.
+                _require("://" in mirror or Path(mirror).is_absolute(), f"fetch.mirrors.{name}[{index}]",
+                         f"must be a base URL (https://...) or an absolute directory, got {mirror!r}")
         # An hour: far beyond any useful wait, and far below what a socket's timer can hold.
         _require(0 < self.timeout_s <= 3600, "fetch.timeout_s",
                  f"must be > 0 and at most 3600 seconds, got {self.timeout_s}")
@@ -227,6 +233,14 @@ class TrainParams:
         _require(is_valid_crop(self.crop, image_size), "train.crop",
                  f"must be 'auto' (the dataset's, datasets.yaml) or between 0 and {largest_crop(image_size)} "
                  f"pixels (the CNN needs at least 8x8 of the {image_size}x{image_size} image), got {self.crop}")
+        if self.model == "cnn" and self.pool == "early" and feature_side(image_size, self.crop, self.stem) == 1:
+            # Pooled first, the last block's BatchNorm then normalises one value per channel and
+            # image: a batch of one image (the last, partial one of an epoch can be) stops training
+            # with PyTorch's "Expected more than 1 value per channel when training".
+            fits = [crop for crop in range(largest_crop(image_size) + 1) if feature_side(image_size, crop, self.stem) > 1]
+            smaller = f"a crop of at most {fits[-1]} or " if fits else ""
+            _require(False, "train.crop", f"{self.crop} leaves the CNN's last block 1x1 pixels with train.pool: early, where "
+                     f"BatchNorm cannot train on a batch of one image: use {smaller}train.pool: end")
         _require(all(1 <= h <= MAX_WIDTH for h in self.hidden) and len(self.hidden) <= MAX_HIDDEN_LAYERS,
                  "train.hidden", f"must be at most {MAX_HIDDEN_LAYERS} hidden sizes, each a positive integer "
                  f"up to {MAX_WIDTH:,}, got {self.hidden}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from stages import datasets as datasets_mod
 from stages import fetch
 from stages import params as params_mod
 from stages.common import PipelineError
@@ -27,7 +28,8 @@ def mirror(tmp_path) -> tuple[Path, dict[str, DataFile]]:
     """A synthetic mirror directory and its four files by role."""
     directory = tmp_path / "mirror"
     entry = write_mirror(directory, n_train=60, n_test=20)
-    return directory, {role: DataFile(f["name"], f["sha256"]) for role, f in entry["files"].items()}
+    return directory, {role: DataFile(f["name"], f["sha256"], len(gzip.decompress((directory / f"{f['name']}.gz").read_bytes())))
+                       for role, f in entry["files"].items()}
 
 
 def content_of(directory: Path, file: DataFile) -> bytes:
@@ -137,8 +139,9 @@ def test_fetch_file_falls_back_to_next_source(mirror, tmp_path):
 @pytest.mark.parametrize("url, reason", [("http://[::1/", "not a valid URL (Invalid IPv6 URL)"),
                                          ("http://127.0.0.1:port/", "not a valid URL (nonnumeric port: 'port')")])
 def test_a_malformed_url_is_a_source_that_fails_not_a_crash(mirror, url, reason):
-    """A typo in MNIST_MIRROR or fetch.mirrors (neither is parsed beforehand): urllib raises
-    ValueError or http.client.InvalidURL, and the next source is still tried."""
+    """A typo after the scheme in MNIST_MIRROR or fetch.mirrors (the params check only that a mirror
+    is a URL or an absolute directory): urllib raises ValueError or http.client.InvalidURL, and the
+    next source is still tried."""
     directory, files = mirror
     file = files["test_labels"]
     with pytest.raises(fetch.SourceError) as info:
@@ -153,14 +156,14 @@ def test_an_unreadable_file_in_a_local_mirror_is_a_source_that_fails(mirror, mon
     directory, files = mirror
     file = files["test_labels"]
     unreadable, expected = file.path_in(directory), content_of(directory, file)
-    real_read_bytes = Path.read_bytes
+    real_open = Path.open
 
-    def read_bytes(path):
+    def open_(path, *args, **kwargs):
         if path == unreadable:
             raise PermissionError(13, "Permission denied", str(path))
-        return real_read_bytes(path)
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(Path, "open", open_)
     with pytest.raises(fetch.SourceError, match=f"^cannot read {unreadable}: Permission denied$"):
         fetch.fetch_verified(str(directory), file, TIMEOUT_S)
     assert fetch.fetch_file([str(directory), directory.as_uri()], file, TIMEOUT_S) == expected
@@ -183,6 +186,45 @@ def test_fetch_file_reports_every_source(mirror, tmp_path):
     assert fetch.MIRROR_ENV in lines[4] and len(lines) == 5
 
 
+def test_table_sizes_are_the_idx_files_sizes(mirror):
+    """The sizes that bound what a source may serve are the real files' (the synthetic ones here, of
+    60 train and 20 test images; the real MNIST's are checked by CI's fetch)."""
+    directory, files = mirror
+    for role, file in files.items():
+        count = 60 if role.startswith("train") else 20
+        assert datasets_mod.idx_size(role, count, 28) == file.size
+    mnist = load_table()["mnist"]
+    assert mnist.files["train_images"].size == 47_040_016 and mnist.files["test_labels"].size == 10_008
+
+
+@pytest.mark.parametrize("form", ["plain", "gzipped"])
+def test_a_local_file_larger_than_the_dataset_allows_is_refused(mirror, tmp_path, form):
+    """A source holding more bytes than the file can be (a wrong or huge file) is refused, saying
+    where the limit comes from, and the next source is tried."""
+    directory, files = mirror
+    file = files["train_labels"]
+    big = tmp_path / "big"
+    big.mkdir()
+    oversized = bytes(fetch.served_limit(file) + 1000)
+    name = file.name if form == "plain" else file.gz_name
+    (big / name).write_bytes(oversized if form == "plain" else b"\x1f\x8b" + oversized)
+    with pytest.raises(fetch.SourceError, match="more than .* bytes, more than the file can take .*datasets.yaml"):
+        fetch.fetch_verified(str(big), file, TIMEOUT_S)
+    assert fetch.fetch_file([str(big), str(directory)], file, TIMEOUT_S) == content_of(directory, file)
+
+
+def test_a_gzip_bomb_is_refused_one_byte_past_the_size(mirror, tmp_path):
+    """A small .gz that inflates far beyond the file's size stops inflating at size + 1 bytes."""
+    _, files = mirror
+    file = files["test_images"]
+    bomb = tmp_path / "bomb"
+    bomb.mkdir()
+    (bomb / file.gz_name).write_bytes(gzip.compress(bytes(1000 * file.size)))
+    assert (bomb / file.gz_name).stat().st_size < fetch.served_limit(file)  # it passes the download limit
+    with pytest.raises(fetch.SourceError, match=f"content larger than {file.size:,} bytes .*datasets.yaml"):
+        fetch.fetch_verified(str(bomb), file, TIMEOUT_S)
+
+
 def test_sources_put_the_override_first():
     """$MNIST_MIRROR, when set, is tried before the configured mirrors."""
     assert fetch.sources(["a", "b"], None) == ["a", "b"]
@@ -191,7 +233,7 @@ def test_sources_put_the_override_first():
 
 def test_path_in_finds_the_plain_file_or_its_gz(tmp_path):
     """data/raw holds plain IDX files, a mirror gzipped ones; the reader takes whichever is there."""
-    file = DataFile("train-images-idx3-ubyte", "0" * 64)
+    file = DataFile("train-images-idx3-ubyte", "0" * 64, 16)
     assert file.path_in(tmp_path) == tmp_path / file.name  # neither: the plain name, for the error
     (tmp_path / file.gz_name).write_bytes(b"gz")
     assert file.path_in(tmp_path) == tmp_path / file.gz_name
@@ -229,7 +271,7 @@ class ShortBody(BaseHTTPRequestHandler):
         if self.chunked:
             self.send_header("Transfer-Encoding", "chunked")
         else:
-            self.send_header("Content-Length", "100000")
+            self.send_header("Content-Length", "50000")  # under the limit for test_images
         self.end_headers()
         self.wfile.write(b"a\r\n0123456789\r\n" if self.chunked else b"\x1f\x8b" + bytes(998))
         self.wfile.flush()
@@ -241,6 +283,31 @@ class ShortBody(BaseHTTPRequestHandler):
 
 class ShortChunkedBody(ShortBody):
     chunked = True
+
+
+class EndlessBody(BaseHTTPRequestHandler):
+    """Sends zeros without a Content-Length until the client hangs up (a wrong URL's stream), or
+    8 MiB, a hundred times the synthetic files' limit, so that a client without the limit fails
+    the test in a second rather than filling the memory."""
+    announce = None
+
+    def do_GET(self):
+        self.send_response(200)
+        if self.announce is not None:
+            self.send_header("Content-Length", str(self.announce))
+        self.end_headers()
+        try:
+            for _ in range(128):
+                self.wfile.write(bytes(65536))
+        except OSError:  # the client stopped reading and closed: done
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+class HugeAnnouncedBody(EndlessBody):
+    announce = 10**12
 
 
 def serve(handler):
@@ -299,6 +366,20 @@ def test_http_404(mirror, http_mirrors):
     good, _ = http_mirrors
     with pytest.raises(fetch.SourceError, match="HTTP 404"):
         fetch.fetch_verified(good + "nothing-here/", files["test_images"], TIMEOUT_S)
+
+
+@pytest.mark.parametrize(("short_body_server", "refusal"), [
+    (EndlessBody, "sent more than .* bytes, more than the file can take"),
+    (HugeAnnouncedBody, "announces 1,000,000,000,000 bytes, more than the file can take"),
+], indirect=["short_body_server"])
+def test_a_body_larger_than_the_file_is_refused_at_the_limit(mirror, short_body_server, refusal):
+    """A server streaming without end, or announcing more than the file can be, is refused at the
+    limit (or at once), not read into memory until it stops; the next source is then tried."""
+    directory, files = mirror
+    file = files["test_images"]
+    with pytest.raises(fetch.SourceError, match=refusal):
+        fetch.fetch_verified(short_body_server, file, TIMEOUT_S)
+    assert fetch.fetch_file([short_body_server, str(directory)], file, TIMEOUT_S) == content_of(directory, file)
 
 
 def test_refused_connection(mirror):

@@ -336,6 +336,17 @@ def test_model_file_with_a_crop_the_network_cannot_take_is_refused(tmp_path, mod
         load_model(path)
 
 
+def test_batchnorm_on_a_1x1_last_block_fails_on_one_image(images):
+    """Why train.crop is refused where pool: early leaves a 1x1 last block (stages/params.py): one
+    image then gives BatchNorm one value per channel, and training stops with PyTorch's error; a
+    crop of 6, or pool: end, trains on a single image."""
+    one = images[:1]
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        build_model(config("cnn", crop=7, pool="early")).train()(one)
+    for crop, pool in [(6, "early"), (7, "end")]:
+        assert build_model(config("cnn", crop=crop, pool=pool)).train()(one).shape == (1, 10)
+
+
 def test_crop_is_applied_to_each_test_time_view(images):
     """Shifted test-time views are formed on the whole image and then cropped: a one-pixel shift
     brings the pixels just outside the crop into view, so in eval mode they count."""

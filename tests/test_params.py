@@ -173,6 +173,16 @@ def _bad_cases():
     yield ("crop negative", c("train", "crop", -1), "train.crop",
            ["'auto' (the dataset's, datasets.yaml) or between 0 and 10 pixels", "8x8 of the 28x28"])
     yield "crop leaving under 8x8", c("train", "crop", 11), "train.crop", ["between 0 and 10 pixels"]
+    yield ("crop leaving the pooled last block 1x1", c("train", "crop", 7), "train.crop",
+           ["7 leaves the CNN's last block 1x1 pixels with train.pool: early", "a crop of at most 6 or train.pool: end"])
+    stride_1x1 = c("train", "crop", 7)
+    stride_1x1["train"]["stem"] = "stride"  # 14 pixels -> 7 -> 3 -> 1
+    yield ("crop leaving the strided net's last block 1x1", stride_1x1, "train.crop",
+           ["7 leaves the CNN's last block 1x1 pixels", "a crop of at most 6 or train.pool: end"])
+    no_scheme = c("fetch", "timeout_s", 30)
+    no_scheme["fetch"]["mirrors"]["mnist"] = ["https://example.org/mnist/", "storage.googleapis.com/cvdf-datasets/mnist/"]
+    yield ("mirror without a scheme", no_scheme, "fetch.mirrors.mnist[1]",
+           ["a base URL (https://...) or an absolute directory", "'storage.googleapis.com/cvdf-datasets/mnist/'"])
     yield "crop not int", c("train", "crop", 1.5), "train.crop", ["an integer or 'auto'", "1.5"]
     yield "crop another word", c("train", "crop", "max"), "train.crop", ["an integer or 'auto'", "'max'"]
     yield "crop a bool", c("train", "crop", True), "train.crop", ["an integer or 'auto'"]
@@ -227,6 +237,15 @@ def test_augmentation_bounds_are_inclusive(dataset):
                               allow_flip=dataset == "mnist")
         augment = parse(raw).augment
         assert (augment.flip, augment.erase, augment.pad) == (flip, erase, pad)
+
+
+@pytest.mark.parametrize(("crop", "pool", "stem"), [(6, "early", "pool"), (7, "end", "pool"), (10, "end", "stride")])
+def test_crops_whose_batchnorm_sees_more_than_one_pixel_are_accepted(crop, pool, stem):
+    """Only pool: early with a 1x1 last block is refused: pooled at its end, the last block's
+    BatchNorm still sees 2x2 pixels; a crop of 6 leaves 2x2 after the pool."""
+    raw = with_change("train", "crop", crop)
+    raw["train"].update(pool=pool, stem=stem)
+    assert parse(raw).train.crop == crop
 
 
 def test_crop_auto_is_the_datasets_crop():
