@@ -382,6 +382,15 @@ class StepLog:
         self.log.log(self.step + self.done, {"step_loss": round((window[0] / window[1]).item(), 6)})
 
 
+def file_sha256(path: Path) -> bytes:
+    """The SHA-256 digest of the file's bytes, read a MiB at a time."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.digest()
+
+
 def fingerprint(cfg: TrainParams, computed: dict, *input_files: Path, code_dir: Path = CODE_DIR) -> str:
     """Identifies a training run: its params, how it computes (stages.runtime.numerics: another
     thread count or precision would not continue the same run bit for bit), the exact bytes of its
@@ -392,8 +401,8 @@ def fingerprint(cfg: TrainParams, computed: dict, *input_files: Path, code_dir: 
     elsewhere (plot.py) starts training over, which costs time only, while a file missed would resume
     a run that the current code does not compute."""
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg), computed], sort_keys=True).encode())
-    for path in input_files:
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    for path in input_files:  # read in pieces: train.pt holds 2.2 GB at augment.copies 50
+        digest.update(file_sha256(path))
     # Regular files only, hidden ones left out: an editor's lock file (Emacs: .#train.py, a dangling
     # link) is no code and cannot be read.
     code = [path for path in [*code_dir.glob("*.py"), *code_dir.glob("*.yaml")]
@@ -610,11 +619,29 @@ def main(argv: list[str] | None = None) -> None:
 TORCHRUN_STOP_S = 10.0
 
 
+# What `python -m torch.distributed.run` runs, less its traceback and failure table when a worker
+# fails: each worker has printed its one-line error (run_main), which they would bury. A worker
+# killed by a signal (SIGKILL: out of memory) printed nothing, so that is said. Exits 1, as torchrun
+# does. Source for `python -c`: the parent imports no more than torchrun does.
+TORCHRUN = """
+import sys
+from torch.distributed import run
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+try:
+    run.run(run.parse_args(sys.argv[1:]))
+except ChildFailedError as failed:
+    rank, failure = failed.get_first_failure()
+    if failure.exitcode < 0:
+        print(f"train: error: worker {rank} was killed by {failure.signal_name()}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
 def launch_torchrun(processes: int, argv: list[str]) -> int:
     """Re-runs this stage under torchrun, `processes` workers on this machine; its exit status.
     For several machines, run torchrun yourself (docs/reproducibility.md): the stage then trains as it is."""
     log(STAGE, f"train.processes = {processes}: launching torchrun")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+    command = [sys.executable, "-c", TORCHRUN, "--standalone", f"--nproc-per-node={processes}",
                "-m", "stages.train", *argv]
     torchrun = subprocess.Popen(command)
     try:

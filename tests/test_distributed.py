@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
+
+from stages import train
 
 pytestmark = pytest.mark.integration
 
@@ -26,3 +30,27 @@ def test_two_processes_train_to_the_same_band_and_write_one_set_of_outputs(proje
     # It failed once in CI under load with no record of which check or value; say so next time.
     assert distributed >= 0.9 and abs(distributed - single) <= 0.05, (
         f"accuracy: 2 processes {distributed}, 1 process {single}\n{output[-4000:]}")
+
+
+def test_a_failing_worker_ends_with_its_error_line_not_torchrun_traceback(tmp_path, monkeypatch, capfd):
+    """Each worker prints its one-line error; torchrun's own traceback and failure table (its
+    ChildFailedError) would bury it, so the stage launches torchrun without them, and exits 1."""
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the workers fail as they start
+    status = train.launch_torchrun(2, ["train.pt", "val.pt", "model.pt", "live"])
+    err = capfd.readouterr().err
+    assert status == 1
+    # At least the first: torchrun stops the other worker when one fails, maybe before its line.
+    assert "train: error: params.yaml: cannot read the params file" in err
+    assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
+
+
+def test_a_worker_killed_by_a_signal_is_named(tmp_path):
+    """A worker killed by a signal (SIGKILL: out of memory) prints nothing itself; torchrun's failure
+    table said which signal, so without it the launch says so in one line."""
+    script = tmp_path / "killed.py"
+    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", train.TORCHRUN, "--standalone", "--nproc-per-node=1", str(script)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "train: error: worker 0 was killed by SIGKILL" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]

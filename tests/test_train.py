@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
 import math
 import signal
 import subprocess
@@ -278,6 +279,15 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_result(request, cfg, datas
     assert len(trained) == cfg.epochs - 1, "the second fit() resumed after epoch 1, not from the start"
     assert resumed_rows == unbroken_rows
     assert_same_weights(weights(resumed), weights(unbroken))
+
+
+@pytest.mark.parametrize("size", [0, 5, 3 * (1 << 20) + 7])
+def test_file_sha256_reads_in_pieces_to_the_whole_files_digest(tmp_path, size):
+    """The fingerprint's input digest, read a MiB at a time, is the digest of all the bytes (so a
+    checkpoint written before it was streamed still resumes)."""
+    path = tmp_path / "train.pt"
+    path.write_bytes(bytes(i % 251 for i in range(size)))  # no two MiB pieces alike
+    assert train_mod.file_sha256(path) == hashlib.sha256(path.read_bytes()).digest()
 
 
 def test_fingerprint_names_params_inputs_and_code(tmp_path):
