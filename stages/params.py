@@ -239,8 +239,8 @@ class TrainParams:
             # with PyTorch's "Expected more than 1 value per channel when training".
             fits = [crop for crop in range(largest_crop(image_size) + 1) if feature_side(image_size, crop, self.stem) > 1]
             smaller = f"a crop of at most {fits[-1]} or " if fits else ""
-            _require(False, "train.crop", f"{self.crop} leaves the CNN's last block 1x1 pixels with train.pool: early, where "
-                     f"BatchNorm cannot train on a batch of one image: use {smaller}train.pool: end")
+            raise ParamsError("train.crop", f"{self.crop} leaves the CNN's last block 1x1 pixels with train.pool: early, "
+                              f"where BatchNorm cannot train on a batch of one image: use {smaller}train.pool: end")
         _require(all(1 <= h <= MAX_WIDTH for h in self.hidden) and len(self.hidden) <= MAX_HIDDEN_LAYERS,
                  "train.hidden", f"must be at most {MAX_HIDDEN_LAYERS} hidden sizes, each a positive integer "
                  f"up to {MAX_WIDTH:,}, got {self.hidden}")
