@@ -303,11 +303,11 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
 
 
 def tensor_bytes(payload: dict[str, Any]) -> bytes:
-    """The bytes torch.save writes for `payload`, the same on every run.
+    """The bytes torch.save writes for `payload`, the same on every run: save_tensors' bytes.
 
-    Serialising to memory matters: torch.save names the records inside its zip archive after the
-    file it writes to, so saving to a randomly named temporary file would make the bytes, and so
-    DVC's hash, differ from run to run.
+    torch.save is given a file object, never a path: given a path, it names the records inside its
+    zip archive after that file, so saving to a randomly named temporary file would make the bytes,
+    and so DVC's hash, differ from run to run. Given a file object it names them "archive/...".
     """
     import torch  # here, not at the top: the params and fetch stages use this module without torch
 
@@ -317,8 +317,13 @@ def tensor_bytes(payload: dict[str, Any]) -> bytes:
 
 
 def save_tensors(target: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """torch.save to `target`, atomically and byte-for-byte reproducibly (tensor_bytes)."""
-    write_bytes_atomic(target, tensor_bytes(payload))
+    """torch.save to `target`, atomically and byte-for-byte reproducibly (the bytes of tensor_bytes).
+    Streamed into the temporary file, not built in memory first: no second copy of the payload
+    (augment's 2.2 GB at 50 copies)."""
+    import torch  # see tensor_bytes
+
+    with atomic_path(target) as tmp, tmp.open("wb") as file:
+        torch.save(payload, file)
 
 
 def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -8,7 +8,8 @@ differ, and other zlib builds, e.g. zlib-ng, Fedora's zlib since version 40, def
 bytes), so DVC sees the same output everywhere. MNIST_MIRROR is deliberately no DVC param (nor are
 fetch.mirrors and fetch.timeout_s): the content is verified, so the source cannot change the output.
 A source is read, and a .gz inflated, only up to the size the file can have (stages/datasets.yaml's
-counts give it): a wrong URL's endless body or a gzip bomb is refused there, memory bounded.
+counts give it): a wrong URL's endless body or a gzip bomb is refused there, memory bounded. A
+download slower than MIN_RATE over fetch.timeout_s seconds is refused too, so a trickle cannot stall it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import hashlib
 import http.client
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,7 +30,11 @@ from stages.idx import IdxFormatError, gunzip_if_compressed
 
 STAGE = "fetch"
 MIRROR_ENV = "MNIST_MIRROR"
-_CHUNK = 1 << 20  # bytes per read while downloading
+_CHUNK = 1 << 20  # the most bytes one read of a download returns
+# A download slower than this over fetch.timeout_s seconds is refused (as curl's --speed-limit
+# with --speed-time): a server trickling a byte just inside each read's timeout would otherwise
+# keep fetch waiting for days. 16 KiB/s moves MNIST's largest file (9.9 MB gzipped) in 10 minutes.
+MIN_RATE = 16 * 1024  # bytes per second
 
 
 class SourceError(Exception):
@@ -67,14 +73,24 @@ def _download(url: str, timeout_s: float, limit: int) -> bytes:
                                   + _BY_THE_TABLE)
             progress = Progress(STAGE, f"downloading {url}", total, "bytes")
             chunks, received = [], 0
+            window_start, window_bytes = time.monotonic(), 0  # the rate's current window
             try:
-                while chunk := response.read(_CHUNK):
+                # read1: what has arrived, up to _CHUNK (read() would wait for all _CHUNK bytes,
+                # however slowly they come, before the rate could be checked).
+                while chunk := response.read1(_CHUNK):
                     chunks.append(chunk)
                     received += len(chunk)
                     if received > limit:
                         raise SourceError(f"sent more than {limit:,} bytes, more than the file can take (refused)"
                                           + _BY_THE_TABLE)
                     progress.update(len(chunk))
+                    window_bytes += len(chunk)
+                    elapsed = time.monotonic() - window_start
+                    if elapsed >= timeout_s:
+                        if window_bytes < MIN_RATE * elapsed:
+                            raise SourceError(f"too slow: {window_bytes:,} bytes in the last {elapsed:.0f} s, under "
+                                              f"{MIN_RATE // 1024} KiB/s over fetch.timeout_s (refused)")
+                        window_start, window_bytes = time.monotonic(), 0
             finally:  # ends the progress line also when the transfer breaks off, before its error line
                 progress.close()
     except urllib.error.HTTPError as exc:

@@ -77,7 +77,7 @@ class FetchParams:
     dataset: str
     # Base URLs per dataset, tried in order after $MNIST_MIRROR; each serves `<name>.gz`.
     mirrors: dict[str, list[str]]
-    timeout_s: float  # seconds a connection attempt, or any one read of a download, may wait
+    timeout_s: float  # seconds a connection attempt, or any one read, may wait; the window of fetch.MIN_RATE
 
     def check(self, table: dict[str, Dataset]) -> None:
         _require(self.dataset in table, "fetch.dataset", f"must be one of {_choices(table)}, got {self.dataset!r}")

@@ -52,6 +52,30 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def check_compile(device: torch.device) -> None:
+    """train.compile: true needs what torch.compile's Inductor builds its code with: a working C++
+    compiler for the CPU ($CXX, else g++), Triton for a GPU. Inductor finds out at the first step,
+    with a page of traceback; checked before training, the run stops with one line instead."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton  # torch's own test for a usable Triton
+
+        if not has_triton():
+            raise PipelineError("train.compile: torch.compile on a GPU needs Triton, which is missing or does "
+                                "not work here (pip install triton); or set train.compile: false")
+        return
+    from torch._inductor import config as inductor_config
+    from torch._inductor import exc as inductor_errors
+    from torch._inductor.cpp_builder import get_cpp_compiler  # runs `<compiler> --version`
+
+    try:
+        get_cpp_compiler()
+    except inductor_errors.InvalidCxxCompiler:
+        tried = inductor_config.cpp.cxx  # (None, $CXX or g++ (clang++ on macOS)); None: a conda install
+        tried = tried[-1] if isinstance(tried, (tuple, list)) else tried
+        raise PipelineError(f"train.compile: torch.compile on the CPU needs a C++ compiler, and {tried} does not "
+                            "run here: install one (or point $CXX to it), or set train.compile: false") from None
+
+
 def cpuinfo_field(name: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The first value of `name` in /proc/cpuinfo ('model name', 'vendor_id', ...); '' where there is
     none (not Linux, or no such field)."""

@@ -34,7 +34,7 @@ from stages.common import PipelineError, Progress, ctrl_c_reached_my_group, load
 from stages.model_config import MAX_NETWORKS
 from stages.models import build_model, count_parameters, network_count, predict_logits, save_model
 from stages.params import TrainParams
-from stages.runtime import (Rank, describe_device, describe_precision, numerics, rank_from_env,
+from stages.runtime import (Rank, check_compile, describe_device, describe_precision, numerics, rank_from_env,
                             resolve_device, resolve_precision, retain_freed_memory, seed_everything)
 from stages.tracking import TrainLog, step_log_interval
 from stages.views import view_drawer
@@ -456,6 +456,7 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
         network = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
+        check_compile(device)
         network = torch.compile(network)
     # The batch order, independent of model init: one stream, or one per network (network_batches own).
     own_batches = cfg.networks > 1 and cfg.network_batches == "own"

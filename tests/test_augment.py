@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from stages import augment as augment_mod
 from stages.augment import augment, augmented_split
 from stages.views import (elastic_displacement, gaussian_smooth, pad_crop, random_affine, random_erase, random_flip,
                           transform, view_drawer, warp)
@@ -62,6 +63,18 @@ def test_shapes_and_labels(data, copies):
     assert torch.equal(out_images[:n], images)
     assert torch.equal(out_labels, labels.repeat(copies + 1))
     assert not torch.equal(out_images[n:2 * n], images)
+
+
+def test_views_are_filled_chunk_by_chunk_in_the_originals_order(data, monkeypatch):
+    """With chunks smaller than the split (7 of 20 images), each copy's chunks land in the
+    originals' order: the images of transforming the chunks one after another, then joining them."""
+    images, labels = data
+    monkeypatch.setattr(augment_mod, "CHUNK", 7)
+    cfg = dataclasses.replace(CFG, copies=2)
+    out, _ = augment(images, labels, cfg, generator())
+    drawn = generator()
+    chunks = [transform(images[start:start + 7], cfg, drawn) for _ in range(2) for start in range(0, 20, 7)]
+    assert torch.equal(out, torch.cat([images, *chunks]))
 
 
 def test_zero_copies_pass_through(data):

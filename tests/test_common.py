@@ -18,7 +18,8 @@ import yaml
 
 import stages.__main__ as launcher
 from stages.common import (PipelineError, Terminated, atomic_path, ctrl_c_reached_my_group, exception_line,
-                           load_tensors, os_reason, parse_yaml, run_main, save_tensors, write_files_atomic)
+                           load_tensors, os_reason, parse_yaml, run_main, save_tensors, tensor_bytes,
+                           write_files_atomic)
 from tests.conftest import PROJECT_ROOT, VENV_BIN
 
 
@@ -68,6 +69,26 @@ def test_an_output_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkey
         write_files_atomic({target: b"new"})
     assert str(info.value) == f"{target}: cannot write (No space left on device)"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["afile", "out.pt"] and target.read_bytes() == b"old"
+
+
+def test_save_tensors_streams_the_bytes_of_tensor_bytes_atomically(tmp_path, monkeypatch):
+    """save_tensors writes into the temporary file as torch.save goes (no copy of the payload in
+    memory) the very bytes of tensor_bytes, whatever the temporary's name; a write that fails
+    halfway leaves the old file and no temporary."""
+    payload = {"images": torch.arange(24, dtype=torch.uint8).reshape(2, 3, 4), "classes": ["a", "b"]}
+    target = tmp_path / "train.pt"
+    save_tensors(target, payload)
+    assert target.read_bytes() == tensor_bytes(payload)
+    target.write_bytes(b"old")
+
+    def disk_full_halfway(obj, file):
+        file.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full_halfway)
+    with pytest.raises(PipelineError, match=rf"^{target}: cannot write \(No space left on device\)$"):
+        save_tensors(target, payload)
+    assert [path.name for path in tmp_path.iterdir()] == ["train.pt"] and target.read_bytes() == b"old"
 
 
 def test_a_directory_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import hashlib
 import io
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -310,6 +311,25 @@ class HugeAnnouncedBody(EndlessBody):
     announce = 10**12
 
 
+class TrickleBody(BaseHTTPRequestHandler):
+    """Sends a byte every 50 ms, without a Content-Length (a stalled mirror that still answers
+    within each read's timeout), for at most 4 s: a client without a rate floor waits it out."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        try:
+            for _ in range(80):
+                self.wfile.write(b"\x1f")
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:  # the client gave up and closed: done
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
 def serve(handler):
     """Starts a threading HTTP server on 127.0.0.1 (a free port); returns (base URL, stop)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -380,6 +400,19 @@ def test_a_body_larger_than_the_file_is_refused_at_the_limit(mirror, short_body_
     with pytest.raises(fetch.SourceError, match=refusal):
         fetch.fetch_verified(short_body_server, file, TIMEOUT_S)
     assert fetch.fetch_file([short_body_server, str(directory)], file, TIMEOUT_S) == content_of(directory, file)
+
+
+@pytest.mark.parametrize("short_body_server", [TrickleBody], indirect=True)
+def test_a_download_slower_than_the_floor_over_timeout_s_is_refused(mirror, short_body_server):
+    """A server that keeps sending a byte at a time, never idle for a whole timeout_s, is refused
+    once timeout_s seconds (1 here) have brought less than MIN_RATE per second; the next source is
+    then tried."""
+    directory, files = mirror
+    file = files["test_images"]
+    with pytest.raises(fetch.SourceError, match=r"too slow: \d+ bytes in the last 1 s, under 16 KiB/s over "
+                                                r"fetch.timeout_s \(refused\)"):
+        fetch.fetch_verified(short_body_server, file, 1.0)
+    assert fetch.fetch_file([short_body_server, str(directory)], file, 1.0) == content_of(directory, file)
 
 
 def test_refused_connection(mirror):

@@ -234,6 +234,19 @@ def test_a_diverging_run_stops_with_the_lr_to_lower(data):
         fit(cfg, train, val, CPU)
 
 
+@pytest.mark.parametrize("cxx", [(None, "no-such-c++"), "no-such-c++"], ids=["tuple", "string"])
+def test_compile_without_a_cpp_compiler_stops_with_one_line_before_training(data, cxx):
+    """train.compile on a CPU whose C++ compiler does not run: one line naming the compiler tried and
+    the way out, before the first step, instead of Inductor's traceback from inside it. Torch's own
+    default is a tuple, (None, $CXX or g++); a plain name is taken too."""
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch({"cpp.cxx": cxx}), pytest.raises(
+            PipelineError, match=r"^train\.compile: torch\.compile on the CPU needs a C\+\+ compiler, "
+                                 r"and no-such-c\+\+ does not run here: .*set train\.compile: false$"):
+        fit(dataclasses.replace(SMALL_CNN, compile=True), *data, CPU)
+
+
 def test_a_run_that_diverges_in_its_last_step_is_stopped(data):
     """The train loss is taken before each update, so one step at a huge rate leaves it finite while
     the weights it leaves overflow every logit: the val loss catches it, and fit raises before the
