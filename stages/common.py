@@ -323,7 +323,18 @@ def save_tensors(target: str | os.PathLike, payload: dict[str, Any]) -> None:
     import torch  # see tensor_bytes
 
     with atomic_path(target) as tmp, tmp.open("wb") as file:
-        torch.save(payload, file)
+        try:
+            torch.save(payload, file)
+        except RuntimeError as exc:
+            # A failed write (a full disk) reaches here as torch's zip writer's RuntimeError, raised
+            # while it closed the archive, with the OSError as its context: that is the reason to
+            # report (atomic_path makes it the one-line "cannot write").
+            reason = exc.__context__
+            while reason is not None and not isinstance(reason, OSError):
+                reason = reason.__context__
+            if reason is None:
+                raise
+            raise reason from None
 
 
 def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -86,10 +86,10 @@ def _download(url: str, timeout_s: float, limit: int) -> bytes:
                     progress.update(len(chunk))
                     window_bytes += len(chunk)
                     elapsed = time.monotonic() - window_start
-                    if elapsed >= timeout_s:
+                    if elapsed >= timeout_s and received != total:  # a finished file is not refused
                         if window_bytes < MIN_RATE * elapsed:
-                            raise SourceError(f"too slow: {window_bytes:,} bytes in the last {elapsed:.0f} s, under "
-                                              f"{MIN_RATE // 1024} KiB/s over fetch.timeout_s (refused)")
+                            raise SourceError(f"too slow: {window_bytes:,} bytes in the last {elapsed:.1f} s, under "
+                                              f"{MIN_RATE // 1024} KiB/s (fetch.timeout_s: {timeout_s:g}; refused)")
                         window_start, window_bytes = time.monotonic(), 0
             finally:  # ends the progress line also when the transfer breaks off, before its error line
                 progress.close()

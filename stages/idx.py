@@ -88,9 +88,9 @@ def read_bytes(path: Path, max_size: int | None = None) -> bytes:
     return gunzip_if_compressed(data, str(path), max_size)
 
 
-def read_images(path: Path, image_size: int) -> np.ndarray:
-    """uint8 [N, image_size, image_size] from an IDX images file."""
-    images = parse_idx(read_bytes(path), str(path))
+def read_images(path: Path, image_size: int, max_size: int | None = None) -> np.ndarray:
+    """uint8 [N, image_size, image_size] from an IDX images file (of at most max_size bytes, see read_bytes)."""
+    images = parse_idx(read_bytes(path, max_size), str(path))
     if images.ndim != 3 or images.shape[1:] != (image_size, image_size):
         raise IdxFormatError(
             f"{path}: expected images of shape [N, {image_size}, {image_size}], found dimensions {images.shape}"
@@ -98,9 +98,9 @@ def read_images(path: Path, image_size: int) -> np.ndarray:
     return images
 
 
-def read_labels(path: Path, num_classes: int) -> np.ndarray:
-    """uint8 [N] from an IDX labels file, every value in 0..num_classes-1."""
-    labels = parse_idx(read_bytes(path), str(path))
+def read_labels(path: Path, num_classes: int, max_size: int | None = None) -> np.ndarray:
+    """uint8 [N] from an IDX labels file (of at most max_size bytes), every value in 0..num_classes-1."""
+    labels = parse_idx(read_bytes(path, max_size), str(path))
     if labels.ndim != 1:
         raise IdxFormatError(f"{path}: expected a 1-d labels file, found dimensions {labels.shape}")
     if labels.size and labels.max() >= num_classes:
@@ -109,9 +109,11 @@ def read_labels(path: Path, num_classes: int) -> np.ndarray:
     return labels
 
 
-def read_pair(images_path: Path, labels_path: Path, image_size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    images = read_images(images_path, image_size)
-    labels = read_labels(labels_path, num_classes)
+def read_pair(images_path: Path, labels_path: Path, image_size: int, num_classes: int,
+              max_sizes: tuple[int | None, int | None] = (None, None)) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of read_images and read_labels, each file of at most its max_sizes entry."""
+    images = read_images(images_path, image_size, max_sizes[0])
+    labels = read_labels(labels_path, num_classes, max_sizes[1])
     if len(images) != len(labels):
         raise IdxFormatError(
             f"{images_path} holds {len(images):,} images but {labels_path} holds {len(labels):,} labels"

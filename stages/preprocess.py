@@ -60,7 +60,7 @@ def _tensors(images: np.ndarray, labels: np.ndarray) -> dict:
 
 def read_split(raw_dir: Path, dataset: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, H, W], labels uint8 [N]) of the official `split` ("train" or "test") in
-    `raw_dir`'s IDX files, plain or .gz, checked (format, image size, label range)."""
+    `raw_dir`'s IDX files, plain or .gz, checked (format, size, image size, label range)."""
     roles = (f"{split}_images", f"{split}_labels")
     # All four checked, not this split's two: a caller that reads the train split first (a
     # benchmark's timed epochs) would otherwise name the test files only after its work.
@@ -68,8 +68,11 @@ def read_split(raw_dir: Path, dataset: Dataset, split: str) -> tuple[np.ndarray,
     if missing:  # a traceback's FileNotFoundError otherwise
         raise PipelineError(f"{raw_dir}: {missing}; {dataset.name}'s four IDX files must be there (the fetch "
                             "stage writes them to data/raw: `dvc repro fetch`)")
-    return read_pair(*(dataset.files[role].path_in(raw_dir) for role in roles), dataset.image_size,
-                     len(dataset.classes))
+    images, labels = (dataset.files[role] for role in roles)
+    # Read no further than the sizes the table's counts give: data/raw was verified by fetch, but a
+    # benchmark's --raw may point anywhere, and a wrong file there must not fill the memory.
+    return read_pair(images.path_in(raw_dir), labels.path_in(raw_dir), dataset.image_size, len(dataset.classes),
+                     max_sizes=(images.size, labels.size))
 
 
 def read_files(raw_dir: Path, dataset: Dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -73,19 +73,43 @@ def test_an_output_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkey
 
 def test_save_tensors_streams_the_bytes_of_tensor_bytes_atomically(tmp_path, monkeypatch):
     """save_tensors writes into the temporary file as torch.save goes (no copy of the payload in
-    memory) the very bytes of tensor_bytes, whatever the temporary's name; a write that fails
-    halfway leaves the old file and no temporary."""
+    memory) the very bytes of tensor_bytes, whatever the temporary's name; a disk that fills up
+    halfway through torch.save's writes gives the one-line error and leaves the old file and no
+    temporary."""
     payload = {"images": torch.arange(24, dtype=torch.uint8).reshape(2, 3, 4), "classes": ["a", "b"]}
     target = tmp_path / "train.pt"
     save_tensors(target, payload)
     assert target.read_bytes() == tensor_bytes(payload)
     target.write_bytes(b"old")
 
-    def disk_full_halfway(obj, file):
-        file.write(b"PK\x03\x04 partial")
-        raise OSError(28, "No space left on device")
+    class FullAfter64Bytes:
+        """The temporary file on a disk that fills up after 64 bytes: every later write fails."""
 
-    monkeypatch.setattr(torch, "save", disk_full_halfway)
+        def __init__(self, file):
+            self.file, self.room = file, 64
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(28, "No space left on device")
+            self.room -= len(data)
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.file.close()
+
+    real_open = Path.open
+
+    def open_on_a_full_disk(path, *args, **kwargs):
+        file = real_open(path, *args, **kwargs)
+        return FullAfter64Bytes(file) if path.name.startswith(".tmp-") else file
+
+    monkeypatch.setattr(Path, "open", open_on_a_full_disk)
     with pytest.raises(PipelineError, match=rf"^{target}: cannot write \(No space left on device\)$"):
         save_tensors(target, payload)
     assert [path.name for path in tmp_path.iterdir()] == ["train.pt"] and target.read_bytes() == b"old"

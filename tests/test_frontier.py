@@ -120,6 +120,18 @@ def test_torchvision_gets_the_files_uncompressed_from_data_raw_or_a_mirror(tmp_p
         assert all((placed / name).read_bytes() == (raw / name).read_bytes() for name in names)
 
 
+def test_torchvision_gets_no_more_of_a_file_than_mnist_has(tmp_path):
+    """A --raw folder holding a wrong, larger file (a sparse 64 MiB train-images file; MNIST's is
+    47,040,016 bytes) is refused one byte past MNIST's size, not copied whole."""
+    mirror = tmp_path / "mirror"
+    write_mirror(mirror, n_train=60, n_test=20)
+    (mirror / "train-images-idx3-ubyte.gz").unlink()
+    with (mirror / "train-images-idx3-ubyte").open("wb") as huge:
+        huge.truncate(64 << 20)
+    with pytest.raises(PipelineError, match=r"train-images-idx3-ubyte: content larger than 47,040,016 bytes"):
+        place_for_torchvision(mirror, tmp_path / "root")
+
+
 def test_a_raw_folder_without_the_files_is_named_before_the_reference_trains(tmp_path, capsys):
     """--raw pointing elsewhere, the prepared splits in place (the reference recipe reads the IDX
     files through torchvision all the same): one line naming the folder and what it lacks, no

@@ -110,6 +110,19 @@ def test_a_missing_file_is_named_with_what_writes_it(tmp_path):
         read_files(tmp_path / "raw", synthetic_dataset(tmp_path, entry))
 
 
+def test_a_file_larger_than_the_table_allows_is_refused_unread(tmp_path):
+    """A folder that is not data/raw (a benchmark's --raw) may hold a wrong, huge file: it is read
+    no further than the table's size for it, one byte past, and refused, not read whole. Here a
+    sparse 256 MiB file in place of the test labels (108 bytes by the table)."""
+    entry = write_mirror(tmp_path / "raw", n_train=300, n_test=100)
+    (tmp_path / "raw" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with (tmp_path / "raw" / "t10k-labels-idx1-ubyte").open("wb") as huge:
+        huge.write(b"\x00\x00\x08\x01")
+        huge.truncate(256 << 20)
+    with pytest.raises(PipelineError, match=r"t10k-labels-idx1-ubyte: content larger than 108 bytes \(refused\)$"):
+        read_files(tmp_path / "raw", synthetic_dataset(tmp_path, entry))
+
+
 def test_main_checks_the_counts_before_splitting(tmp_path, monkeypatch):
     """params.py checks val_size against the table's train_count before any file is read; with a
     table that overstates it, val_size may exceed the images there are, and the stage must say
