@@ -29,8 +29,10 @@ the script (the test suite runs it), its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import io
 import resource
 import statistics
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -40,12 +42,12 @@ from typing import Any
 import torch
 
 from benchmarks import presets
-from benchmarks.presets import (DATA_DIR, QUICK_VAL, comma_ints, comma_list, device_option, load_splits,
-                                output_file, parse_override, test_accuracy, timed_fit, write_quick_mirror)
+from benchmarks.presets import (DATA_DIR, QUICK_VAL, RAW_DIR, check_raw, comma_ints, comma_list, device_option,
+                                load_splits, output_file, params_line, parse_override, test_accuracy, timed_fit,
+                                write_quick_mirror)
 from benchmarks.reference import torchvision_mnist, train_reference
-from benchmarks.speed import RAW_DIR
 from stages.augment import augmented_split
-from stages.common import PipelineError, run_main
+from stages.common import PipelineError, run_main, write_bytes_atomic
 from stages.datasets import load_table
 from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
@@ -82,6 +84,9 @@ class PeakMemory:
 
     def __init__(self) -> None:
         self.peak = 0
+        # Held while a sample is taken and stored, and by reset(): a sample read before a reset must
+        # not be stored after it (the last run's peak in the next run's figure).
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -90,15 +95,18 @@ class PeakMemory:
     def current() -> int:
         try:  # Linux: /proc/self/statm's second field is resident pages
             return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-        except OSError:  # elsewhere: the lifetime peak (KiB on Linux, bytes on macOS), an upper bound
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        except OSError:  # elsewhere: the lifetime peak (bytes on macOS, KiB on Linux), an upper bound
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return peak if sys.platform == "darwin" else peak * 1024
 
     def _sample(self) -> None:
         while not self._stop.wait(self.PERIOD_S):
-            self.peak = max(self.peak, self.current())
+            with self._lock:
+                self.peak = max(self.peak, self.current())
 
     def reset(self) -> None:
-        self.peak = self.current()
+        with self._lock:
+            self.peak = self.current()
 
     def stop(self) -> None:
         self._stop.set()
@@ -175,9 +183,10 @@ def plot(runs: list[PresetRun], reference: list, path: Path) -> None:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="lower left")  # the corner every point leaves empty: fast and below 99 %
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=120)
     plt.close(figure)
+    write_bytes_atomic(path, image.getvalue())  # a Ctrl-C or a full disk leaves the old figure whole
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,15 +194,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--presets", type=comma_list, default=list(DEFAULT_PRESETS),
                         help="comma-separated: 'default' (params.yaml) and presets.yaml names")
     parser.add_argument("--seeds", type=comma_ints, default=[0, 1, 2],
-                        help="comma-separated; each preset runs once per seed (train.seed = augment.seed)")
+                        help="comma-separated, ranges as 60-79; each preset runs once per seed "
+                             "(train.seed = augment.seed)")
     parser.add_argument("--reference-epochs", type=int, default=3,
                         help="epochs of the reference recipe; the median epoch time is the unit")
     parser.add_argument("--device", type=device_option, default="cpu", metavar="{auto,cpu,cuda}",
                         help="where every run trains, presets' train.device overridden (default: cpu, the "
                              "machine issue 14's targets are set for)")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic data, one epoch: a smoke test")
-    parser.add_argument("--raw", type=Path, default=RAW_DIR, help="directory of the MNIST IDX files (plain or .gz)")
-    parser.add_argument("--data", type=Path, default=DATA_DIR, help="directory of train.pt, val.pt, test.pt")
+    parser.add_argument("--raw", type=Path, help=f"directory of the MNIST IDX files, plain or .gz (default {RAW_DIR})")
+    parser.add_argument("--data", type=Path, help=f"directory of train.pt, val.pt, test.pt (default {DATA_DIR})")
     parser.add_argument("--plot", type=output_file, help=f"where to write the figure (default: {PLOT_PATH}; "
                                                           f"with --quick, {QUICK_PLOT_PATH})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
@@ -203,11 +213,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--reference-epochs must be >= 1, and --seeds and --presets non-empty")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds: a seed given twice would count one run twice in the means")
+    if args.quick and (args.raw or args.data):
+        parser.error("--quick writes its own tiny data: it takes no --raw or --data")
+    args.raw, args.data = args.raw or RAW_DIR, args.data or DATA_DIR
     args.plot = args.plot or (QUICK_PLOT_PATH if args.quick else PLOT_PATH)
     overrides = dict(args.overrides)
     seeded = sorted({"train.seed", "augment.seed"} & overrides.keys())
     if seeded:
         parser.error(f"--set {', '.join(seeded)}: the seeds come from --seeds (each run sets both)")
+    if "train.device" in overrides:
+        parser.error("--set train.device: every run trains where --device says")
     device = args.device
     extra = {"train.device": device.type, **(QUICK_OVERRIDES if args.quick else {}), **overrides}
     # Every preset and seed checked before anything runs.
@@ -230,9 +245,11 @@ def main(argv: list[str] | None = None) -> None:
                 raise PipelineError(f"{args.data} holds another dataset than MNIST (class names "
                                     f"{list(splits['train']['classes'])[:3]}...); run `dvc repro preprocess` "
                                     "with fetch.dataset: mnist, or point --data and --raw at MNIST's files")
+            check_raw(raw_dir, load_table()["mnist"])  # the reference recipe reads them: MNIST's, not garments
         train_set, test_set = torchvision_mnist(raw_dir, Path(temp, "torchvision"))
     precisions = {name: resolve_precision(p.train.precision, device) for (name, _), p in all_params.items()}
     print(machine_line(device, precisions), flush=True)
+    print(params_line(), flush=True)
     memory = PeakMemory()
     reference_epochs = train_reference(train_set, test_set, args.reference_epochs, seed=0, device=device)
     reference, runs = [], []

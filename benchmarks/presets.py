@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
@@ -25,15 +26,17 @@ import yaml
 from stages import params as params_mod
 from stages.augment import augmented_split
 from stages.common import NO_CUDA_GPU, PipelineError, cannot_write, load_tensors, run_main
-from stages.datasets import load_table
+from stages.datasets import FILE_ROLES, Dataset, load_table
 from stages.evaluate import test_metrics
+from stages.fetch import SourceError, fetch_verified
 from stages.models import predict_logits
 from stages.params import AugmentParams, Params, TrainParams
-from stages.presets import check, load_presets, resolve
+from stages.presets import check, committed_params, leftover_keys, load_presets, resolve
 from stages.runtime import resolve_device
 from stages.train import fit
 
 DATA_DIR = Path("data/prepared")  # the preprocess stage's outputs
+RAW_DIR = Path("data/raw")  # the fetch stage's output: the four IDX files
 AUG = "aug"  # the tutorials' augmentation, combined with each tutorial model as NAME+aug
 TABLE_HEADER = "| preset | test accuracy | train seconds |\n|---|---:|---:|\n"
 
@@ -138,16 +141,62 @@ def comma_list(text: str) -> list[str]:
 
 
 def output_file(text: str) -> Path:
-    """An argparse type for a file the benchmark writes: its folder is made now and the path must not
-    be a folder, so that a bad path is one line before any training, not a traceback after it."""
+    """An argparse type for a file the benchmark writes: its folder is made now, the path must not be
+    a folder, and the folder and the file must take writes, so that a bad path is one line before
+    any training, not a traceback after it (the figure is renamed into place, the tables are
+    appended to)."""
     path = Path(text)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: is a folder; name a file")
+        with tempfile.TemporaryFile(dir=path.parent):  # made and gone: the folder takes new files
+            pass
+        if path.exists():
+            path.open("ab").close()  # appends nothing: the file takes writes
     except OSError as exc:
         raise argparse.ArgumentTypeError(str(cannot_write(path, exc))) from None
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: is a folder; name a file")
     return path
+
+
+def append_text(path: Path, text: str) -> None:
+    """Appends to a benchmark's output file; a write that fails (a full disk) is one line naming it."""
+    try:
+        with path.open("a", encoding="utf-8") as file:
+            file.write(text)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+
+
+def params_line(params_path: Path = Path(params_mod.DEFAULT_PATH)) -> str:
+    """A benchmark's header line on what its 'default' (or cnn) is: params.yaml as committed, or a
+    working copy that differs from the last commit (`dvc exp run -S` leaves its params there)."""
+    committed = committed_params(params_path)
+    if committed is None:
+        return f"params: {params_path} (no commit to compare it with)"
+    changed = leftover_keys(params_mod.load_raw(params_path), committed, {})
+    if not changed:
+        return f"params: {params_path} as committed"
+    return (f"params: {params_path} differs from the last commit in {', '.join(changed)}: 'default' and cnn "
+            "below are this working copy's params, not the committed ones")
+
+
+def check_raw(raw_dir: Path, dataset: Dataset) -> None:
+    """Raises unless raw_dir holds `dataset`'s four IDX files (plain or .gz), checksums checked:
+    MNIST's and Fashion-MNIST's files have the same names, so after a `fashion` repro data/raw
+    holds garments."""
+    missing = dataset.missing_from(raw_dir)
+    if missing:
+        raise PipelineError(f"{raw_dir}: {missing}; point --raw at the directory of {dataset.name}'s four IDX "
+                            f"files (the fetch stage writes them to {RAW_DIR})")
+    for role in FILE_ROLES:
+        file = dataset.files[role]
+        try:
+            fetch_verified(str(raw_dir), file, timeout_s=0)
+        except SourceError as exc:
+            raise PipelineError(f"{raw_dir}: {file.path_in(raw_dir).name}: {exc}. The benchmark's dataset is "
+                                f"{dataset.name}: run `dvc repro fetch` with fetch.dataset: {dataset.name}, "
+                                "or point --raw at its files") from None
 
 
 DEVICES = get_args(get_type_hints(TrainParams)["device"])  # train.device's choices: auto, cpu, cuda
@@ -165,8 +214,18 @@ def device_option(text: str) -> torch.device:
 
 
 def comma_ints(text: str) -> list[int]:
-    """An argparse type: "0,1,2" -> [0, 1, 2]."""
-    return [int(item) for item in comma_list(text)]
+    """An argparse type: "0,1,2" -> [0, 1, 2]; "60-63,70" -> [60, 61, 62, 63, 70] (a range: both ends)."""
+    numbers = []
+    for item in comma_list(text):
+        first, dash, last = item.partition("-")
+        if dash and first.strip() and last.strip():
+            start, stop = int(first), int(last)
+            if stop < start:
+                raise argparse.ArgumentTypeError(f"{item!r}: a range runs from the lower number to the higher")
+            numbers += range(start, stop + 1)
+        else:
+            numbers.append(int(item))
+    return numbers
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,16 +252,19 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
     runs = [(spec, params) for spec, params in zip(specs, all_params) if spec not in other]
     suffix = "".join(f" {key}={value}" for key, value in overrides.items())
+    print(params_line(), file=sys.stderr)  # stdout: the table alone, as in --out
     sys.stdout.write(TABLE_HEADER)
     if args.out:
-        args.out.write_text(TABLE_HEADER)
+        try:
+            args.out.write_text(TABLE_HEADER)  # the table starts afresh, and its rows are appended
+        except OSError as exc:
+            raise cannot_write(args.out, exc) from None
     for spec, params in runs:
         row = table_row(spec + suffix, *run_preset(params, splits))
         sys.stdout.write(row)
         sys.stdout.flush()
         if args.out:
-            with args.out.open("a") as table:
-                table.write(row)
+            append_text(args.out, row)
 
 
 if __name__ == "__main__":

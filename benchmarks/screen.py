@@ -35,13 +35,11 @@ from typing import Any
 
 import yaml
 
-from benchmarks.presets import (QUICK_VAL, comma_ints, output_file, preset_params, test_accuracy, timed_fit,
-                               write_quick_mirror)
-from benchmarks.speed import RAW_DIR
+from benchmarks.presets import (QUICK_VAL, RAW_DIR, append_text, check_raw, comma_ints, output_file, params_line,
+                               preset_params, test_accuracy, timed_fit, write_quick_mirror)
 from stages.augment import augmented_split
 from stages.common import PipelineError, parse_yaml, run_main
-from stages.datasets import FILE_ROLES, Dataset, load_table
-from stages.fetch import SourceError, fetch_verified
+from stages.datasets import load_table
 from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
 from stages.runtime import resolve_device
@@ -124,25 +122,6 @@ def screen_params(preset: str, candidates: dict[str, dict[str, Any]], seeds: lis
     return all_params
 
 
-def check_raw(raw_dir: Path, dataset: Dataset) -> None:
-    """Raises unless raw_dir holds `dataset`'s four IDX files (what prepare() reads; plain or .gz),
-    checksums checked: MNIST's and Fashion-MNIST's files have the same names, so after a `fashion`
-    repro data/raw holds garments."""
-    missing = dataset.missing_from(raw_dir)
-    if missing:
-        raise PipelineError(f"{raw_dir}: {missing}; point --raw at the directory of {dataset.name}'s four IDX "
-                            f"files (the fetch stage writes them to {RAW_DIR})")
-    for role in FILE_ROLES:
-        file = dataset.files[role]
-        path = file.path_in(raw_dir)
-        try:
-            fetch_verified(str(raw_dir), file, timeout_s=0)
-        except SourceError as exc:
-            raise PipelineError(f"{raw_dir}: {path.name}: {exc}. The candidates' dataset is "
-                                f"{dataset.name}: run `dvc repro fetch` with fetch.dataset: {dataset.name}, "
-                                "or point --raw at its files") from None
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=parse_candidates, required=True,
@@ -150,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="cnn",
                         help="presets.yaml entry the candidates start from (cnn: params.yaml as it is)")
     parser.add_argument("--seeds", type=comma_ints, default=[0, 1, 2, 3, 4, 5],
-                        help="comma-separated; seed k: preprocess.seed, train.seed and augment.seed k")
+                        help="comma-separated, ranges as 60-79; seed k: preprocess.seed, train.seed and "
+                             "augment.seed k")
     parser.add_argument("--sealed-test", type=output_file, metavar="FILE",
                         help="append each run's test accuracy here (nothing about test is printed)")
     parser.add_argument("--raw", type=Path,
@@ -168,11 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(first.train.device)
     names = list(args.candidates)
     runs: list[Run] = []
-    if args.sealed_test:  # opened now, so that a bad path fails before any training
-        with args.sealed_test.open("a") as sealed:
-            sealed.write(f"# benchmarks.screen {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: preset "
-                         f"{args.preset}, seeds {','.join(map(str, args.seeds))}, candidates "
-                         f"{yaml.safe_dump(args.candidates, default_flow_style=True, width=10**6).strip()}\n")
+    print(params_line(), flush=True)
+    if args.sealed_test:  # written now, so that a bad path fails before any training
+        candidates = yaml.safe_dump(args.candidates, default_flow_style=True, width=10**6).strip()
+        append_text(args.sealed_test, f"# benchmarks.screen {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: "
+                                      f"preset {args.preset}, seeds {','.join(map(str, args.seeds))}, candidates "
+                                      f"{candidates}\n")
     with tempfile.TemporaryDirectory(prefix="screen-") as temp:
         if args.quick:
             raw_dir = write_quick_mirror(Path(temp, "raw"))
@@ -193,8 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"augment {augment_s:.2f} s", flush=True)
                 if args.sealed_test:
                     accuracy = test_accuracy(model, splits["test"], len(dataset.classes), params.evaluate.batch_size)
-                    with args.sealed_test.open("a") as sealed:
-                        sealed.write(f"{name} seed {seed}: test {100 * accuracy:.2f}%\n")
+                    append_text(args.sealed_test, f"{name} seed {seed}: test {100 * accuracy:.2f}%\n")
     print()
     print(summary(runs))
     if args.sealed_test:

@@ -282,16 +282,40 @@ def cannot_write(target: Path, exc: OSError) -> PipelineError:
     return PipelineError(f"{target}: cannot write ({reason}{f': {exc.filename}' if exc.filename else ''})")
 
 
+@contextlib.contextmanager
+def _signals_held_once_started() -> Iterator[Callable[[], None]]:
+    """Yields `start`: from its call to the end of the block, Ctrl-C (SIGINT) and SIGTERM wait, and
+    are delivered (to the handlers they would have met) as the block ends. In the main thread,
+    where Python runs signal handlers; elsewhere `start` does nothing."""
+    arrived: list[int] = []
+    previous: dict[int, Any] = {}
+
+    def start() -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, lambda caught, frame: arrived.append(caught))
+
+    try:
+        yield start
+    finally:
+        for signum, handler in previous.items():  # None: a handler not set from Python; the default then
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
+
+
 def write_files_atomic(files: dict[str | os.PathLike, bytes]) -> None:
     """Writes a stage's several outputs (preprocess's three splits, plot's three PNGs) each to a
     temporary file, and renames them into place only once every one is written: a failure while
     writing (a full disk, Ctrl-C) leaves every target untouched, never a new train split beside an
-    old test split. The renames come last, one after another, each atomic."""
+    old test split. The renames come last, one after another, each atomic; a Ctrl-C or SIGTERM
+    that arrives between two of them waits until the last is done."""
     # Every temporary exists before any rename: the stack exits (renames, or on an exception removes
     # the temporaries) only after the loop has written them all.
-    with contextlib.ExitStack() as renames:
+    with _signals_held_once_started() as hold_signals, contextlib.ExitStack() as renames:
         for target, data in files.items():
             renames.enter_context(atomic_path(target)).write_bytes(data)
+        hold_signals()  # only the renames are left (the stack's exit): all of them, or Ctrl-C during a write
 
 
 def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:

@@ -70,8 +70,9 @@ def check_compile(device: torch.device) -> None:
             raise PipelineError("train.compile: torch.compile on a GPU needs Triton, which is not installed "
                                 "(pip install triton); or set train.compile: false")
         if not has_triton():
-            raise PipelineError(f"train.compile: Triton does not support this GPU ({torch.cuda.get_device_name(device)}, "
-                                "compute capability 7.0 or more needed); set train.compile: false")
+            raise PipelineError(f"train.compile: Triton does not support this GPU "
+                                f"({torch.cuda.get_device_name(device)}, compute capability 7.0 or more needed); "
+                                "set train.compile: false")
         return
     try:
         get_cpp_compiler()

@@ -1,13 +1,17 @@
 """benchmarks/speed.py (`make bench`) and benchmarks/predict_check.py run end to end on tiny
-synthetic MNIST, so that neither script rots between the runs that give their figures.
+synthetic MNIST, so that neither script rots between the runs that give their figures; and the
+command-line helpers every benchmark shares (benchmarks/presets.py).
 
 Not timing tests: the numbers they print are not checked, only that every part ran and reported.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,8 @@ import yaml
 import torchvision  # noqa: F401 (the tutorials' input pipeline: the test extra carries it, never skipped)
 
 from benchmarks import predict_check, speed
+from benchmarks import presets as bench_presets
+from benchmarks.presets import append_text, comma_ints, output_file, params_line
 from benchmarks.frontier import quick_data
 from stages.common import PipelineError, save_tensors
 from stages.models import network_count
@@ -53,11 +59,64 @@ def test_make_bench_names_every_missing_idx_file_before_timing_anything(tmp_path
     """Only the train files in --raw: the test files are named too, before any timed epoch (they
     were found missing only after part 1's epochs)."""
     raw, splits = quick_data(tmp_path)
+    for name, split in splits.items():
+        save_tensors(tmp_path / "prepared" / f"{name}.pt", split)
     for test_file in raw.glob("t10k-*"):
         test_file.unlink()
     with pytest.raises(PipelineError, match=r": no t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte \(nor \.gz\)"):
         speed.main(["--raw", str(raw), "--data", str(tmp_path / "prepared"), "--repeats", "1", "--device", "cpu"])
     assert "(a) tutorials" not in capsys.readouterr().out
+
+
+def test_make_bench_finds_missing_splits_before_timing_anything(tmp_path, capsys):
+    """Part 2's prepared splits are checked before part 1's timed epochs, not minutes after them."""
+    raw, splits = quick_data(tmp_path)
+    for name, split in splits.items():
+        if name != "test":
+            save_tensors(tmp_path / "prepared" / f"{name}.pt", split)
+    with pytest.raises(PipelineError, match=r"prepared/test\.pt: file not found"):
+        speed.main(["--raw", str(raw), "--data", str(tmp_path / "prepared"), "--repeats", "1", "--device", "cpu"])
+    assert "(a) tutorials" not in capsys.readouterr().out
+
+
+def test_seeds_and_ranges_read_as_the_numbers_they_name():
+    assert comma_ints("0, 1,2") == [0, 1, 2]
+    assert comma_ints("60-63,70") == [60, 61, 62, 63, 70] and comma_ints("5-5") == [5]
+
+
+def test_an_output_file_the_user_cannot_write_is_refused_when_the_command_is_read(tmp_path, monkeypatch):
+    """As root every permission check passes, so the refusal is simulated where the folder is tried:
+    one line, before any run (not a traceback after an hour's run)."""
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(bench_presets.tempfile, "TemporaryFile", refused)
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"^{tmp_path}/t\.md: cannot write \(Permission denied: "):
+        output_file(str(tmp_path / "t.md"))
+
+
+def test_appending_to_an_output_file_that_fails_is_one_line(tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    with pytest.raises(PipelineError, match=rf"^{target}/t\.md: cannot write \(Not a directory"):
+        append_text(target / "t.md", "| row |\n")
+
+
+def test_params_line_says_whether_the_params_are_the_committed_ones(tmp_path, monkeypatch):
+    """The benchmarks' header: 'default' is params.yaml as committed, or it names the keys that
+    differ (what `dvc exp run -S` leaves in the workspace)."""
+    monkeypatch.chdir(tmp_path)
+    assert params_line(Path("params.yaml")) == "params: params.yaml (no commit to compare it with)"
+    (tmp_path / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run([*git, "add", "params.yaml"], check=True)
+    subprocess.run([*git, "commit", "-qm", "params"], check=True)
+    assert params_line(Path("params.yaml")) == "params: params.yaml as committed"
+    text = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("  lr: 0.2\n", "  lr: 0.3\n", 1))
+    assert params_line(Path("params.yaml")).startswith("params: params.yaml differs from the last commit in "
+                                                       "train.lr: 'default' and cnn below are this working copy's")
 
 
 def test_predict_check_classifies_every_format_and_measures_memory(capsys):

@@ -18,8 +18,8 @@ import yaml
 
 import stages.__main__ as launcher
 from stages.common import (PipelineError, Terminated, atomic_path, ctrl_c_reached_my_group, exception_line,
-                           load_tensors, os_reason, parse_yaml, run_main, save_tensors, tensor_bytes,
-                           write_files_atomic)
+                           load_tensors, os_reason, parse_yaml, raise_terminated, run_main, save_tensors,
+                           tensor_bytes, write_files_atomic)
 from tests.conftest import PROJECT_ROOT, VENV_BIN
 
 
@@ -113,6 +113,35 @@ def test_save_tensors_streams_the_bytes_of_tensor_bytes_atomically(tmp_path, mon
     with pytest.raises(PipelineError, match=rf"^{target}: cannot write \(No space left on device\)$"):
         save_tensors(target, payload)
     assert [path.name for path in tmp_path.iterdir()] == ["train.pt"] and target.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_between_the_renames_waits_for_the_last(tmp_path, monkeypatch, signum):
+    """Ctrl-C or SIGTERM arriving after the first of three renames: all three outputs are the new
+    ones, then the signal takes effect (KeyboardInterrupt, or run_main's Terminated); the handlers
+    are back as they were."""
+    targets = [tmp_path / name for name in ("train.pt", "val.pt", "test.pt")]
+    for target in targets:
+        target.write_bytes(b"old")
+    real_replace, renamed = os.replace, []
+
+    def signal_after_the_first(src, dst):
+        real_replace(src, dst)
+        renamed.append(dst)
+        if len(renamed) == 1:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(os, "replace", signal_after_the_first)
+    handler = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
+            write_files_atomic({target: b"new" for target in targets})
+        assert signal.getsignal(signal.SIGTERM) is raise_terminated
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert [target.read_bytes() for target in targets] == [b"new"] * 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_directory_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):

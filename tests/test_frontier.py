@@ -32,7 +32,8 @@ def test_quick_run_interleaves_reference_and_presets_and_reports(tmp_path, capsy
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].startswith("CPU: ") and "torch threads" in lines[0] and "torch " in lines[0]
-    progress = [line.split(":")[0] for line in lines[1:7]]
+    assert lines[1].startswith("params: params.yaml ")  # as committed, or how it differs (test_bench_scripts)
+    progress = [line.split(":")[0] for line in lines[2:8]]
     assert progress == ["reference epoch 1", "default seed 0", "fast seed 0",
                         "reference epoch 2", "default seed 1", "fast seed 1"]
     rows = [line for line in lines if line.startswith("| default ") or line.startswith("| fast ")]
@@ -73,7 +74,11 @@ def test_unknown_preset_is_refused_before_anything_runs(tmp_path, capsys):
     (["--seeds", "0,0"], "--seeds: a seed given twice would count one run twice in the means"),
     (["--device", "cuda"], "argument --device: 'cuda' was requested but no CUDA GPU is available"),
     (["--device", "gpu"], "argument --device: invalid choice: 'gpu' (choose from auto, cpu, cuda)"),
-], ids=["plot under a file", "plot a folder", "seed twice", "cuda without a GPU", "unknown device"])
+    (["--set", "train.device=cpu"], "--set train.device: every run trains where --device says"),
+    (["--raw", "{tmp}"], "--quick writes its own tiny data: it takes no --raw or --data"),
+    (["--seeds", "3-1"], "argument --seeds: '3-1': a range runs from the lower number to the higher"),
+], ids=["plot under a file", "plot a folder", "seed twice", "cuda without a GPU", "unknown device",
+        "device by --set", "quick with --raw", "range backwards"])
 def test_an_output_or_seed_that_cannot_work_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch, args,
                                                                               message):
     """Not a traceback after the whole run: a full one takes an hour. The flag named, not train.device."""
@@ -141,6 +146,20 @@ def test_a_raw_folder_without_the_files_is_named_before_the_reference_trains(tmp
     (tmp_path / "mirror" / "train-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(PipelineError, match=re.escape(
             f"{tmp_path / 'mirror'}: no train-labels-idx1-ubyte (nor .gz); point --raw at the directory")):
+        frontier.main(["--presets", "fast", "--seeds", "0", "--data", str(tmp_path / "prepared"),
+                       "--raw", str(tmp_path / "mirror"), "--plot", str(tmp_path / "f.png")])
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_a_raw_folder_of_other_files_under_mnists_names_is_refused_before_the_reference_trains(tmp_path, capsys):
+    """--raw holding other files under MNIST's names (Fashion-MNIST's after a `fashion` repro; here
+    synthetic ones) while the prepared splits are MNIST's: the reference recipe would train on them
+    and set the clock, so the checksums are checked first."""
+    write_prepared(tmp_path / "prepared", [str(digit) for digit in range(10)])
+    write_mirror(tmp_path / "mirror", n_train=60, n_test=20)
+    with pytest.raises(PipelineError, match=r"mirror: train-images-idx3-ubyte\.gz: SHA-256 .* The benchmark's dataset "
+                                            r"is mnist: run `dvc repro fetch` with fetch\.dataset: mnist"):
         frontier.main(["--presets", "fast", "--seeds", "0", "--data", str(tmp_path / "prepared"),
                        "--raw", str(tmp_path / "mirror"), "--plot", str(tmp_path / "f.png")])
     assert capsys.readouterr().out == ""
