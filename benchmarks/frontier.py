@@ -17,10 +17,12 @@ every preset for the next seed, ...) so that a change in the machine's load fall
   the test accuracy: choices between candidates (`--set` runs every preset with a change, e.g. a
   lever to measure) are made on it.
 
-`default` is params.yaml as committed; other names are entries of presets.yaml applied to it. The
-prepared splits come from data/prepared/*.pt, or are built from the raw IDX files (data/raw) by the
-preprocess stage's function when they are missing. Prints a table and the machine (CPU with its
-vector ISA, threads, torch); writes benchmarks/frontier.png (accuracy against time, log x axis).
+`default` is params.yaml as committed; other names are entries of presets.yaml applied to it (a
+workspace whose params.yaml differs from the last commit is named in the output's `params:` line).
+The prepared splits come from data/prepared/*.pt, or are built from the raw IDX files (data/raw) by
+the preprocess stage's function when they are missing. Prints the machine (CPU with its vector ISA,
+threads, torch), the params line and a table; writes benchmarks/frontier.png (accuracy against
+time, log x axis).
 `--quick` runs everything on tiny synthetic data for one epoch, in a minute or two on 2 cores
 (cnn-max's 12 stored views take the most), and draws benchmarks/frontier-quick.png: a smoke test of
 the script (the test suite runs it), its numbers mean nothing.
@@ -43,7 +45,7 @@ import torch
 
 from benchmarks import presets
 from benchmarks.presets import (DATA_DIR, QUICK_VAL, RAW_DIR, check_raw, comma_ints, comma_list, device_option,
-                                load_splits, output_file, params_line, parse_override, test_accuracy, timed_fit,
+                                figure_file, load_splits, params_line, parse_override, test_accuracy, timed_fit,
                                 write_quick_mirror)
 from benchmarks.reference import torchvision_mnist, train_reference
 from stages.augment import augmented_split
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny synthetic data, one epoch: a smoke test")
     parser.add_argument("--raw", type=Path, help=f"directory of the MNIST IDX files, plain or .gz (default {RAW_DIR})")
     parser.add_argument("--data", type=Path, help=f"directory of train.pt, val.pt, test.pt (default {DATA_DIR})")
-    parser.add_argument("--plot", type=output_file, help=f"where to write the figure (default: {PLOT_PATH}; "
+    parser.add_argument("--plot", type=figure_file, help=f"where to write the figure (default: {PLOT_PATH}; "
                                                           f"with --quick, {QUICK_PLOT_PATH})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
                         metavar="SECTION.KEY=VALUE", help="a param for every preset, after its own (repeatable)")
@@ -216,7 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick and (args.raw or args.data):
         parser.error("--quick writes its own tiny data: it takes no --raw or --data")
     args.raw, args.data = args.raw or RAW_DIR, args.data or DATA_DIR
-    args.plot = args.plot or (QUICK_PLOT_PATH if args.quick else PLOT_PATH)
+    if args.plot is None:  # the default, checked as a given one is
+        try:
+            args.plot = figure_file(str(QUICK_PLOT_PATH if args.quick else PLOT_PATH))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --plot: {exc}")
     overrides = dict(args.overrides)
     seeded = sorted({"train.seed", "augment.seed"} & overrides.keys())
     if seeded:
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         train_set, test_set = torchvision_mnist(raw_dir, Path(temp, "torchvision"))
     precisions = {name: resolve_precision(p.train.precision, device) for (name, _), p in all_params.items()}
     print(machine_line(device, precisions), flush=True)
-    print(params_line(), flush=True)
+    print(params_line({"train.seed", "augment.seed", "train.device", *overrides}), flush=True)
     memory = PeakMemory()
     reference_epochs = train_reference(train_set, test_set, args.reference_epochs, seed=0, device=device)
     reference, runs = [], []

@@ -140,23 +140,30 @@ def comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def output_file(text: str) -> Path:
-    """An argparse type for a file the benchmark writes: its folder is made now, the path must not be
-    a folder, and the folder and the file must take writes, so that a bad path is one line before
-    any training, not a traceback after it (the figure is renamed into place, the tables are
-    appended to)."""
+def output_file(text: str, renamed: bool = False) -> Path:
+    """An argparse type for a file the benchmark appends to (a table, the sealed test accuracies):
+    its folder is made now, the path must not be a folder, and the file (or, while it does not
+    exist, its folder) must take writes, so that a bad path is one line before any training, not a
+    traceback after it. `renamed`: the file is written beside itself and renamed into place (the
+    figure), so its folder must take new files in any case."""
     path = Path(text)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():
             raise argparse.ArgumentTypeError(f"{text}: is a folder; name a file")
-        with tempfile.TemporaryFile(dir=path.parent):  # made and gone: the folder takes new files
-            pass
+        if renamed or not path.exists():
+            with tempfile.TemporaryFile(dir=path.parent):  # made and gone: the folder takes new files
+                pass
         if path.exists():
             path.open("ab").close()  # appends nothing: the file takes writes
     except OSError as exc:
         raise argparse.ArgumentTypeError(str(cannot_write(path, exc))) from None
     return path
+
+
+def figure_file(text: str) -> Path:
+    """output_file for a figure, which is renamed into place."""
+    return output_file(text, renamed=True)
 
 
 def append_text(path: Path, text: str) -> None:
@@ -168,17 +175,19 @@ def append_text(path: Path, text: str) -> None:
         raise cannot_write(path, exc) from None
 
 
-def params_line(params_path: Path = Path(params_mod.DEFAULT_PATH)) -> str:
-    """A benchmark's header line on what its 'default' (or cnn) is: params.yaml as committed, or a
-    working copy that differs from the last commit (`dvc exp run -S` leaves its params there)."""
+def params_line(also_set: set[str] = frozenset(), params_path: Path = Path(params_mod.DEFAULT_PATH)) -> str:
+    """A benchmark's header line on the params every run starts from: params.yaml as committed, or
+    a working copy that differs from the last commit (`dvc exp run -S` leaves its params there),
+    naming the keys; keys the benchmark sets itself in every run (`also_set`: the seeds, --set's) are
+    not counted."""
     committed = committed_params(params_path)
     if committed is None:
         return f"params: {params_path} (no commit to compare it with)"
-    changed = leftover_keys(params_mod.load_raw(params_path), committed, {})
+    changed = leftover_keys(params_mod.load_raw(params_path), committed, dict.fromkeys(also_set))
     if not changed:
         return f"params: {params_path} as committed"
-    return (f"params: {params_path} differs from the last commit in {', '.join(changed)}: 'default' and cnn "
-            "below are this working copy's params, not the committed ones")
+    return (f"params: {params_path} differs from the last commit in {', '.join(changed)}: every run below starts "
+            "from this working copy's params, not the committed ones")
 
 
 def check_raw(raw_dir: Path, dataset: Dataset) -> None:
@@ -213,18 +222,26 @@ def device_option(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(NO_CUDA_GPU) from None
 
 
+MAX_RANGE = 10_000  # numbers one range of comma_ints may name
+
+
 def comma_ints(text: str) -> list[int]:
-    """An argparse type: "0,1,2" -> [0, 1, 2]; "60-63,70" -> [60, 61, 62, 63, 70] (a range: both ends)."""
+    """An argparse type: "0,1,2" -> [0, 1, 2]; "60-63,70" -> [60, 61, 62, 63, 70] (a range: both
+    ends). Numbers >= 0 (seeds, widths, sizes)."""
     numbers = []
     for item in comma_list(text):
         first, dash, last = item.partition("-")
-        if dash and first.strip() and last.strip():
-            start, stop = int(first), int(last)
-            if stop < start:
-                raise argparse.ArgumentTypeError(f"{item!r}: a range runs from the lower number to the higher")
-            numbers += range(start, stop + 1)
-        else:
-            numbers.append(int(item))
+        try:
+            start = int(first)
+            stop = int(last) if dash else start
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: not a whole number >= 0, nor a range of them "
+                                             "such as 60-79") from None
+        if stop < start:
+            raise argparse.ArgumentTypeError(f"{item!r}: a range runs from the lower number to the higher")
+        if stop - start >= MAX_RANGE:
+            raise argparse.ArgumentTypeError(f"{item!r}: more than {MAX_RANGE:,} numbers")
+        numbers += range(start, stop + 1)
     return numbers
 
 
@@ -252,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
     runs = [(spec, params) for spec, params in zip(specs, all_params) if spec not in other]
     suffix = "".join(f" {key}={value}" for key, value in overrides.items())
-    print(params_line(), file=sys.stderr)  # stdout: the table alone, as in --out
+    print(params_line(set(overrides)), file=sys.stderr)  # stdout: the table alone, as in --out
     sys.stdout.write(TABLE_HEADER)
     if args.out:
         try:

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(first.train.device)
     names = list(args.candidates)
     runs: list[Run] = []
-    print(params_line(), flush=True)
+    print(params_line({"preprocess.seed", "train.seed", "augment.seed"}), flush=True)  # every run sets these
     if args.sealed_test:  # written now, so that a bad path fails before any training
         candidates = yaml.safe_dump(args.candidates, default_flow_style=True, width=10**6).strip()
         append_text(args.sealed_test, f"# benchmarks.screen {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: "

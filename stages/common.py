@@ -295,13 +295,18 @@ def _signals_held_once_started() -> Iterator[Callable[[], None]]:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 previous[signum] = signal.signal(signum, lambda caught, frame: arrived.append(caught))
 
-    try:
-        yield start
-    finally:
+    def restore() -> None:
         for signum, handler in previous.items():  # None: a handler not set from Python; the default then
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        for signum in dict.fromkeys(arrived):
-            signal.raise_signal(signum)
+
+    try:
+        yield start
+    except BaseException:  # a rename failed: its error ends the run; a held signal adds nothing to it
+        restore()
+        raise
+    restore()
+    for signum in dict.fromkeys(arrived):
+        signal.raise_signal(signum)
 
 
 def write_files_atomic(files: dict[str | os.PathLike, bytes]) -> None:

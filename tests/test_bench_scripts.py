@@ -84,6 +84,18 @@ def test_seeds_and_ranges_read_as_the_numbers_they_name():
     assert comma_ints("60-63,70") == [60, 61, 62, 63, 70] and comma_ints("5-5") == [5]
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("1-", "'1-': not a whole number >= 0, nor a range of them such as 60-79"),
+    ("-3", "'-3': not a whole number >= 0"),
+    ("a", "'a': not a whole number >= 0"),
+    ("5-3", "'5-3': a range runs from the lower number to the higher"),
+    ("0-99999999999", "'0-99999999999': more than 10,000 numbers"),
+])
+def test_numbers_that_are_not_seeds_are_refused_with_what_is_wrong(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(message)}"):
+        comma_ints(text)
+
+
 def test_an_output_file_the_user_cannot_write_is_refused_when_the_command_is_read(tmp_path, monkeypatch):
     """As root every permission check passes, so the refusal is simulated where the folder is tried:
     one line, before any run (not a traceback after an hour's run)."""
@@ -93,6 +105,20 @@ def test_an_output_file_the_user_cannot_write_is_refused_when_the_command_is_rea
     monkeypatch.setattr(bench_presets.tempfile, "TemporaryFile", refused)
     with pytest.raises(argparse.ArgumentTypeError, match=rf"^{tmp_path}/t\.md: cannot write \(Permission denied: "):
         output_file(str(tmp_path / "t.md"))
+
+
+def test_an_existing_file_is_appended_to_even_in_a_folder_that_takes_no_new_files(tmp_path, monkeypatch):
+    """A table or sealed-test file that exists is only appended to: its folder need not take new
+    files (/dev/stdout, a file in a read-only folder). A figure is renamed into place: it must."""
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(bench_presets.tempfile, "TemporaryFile", refused)
+    (tmp_path / "t.md").write_text("kept\n")
+    assert output_file(str(tmp_path / "t.md")) == tmp_path / "t.md"
+    assert (tmp_path / "t.md").read_text() == "kept\n"
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot write"):
+        bench_presets.figure_file(str(tmp_path / "t.md"))
 
 
 def test_appending_to_an_output_file_that_fails_is_one_line(tmp_path):
@@ -106,17 +132,22 @@ def test_params_line_says_whether_the_params_are_the_committed_ones(tmp_path, mo
     """The benchmarks' header: 'default' is params.yaml as committed, or it names the keys that
     differ (what `dvc exp run -S` leaves in the workspace)."""
     monkeypatch.chdir(tmp_path)
-    assert params_line(Path("params.yaml")) == "params: params.yaml (no commit to compare it with)"
+    assert params_line(params_path=Path("params.yaml")) == "params: params.yaml (no commit to compare it with)"
     (tmp_path / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run(["git", "init", "-q"], check=True)
     subprocess.run([*git, "add", "params.yaml"], check=True)
     subprocess.run([*git, "commit", "-qm", "params"], check=True)
-    assert params_line(Path("params.yaml")) == "params: params.yaml as committed"
+    assert params_line(params_path=Path("params.yaml")) == "params: params.yaml as committed"
     text = (tmp_path / "params.yaml").read_text()
-    (tmp_path / "params.yaml").write_text(text.replace("  lr: 0.2\n", "  lr: 0.3\n", 1))
-    assert params_line(Path("params.yaml")).startswith("params: params.yaml differs from the last commit in "
-                                                       "train.lr: 'default' and cnn below are this working copy's")
+    (tmp_path / "params.yaml").write_text(text.replace("  lr: 0.2\n", "  lr: 0.3\n", 1)
+                                          .replace("  seed: 0\n\ntrain:", "  seed: 5\n\ntrain:", 1))
+    assert params_line(params_path=Path("params.yaml")) == (
+        "params: params.yaml differs from the last commit in augment.seed, train.lr: every run below starts "
+        "from this working copy's params, not the committed ones")
+    # A key every run sets (the seeds from --seeds) is not what the runs inherit.
+    assert params_line({"augment.seed"}, Path("params.yaml")).startswith(
+        "params: params.yaml differs from the last commit in train.lr: ")
 
 
 def test_predict_check_classifies_every_format_and_measures_memory(capsys):

@@ -115,8 +115,20 @@ def test_save_tensors_streams_the_bytes_of_tensor_bytes_atomically(tmp_path, mon
     assert [path.name for path in tmp_path.iterdir()] == ["train.pt"] and target.read_bytes() == b"old"
 
 
+@pytest.fixture
+def stage_signal_handlers():
+    """Ctrl-C and SIGTERM handled as in a stage under run_main (a test run started in the background,
+    as CI's may be, begins with SIGINT ignored); put back afterwards."""
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, raise_terminated)
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_signal_between_the_renames_waits_for_the_last(tmp_path, monkeypatch, signum):
+def test_a_signal_between_the_renames_waits_for_the_last(tmp_path, monkeypatch, stage_signal_handlers, signum):
     """Ctrl-C or SIGTERM arriving after the first of three renames: all three outputs are the new
     ones, then the signal takes effect (KeyboardInterrupt, or run_main's Terminated); the handlers
     are back as they were."""
@@ -132,15 +144,29 @@ def test_a_signal_between_the_renames_waits_for_the_last(tmp_path, monkeypatch, 
             os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(os, "replace", signal_after_the_first)
-    handler = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
-            write_files_atomic({target: b"new" for target in targets})
-        assert signal.getsignal(signal.SIGTERM) is raise_terminated
-    finally:
-        signal.signal(signal.SIGTERM, handler)
+    with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
+        write_files_atomic({target: b"new" for target in targets})
     assert [target.read_bytes() for target in targets] == [b"new"] * 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is raise_terminated
+
+
+def test_a_rename_that_fails_while_a_signal_waits_ends_the_run_with_its_own_error(tmp_path, monkeypatch,
+                                                                                  stage_signal_handlers):
+    """Ctrl-C held after the first rename, then the second fails: the failure is what the run ends
+    with (one line, exit status 1), not an "interrupted" that would claim nothing was half-written."""
+    real_replace, renamed = os.replace, []
+
+    def first_renames_then_the_disk_is_full(src, dst):
+        renamed.append(dst)
+        if len(renamed) > 1:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", first_renames_then_the_disk_is_full)
+    with pytest.raises(PipelineError, match=r"cannot write \(No space left on device\)$"):
+        write_files_atomic({tmp_path / "a.json": b"new", tmp_path / "b.json": b"new"})
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
