@@ -34,7 +34,6 @@ import argparse
 import io
 import resource
 import statistics
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -45,8 +44,8 @@ import torch
 
 from benchmarks import presets
 from benchmarks.presets import (DATA_DIR, QUICK_VAL, RAW_DIR, check_raw, comma_ints, comma_list, device_option,
-                                figure_file, load_splits, params_line, parse_override, test_accuracy, timed_fit,
-                                write_quick_mirror)
+                                figure_file, lifetime_peak_rss, load_splits, params_line, parse_override,
+                                test_accuracy, timed_fit, write_quick_mirror)
 from benchmarks.reference import torchvision_mnist, train_reference
 from stages.augment import augmented_split
 from stages.common import PipelineError, run_main, write_bytes_atomic
@@ -97,9 +96,8 @@ class PeakMemory:
     def current() -> int:
         try:  # Linux: /proc/self/statm's second field is resident pages
             return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-        except OSError:  # elsewhere: the lifetime peak (bytes on macOS, KiB on Linux), an upper bound
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            return peak if sys.platform == "darwin" else peak * 1024
+        except OSError:  # elsewhere: the lifetime peak, an upper bound
+            return lifetime_peak_rss()
 
     def _sample(self) -> None:
         while not self._stop.wait(self.PERIOD_S):

@@ -14,6 +14,7 @@ train stage logs as "trained in" (it includes the per-epoch val scoring, not the
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -164,6 +165,13 @@ def output_file(text: str, renamed: bool = False) -> Path:
 def figure_file(text: str) -> Path:
     """output_file for a figure, which is renamed into place."""
     return output_file(text, renamed=True)
+
+
+def lifetime_peak_rss() -> int:
+    """Bytes: this process's peak resident memory over its whole life (getrusage's ru_maxrss, which
+    is in KiB on Linux, in bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def append_text(path: Path, text: str) -> None:

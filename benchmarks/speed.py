@@ -21,8 +21,6 @@ before the first measurement, so that it favours neither side of the comparison.
 from __future__ import annotations
 
 import argparse
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.presets import (DATA_DIR, RAW_DIR, augmented, device_option, load_splits, preset_params,
-                                synchronize, test_accuracy, timed_fit)
+from benchmarks.presets import (DATA_DIR, RAW_DIR, augmented, device_option, lifetime_peak_rss, load_splits,
+                                preset_params, synchronize, test_accuracy, timed_fit)
 from benchmarks.reference import place_for_torchvision
 from stages.common import PipelineError, load_tensors, run_main
 from stages.datasets import load_table
@@ -186,9 +184,7 @@ def time_to_accuracy(data_dir: Path, device: torch.device) -> None:
 
 
 def print_peak_memory() -> None:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    peak_mib = peak / 2**20 if sys.platform == "darwin" else peak / 1024
-    print(f"\n3. Peak resident memory of this process: {peak_mib:.0f} MiB")
+    print(f"\n3. Peak resident memory of this process: {lifetime_peak_rss() / 2**20:.0f} MiB")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,6 +53,12 @@ class Dataset:
         return f"no {', '.join(lacking)} (nor .gz)" if lacking else ""
 
 
+def is_url(source: str) -> bool:
+    """Whether a source of a dataset's files ($MNIST_MIRROR, a fetch.mirrors entry) is a base URL;
+    else it is a directory."""
+    return "://" in source
+
+
 def idx_size(role: str, count: int, image_size: int) -> int:
     """Bytes of an IDX file of `count` images (a 16-byte header: magic, count, rows, columns; then
     one uint8 per pixel) or labels (an 8-byte header: magic, count; then one uint8 each)."""

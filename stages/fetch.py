@@ -25,7 +25,7 @@ from pathlib import Path
 
 from stages import params as params_mod
 from stages.common import PipelineError, Progress, atomic_path, log, os_reason, run_main
-from stages.datasets import FILE_ROLES, DataFile, load_table
+from stages.datasets import FILE_ROLES, DataFile, is_url, load_table
 from stages.idx import IdxFormatError, gunzip_if_compressed
 
 STAGE = "fetch"
@@ -43,10 +43,6 @@ class SourceError(Exception):
 
 def sources(mirrors: list[str], override: str | None) -> list[str]:
     return ([override] if override else []) + list(mirrors)
-
-
-def is_url(source: str) -> bool:
-    return "://" in source
 
 
 # Where a size limit comes from, said with each refusal: a table entry with too small a count

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from stages.common import NO_CUDA_GPU, PipelineError, read_yaml, run_main, write_text_atomic
-from stages.datasets import Dataset, load_table
+from stages.datasets import Dataset, is_url, load_table
 from stages.model_config import (MAX_NETWORKS, Architecture, ModelConfig, Pool, Stem, feature_side, is_valid_crop,
                                   is_valid_network_count, largest_crop)
 
@@ -91,7 +91,7 @@ class FetchParams:
             for index, mirror in enumerate(mirrors):
                 # A URL without its scheme (storage.googleapis.com/...) would be read as a relative
                 # directory, and one that is relative breaks where DVC runs stages in a copy.
-                _require("://" in mirror or Path(mirror).is_absolute(), f"fetch.mirrors.{name}[{index}]",
+                _require(is_url(mirror) or Path(mirror).is_absolute(), f"fetch.mirrors.{name}[{index}]",
                          f"must be a base URL (https://...) or an absolute directory, got {mirror!r}")
         # An hour: far beyond any useful wait, and far below what a socket's timer can hold.
         _require(0 < self.timeout_s <= 3600, "fetch.timeout_s",
