@@ -55,7 +55,7 @@ from stages.preprocess import prepare
 from stages.runtime import (cpu_has_amx, cpu_has_bf16, cpu_model, describe_device, release_freed_memory,
                             resolve_precision, retain_freed_memory)
 
-DEFAULT_PRESETS = ("default", "fast", "cnn-max", "mlp-best")
+DEFAULT_PRESETS = (presets.DEFAULT_PRESET, "fast", "cnn-max", "mlp-best")
 PLOT_PATH = Path("benchmarks/frontier.png")
 QUICK_PLOT_PATH = Path("benchmarks/frontier-quick.png")  # a smoke test's figure never replaces a real one
 QUICK_OVERRIDES = {"train.epochs": 1}  # --quick: one epoch of everything, on benchmarks.presets' tiny data
@@ -73,8 +73,7 @@ class PresetRun:
 
 def preset_params(name: str, seed: int, extra: dict[str, Any]) -> Params:
     """params.yaml with preset `name` (none for 'default'), the seeds and `extra` applied, validated."""
-    return presets.preset_params("cnn" if name == "default" else name,  # presets.yaml's cnn is {}
-                                 {"train.seed": seed, "augment.seed": seed, **extra})
+    return presets.preset_params(name, {"train.seed": seed, "augment.seed": seed, **extra})
 
 
 class PeakMemory:
@@ -243,13 +242,15 @@ def main(argv: list[str] | None = None) -> None:
             raw_dir, splits = quick_data(Path(temp))
         else:
             raw_dir = args.raw
+            # First: the reference recipe reads them, and missing splits are prepared from them. After a
+            # `fashion` repro, data/raw holds garments under MNIST's names.
+            check_raw(raw_dir, load_table()["mnist"])
             splits = load_or_prepare(args.data, raw_dir, first.preprocess, first.fetch.dataset)
             if list(splits["train"]["classes"]) != list(load_table()["mnist"].classes):
-                # e.g. after a `fashion` repro: data/prepared, and data/raw under the same names, hold garments
+                # e.g. data/prepared still holds a `fashion` repro's garments
                 raise PipelineError(f"{args.data} holds another dataset than MNIST (class names "
                                     f"{list(splits['train']['classes'])[:3]}...); run `dvc repro preprocess` "
                                     "with fetch.dataset: mnist, or point --data and --raw at MNIST's files")
-            check_raw(raw_dir, load_table()["mnist"])  # the reference recipe reads them: MNIST's, not garments
         train_set, test_set = torchvision_mnist(raw_dir, Path(temp, "torchvision"))
     precisions = {name: resolve_precision(p.train.precision, device) for (name, _), p in all_params.items()}
     print(machine_line(device, precisions), flush=True)

@@ -10,6 +10,7 @@ is measured in.
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stages.common import PipelineError
+from stages.common import PipelineError, run_main
 from stages.datasets import load_table
 from stages.idx import read_bytes
 
@@ -172,16 +173,22 @@ def train_reference(train_set, test_set, epochs: int, seed: int, device: torch.d
         yield EpochResult(epoch, seconds, loss_sum.item() / len(train_loader), accuracy)
 
 
-def main() -> None:
-    """python -m benchmarks.reference [EPOCHS]: the recipe alone on data/raw, one line per epoch."""
-    import sys
-    epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+def main(argv: list[str] | None = None) -> None:
+    """python -m benchmarks.reference [--epochs N] [--raw DIR]: the recipe alone, one line per epoch."""
+    parser = argparse.ArgumentParser(description="The pytorch/examples MNIST recipe alone (the frontier's clock).")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs to train (default 1)")
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"),
+                        help="directory of MNIST's four IDX files, plain or .gz (default data/raw)")
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error("--epochs must be >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="mnist-reference-") as root:
-        train_set, test_set = torchvision_mnist(Path("data/raw"), Path(root))
-    for result in train_reference(train_set, test_set, epochs, seed=1, device=device):
-        print(f"epoch {result.epoch}: {result.train_seconds:.1f} s, train loss {result.train_loss:.4f}, test accuracy {100 * result.test_accuracy:.2f}%")
+        train_set, test_set = torchvision_mnist(args.raw, Path(root))
+    for result in train_reference(train_set, test_set, args.epochs, seed=1, device=device):
+        print(f"epoch {result.epoch}: {result.train_seconds:.1f} s, train loss {result.train_loss:.4f}, "
+              f"test accuracy {100 * result.test_accuracy:.2f}%", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_main("benchmarks.reference", main)

@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=parse_candidates, required=True,
                         help="YAML mapping: name -> {section.key: value}; the first is the one compared against")
-    parser.add_argument("--preset", default="cnn",
-                        help="presets.yaml entry the candidates start from (cnn: params.yaml as it is)")
+    parser.add_argument("--preset", default="default",
+                        help="presets.yaml entry the candidates start from (default, or cnn: params.yaml as it is)")
     parser.add_argument("--seeds", type=comma_ints, default=[0, 1, 2, 3, 4, 5],
                         help="comma-separated, ranges as 60-79; seed k: preprocess.seed, train.seed and "
                              "augment.seed k")

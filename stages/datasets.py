@@ -106,3 +106,11 @@ def load_table(path: Path = TABLE_PATH) -> dict[str, Dataset]:
     if not isinstance(raw, dict) or not raw:
         raise PipelineError(f"{path}: expected a mapping of dataset names to entries")
     return {name: _parse_entry(name, entry) for name, entry in raw.items()}
+
+
+def known_files(table: dict[str, Dataset]) -> dict[str, str]:
+    """SHA-256 of every file the table lists -> "<dataset>'s <file name>": the `known` of
+    fetch.fetch_verified, which names a file found in place of another (MNIST's and Fashion-MNIST's
+    files have the same names)."""
+    return {entry.sha256: f"{dataset.name}'s {entry.name}" for dataset in table.values()
+            for entry in dataset.files.values()}

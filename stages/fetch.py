@@ -25,8 +25,8 @@ from pathlib import Path
 
 from stages import params as params_mod
 from stages.common import PipelineError, Progress, atomic_path, log, os_reason, run_main
-from stages.datasets import FILE_ROLES, DataFile, is_url, load_table
-from stages.idx import IdxFormatError, gunzip_if_compressed
+from stages.datasets import FILE_ROLES, DataFile, is_url, known_files, load_table
+from stages.idx import IdxFormatError, IdxTooLargeError, gunzip_if_compressed
 
 STAGE = "fetch"
 MIRROR_ENV = "MNIST_MIRROR"
@@ -139,7 +139,7 @@ def uncompressed(data: bytes, max_size: int) -> bytes:
         return gunzip_if_compressed(data, max_size=max_size)
     except IdxFormatError as exc:
         reason = str(exc).removeprefix("<bytes>: ")
-        raise SourceError(reason + (_BY_THE_TABLE if reason.startswith("content larger") else "")) from None
+        raise SourceError(reason + (_BY_THE_TABLE if isinstance(exc, IdxTooLargeError) else "")) from None
 
 
 def fetch_verified(source: str, file: DataFile, timeout_s: float, known: dict[str, str] | None = None) -> bytes:
@@ -184,8 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = params.dataset
     candidates = sources(params.fetch.mirrors[dataset.name], os.environ.get(MIRROR_ENV))
     # Every file the table knows, to name one served in place of another (a mirror of the other dataset).
-    known = {entry.sha256: f"{other.name}'s {entry.name}" for other in load_table().values()
-             for entry in other.files.values()}
+    known = known_files(load_table())
     # Everything goes to a temporary directory that becomes out_dir only once all four files are
     # verified: an interrupted or failed fetch leaves nothing in out_dir.
     with atomic_path(args.out_dir, directory=True) as tmp:

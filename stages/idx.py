@@ -24,6 +24,10 @@ class IdxFormatError(PipelineError):
     """A malformed IDX file; the message names the file."""
 
 
+class IdxTooLargeError(IdxFormatError):
+    """Content past a reader's size bound (max_size): refused before it is all read or inflated."""
+
+
 def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Parses an uncompressed IDX file. Raises IdxFormatError on anything malformed, never another error."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
@@ -72,7 +76,7 @@ def gunzip_if_compressed(data: bytes, name: str = "<bytes>", max_size: int | Non
         except (OSError, EOFError, zlib.error) as exc:
             raise IdxFormatError(f"{name}: damaged gzip data ({exc})") from None
     if max_size is not None and len(content) > max_size:
-        raise IdxFormatError(f"{name}: content larger than {max_size:,} bytes (refused)")
+        raise IdxTooLargeError(f"{name}: content larger than {max_size:,} bytes (refused)")
     return content
 
 

@@ -17,6 +17,7 @@ import torch
 import torchvision  # noqa: F401
 
 from benchmarks import frontier
+from benchmarks import presets as presets_bench
 from benchmarks.reference import place_for_torchvision
 from stages import params as params_mod
 from stages.common import PipelineError
@@ -99,8 +100,10 @@ def test_a_preset_of_another_dataset_is_refused_before_anything_runs(tmp_path, c
     assert not (tmp_path / "f.png").exists()
 
 
-def test_prepared_splits_of_another_dataset_are_refused_before_anything_runs(tmp_path, capsys):
+def test_prepared_splits_of_another_dataset_are_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
     # After a `fashion` repro data/prepared holds garments: an MNIST preset must not be timed on them.
+    # (data/raw is checked first, against MNIST's real checksums: taken as MNIST's here.)
+    monkeypatch.setattr(frontier, "check_raw", lambda raw_dir, dataset: None)
     write_prepared(tmp_path, ["T-shirt/top", "Trouser", *map(str, range(8))])
     with pytest.raises(PipelineError, match="holds another dataset than MNIST"):
         frontier.main(["--presets", "fast", "--seeds", "0", "--data", str(tmp_path), "--raw", str(tmp_path),
@@ -137,6 +140,16 @@ def test_torchvision_gets_no_more_of_a_file_than_mnist_has(tmp_path):
         place_for_torchvision(mirror, tmp_path / "root")
 
 
+def refused_before_any_run(tmp_path, capsys, match: str, data: str) -> None:
+    """`fast` on --data tmp_path/data and --raw tmp_path/mirror raises PipelineError matching `match`,
+    having printed nothing and drawn no figure."""
+    with pytest.raises(PipelineError, match=match):
+        frontier.main(["--presets", "fast", "--seeds", "0", "--data", str(tmp_path / data),
+                       "--raw", str(tmp_path / "mirror"), "--plot", str(tmp_path / "f.png")])
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "f.png").exists()
+
+
 def test_a_raw_folder_without_the_files_is_named_before_the_reference_trains(tmp_path, capsys):
     """--raw pointing elsewhere, the prepared splits in place (the reference recipe reads the IDX
     files through torchvision all the same): one line naming the folder and what it lacks, no
@@ -144,12 +157,8 @@ def test_a_raw_folder_without_the_files_is_named_before_the_reference_trains(tmp
     write_prepared(tmp_path / "prepared", [str(digit) for digit in range(10)])
     write_mirror(tmp_path / "mirror", n_train=60, n_test=20)
     (tmp_path / "mirror" / "train-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(PipelineError, match=re.escape(
-            f"{tmp_path / 'mirror'}: no train-labels-idx1-ubyte (nor .gz); point --raw at the directory")):
-        frontier.main(["--presets", "fast", "--seeds", "0", "--data", str(tmp_path / "prepared"),
-                       "--raw", str(tmp_path / "mirror"), "--plot", str(tmp_path / "f.png")])
-    assert capsys.readouterr().out == ""
-    assert not (tmp_path / "f.png").exists()
+    refused_before_any_run(tmp_path, capsys, re.escape(
+        f"{tmp_path / 'mirror'}: no train-labels-idx1-ubyte (nor .gz); point --raw at the directory"), "prepared")
 
 
 def test_a_raw_folder_of_other_files_under_mnists_names_is_refused_before_the_reference_trains(tmp_path, capsys):
@@ -158,12 +167,28 @@ def test_a_raw_folder_of_other_files_under_mnists_names_is_refused_before_the_re
     and set the clock, so the checksums are checked first."""
     write_prepared(tmp_path / "prepared", [str(digit) for digit in range(10)])
     write_mirror(tmp_path / "mirror", n_train=60, n_test=20)
-    with pytest.raises(PipelineError, match=r"mirror: train-images-idx3-ubyte\.gz: SHA-256 .* The benchmark's dataset "
-                                            r"is mnist: run `dvc repro fetch` with fetch\.dataset: mnist"):
-        frontier.main(["--presets", "fast", "--seeds", "0", "--data", str(tmp_path / "prepared"),
-                       "--raw", str(tmp_path / "mirror"), "--plot", str(tmp_path / "f.png")])
-    assert capsys.readouterr().out == ""
-    assert not (tmp_path / "f.png").exists()
+    refused_before_any_run(tmp_path, capsys, r"mirror: train-images-idx3-ubyte\.gz: SHA-256 .* The benchmark's "
+                                             r"dataset is mnist: run `dvc repro fetch` with fetch\.dataset: mnist",
+                           "prepared")
+
+
+def test_raw_files_are_checked_before_missing_splits_are_built_from_them(tmp_path, capsys, monkeypatch):
+    """No prepared splits: the frontier would build them from --raw, so --raw is checked first, and
+    a file another dataset of the table lists is named as that dataset's."""
+    monkeypatch.setattr(frontier, "prepare", lambda *args: pytest.fail("splits were built from unchecked files"))
+    entry = write_mirror(tmp_path / "mirror", n_train=60, n_test=20)
+    garment = entry["files"]["train_images"]["sha256"]
+    monkeypatch.setattr(presets_bench, "known_files",
+                        lambda table: {garment: "fashion-mnist's train-images-idx3-ubyte"})
+    refused_before_any_run(tmp_path, capsys, r"train-images-idx3-ubyte\.gz: SHA-256 .*: it is fashion-mnist's "
+                                             r"train-images-idx3-ubyte\. The benchmark's dataset is mnist", "none")
+
+
+def test_reference_alone_refuses_zero_epochs(capsys):
+    from benchmarks import reference
+    with pytest.raises(SystemExit) as exit_info:
+        reference.main(["--epochs", "0"])
+    assert exit_info.value.code == 2 and "--epochs must be >= 1" in capsys.readouterr().err
 
 
 def test_reference_epochs_do_not_depend_on_random_numbers_drawn_between_them(tmp_path):

@@ -98,6 +98,14 @@ def test_raw_files_of_another_dataset_are_refused_before_any_split(tmp_path, mon
         screen.check_raw(tmp_path / "empty", load_table()["mnist"])
 
 
+def test_default_names_params_yaml_as_the_frontier_does():
+    """--preset default (as the frontier says it) is presets.yaml's cnn: params.yaml unchanged."""
+    candidates = {"now": {}, "crop3": {"train.crop": 3}}
+    by_default = screen.screen_params("default", candidates, [0, 1], {})
+    assert by_default == screen.screen_params("cnn", candidates, [0, 1], {})
+    assert by_default[("crop3", 1)].train.crop == 3 and by_default[("now", 1)].train.seed == 1
+
+
 def test_summary_compares_each_candidate_with_the_first():
     runs = [screen.Run("base", 0, 0.990, 2.0, 0.1), screen.Run("new", 0, 0.992, 3.0, 0.1),
             screen.Run("new", 1, 0.985, 3.0, 0.1), screen.Run("base", 1, 0.988, 2.0, 0.1)]
