@@ -22,9 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmarks.presets import check_raw, device_option
 from stages.common import PipelineError, run_main
 from stages.datasets import load_table
 from stages.idx import read_bytes
+from stages.runtime import retain_freed_memory
 
 BATCH_SIZE = 64
 TEST_BATCH_SIZE = 1000
@@ -174,21 +176,25 @@ def train_reference(train_set, test_set, epochs: int, seed: int, device: torch.d
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m benchmarks.reference [--epochs N] [--raw DIR]: the recipe alone, one line per epoch."""
+    """python -m benchmarks.reference [--epochs N] [--raw DIR] [--device D]: the recipe alone, timed
+    as the frontier times it (its seed 0, the train stage's allocator setting, MNIST's checksums
+    checked first), one line per epoch."""
     parser = argparse.ArgumentParser(description="The pytorch/examples MNIST recipe alone (the frontier's clock).")
     parser.add_argument("--epochs", type=int, default=1, help="epochs to train (default 1)")
     parser.add_argument("--raw", type=Path, default=Path("data/raw"),
                         help="directory of MNIST's four IDX files, plain or .gz (default data/raw)")
+    parser.add_argument("--device", type=device_option, default="cpu", metavar="{auto,cpu,cuda}",
+                        help="where it trains (default: cpu, as the frontier's)")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_raw(args.raw, load_table()["mnist"])  # after a `fashion` repro, data/raw holds garments
+    retain_freed_memory()
     with tempfile.TemporaryDirectory(prefix="mnist-reference-") as root:
         train_set, test_set = torchvision_mnist(args.raw, Path(root))
-    for result in train_reference(train_set, test_set, args.epochs, seed=1, device=device):
+    for result in train_reference(train_set, test_set, args.epochs, seed=0, device=args.device):
         print(f"epoch {result.epoch}: {result.train_seconds:.1f} s, train loss {result.train_loss:.4f}, "
               f"test accuracy {100 * result.test_accuracy:.2f}%", flush=True)
-
 
 if __name__ == "__main__":
     run_main("benchmarks.reference", main)

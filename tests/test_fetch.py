@@ -518,3 +518,14 @@ def test_main_failure_keeps_previous_output(stage, tmp_path):
         fetch.main([str(out)])
     assert [p.name for p in out.iterdir()] == ["old.gz"] and (out / "old.gz").read_bytes() == b"old"
     assert sorted(p.name for p in out.parent.iterdir()) == ["raw"]
+
+
+def test_known_files_name_every_file_of_the_table_by_its_dataset():
+    """fetch (and the benchmarks' check of --raw) say whose file a wrong one is: MNIST's and
+    Fashion-MNIST's share names, so after a `fashion` repro data/raw holds garments."""
+    table = load_table()
+    known = datasets_mod.known_files(table)
+    assert len(known) == sum(len(dataset.files) for dataset in table.values()) == 8
+    garments = table["fashion-mnist"].files["train_images"]
+    assert known[garments.sha256] == "fashion-mnist's train-images-idx3-ubyte"
+    assert known[table["mnist"].files["test_labels"].sha256] == "mnist's t10k-labels-idx1-ubyte"

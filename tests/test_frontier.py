@@ -184,11 +184,15 @@ def test_raw_files_are_checked_before_missing_splits_are_built_from_them(tmp_pat
                                              r"train-images-idx3-ubyte\. The benchmark's dataset is mnist", "none")
 
 
-def test_reference_alone_refuses_zero_epochs(capsys):
+def test_reference_alone_refuses_zero_epochs_and_files_that_are_not_mnists(tmp_path, capsys):
     from benchmarks import reference
     with pytest.raises(SystemExit) as exit_info:
         reference.main(["--epochs", "0"])
     assert exit_info.value.code == 2 and "--epochs must be >= 1" in capsys.readouterr().err
+    write_mirror(tmp_path / "mirror", n_train=60, n_test=20)  # MNIST's names, not its bytes
+    with pytest.raises(PipelineError, match=r"train-images-idx3-ubyte\.gz: SHA-256 .* The benchmark's dataset is mnist"):
+        reference.main(["--raw", str(tmp_path / "mirror")])
+    assert capsys.readouterr().out == ""
 
 
 def test_reference_epochs_do_not_depend_on_random_numbers_drawn_between_them(tmp_path):
