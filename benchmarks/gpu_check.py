@@ -160,6 +160,13 @@ def base_env(mirror: Path) -> dict:
             "MNIST_MIRROR": str(mirror), "DVC_NO_ANALYTICS": "1"}
 
 
+def with_checkout_on_path(env: dict) -> dict:
+    """env for a command that imports benchmarks/ from a project copy's folder: the checkout first
+    on PYTHONPATH, ahead of what was there (on a GPU machine, maybe the folder DVC and DVCLive were
+    installed into: docs/gpu.md), not instead of it."""
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, (str(PROJECT_ROOT), env.get("PYTHONPATH"))))}
+
+
 def dvc(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
@@ -353,7 +360,7 @@ def run_ddp(project: Path, out: Path, env: dict, device: str, timeout_s: float) 
                             str(out / "ddp" / "model.pt"), str(out / "ddp" / "train")],
                            project, env, out / "ddp" / "torchrun-train.log", max(1.0, end - time.monotonic()))
     probe = run_logged([*torchrun, "-m", "benchmarks.gpu_check_ddp", "--backend", backend], project,
-                       {**env, "PYTHONPATH": str(PROJECT_ROOT)}, out / "ddp" / "probe.log",
+                       with_checkout_on_path(env), out / "ddp" / "probe.log",
                        max(1.0, end - time.monotonic()))
     status = next((outcome(c) for c in (stage, probe) if outcome(c) != "ok"), "ok")
     detail = (f"train stage under torchrun, 1 process: {outcome(stage)} "
@@ -393,7 +400,7 @@ def run_frontier(project: Path, out: Path, env: dict, device: str, quick: bool, 
     args = [*FRONTIER_ARGS, "--plot", str(out / "frontier.png"),
             *(["--quick", "--set", "fetch.dataset=mnist"] if quick else [])]
     command = run_logged([sys.executable, "-m", "benchmarks.frontier", "--device", device, *args], project,
-                         {**env, "PYTHONPATH": str(PROJECT_ROOT)}, out / "frontier.log", timeout_s)
+                         with_checkout_on_path(env), out / "frontier.log", timeout_s)
     return Step("frontier", outcome(command), command.seconds, "see frontier.log")
 
 

@@ -190,6 +190,23 @@ def test_stage_times_report_a_failing_stage_and_changed_outputs(tmp_path, monkey
         assert step.detail.split("; ")[1].endswith("in all, against 9.0 s for the faster dvc repro")
 
 
+def test_the_frontier_keeps_the_pythonpath_it_was_given(tmp_path, monkeypatch):
+    """A GPU machine's DVC and DVCLive may come from a folder on PYTHONPATH (docs/gpu.md), and the
+    frontier imports DVCLive: the checkout goes in front of that folder, not in its place."""
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run1" / "params.yaml").write_text("run1's params\n")
+    seen = []
+
+    def run_logged(args, cwd, env, log_path, timeout_s):
+        seen.append(env["PYTHONPATH"])
+        return gpu_check_module.Command(0, 0.1, "")
+
+    monkeypatch.setattr(gpu_check_module, "run_logged", run_logged)
+    gpu_check_module.run_frontier(tmp_path, tmp_path, {"PYTHONPATH": "/tmp/site"}, "cuda", quick=False, timeout_s=9)
+    gpu_check_module.run_frontier(tmp_path, tmp_path, {}, "cuda", quick=False, timeout_s=9)
+    assert seen == [f"{PROJECT_ROOT}{os.pathsep}/tmp/site", str(PROJECT_ROOT)]
+
+
 @pytest.mark.integration
 def test_quick_cpu_run_goes_through_every_step(built_project, tmp_path):
     out = tmp_path / "out"
