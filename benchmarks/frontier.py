@@ -52,10 +52,11 @@ from stages.common import PipelineError, run_main, write_bytes_atomic
 from stages.datasets import load_table
 from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
+from stages.presets import DEFAULT
 from stages.runtime import (cpu_has_amx, cpu_has_bf16, cpu_model, describe_device, release_freed_memory,
                             resolve_precision, retain_freed_memory)
 
-DEFAULT_PRESETS = (presets.DEFAULT_PRESET, "fast", "cnn-max", "mlp-best")
+DEFAULT_PRESETS = (DEFAULT, "fast", "cnn-max", "mlp-best")
 PLOT_PATH = Path("benchmarks/frontier.png")
 QUICK_PLOT_PATH = Path("benchmarks/frontier-quick.png")  # a smoke test's figure never replaces a real one
 QUICK_OVERRIDES = {"train.epochs": 1}  # --quick: one epoch of everything, on benchmarks.presets' tiny data
@@ -244,9 +245,10 @@ def main(argv: list[str] | None = None) -> None:
             raw_dir = args.raw
             # First: the reference recipe reads them, and missing splits are prepared from them. After a
             # `fashion` repro, data/raw holds garments under MNIST's names.
-            check_raw(raw_dir, load_table()["mnist"])
+            mnist = load_table()["mnist"]
+            check_raw(raw_dir, mnist)
             splits = load_or_prepare(args.data, raw_dir, first.preprocess, first.fetch.dataset)
-            if list(splits["train"]["classes"]) != list(load_table()["mnist"].classes):
+            if list(splits["train"]["classes"]) != list(mnist.classes):
                 # e.g. data/prepared still holds a `fashion` repro's garments
                 raise PipelineError(f"{args.data} holds another dataset than MNIST (class names "
                                     f"{list(splits['train']['classes'])[:3]}...); run `dvc repro preprocess` "

@@ -61,14 +61,11 @@ def on_other_data(specs: list[str], all_params: list[Params], classes: list[str]
             if list(table[params.fetch.dataset].classes) != list(classes)]
 
 
-# The name the benchmarks also take for params.yaml as it is: presets.yaml's `cnn`, which changes nothing.
-DEFAULT_PRESET = "default"
-
 
 def preset_params(spec: str, overrides: dict[str, Any] | None = None,
                   params_path: Path = params_mod.DEFAULT_PATH) -> Params:
     """params.yaml with the preset(s) of `spec` ('default': none) and then `overrides` applied, validated."""
-    changes = {**resolve("cnn" if spec == DEFAULT_PRESET else spec, load_presets()), **(overrides or {})}
+    changes = {**resolve(spec, load_presets()), **(overrides or {})}
     return check(spec, changes, params_path)
 
 

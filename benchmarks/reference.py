@@ -196,5 +196,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"epoch {result.epoch}: {result.train_seconds:.1f} s, train loss {result.train_loss:.4f}, "
               f"test accuracy {100 * result.test_accuracy:.2f}%", flush=True)
 
+
 if __name__ == "__main__":
     run_main("benchmarks.reference", main)

@@ -35,11 +35,12 @@ from typing import Any
 
 import yaml
 
-from benchmarks.presets import (DEFAULT_PRESET, QUICK_VAL, RAW_DIR, append_text, check_raw, comma_ints, output_file,
+from benchmarks.presets import (QUICK_VAL, RAW_DIR, append_text, check_raw, comma_ints, output_file,
                                params_line, preset_params, test_accuracy, timed_fit, write_quick_mirror)
 from stages.augment import augmented_split
 from stages.common import PipelineError, parse_yaml, run_main
 from stages.datasets import load_table
+from stages.presets import DEFAULT
 from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
 from stages.runtime import resolve_device
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=parse_candidates, required=True,
                         help="YAML mapping: name -> {section.key: value}; the first is the one compared against")
-    parser.add_argument("--preset", default=DEFAULT_PRESET,
-                        help=f"presets.yaml entry the candidates start from ({DEFAULT_PRESET}: params.yaml as it is, "
+    parser.add_argument("--preset", default=DEFAULT,
+                        help=f"presets.yaml entry the candidates start from ({DEFAULT}: params.yaml as it is, "
                              "as presets.yaml's cnn)")
     parser.add_argument("--seeds", type=comma_ints, default=[0, 1, 2, 3, 4, 5],
                         help="comma-separated, ranges as 60-79; seed k: preprocess.seed, train.seed and "

@@ -47,6 +47,11 @@ class Progress:
     throughput, e.g. steps counted at 128 images each give images/s. `after` is work still to come
     once this total is done (e.g. the rest of a training run's steps), at the same rate: with it the
     ETA names both this part and all of it. `clock` and `stream` are for tests.
+
+    The rate is taken from the end of the first update on: a first step that compiles the model
+    (train.compile) or sets up kernels, or a download's first chunk with its connection, would
+    otherwise stand for every later one (an ETA of an hour for a minute's epoch). A line that only
+    the first update precedes gives no rate; the final line does, the whole run's if it must.
     """
 
     TTY_INTERVAL_S = 0.25  # seconds between redraws on a terminal
@@ -63,33 +68,45 @@ class Progress:
         self.interval_s = self.TTY_INTERVAL_S if self.tty else self.LOG_INTERVAL_S
         self.done = 0
         self._start = self._last = clock()
+        self._first: tuple[float, int] | None = None  # (clock, done) at the end of the first update
 
     def update(self, n: int = 1) -> None:
         self.done += n
         now = self.clock()
+        if self._first is None:
+            self._first = (now, self.done)
         if now - self._last >= self.interval_s:
             self._last = now
-            self._print(self.line(now - self._start), final=False)
+            self._print(self.line(now), final=False)
 
     def close(self, summary: bool = True) -> None:
         """Prints the final state, or with `summary=False` only erases the terminal line (for a
         caller that prints its own summary)."""
         if summary:
-            self._print(self.line(self.clock() - self._start), final=True)
+            self._print(self.line(self.clock(), final=True), final=True)
         elif self.tty:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
 
-    def line(self, elapsed_s: float) -> str:
-        """The status text after `elapsed_s` seconds, e.g.
+    def _per_second(self, now: float, final: bool = False) -> float | None:
+        """Items a second since the first update ended; None before a later one (on the final
+        line: the rate since the start instead)."""
+        if self._first is not None and self.done > self._first[1] and now > self._first[0]:
+            return (self.done - self._first[1]) / (now - self._first[0])
+        if final and self.done and now > self._start:
+            return self.done / (now - self._start)
+        return None
+
+    def line(self, now: float, final: bool = False) -> str:
+        """The status text at clock time `now`, e.g.
         `training epoch 2/8: 120/430 steps (28%), 5,210 images/s, ETA 0:59 here, 6:10 in all`."""
         unit = f" {self.unit}" if self.unit else ""
         if self.total:
             text = f"{self.label}: {self.done:,}/{self.total:,}{unit} ({100 * self.done / self.total:.0f}%)"
         else:
             text = f"{self.label}: {self.done:,}{unit}"
-        if self.done and elapsed_s > 0:
-            per_s = self.done / elapsed_s  # items per second
+        per_s = self._per_second(now, final)
+        if per_s:
             rate_unit = f" {self.rate_unit}" if self.rate_unit else ""
             text += f", {_si(per_s * self.rate_per_item)}{rate_unit}/s"
             if self.total:
@@ -202,6 +219,38 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(path: Path) -> None:
+    # Makes the names in it durable (a rename into it). Not every platform or file system lets a
+    # directory be opened or synced (Windows; some network file systems say EINVAL): there the
+    # rename is as durable as the system makes it, which is no reason to fail a finished stage.
+    with contextlib.suppress(OSError):
+        _fsync(path)
+
+
+def _flush_to_disk(path: Path) -> None:
+    """Forces the bytes of `path` (a file, or a directory's files and folders) to the disk before it
+    is renamed into place. rename() makes the name change atomic, but the data may still be in the
+    page cache: after a power cut, a file renamed unsynced can read back empty under its final name,
+    which DVC would then hash and cache as the output."""
+    if not path.is_dir():
+        _fsync(path)
+        return
+    for inner in sorted(path.rglob("*")):
+        if inner.is_file() and not inner.is_symlink():
+            _fsync(inner)
+        elif inner.is_dir() and not inner.is_symlink():
+            _fsync_directory(inner)
+    _fsync_directory(path)
+
+
 def _remove_stale_temporaries(target: Path) -> None:
     # Left behind only by a SIGKILL (every other exit cleans up after itself). Only this target's:
     # tempfile's random part has no dot, so model.pt's pattern spares the live temporary of a
@@ -214,7 +263,8 @@ def _remove_stale_temporaries(target: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[Path]:
-    """Yields a temporary path beside `target`; renames it to `target` if the block succeeds.
+    """Yields a temporary path beside `target`; renames it to `target` if the block succeeds, its
+    bytes flushed to the disk first and the rename after (_flush_to_disk).
 
     With `directory=True` the temporary path is an empty directory to fill. On any exception,
     KeyboardInterrupt included, the temporary path is removed and `target` is left untouched. An
@@ -237,12 +287,14 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
     try:
         yield tmp
         tmp.chmod(0o755 if directory else 0o644)  # mkdtemp/mkstemp create owner-only paths
+        _flush_to_disk(tmp)
         if directory and target.is_dir() and not target.is_symlink():  # DVC has usually removed it already
             _replace_directory(tmp, target)
         else:
             if directory and os.path.lexists(target):  # a file or a link where the directory goes
                 _remove(target)
             os.replace(tmp, target)
+        _fsync_directory(target.parent)
     except BaseException as exc:
         _remove(tmp)
         if isinstance(exc, OSError):

@@ -20,12 +20,19 @@ from stages import params as params_mod
 from stages.common import PipelineError, parse_yaml, read_yaml, run_main
 
 PRESETS_PATH = Path("presets.yaml")
+# What every tool that takes a preset name also takes for params.yaml as it is: no overrides, as
+# presets.yaml's `cnn` (the same run under its model's name). The frontier and screen label the
+# committed params so; `make exp PRESET=default` runs them as an experiment.
+DEFAULT = "default"
 
 
 def load_presets(path: Path = PRESETS_PATH) -> dict[str, dict[str, Any]]:
     presets = read_yaml(path, "the presets file")
     if not isinstance(presets, dict):
         raise PipelineError(f"{path}: expected a mapping of preset names to overrides")
+    if DEFAULT in presets:
+        raise PipelineError(f"{path}: a preset may not be named {DEFAULT!r}: that name stands for params.yaml "
+                            "as it is, with no overrides")
     for name, overrides in presets.items():
         if overrides is not None and not isinstance(overrides, dict):
             raise PipelineError(f"{path}: preset {name!r}: expected a mapping of params.yaml keys to values "
@@ -38,12 +45,13 @@ def load_presets(path: Path = PRESETS_PATH) -> dict[str, dict[str, Any]]:
 
 
 def resolve(spec: str, presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The dotted-key overrides of `spec`, one preset name or several joined by `+`."""
+    """The dotted-key overrides of `spec`, one preset name or several joined by `+` (DEFAULT: none)."""
     overrides: dict[str, Any] = {}
     for name in spec.split("+"):
-        if name not in presets:
-            raise PipelineError(f"unknown preset {name!r}; presets: {', '.join(presets)}")
-        overrides.update(presets[name])
+        if name != DEFAULT and name not in presets:
+            raise PipelineError(f"unknown preset {name!r}; presets: {', '.join(presets)} "
+                                f"({DEFAULT}: params.yaml as it is)")
+        overrides.update(presets.get(name, {}))
     return overrides
 
 

@@ -71,6 +71,38 @@ def test_an_output_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkey
     assert sorted(path.name for path in tmp_path.iterdir()) == ["afile", "out.pt"] and target.read_bytes() == b"old"
 
 
+def test_outputs_reach_the_disk_before_their_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """A power cut after a rename must not leave an empty file under an output's name: each
+    temporary's bytes (a directory's: every file and folder in it) are fsynced before it is
+    renamed into place, and the parent folder after, so that the new name lasts too."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).relative_to(tmp_path).as_posix()))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("rename", Path(target).relative_to(tmp_path).as_posix()))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_files_atomic({tmp_path / "a.pt": b"a", tmp_path / "b.pt": b"b"})
+    written = [(kind, name if kind == "rename" or name == "." else "temporary") for kind, name in events]
+    assert written == [("fsync", "temporary"), ("rename", "b.pt"), ("fsync", "."),
+                       ("fsync", "temporary"), ("rename", "a.pt"), ("fsync", ".")]
+    events.clear()
+    with atomic_path(tmp_path / "metrics", directory=True) as folder:
+        (folder / "plots").mkdir()
+        (folder / "plots" / "loss.tsv").write_text("step\tloss\n")
+        (folder / "metrics.json").write_text("{}")
+    synced = [name.split("/", 1)[1] if "/" in name else name for kind, name in events if kind == "fsync"]
+    assert synced[:-2] == ["metrics.json", "plots", "plots/loss.tsv"] and synced[-1] == "."
+    assert events[-2] == ("rename", "metrics")  # after its files and itself, before its parent
+    assert (tmp_path / "metrics" / "plots" / "loss.tsv").read_text() == "step\tloss\n"
+
+
 def test_save_tensors_streams_the_bytes_of_tensor_bytes_atomically(tmp_path, monkeypatch):
     """save_tensors writes into the temporary file as torch.save goes (no copy of the payload in
     memory) the very bytes of tensor_bytes, whatever the temporary's name; a disk that fills up

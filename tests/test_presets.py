@@ -33,21 +33,37 @@ def test_unknown_key_in_a_preset_is_refused():
         apply(RAW, {"train.nope": 1})
 
 
+def load_error(path, text: str) -> str:
+    """The one-line error load_presets gives for a presets file holding `text`."""
+    path.write_text(text)
+    with pytest.raises(PipelineError) as info:
+        load_presets(path)
+    return str(info.value)
+
+
 def test_a_preset_that_is_no_mapping_is_named(tmp_path):
     """A preset written as a list (`- train.lr: 0.1`), or with a key that is no text, is refused by
     name, not a TypeError or AttributeError later."""
     path = tmp_path / "presets.yaml"
-    path.write_text("empty:\nlisted:\n  - train.lr: 0.1\n")
-    with pytest.raises(PipelineError) as info:
-        load_presets(path)
-    assert str(info.value) == (f"{path}: preset 'listed': expected a mapping of params.yaml keys to values "
-                               "(train.lr: 0.1), got list")
-    path.write_text("numbered:\n  1: 2\n")
-    with pytest.raises(PipelineError) as info:
-        load_presets(path)
-    assert str(info.value) == f"{path}: preset 'numbered': key 1 is not a params.yaml key (section.key, as in train.lr)"
+    assert load_error(path, "empty:\nlisted:\n  - train.lr: 0.1\n") == (
+        f"{path}: preset 'listed': expected a mapping of params.yaml keys to values (train.lr: 0.1), got list")
+    assert load_error(path, "numbered:\n  1: 2\n") == (
+        f"{path}: preset 'numbered': key 1 is not a params.yaml key (section.key, as in train.lr)")
     path.write_text("empty:\nset:\n  train.lr: 0.1\n")
     assert load_presets(path) == {"empty": {}, "set": {"train.lr": 0.1}}
+
+
+def test_default_names_params_yaml_as_it_is_and_no_preset_may_take_that_name(tmp_path):
+    """`default` (what the frontier and screen call params.yaml) works wherever a preset name does,
+    alone or in a `+` combination, and presets.yaml cannot give the name another meaning."""
+    assert resolve("default", PRESETS) == {}
+    assert resolve("default+aug", PRESETS) == PRESETS["aug"]
+    assert resolve("fast+default", PRESETS) == PRESETS["fast"]
+    with pytest.raises(PipelineError, match=r"unknown preset 'defualt'; presets: .*\(default: params.yaml as it is\)"):
+        resolve("defualt", PRESETS)
+    path = tmp_path / "presets.yaml"
+    assert load_error(path, "default:\n  train.lr: 0.1\n") == (
+        f"{path}: a preset may not be named 'default': that name stands for params.yaml as it is, with no overrides")
 
 
 def test_a_preset_that_breaks_a_rule_is_named_with_the_key(tmp_path):

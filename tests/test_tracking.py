@@ -327,6 +327,32 @@ def test_progress_prints_plain_lines_every_interval_when_not_a_terminal():
     assert "\r" not in out.getvalue()
 
 
+def test_progress_rate_and_eta_leave_out_a_slow_first_step():
+    """train.compile's first step compiles the model (21.9 s of a 22-s epoch of `fast` on an H200):
+    a rate from the start would have put the epoch's ETA at an hour. The first step's line gives
+    none, later ones the rate of the steps after it."""
+    clock, out = FakeClock(), io.StringIO()
+    progress = Progress("train", "training epoch 1/1", 100, "steps", rate_unit="images", rate_per_item=32,
+                        stream=out, clock=clock)
+    clock.now = 20.0
+    progress.update()  # the compiling step, past the 10-s interval: a line at once
+    for _ in range(99):
+        clock.now += 0.5
+        progress.update()
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "train: training epoch 1/1: 1/100 steps (1%)"
+    assert lines[1] == "train: training epoch 1/1: 21/100 steps (21%), 64 images/s, ETA 0:40"
+    assert lines[-1] == "train: training epoch 1/1: 100/100 steps (100%), 64 images/s, ETA 0:00"
+    # a single update: the final line's rate is the whole run's
+    clock, out = FakeClock(), io.StringIO()
+    progress = Progress("fetch", "downloading z", 100, "bytes", stream=out, clock=clock)
+    clock.now = 4.0
+    progress.update(100)
+    progress.close()
+    assert out.getvalue().splitlines() == ["fetch: downloading z: 100/100 bytes (100%), 25 bytes/s, ETA 0:00"]
+
+
 def test_progress_redraws_in_place_on_a_terminal():
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
