@@ -61,7 +61,6 @@ def on_other_data(specs: list[str], all_params: list[Params], classes: list[str]
             if list(table[params.fetch.dataset].classes) != list(classes)]
 
 
-
 def preset_params(spec: str, overrides: dict[str, Any] | None = None,
                   params_path: Path = params_mod.DEFAULT_PATH) -> Params:
     """params.yaml with the preset(s) of `spec` ('default': none) and then `overrides` applied, validated."""

@@ -367,11 +367,15 @@ def write_files_atomic(files: dict[str | os.PathLike, bytes]) -> None:
     writing (a full disk, Ctrl-C) leaves every target untouched, never a new train split beside an
     old test split. The renames come last, one after another, each atomic; a Ctrl-C or SIGTERM
     that arrives between two of them waits until the last is done."""
-    # Every temporary exists before any rename: the stack exits (renames, or on an exception removes
-    # the temporaries) only after the loop has written them all.
+    # Every temporary exists, and is on the disk, before any rename: the stack exits (renames, or on
+    # an exception removes the temporaries) only after the loop has written and flushed them all. A
+    # flush that fails (EIO; ENOSPC where a file system reports it only then) therefore renames
+    # nothing; atomic_path's own flush at each rename then finds nothing left to write.
     with _signals_held_once_started() as hold_signals, contextlib.ExitStack() as renames:
         for target, data in files.items():
-            renames.enter_context(atomic_path(target)).write_bytes(data)
+            temporary = renames.enter_context(atomic_path(target))
+            temporary.write_bytes(data)
+            _flush_to_disk(temporary)
         hold_signals()  # only the renames are left (the stack's exit): all of them, or Ctrl-C during a write
 
 

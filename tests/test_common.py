@@ -90,7 +90,9 @@ def test_outputs_reach_the_disk_before_their_rename_and_the_rename_after(tmp_pat
     monkeypatch.setattr(os, "replace", replace)
     write_files_atomic({tmp_path / "a.pt": b"a", tmp_path / "b.pt": b"b"})
     written = [(kind, name if kind == "rename" or name == "." else "temporary") for kind, name in events]
-    assert written == [("fsync", "temporary"), ("rename", "b.pt"), ("fsync", "."),
+    # both temporaries flushed before the first rename (then again at each rename: nothing left to write)
+    assert written == [("fsync", "temporary"), ("fsync", "temporary"),
+                       ("fsync", "temporary"), ("rename", "b.pt"), ("fsync", "."),
                        ("fsync", "temporary"), ("rename", "a.pt"), ("fsync", ".")]
     events.clear()
     with atomic_path(tmp_path / "metrics", directory=True) as folder:
@@ -101,6 +103,27 @@ def test_outputs_reach_the_disk_before_their_rename_and_the_rename_after(tmp_pat
     assert synced[:-2] == ["metrics.json", "plots", "plots/loss.tsv"] and synced[-1] == "."
     assert events[-2] == ("rename", "metrics")  # after its files and itself, before its parent
     assert (tmp_path / "metrics" / "plots" / "loss.tsv").read_text() == "step\tloss\n"
+
+
+def test_a_flush_that_fails_renames_none_of_a_stages_outputs(tmp_path, monkeypatch):
+    """An fsync error on the second of two outputs (EIO; or ENOSPC, which some file systems
+    report only then) leaves both as they were, no temporary behind, and one line naming it."""
+    targets = {tmp_path / "a.pt": b"new a", tmp_path / "b.pt": b"new b"}
+    for target in targets:
+        target.write_bytes(b"old")
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(PipelineError, match=r"b\.pt: cannot write \(Input/output error\)$"):
+        write_files_atomic(targets)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
+    assert all(target.read_bytes() == b"old" for target in targets)
 
 
 def test_save_tensors_streams_the_bytes_of_tensor_bytes_atomically(tmp_path, monkeypatch):
