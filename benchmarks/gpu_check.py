@@ -11,10 +11,10 @@ them would take an estimated 15-20 on an H200, so pick some with --steps, --vari
   ddp       DistributedDataParallel on the GPUs present (NCCL): see run_ddp
   tests     the suite's CUDA tests (`pytest -m cuda tests/test_cuda.py`)
   stages    each stage's command alone in run1's copy, timed: where a repro's time goes besides training
-  variants  presets fast, cnn (default), cnn-max x fp32/bf16 x with/without train.compile (VARIANTS):
+  variants  presets fast, default, cnn-max x fp32/bf16 x with/without train.compile (VARIANTS):
             train seconds (the train stage's "trained in" line) and test accuracy
-  frontier  benchmarks/frontier.py --device cuda for the default and `fast`, seed 0 (FRONTIER_ARGS);
-            its figure is frontier.png
+  frontier  benchmarks/frontier.py --device cuda for the default and `fast` (--frontier-presets),
+            seed 0; its figure is frontier.png
 A step that no longer fits in the budget is reported as skipped, as is one that --steps leaves out.
 Everything is written under --out; the project copies live in a temporary folder (--keep-work keeps
 them). It never uses the network: the copies fetch MNIST from the mirror folder only.
@@ -43,7 +43,7 @@ import yaml
 
 from stages.common import load_tensors
 from stages.datasets import load_table
-from stages.presets import apply, load_presets, resolve
+from stages.presets import DEFAULT, apply, load_presets, resolve
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a pipeline run needs of a project; the rest (tests, benchmarks, docs) stays behind.
@@ -57,10 +57,10 @@ TRAINED_IN = re.compile(r"train: trained in ([0-9.]+) s")
 DEVICE_LINE = re.compile(r"train: device: ([^;\n]*)")
 
 # (preset, precision, compile), most informative first: the budget may end the list early. The
-# default as committed (cnn, precision auto, no compile) is run1's run and is not repeated: auto is
+# default as committed (precision auto, no compile) is run1's run and is not repeated: auto is
 # fp32 on a GPU (stages/runtime.py), so the default's bf16 counterpart is listed.
-VARIANTS = (("fast", "fp32", False), ("fast", "bf16", False), ("cnn", "bf16", False),
-            ("cnn", "fp32", True), ("cnn", "bf16", True), ("cnn-max", "fp32", False),
+VARIANTS = (("fast", "fp32", False), ("fast", "bf16", False), (DEFAULT, "bf16", False),
+            (DEFAULT, "fp32", True), (DEFAULT, "bf16", True), ("cnn-max", "fp32", False),
             ("cnn-max", "bf16", False), ("fast", "fp32", True), ("fast", "bf16", True),
             ("cnn-max", "fp32", True), ("cnn-max", "bf16", True))
 QUICK_VARIANTS = (("fast", "fp32", False),)
@@ -69,9 +69,10 @@ STEPS = ("run1", "run2", "ddp", "tests", "stages", "variants", "frontier")
 # Seconds each step may take at most. Measured on an H200 (docs/gpu.md): a default repro 54-74 s
 # (training 14-17 s), ddp 55 s, the five CUDA tests about 50 s each, a variant 25-60 s.
 CAPS = {"env": 60, "repro": 180, "stages": 180, "tests": 300, "ddp": 120, "variant": 150, "frontier": 150}
-# All four presets over three seeds would not fit the frontier step's cap; these two show the
-# default's and `fast`'s ratio to the reference recipe's epoch on the GPU.
-FRONTIER_ARGS = ("--presets", "default,fast", "--seeds", "0")
+# All four presets over three seeds would not fit the frontier step's cap; these two (the default
+# --frontier-presets) show the default's and `fast`'s ratio to the reference recipe's epoch on the GPU.
+FRONTIER_PRESETS = (DEFAULT, "fast")
+FRONTIER_SEEDS = "0"
 MIN_STEP_S = 20  # a step with less time than this left is skipped rather than started
 
 
@@ -391,13 +392,14 @@ def run_variant(project: Path, out: Path, env: dict, device: str, variant: tuple
     return result
 
 
-def run_frontier(project: Path, out: Path, env: dict, device: str, quick: bool, timeout_s: float) -> Step:
+def run_frontier(project: Path, out: Path, env: dict, device: str, quick: bool, presets: list[str],
+                 timeout_s: float) -> Step:
     # In the copy, whose data/ the first repro prepared; benchmarks/ comes from the checkout. The
     # frontier reads the copy's params.yaml as its default: run1's, not the last variant's or ddp's.
     # quick: its own tiny synthetic MNIST, one epoch of each, so that this step is exercised too;
     # told the dataset is MNIST's, which the copy's params.yaml need not name (the tests' does not).
     reset_to_run1(project, out)
-    args = [*FRONTIER_ARGS, "--plot", str(out / "frontier.png"),
+    args = ["--presets", ",".join(presets), "--seeds", FRONTIER_SEEDS, "--plot", str(out / "frontier.png"),
             *(["--quick", "--set", "fetch.dataset=mnist"] if quick else [])]
     command = run_logged([sys.executable, "-m", "benchmarks.frontier", "--device", device, *args], project,
                          with_checkout_on_path(env), out / "frontier.log", timeout_s)
@@ -446,7 +448,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"the steps to run, comma-separated, from {','.join(STEPS)} (default: all); run1 "
                              "always runs, since the others use its copy: e.g. run1,variants on a second visit")
     parser.add_argument("--variants", help="the variants step's runs, comma-separated names such as "
-                                           "fast-fp32,cnn-bf16-compile (default: all, most informative first)")
+                                           "fast-fp32,default-bf16-compile (default: all, most informative first)")
+    parser.add_argument("--frontier-presets", metavar="NAMES",
+                        help="the frontier step's presets, comma-separated: 'default' and presets.yaml names "
+                             f"(default: {','.join(FRONTIER_PRESETS)}; each adds its training time on the GPU)")
     parser.add_argument("--tests", metavar="EXPRESSION",
                         help="the tests step's pytest -k expression (default: all)")
     parser.add_argument("--keep-work", action="store_true", help="keep the project copies under OUT/work")
@@ -465,6 +470,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, step) is not None and step not in args.steps:
             parser.error(f"--{step} is given but --steps leaves out {step}")
     args.variants = [known[name] for name in names]
+    if args.frontier_presets is not None and "frontier" not in args.steps:
+        parser.error("--frontier-presets is given but --steps leaves out frontier")
+    args.frontier_presets = (args.frontier_presets or ",".join(FRONTIER_PRESETS)).split(",")
+    presets = load_presets(PROJECT_ROOT / "presets.yaml")
+    if unknown := [name or "(empty)" for name in args.frontier_presets if name != DEFAULT and name not in presets]:
+        parser.error(f"--frontier-presets: unknown {', '.join(unknown)}; the presets are {DEFAULT}, "
+                     f"{', '.join(presets)}")
     return args
 
 
@@ -527,7 +539,8 @@ class Check:
                     self.say(run_tests(out, env, args.tests, timeout) if args.device == "cuda"
                              else Step("tests", "skipped", 0.0, "they need --device cuda"))
                 else:
-                    self.say(run_frontier(project, out, env, args.device, args.quick, timeout))
+                    self.say(run_frontier(project, out, env, args.device, args.quick, args.frontier_presets,
+                                          timeout))
 
     def run_variants(self, project: Path) -> None:
         for variant in self.args.variants:

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.presets import (DATA_DIR, RAW_DIR, augmented, device_option, lifetime_peak_rss, load_splits,
-                                preset_params, synchronize, test_accuracy, timed_fit)
+from benchmarks.presets import (DATA_DIR, RAW_DIR, augmented, check_raw, device_option, lifetime_peak_rss,
+                                load_splits, preset_params, synchronize, test_accuracy, timed_fit)
 from benchmarks.reference import place_for_torchvision
 from stages.common import PipelineError, load_tensors, run_main
 from stages.datasets import load_table
@@ -195,12 +195,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="time only this project's epoch, not the tutorials' DataLoader one")
     parser.add_argument("--skip-fast", action="store_true", help=f"skip the {FAST_PRESET!r} preset's run")
     parser.add_argument("--repeats", type=int, default=3, help="epochs timed per input pipeline; the fastest counts")
-    parser.add_argument("--raw", type=Path, default=RAW_DIR, help="directory of the MNIST IDX files (plain or .gz)")
+    parser.add_argument("--raw", type=Path, default=RAW_DIR, help="directory of MNIST's four IDX files, plain or .gz, checksums checked")
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="directory of train.pt, val.pt, test.pt")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     device = args.device
+    # Part 1's images, checked against MNIST's checksums before anything is timed: after a `fashion`
+    # repro data/raw holds garments under MNIST's file names.
+    check_raw(args.raw, load_table()["mnist"])
     if not args.skip_fast:
         load_splits(args.data)  # part 2's splits, checked before part 1's timed epochs (minutes)
     # Process-wide, and set before anything is timed: the tutorials' loop gets it as much as ours.

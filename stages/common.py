@@ -262,9 +262,10 @@ def _remove_stale_temporaries(target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, directory: bool = False, flush: bool = True) -> Iterator[Path]:
     """Yields a temporary path beside `target`; renames it to `target` if the block succeeds, its
-    bytes flushed to the disk first and the rename after (_flush_to_disk).
+    bytes flushed to the disk first and the rename after (_flush_to_disk). `flush=False` leaves
+    both flushes to the caller (write_files_atomic, which flushes a stage's files together).
 
     With `directory=True` the temporary path is an empty directory to fill. On any exception,
     KeyboardInterrupt included, the temporary path is removed and `target` is left untouched. An
@@ -287,19 +288,31 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
     try:
         yield tmp
         tmp.chmod(0o755 if directory else 0o644)  # mkdtemp/mkstemp create owner-only paths
-        _flush_to_disk(tmp)
+        if flush:
+            _flush_to_disk(tmp)
         if directory and target.is_dir() and not target.is_symlink():  # DVC has usually removed it already
             _replace_directory(tmp, target)
         else:
             if directory and os.path.lexists(target):  # a file or a link where the directory goes
                 _remove(target)
             os.replace(tmp, target)
-        _fsync_directory(target.parent)
+        if flush:
+            _fsync_directory(target.parent)
     except BaseException as exc:
         _remove(tmp)
         if isinstance(exc, OSError):
-            raise cannot_write(target, exc) from None
+            raise cannot_write(target, _named_as_output(exc, tmp, target)) from None
         raise
+
+
+def _named_as_output(exc: OSError, tmp: Path, target: Path) -> OSError:
+    # A path in the temporary (an os.open in _flush_to_disk, a file of a directory output) is named
+    # as it would have been in the output: the temporary is gone by the time the error is read.
+    # The output itself is already the error's subject.
+    if exc.filename and Path(exc.filename).is_relative_to(tmp):
+        named = target / Path(exc.filename).relative_to(tmp)
+        exc.filename = None if named == target else str(named)
+    return exc
 
 
 def _replace_directory(new: Path, target: Path) -> None:
@@ -370,10 +383,12 @@ def write_files_atomic(files: dict[str | os.PathLike, bytes]) -> None:
     # Every temporary exists, and is on the disk, before any rename: the stack exits (renames, or on
     # an exception removes the temporaries) only after the loop has written and flushed them all. A
     # flush that fails (EIO; ENOSPC where a file system reports it only then) therefore renames
-    # nothing; atomic_path's own flush at each rename then finds nothing left to write.
+    # nothing. The folders' fsync, registered first, runs last: once for the renames into each.
     with _signals_held_once_started() as hold_signals, contextlib.ExitStack() as renames:
+        for folder in dict.fromkeys(Path(target).parent for target in files):
+            renames.callback(_fsync_directory, folder)
         for target, data in files.items():
-            temporary = renames.enter_context(atomic_path(target))
+            temporary = renames.enter_context(atomic_path(target, flush=False))
             temporary.write_bytes(data)
             _flush_to_disk(temporary)
         hold_signals()  # only the renames are left (the stack's exit): all of them, or Ctrl-C during a write

@@ -77,7 +77,9 @@ def check(spec: str, overrides: dict[str, Any], params_path: Path, raw: dict | N
         # train.channels[0] or fetch.mirrors.mnist is the override's when train.channels or fetch.mirrors is.
         overridden = any(exc.key == key or exc.key.startswith((f"{key}[", f"{key}.")) for key in overrides)
         source = "overridden" if overridden else f"as in {params_path}"
-        raise PipelineError(f"preset {spec!r} (presets.yaml) on {params_path}: {exc.key} ({source}): "
+        # `default` alone is params.yaml as it is: presets.yaml has no part in the error.
+        where = "" if spec == DEFAULT else f" ({PRESETS_PATH})"
+        raise PipelineError(f"preset {spec!r}{where} on {params_path}: {exc.key} ({source}): "
                             f"{exc.problem}") from None
 
 
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     presets = load_presets()
     if args.preset is None:
-        print("\n".join(presets))
+        print("\n".join([f"{DEFAULT} (params.yaml as it is)", *presets]))
         return
     overrides = resolve(args.preset, presets)
     base = None  # the params file itself

@@ -29,7 +29,9 @@ from tests.conftest import PROJECT_ROOT
 from tests.test_predict_formats import FORMATS
 
 
-def test_make_bench_measures_every_input_pipeline_the_fast_preset_and_memory(tmp_path, capsys):
+def test_make_bench_measures_every_input_pipeline_the_fast_preset_and_memory(tmp_path, capsys, monkeypatch):
+    # The tiny IDX files stand in for MNIST's, whose checksums they cannot have (the next test).
+    monkeypatch.setattr(speed, "check_raw", lambda raw_dir, dataset: None)
     raw, splits = quick_data(tmp_path)
     for name, split in splits.items():
         save_tensors(tmp_path / "prepared" / f"{name}.pt", split)
@@ -43,6 +45,17 @@ def test_make_bench_measures_every_input_pipeline_the_fast_preset_and_memory(tmp
     assert re.search(r"2\. Preset 'fast': cnn \[16, 32, 48\], 1 epoch\(s\)", out)
     assert re.search(r"trained in \d+\.\d s; test accuracy \d+\.\d\d% on 200 images", out)
     assert re.search(r"3\. Peak resident memory of this process: \d+ MiB", out)
+
+
+def test_make_bench_refuses_images_that_are_not_mnists_before_timing_anything(tmp_path, capsys):
+    """Part 1 times MNIST's official training set: files under its names with other bytes (data/raw
+    after a `fashion` repro; here the tiny synthetic ones) are refused by checksum, before any epoch."""
+    raw, splits = quick_data(tmp_path)
+    for name, split in splits.items():
+        save_tensors(tmp_path / "prepared" / f"{name}.pt", split)
+    with pytest.raises(PipelineError, match=r"train-images-idx3-ubyte.*: .*The benchmark's dataset is mnist"):
+        speed.main(["--raw", str(raw), "--data", str(tmp_path / "prepared"), "--repeats", "1", "--device", "cpu"])
+    assert "(a) tutorials" not in capsys.readouterr().out
 
 
 def test_make_bench_times_one_network_of_an_ensemble():
@@ -68,8 +81,9 @@ def test_make_bench_names_every_missing_idx_file_before_timing_anything(tmp_path
     assert "(a) tutorials" not in capsys.readouterr().out
 
 
-def test_make_bench_finds_missing_splits_before_timing_anything(tmp_path, capsys):
+def test_make_bench_finds_missing_splits_before_timing_anything(tmp_path, capsys, monkeypatch):
     """Part 2's prepared splits are checked before part 1's timed epochs, not minutes after them."""
+    monkeypatch.setattr(speed, "check_raw", lambda raw_dir, dataset: None)  # tiny files, not MNIST's
     raw, splits = quick_data(tmp_path)
     for name, split in splits.items():
         if name != "test":

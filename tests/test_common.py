@@ -90,10 +90,14 @@ def test_outputs_reach_the_disk_before_their_rename_and_the_rename_after(tmp_pat
     monkeypatch.setattr(os, "replace", replace)
     write_files_atomic({tmp_path / "a.pt": b"a", tmp_path / "b.pt": b"b"})
     written = [(kind, name if kind == "rename" or name == "." else "temporary") for kind, name in events]
-    # both temporaries flushed before the first rename (then again at each rename: nothing left to write)
+    # both temporaries flushed before the first rename, each once; their folder once, after the last
     assert written == [("fsync", "temporary"), ("fsync", "temporary"),
-                       ("fsync", "temporary"), ("rename", "b.pt"), ("fsync", "."),
-                       ("fsync", "temporary"), ("rename", "a.pt"), ("fsync", ".")]
+                       ("rename", "b.pt"), ("rename", "a.pt"), ("fsync", ".")]
+    events.clear()
+    (tmp_path / "sub").mkdir()
+    write_files_atomic({tmp_path / "sub" / "c.pt": b"c", tmp_path / "d.pt": b"d"})
+    assert [(kind, name) for kind, name in events if kind == "rename" or "tmp" not in name] == [
+        ("rename", "d.pt"), ("rename", "sub/c.pt"), ("fsync", "."), ("fsync", "sub")]  # each folder written to
     events.clear()
     with atomic_path(tmp_path / "metrics", directory=True) as folder:
         (folder / "plots").mkdir()
@@ -124,6 +128,29 @@ def test_a_flush_that_fails_renames_none_of_a_stages_outputs(tmp_path, monkeypat
         write_files_atomic(targets)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
     assert all(target.read_bytes() == b"old" for target in targets)
+
+
+def test_an_error_inside_the_temporary_names_the_output_not_the_temporary(tmp_path, monkeypatch):
+    """The temporary is removed by the time the error is read, so the error names the path the
+    failing file would have had in the output (nothing more where that is the output itself)."""
+    real_open = os.open
+
+    def refused(path, flags, *args, **kwargs):  # _fsync's open
+        if flags == os.O_RDONLY and (Path(path).name == "loss.tsv" or Path(path).name.startswith(".tmp-out.pt.")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(PipelineError) as info:
+        write_files_atomic({tmp_path / "out.pt": b"x"})
+    assert str(info.value) == f"{tmp_path / 'out.pt'}: cannot write (Permission denied)"
+    with pytest.raises(PipelineError) as info:
+        with atomic_path(tmp_path / "metrics", directory=True) as folder:
+            (folder / "plots").mkdir()
+            (folder / "plots" / "loss.tsv").write_text("step\tloss\n")
+    assert str(info.value) == (f"{tmp_path / 'metrics'}: cannot write (Permission denied: "
+                               f"{tmp_path / 'metrics' / 'plots' / 'loss.tsv'})")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_save_tensors_streams_the_bytes_of_tensor_bytes_atomically(tmp_path, monkeypatch):

@@ -94,7 +94,7 @@ def test_steps_that_no_longer_fit_the_budget_are_reported_as_skipped(tmp_path):
     (["--steps", "run1,tests,frontiers"],
      "--steps: unknown frontiers; the steps are run1, run2, ddp, tests, stages, variants, frontier"),
     (["--variants", "fast-fp32,cnn-fp16"], "--variants: unknown cnn-fp16; the variants are fast-fp32, "
-     "fast-bf16, cnn-bf16, cnn-fp32-compile, cnn-bf16-compile, cnn-max-fp32, cnn-max-bf16, fast-fp32-compile, "
+     "fast-bf16, default-bf16, default-fp32-compile, default-bf16-compile, cnn-max-fp32, cnn-max-bf16, fast-fp32-compile, "
      "fast-bf16-compile, cnn-max-fp32-compile, cnn-max-bf16-compile"),
     (["--steps", "run1,"],
      "--steps: unknown (empty); the steps are run1, run2, ddp, tests, stages, variants, frontier"),
@@ -190,21 +190,47 @@ def test_stage_times_report_a_failing_stage_and_changed_outputs(tmp_path, monkey
         assert step.detail.split("; ")[1].endswith("in all, against 9.0 s for the faster dvc repro")
 
 
-def test_the_frontier_keeps_the_pythonpath_it_was_given(tmp_path, monkeypatch):
+def test_the_frontier_and_ddp_probe_keep_the_pythonpath_they_were_given(tmp_path, monkeypatch):
     """A GPU machine's DVC and DVCLive may come from a folder on PYTHONPATH (docs/gpu.md), and the
-    frontier imports DVCLive: the checkout goes in front of that folder, not in its place."""
+    frontier imports DVCLive: the checkout goes in front of that folder, not in its place; so for
+    the DDP probe (benchmarks/, under torchrun). The frontier trains the presets asked for."""
     (tmp_path / "run1").mkdir()
-    (tmp_path / "run1" / "params.yaml").write_text("run1's params\n")
+    (tmp_path / "run1" / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
     seen = []
 
     def run_logged(args, cwd, env, log_path, timeout_s):
-        seen.append(env["PYTHONPATH"])
+        modules = [args[i + 1] for i, arg in enumerate(args) if arg == "-m"]  # torchrun's, then its script's
+        seen.append((modules[-1], env.get("PYTHONPATH")))
+        if "benchmarks.frontier" in args:
+            seen.append(args[args.index("--presets") + 1])
         return gpu_check_module.Command(0, 0.1, "")
 
     monkeypatch.setattr(gpu_check_module, "run_logged", run_logged)
-    gpu_check_module.run_frontier(tmp_path, tmp_path, {"PYTHONPATH": "/tmp/site"}, "cuda", quick=False, timeout_s=9)
-    gpu_check_module.run_frontier(tmp_path, tmp_path, {}, "cuda", quick=False, timeout_s=9)
-    assert seen == [f"{PROJECT_ROOT}{os.pathsep}/tmp/site", str(PROJECT_ROOT)]
+    gpu_check_module.run_frontier(tmp_path, tmp_path, {"PYTHONPATH": "/tmp/site"}, "cuda", quick=False,
+                                  presets=["default", "fast"], timeout_s=9)
+    gpu_check_module.run_frontier(tmp_path, tmp_path, {}, "cuda", quick=False, presets=["cnn-max"], timeout_s=9)
+    assert seen == [("benchmarks.frontier", f"{PROJECT_ROOT}{os.pathsep}/tmp/site"), "default,fast",
+                    ("benchmarks.frontier", str(PROJECT_ROOT)), "cnn-max"]
+    seen.clear()
+    gpu_check_module.run_ddp(tmp_path, tmp_path, {"PYTHONPATH": "/tmp/site"}, "cpu", timeout_s=9)
+    # dvc repro augment and the train stage under torchrun run in the copy as it is; the probe
+    # imports benchmarks/ from the checkout
+    assert [entry for entry in seen if entry[0] == "benchmarks.gpu_check_ddp"] == [
+        ("benchmarks.gpu_check_ddp", f"{PROJECT_ROOT}{os.pathsep}/tmp/site")]
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize(("argv", "error"), [
+    (["--frontier-presets", "default,fats"], "--frontier-presets: unknown fats; the presets are default, softmax, "),
+    (["--frontier-presets", "fast", "--steps", "run1,variants"], "--frontier-presets is given but --steps leaves "
+                                                                  "out frontier")])
+def test_frontier_presets_are_checked_before_anything_runs(argv, error, capsys):
+    with pytest.raises(SystemExit):
+        gpu_check_module.parse_args(["--device", "cpu", *argv])
+    assert f"error: {error}" in capsys.readouterr().err
+    assert gpu_check_module.parse_args(["--device", "cpu"]).frontier_presets == ["default", "fast"]
+    assert gpu_check_module.parse_args(["--frontier-presets", "cnn-max"]).frontier_presets == ["cnn-max"]
 
 
 @pytest.mark.integration

@@ -53,7 +53,7 @@ def test_a_preset_that_is_no_mapping_is_named(tmp_path):
     assert load_presets(path) == {"empty": {}, "set": {"train.lr": 0.1}}
 
 
-def test_default_names_params_yaml_as_it_is_and_no_preset_may_take_that_name(tmp_path):
+def test_default_names_params_yaml_as_it_is_and_no_preset_may_take_that_name(tmp_path, capsys):
     """`default` (what the frontier and screen call params.yaml) works wherever a preset name does,
     alone or in a `+` combination, and presets.yaml cannot give the name another meaning."""
     assert resolve("default", PRESETS) == {}
@@ -61,6 +61,12 @@ def test_default_names_params_yaml_as_it_is_and_no_preset_may_take_that_name(tmp
     assert resolve("fast+default", PRESETS) == PRESETS["fast"]
     with pytest.raises(PipelineError, match=r"unknown preset 'defualt'; presets: .*\(default: params.yaml as it is\)"):
         resolve("defualt", PRESETS)
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text((PROJECT_ROOT / "params.yaml").read_text().replace("  epochs: ", "  epochs: 0 #", 1))
+    with pytest.raises(PipelineError, match=r"^preset 'default' on .*params\.yaml: train\.epochs \(as in "):
+        check("default", {}, params_path)  # the file's own error: presets.yaml not named
+    main([])
+    assert capsys.readouterr().out.splitlines()[:2] == ["default (params.yaml as it is)", next(iter(PRESETS))]
     path = tmp_path / "presets.yaml"
     assert load_error(path, "default:\n  train.lr: 0.1\n") == (
         f"{path}: a preset may not be named 'default': that name stands for params.yaml as it is, with no overrides")
