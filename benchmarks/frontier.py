@@ -43,9 +43,9 @@ from typing import Any
 import torch
 
 from benchmarks import presets
-from benchmarks.presets import (DATA_DIR, QUICK_VAL, RAW_DIR, check_raw, comma_ints, comma_list, device_option,
-                                figure_file, lifetime_peak_rss, load_splits, params_line, parse_override,
-                                test_accuracy, timed_fit, write_quick_mirror)
+from benchmarks.presets import (DATA_DIR, QUICK_VAL, RAW_DIR, check_prepared_is_mnist, check_raw, comma_ints,
+                                comma_list, device_option, figure_file, lifetime_peak_rss, load_splits,
+                                params_line, parse_override, test_accuracy, timed_fit, write_quick_mirror)
 from benchmarks.reference import torchvision_mnist, train_reference
 from stages.augment import augmented_split
 from stages.common import PipelineError, run_main, write_bytes_atomic
@@ -245,14 +245,9 @@ def main(argv: list[str] | None = None) -> None:
             raw_dir = args.raw
             # First: the reference recipe reads them, and missing splits are prepared from them. After a
             # `fashion` repro, data/raw holds garments under MNIST's names.
-            mnist = load_table()["mnist"]
-            check_raw(raw_dir, mnist)
+            check_raw(raw_dir, load_table()["mnist"])
             splits = load_or_prepare(args.data, raw_dir, first.preprocess, first.fetch.dataset)
-            if list(splits["train"]["classes"]) != list(mnist.classes):
-                # e.g. data/prepared still holds a `fashion` repro's garments
-                raise PipelineError(f"{args.data} holds another dataset than MNIST (class names "
-                                    f"{list(splits['train']['classes'])[:3]}...); run `dvc repro preprocess` "
-                                    "with fetch.dataset: mnist, or point --data and --raw at MNIST's files")
+            check_prepared_is_mnist(args.data, splits["train"])
         train_set, test_set = torchvision_mnist(raw_dir, Path(temp, "torchvision"))
     precisions = {name: resolve_precision(p.train.precision, device) for (name, _), p in all_params.items()}
     print(machine_line(device, precisions), flush=True)

@@ -4,7 +4,8 @@
     python -m benchmarks.gpu_check --device cpu --quick --source DIR --mirror DIR      # the script itself, on a CPU
 
 Steps, in order of value; each has a timeout and all of them share --budget-s (8 minutes; all of
-them would take an estimated 15-20 on an H200, so pick some with --steps, --variants and --tests):
+them would take an estimated 15-20 on an H200, so pick some with --steps, --variants,
+--frontier-presets and --tests):
   env       device, driver, torch, CUDA, cuDNN and NCCL versions
   run1      the full default `dvc repro` on real MNIST with train.device set, in a fresh copy of the project
   run2      the same again in a second copy; compare: are the weights bit-identical, the metrics equal?
@@ -41,9 +42,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from stages.common import load_tensors
+from benchmarks.presets import comma_list
+from stages.common import PipelineError, load_tensors
 from stages.datasets import load_table
-from stages.presets import DEFAULT, apply, load_presets, resolve
+from stages.presets import DEFAULT, apply, check, load_presets, resolve
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a pipeline run needs of a project; the rest (tests, benchmarks, docs) stays behind.
@@ -71,8 +73,10 @@ STEPS = ("run1", "run2", "ddp", "tests", "stages", "variants", "frontier")
 CAPS = {"env": 60, "repro": 180, "stages": 180, "tests": 300, "ddp": 120, "variant": 150, "frontier": 150}
 # All four presets over three seeds would not fit the frontier step's cap; these two (the default
 # --frontier-presets) show the default's and `fast`'s ratio to the reference recipe's epoch on the GPU.
+# Each further preset raises the cap by FRONTIER_EXTRA_S (cnn-max, the slowest: 47 s on an H200).
 FRONTIER_PRESETS = (DEFAULT, "fast")
 FRONTIER_SEEDS = "0"
+FRONTIER_EXTRA_S = 90
 MIN_STEP_S = 20  # a step with less time than this left is skipped rather than started
 
 
@@ -430,6 +434,25 @@ def check_device(device: str) -> None:
                  "small project (as tests/test_gpu_check.py makes): on this checkout each run is a full dvc repro")
 
 
+def check_frontier_presets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What benchmarks.frontier would refuse, refused before run1 instead of after minutes of GPU
+    time: a name (or `+` combination) unknown to the copied project's presets.yaml, params that do
+    not validate, or a preset of another dataset than MNIST (the reference recipe's)."""
+    if not args.frontier_presets:
+        parser.error("--frontier-presets: no preset given")
+    try:
+        presets = load_presets(args.source / "presets.yaml")
+        for name in args.frontier_presets:
+            # --quick runs the frontier on its tiny MNIST whatever the copy's params.yaml names
+            overrides = {**resolve(name, presets), **({"fetch.dataset": "mnist"} if args.quick else {})}
+            dataset = check(name, overrides, args.source / "params.yaml").fetch.dataset
+            if dataset != "mnist":
+                parser.error(f"--frontier-presets: {name}: fetch.dataset is {dataset}; the frontier measures "
+                             "MNIST presets against the MNIST reference recipe")
+    except PipelineError as exc:
+        parser.error(f"--frontier-presets: {exc}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or PROJECT_ROOT / "gpu-check-out"),
@@ -472,11 +495,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.variants = [known[name] for name in names]
     if args.frontier_presets is not None and "frontier" not in args.steps:
         parser.error("--frontier-presets is given but --steps leaves out frontier")
-    args.frontier_presets = (args.frontier_presets or ",".join(FRONTIER_PRESETS)).split(",")
-    presets = load_presets(PROJECT_ROOT / "presets.yaml")
-    if unknown := [name or "(empty)" for name in args.frontier_presets if name != DEFAULT and name not in presets]:
-        parser.error(f"--frontier-presets: unknown {', '.join(unknown)}; the presets are {DEFAULT}, "
-                     f"{', '.join(presets)}")
+    args.frontier_presets = comma_list(args.frontier_presets or ",".join(FRONTIER_PRESETS))
+    if "frontier" in args.steps:
+        check_frontier_presets(parser, args)
     return args
 
 
@@ -527,7 +548,8 @@ class Check:
             elif name == "variants":
                 self.run_variants(project)
             else:
-                timeout = self.budget.timeout(CAPS[name])
+                extra = len(args.frontier_presets) - len(FRONTIER_PRESETS) if name == "frontier" else 0
+                timeout = self.budget.timeout(CAPS[name] + FRONTIER_EXTRA_S * max(0, extra))
                 if timeout is None:
                     self.say(Step(name, "skipped", 0.0, "out of time"))
                 elif name == "stages":

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.presets import (DATA_DIR, RAW_DIR, augmented, check_raw, device_option, lifetime_peak_rss,
-                                load_splits, preset_params, synchronize, test_accuracy, timed_fit)
+from benchmarks.presets import (DATA_DIR, RAW_DIR, augmented, check_prepared_is_mnist, check_raw, device_option,
+                                lifetime_peak_rss, load_splits, preset_params, synchronize, test_accuracy,
+                                timed_fit)
 from benchmarks.reference import place_for_torchvision
 from stages.common import PipelineError, load_tensors, run_main
 from stages.datasets import load_table
@@ -204,8 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     # Part 1's images, checked against MNIST's checksums before anything is timed: after a `fashion`
     # repro data/raw holds garments under MNIST's file names.
     check_raw(args.raw, load_table()["mnist"])
-    if not args.skip_fast:
-        load_splits(args.data)  # part 2's splits, checked before part 1's timed epochs (minutes)
+    # Part 2's splits, checked before part 1's timed epochs (minutes); part 1 takes the train
+    # split's mean and std. MNIST's: after a `fashion` repro data/prepared holds garments too.
+    train = load_splits(args.data)[0] if not args.skip_fast else load_tensors(
+        args.data / "train.pt", required=("classes", "mean", "std"))
+    check_prepared_is_mnist(args.data, train)
     # Process-wide, and set before anything is timed: the tutorials' loop gets it as much as ours.
     allocator_tuned = retain_freed_memory()
     print_machine(device, allocator_tuned)

@@ -286,8 +286,10 @@ def atomic_path(target: str | os.PathLike, directory: bool = False, flush: bool 
     except OSError as exc:
         raise cannot_write(target, exc) from None
     try:
+        # mkdtemp/mkstemp create owner-only paths. Set before the block: a caller that flushes the
+        # temporary itself (flush=False) flushes the mode with the bytes.
+        tmp.chmod(0o755 if directory else 0o644)
         yield tmp
-        tmp.chmod(0o755 if directory else 0o644)  # mkdtemp/mkstemp create owner-only paths
         if flush:
             _flush_to_disk(tmp)
         if directory and target.is_dir() and not target.is_symlink():  # DVC has usually removed it already
@@ -301,18 +303,8 @@ def atomic_path(target: str | os.PathLike, directory: bool = False, flush: bool 
     except BaseException as exc:
         _remove(tmp)
         if isinstance(exc, OSError):
-            raise cannot_write(target, _named_as_output(exc, tmp, target)) from None
+            raise cannot_write(target, exc, temporary=tmp) from None
         raise
-
-
-def _named_as_output(exc: OSError, tmp: Path, target: Path) -> OSError:
-    # A path in the temporary (an os.open in _flush_to_disk, a file of a directory output) is named
-    # as it would have been in the output: the temporary is gone by the time the error is read.
-    # The output itself is already the error's subject.
-    if exc.filename and Path(exc.filename).is_relative_to(tmp):
-        named = target / Path(exc.filename).relative_to(tmp)
-        exc.filename = None if named == target else str(named)
-    return exc
 
 
 def _replace_directory(new: Path, target: Path) -> None:
@@ -339,12 +331,18 @@ def cannot_read(path: str | os.PathLike, exc: OSError) -> PipelineError:
     return PipelineError(f"{path}: cannot read ({os_reason(exc)})")
 
 
-def cannot_write(target: Path, exc: OSError) -> PipelineError:
-    """The one-line error for an output that could not be written."""
+def cannot_write(target: Path, exc: OSError, temporary: Path | None = None) -> PipelineError:
+    """The one-line error for an output that could not be written. A path in its `temporary` (an
+    os.open in _flush_to_disk, a file of a directory output) is named as it would have been in the
+    output: the temporary is gone by the time the error is read, and the output is its subject."""
     reason = os_reason(exc)
     if isinstance(exc, FileExistsError) and exc.filename and not Path(exc.filename).is_dir():
         reason = "Not a directory"  # mkdir's word for a file where a parent directory should be
-    return PipelineError(f"{target}: cannot write ({reason}{f': {exc.filename}' if exc.filename else ''})")
+    name = exc.filename
+    if temporary is not None and isinstance(name, str) and Path(name).is_relative_to(temporary):
+        inner = Path(name).relative_to(temporary)
+        name = None if inner == Path(".") else str(target / inner)
+    return PipelineError(f"{target}: cannot write ({reason}{f': {name}' if name else ''})")
 
 
 @contextlib.contextmanager

@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
                                      usage="%(prog)s [-h] [--params PARAMS] [--from-commit] [preset] "
                                            "[-- DVC_EXP_RUN_OPTIONS]",
                                      description="Print a preset as `dvc exp run -S` options.")
-    parser.add_argument("preset", nargs="?", help="a preset name, or several joined by '+'")
+    parser.add_argument("preset", nargs="?", help=f"a preset name, or several joined by '+' ('{DEFAULT}' stands "
+                                                  "for params.yaml as it is); without one, the names are listed")
     parser.add_argument("--params", type=Path, default=params_mod.DEFAULT_PATH,
                         help="the params file the presets apply to (default: %(default)s)")
     parser.add_argument("--from-commit", action="store_true",
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     presets = load_presets()
     if args.preset is None:
-        print("\n".join([f"{DEFAULT} (params.yaml as it is)", *presets]))
+        print("\n".join([DEFAULT, *presets]))  # names only, each one a valid argument
         return
     overrides = resolve(args.preset, presets)
     base = None  # the params file itself

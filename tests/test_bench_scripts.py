@@ -58,6 +58,21 @@ def test_make_bench_refuses_images_that_are_not_mnists_before_timing_anything(tm
     assert "(a) tutorials" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("skip_fast", [False, True])
+def test_make_bench_refuses_prepared_splits_of_another_dataset(tmp_path, capsys, monkeypatch, skip_fast):
+    """data/prepared after a `fashion` repro holds garments: part 2 would time `fast` on them, and
+    part 1 takes the train split's mean and std, so they are refused by class name even with --skip-fast."""
+    monkeypatch.setattr(speed, "check_raw", lambda raw_dir, dataset: None)  # tiny files, not MNIST's
+    raw, splits = quick_data(tmp_path)
+    for name, split in splits.items():
+        save_tensors(tmp_path / "prepared" / f"{name}.pt", {**split, "classes": ["T-shirt/top", *split["classes"][1:]]}
+                     if name == "train" else split)
+    argv = ["--raw", str(raw), "--data", str(tmp_path / "prepared"), "--repeats", "1", "--device", "cpu"]
+    with pytest.raises(PipelineError, match=r"prepared holds another dataset than MNIST \(class names \['T-shirt"):
+        speed.main([*argv, *(["--skip-fast"] if skip_fast else [])])
+    assert "(a) tutorials" not in capsys.readouterr().out
+
+
 def test_make_bench_times_one_network_of_an_ensemble():
     """The loops make bench compares step a network as the tutorials do (their loss takes [N, C]
     logits): with train.networks > 1 it times one network, not an ensemble's [networks, N, C]."""

@@ -75,11 +75,12 @@ def test_outputs_reach_the_disk_before_their_rename_and_the_rename_after(tmp_pat
     """A power cut after a rename must not leave an empty file under an output's name: each
     temporary's bytes (a directory's: every file and folder in it) are fsynced before it is
     renamed into place, and the parent folder after, so that the new name lasts too."""
-    events = []
+    events, modes = [], []
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd):
         events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).relative_to(tmp_path).as_posix()))
+        modes.append(os.fstat(fd).st_mode & 0o777)  # the mode the output will have: flushed with the bytes
         real_fsync(fd)
 
     def replace(source, target):
@@ -93,6 +94,7 @@ def test_outputs_reach_the_disk_before_their_rename_and_the_rename_after(tmp_pat
     # both temporaries flushed before the first rename, each once; their folder once, after the last
     assert written == [("fsync", "temporary"), ("fsync", "temporary"),
                        ("rename", "b.pt"), ("rename", "a.pt"), ("fsync", ".")]
+    assert modes[:2] == [0o644, 0o644]  # not mkstemp's owner-only 0o600
     events.clear()
     (tmp_path / "sub").mkdir()
     write_files_atomic({tmp_path / "sub" / "c.pt": b"c", tmp_path / "d.pt": b"d"})

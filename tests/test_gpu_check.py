@@ -222,15 +222,38 @@ def test_the_frontier_and_ddp_probe_keep_the_pythonpath_they_were_given(tmp_path
 
 
 @pytest.mark.parametrize(("argv", "error"), [
-    (["--frontier-presets", "default,fats"], "--frontier-presets: unknown fats; the presets are default, softmax, "),
+    (["--frontier-presets", "default,fats"], "--frontier-presets: unknown preset 'fats'; presets: softmax, "),
+    (["--frontier-presets", "fast,fashion"], "--frontier-presets: fashion: fetch.dataset is fashion-mnist; the "
+                                             "frontier measures MNIST presets against the MNIST reference recipe"),
+    (["--frontier-presets", " , "], "--frontier-presets: no preset given"),
     (["--frontier-presets", "fast", "--steps", "run1,variants"], "--frontier-presets is given but --steps leaves "
                                                                   "out frontier")])
 def test_frontier_presets_are_checked_before_anything_runs(argv, error, capsys):
+    """What the frontier would refuse after run1 (minutes of GPU time) is refused at once."""
     with pytest.raises(SystemExit):
         gpu_check_module.parse_args(["--device", "cpu", *argv])
     assert f"error: {error}" in capsys.readouterr().err
     assert gpu_check_module.parse_args(["--device", "cpu"]).frontier_presets == ["default", "fast"]
-    assert gpu_check_module.parse_args(["--frontier-presets", "cnn-max"]).frontier_presets == ["cnn-max"]
+    assert gpu_check_module.parse_args(["--frontier-presets", "cnn-max, fast+aug"]).frontier_presets == [
+        "cnn-max", "fast+aug"]
+
+
+def test_the_frontier_step_trains_the_presets_asked_for_with_time_for_each(tmp_path, monkeypatch):
+    """Check.run_all hands --frontier-presets to the frontier step, whose cap grows by
+    FRONTIER_EXTRA_S for each preset beyond the default two."""
+    calls = []
+    monkeypatch.setattr(gpu_check_module, "environment_report", lambda device: "stub")
+    monkeypatch.setattr(gpu_check_module, "run_repro", lambda *args: {"name": "run1", "status": "ok"})
+    monkeypatch.setattr(gpu_check_module, "run_frontier", lambda project, out, env, device, quick, presets, timeout:
+                        calls.append((presets, timeout)) or gpu_check_module.Step("frontier", "ok"))
+    for presets in ("default,fast", "cnn-max,default,fast,mlp-best"):
+        check = gpu_check_module.Check(gpu_check_module.parse_args(
+            ["--device", "cuda", "--budget-s", "3600", "--steps", "frontier", "--frontier-presets", presets]),
+            tmp_path, tmp_path, {})
+        check.run_all()
+    cap = gpu_check_module.CAPS["frontier"]
+    assert calls == [(["default", "fast"], cap), (["cnn-max", "default", "fast", "mlp-best"],
+                                                  cap + 2 * gpu_check_module.FRONTIER_EXTRA_S)]
 
 
 @pytest.mark.integration
