@@ -245,9 +245,10 @@ def main(argv: list[str] | None = None) -> None:
             raw_dir = args.raw
             # First: the reference recipe reads them, and missing splits are prepared from them. After a
             # `fashion` repro, data/raw holds garments under MNIST's names.
-            check_raw(raw_dir, load_table()["mnist"])
+            mnist = load_table()["mnist"]
+            check_raw(raw_dir, mnist)
             splits = load_or_prepare(args.data, raw_dir, first.preprocess, first.fetch.dataset)
-            check_prepared_is_mnist(args.data, splits["train"])
+            check_prepared_is_mnist(args.data, splits["train"], mnist)
         train_set, test_set = torchvision_mnist(raw_dir, Path(temp, "torchvision"))
     precisions = {name: resolve_precision(p.train.precision, device) for (name, _), p in all_params.items()}
     print(machine_line(device, precisions), flush=True)

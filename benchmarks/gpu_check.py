@@ -43,9 +43,10 @@ import torch
 import yaml
 
 from benchmarks.presets import comma_list
+from stages import params as params_mod
 from stages.common import PipelineError, load_tensors
 from stages.datasets import load_table
-from stages.presets import DEFAULT, apply, check, load_presets, resolve
+from stages.presets import DEFAULT, apply, load_presets, resolve
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a pipeline run needs of a project; the rest (tests, benchmarks, docs) stays behind.
@@ -435,17 +436,22 @@ def check_device(device: str) -> None:
 
 
 def check_frontier_presets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """What benchmarks.frontier would refuse, refused before run1 instead of after minutes of GPU
-    time: a name (or `+` combination) unknown to the copied project's presets.yaml, params that do
-    not validate, or a preset of another dataset than MNIST (the reference recipe's)."""
+    """What benchmarks.frontier would refuse by name or dataset, refused before run1 instead of
+    after minutes of GPU time: a name (or `+` combination) unknown to the copied project's
+    presets.yaml, a key unknown to its params.yaml, or a preset of another dataset than MNIST (the
+    reference recipe's). The values are left to the frontier to validate: it runs in the copy, whose
+    stages/ and datasets.yaml (another dataset, in the tests' small projects) may not be these."""
     if not args.frontier_presets:
         parser.error("--frontier-presets: no preset given")
     try:
         presets = load_presets(args.source / "presets.yaml")
+        raw = params_mod.load_raw(args.source / "params.yaml")
+        if not (isinstance(raw, dict) and isinstance(raw.get("fetch"), dict)):
+            raise PipelineError(f"{args.source / 'params.yaml'}: no fetch section")
         for name in args.frontier_presets:
             # --quick runs the frontier on its tiny MNIST whatever the copy's params.yaml names
             overrides = {**resolve(name, presets), **({"fetch.dataset": "mnist"} if args.quick else {})}
-            dataset = check(name, overrides, args.source / "params.yaml").fetch.dataset
+            dataset = apply(raw, overrides)["fetch"].get("dataset")
             if dataset != "mnist":
                 parser.error(f"--frontier-presets: {name}: fetch.dataset is {dataset}; the frontier measures "
                              "MNIST presets against the MNIST reference recipe")
@@ -495,7 +501,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.variants = [known[name] for name in names]
     if args.frontier_presets is not None and "frontier" not in args.steps:
         parser.error("--frontier-presets is given but --steps leaves out frontier")
-    args.frontier_presets = comma_list(args.frontier_presets or ",".join(FRONTIER_PRESETS))
+    args.frontier_presets = comma_list(",".join(FRONTIER_PRESETS) if args.frontier_presets is None
+                                       else args.frontier_presets)
     if "frontier" in args.steps:
         check_frontier_presets(parser, args)
     return args

@@ -217,11 +217,11 @@ def check_raw(raw_dir: Path, dataset: Dataset) -> None:
                                 "or point --raw at its files") from None
 
 
-def check_prepared_is_mnist(data_dir: Path, train: dict) -> None:
-    """Raises unless the prepared train split `train` (from data_dir) is MNIST's, by its class names:
-    after a `fashion` repro data/prepared holds garments."""
+def check_prepared_is_mnist(data_dir: Path, train: dict, mnist: Dataset) -> None:
+    """Raises unless the prepared train split `train` (from data_dir) is `mnist`'s, by its class
+    names: after a `fashion` repro data/prepared holds garments."""
     classes = list(train["classes"])
-    if classes != list(load_table()["mnist"].classes):
+    if classes != list(mnist.classes):
         raise PipelineError(f"{data_dir} holds another dataset than MNIST (class names {classes[:3]}...); run "
                             "`dvc repro preprocess` with fetch.dataset: mnist, or point --data and --raw at "
                             "MNIST's files")

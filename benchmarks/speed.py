@@ -204,12 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device
     # Part 1's images, checked against MNIST's checksums before anything is timed: after a `fashion`
     # repro data/raw holds garments under MNIST's file names.
-    check_raw(args.raw, load_table()["mnist"])
+    mnist = load_table()["mnist"]
+    check_raw(args.raw, mnist)
     # Part 2's splits, checked before part 1's timed epochs (minutes); part 1 takes the train
     # split's mean and std. MNIST's: after a `fashion` repro data/prepared holds garments too.
     train = load_splits(args.data)[0] if not args.skip_fast else load_tensors(
         args.data / "train.pt", required=("classes", "mean", "std"))
-    check_prepared_is_mnist(args.data, train)
+    check_prepared_is_mnist(args.data, train, mnist)
     # Process-wide, and set before anything is timed: the tutorials' loop gets it as much as ours.
     allocator_tuned = retain_freed_memory()
     print_machine(device, allocator_tuned)

@@ -336,11 +336,12 @@ def cannot_write(target: Path, exc: OSError, temporary: Path | None = None) -> P
     os.open in _flush_to_disk, a file of a directory output) is named as it would have been in the
     output: the temporary is gone by the time the error is read, and the output is its subject."""
     reason = os_reason(exc)
-    if isinstance(exc, FileExistsError) and exc.filename and not Path(exc.filename).is_dir():
+    # os functions give the name as a str; Path.open and Path.write_bytes as the Path they were given
+    name = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else None
+    inner = Path(name).relative_to(temporary) if name and temporary and Path(name).is_relative_to(temporary) else None
+    if isinstance(exc, FileExistsError) and name and inner is None and not Path(name).is_dir():
         reason = "Not a directory"  # mkdir's word for a file where a parent directory should be
-    name = exc.filename
-    if temporary is not None and isinstance(name, str) and Path(name).is_relative_to(temporary):
-        inner = Path(name).relative_to(temporary)
+    if inner is not None:
         name = None if inner == Path(".") else str(target / inner)
     return PipelineError(f"{target}: cannot write ({reason}{f': {name}' if name else ''})")
 

@@ -152,6 +152,18 @@ def test_an_error_inside_the_temporary_names_the_output_not_the_temporary(tmp_pa
             (folder / "plots" / "loss.tsv").write_text("step\tloss\n")
     assert str(info.value) == (f"{tmp_path / 'metrics'}: cannot write (Permission denied: "
                                f"{tmp_path / 'metrics' / 'plots' / 'loss.tsv'})")
+    monkeypatch.setattr(os, "open", real_open)
+    with pytest.raises(PipelineError) as info:  # Path.write_bytes names the Path it was given
+        with atomic_path(tmp_path / "metrics", directory=True) as folder:
+            (folder / "plots").write_text("a file where a folder should be")
+            (folder / "plots" / "loss.tsv").write_bytes(b"step\tloss\n")
+    assert str(info.value) == (f"{tmp_path / 'metrics'}: cannot write (Not a directory: "
+                               f"{tmp_path / 'metrics' / 'plots' / 'loss.tsv'})")
+    with pytest.raises(PipelineError) as info:  # the folder is gone by then: no "Not a directory" for it
+        with atomic_path(tmp_path / "metrics", directory=True) as folder:
+            (folder / "plots").mkdir()
+            (folder / "plots").mkdir()
+    assert str(info.value) == f"{tmp_path / 'metrics'}: cannot write (File exists: {tmp_path / 'metrics' / 'plots'})"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import benchmarks.gpu_check as gpu_check_module
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, SMALL_PARAMS, deep_update
 from tests.synthetic import write_mirror
 
 
@@ -226,6 +226,7 @@ def test_the_frontier_and_ddp_probe_keep_the_pythonpath_they_were_given(tmp_path
     (["--frontier-presets", "fast,fashion"], "--frontier-presets: fashion: fetch.dataset is fashion-mnist; the "
                                              "frontier measures MNIST presets against the MNIST reference recipe"),
     (["--frontier-presets", " , "], "--frontier-presets: no preset given"),
+    (["--frontier-presets", ""], "--frontier-presets: no preset given"),
     (["--frontier-presets", "fast", "--steps", "run1,variants"], "--frontier-presets is given but --steps leaves "
                                                                   "out frontier")])
 def test_frontier_presets_are_checked_before_anything_runs(argv, error, capsys):
@@ -236,6 +237,22 @@ def test_frontier_presets_are_checked_before_anything_runs(argv, error, capsys):
     assert gpu_check_module.parse_args(["--device", "cpu"]).frontier_presets == ["default", "fast"]
     assert gpu_check_module.parse_args(["--frontier-presets", "cnn-max, fast+aug"]).frontier_presets == [
         "cnn-max", "fast+aug"]
+
+
+def test_frontier_presets_are_read_from_the_source_project_whose_datasets_may_differ(tmp_path, capsys):
+    """--source DIR (the tests' small projects): its presets.yaml and params.yaml, whose dataset and
+    mirrors this checkout's datasets.yaml need not know, are what the frontier will run in the copy."""
+    (tmp_path / "presets.yaml").write_text("quick-fast:\n  train.epochs: 1\n")
+    params = deep_update(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()), SMALL_PARAMS)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    source = ["--device", "cpu", "--source", str(tmp_path)]
+    # --quick: the frontier's own tiny MNIST, told the dataset is MNIST's
+    assert gpu_check_module.parse_args([*source, "--quick", "--frontier-presets", "default,quick-fast"])
+    for presets, error in (("quick-fast", "quick-fast: fetch.dataset is synthetic; the frontier measures MNIST"),
+                           ("fast", "unknown preset 'fast'; presets: quick-fast (default: params.yaml as it is)")):
+        with pytest.raises(SystemExit):
+            gpu_check_module.parse_args([*source, "--frontier-presets", presets])
+        assert f"error: --frontier-presets: {error}" in capsys.readouterr().err
 
 
 def test_the_frontier_step_trains_the_presets_asked_for_with_time_for_each(tmp_path, monkeypatch):
