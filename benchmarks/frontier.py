@@ -45,11 +45,12 @@ import torch
 from benchmarks import presets
 from benchmarks.presets import (DATA_DIR, QUICK_VAL, RAW_DIR, check_prepared_is_mnist, check_raw, comma_ints,
                                 comma_list, device_option, figure_file, lifetime_peak_rss, load_splits,
-                                params_line, parse_override, test_accuracy, timed_fit, write_quick_mirror)
+                                params_line, parse_override, refuse_other_datasets, test_accuracy, timed_fit,
+                                write_quick_mirror)
 from benchmarks.reference import torchvision_mnist, train_reference
 from stages.augment import augmented_split
 from stages.common import PipelineError, run_main, write_bytes_atomic
-from stages.datasets import load_table
+from stages.datasets import Dataset, load_table
 from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
 from stages.presets import DEFAULT
@@ -124,12 +125,12 @@ def run_preset(name: str, seed: int, params: Params, splits: dict[str, dict], de
     return PresetRun(name, seed, accuracy, rows[-1]["val_accuracy"], seconds, peak / 2**20)
 
 
-def load_or_prepare(data_dir: Path, raw_dir: Path, preprocess: PreprocessParams, dataset_name: str) -> dict[str, dict]:
+def load_or_prepare(data_dir: Path, raw_dir: Path, preprocess: PreprocessParams, dataset: Dataset) -> dict[str, dict]:
     """The prepared splits: data_dir's files if all three are there, else built from raw_dir's
-    IDX files (plain or .gz) by the preprocess stage's own function."""
+    IDX files (plain or .gz) of `dataset` by the preprocess stage's own function."""
     if all((data_dir / f"{name}.pt").is_file() for name in ("train", "val", "test")):
         return dict(zip(("train", "val", "test"), load_splits(data_dir)))
-    return prepare(raw_dir, load_table()[dataset_name], preprocess)
+    return prepare(raw_dir, dataset, preprocess)
 
 
 def quick_data(root: Path) -> tuple[Path, dict[str, dict]]:
@@ -231,11 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = {"train.device": device.type, **(QUICK_OVERRIDES if args.quick else {}), **overrides}
     # Every preset and seed checked before anything runs.
     all_params = {(name, seed): preset_params(name, seed, extra) for seed in args.seeds for name in args.presets}
-    # The reference recipe is torchvision's MNIST: a preset of another dataset has no reference here.
-    other = sorted({name for (name, _), params in all_params.items() if params.fetch.dataset != "mnist"})
-    if other:
-        raise PipelineError(f"{', '.join(other)}: fetch.dataset is not mnist; the frontier measures MNIST "
-                            "presets against the MNIST reference recipe")
+    refuse_other_datasets({name: params.fetch.dataset for (name, _), params in all_params.items()})
     retain_freed_memory()  # the train stage's allocator setting, for the reference as much as the presets
     first = next(iter(all_params.values()))
     with tempfile.TemporaryDirectory(prefix="frontier-") as temp:
@@ -247,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
             # `fashion` repro, data/raw holds garments under MNIST's names.
             mnist = load_table()["mnist"]
             check_raw(raw_dir, mnist)
-            splits = load_or_prepare(args.data, raw_dir, first.preprocess, first.fetch.dataset)
+            splits = load_or_prepare(args.data, raw_dir, first.preprocess, mnist)  # every preset's (checked above)
             check_prepared_is_mnist(args.data, splits["train"], mnist)
         train_set, test_set = torchvision_mnist(raw_dir, Path(temp, "torchvision"))
     precisions = {name: resolve_precision(p.train.precision, device) for (name, _), p in all_params.items()}

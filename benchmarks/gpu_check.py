@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.presets import comma_list
+from benchmarks.presets import comma_list, refuse_other_datasets
 from stages import params as params_mod
 from stages.common import PipelineError, load_tensors
 from stages.datasets import load_table
@@ -397,6 +397,12 @@ def run_variant(project: Path, out: Path, env: dict, device: str, variant: tuple
     return result
 
 
+def frontier_cap(presets: list[str]) -> float:
+    """The frontier step's cap in seconds: CAPS' for the default two presets, FRONTIER_EXTRA_S more
+    for each one beyond them."""
+    return CAPS["frontier"] + FRONTIER_EXTRA_S * max(0, len(presets) - len(FRONTIER_PRESETS))
+
+
 def run_frontier(project: Path, out: Path, env: dict, device: str, quick: bool, presets: list[str],
                  timeout_s: float) -> Step:
     # In the copy, whose data/ the first repro prepared; benchmarks/ comes from the checkout. The
@@ -448,13 +454,10 @@ def check_frontier_presets(parser: argparse.ArgumentParser, args: argparse.Names
         raw = params_mod.load_raw(args.source / "params.yaml")
         if not (isinstance(raw, dict) and isinstance(raw.get("fetch"), dict)):
             raise PipelineError(f"{args.source / 'params.yaml'}: no fetch section")
-        for name in args.frontier_presets:
-            # --quick runs the frontier on its tiny MNIST whatever the copy's params.yaml names
-            overrides = {**resolve(name, presets), **({"fetch.dataset": "mnist"} if args.quick else {})}
-            dataset = apply(raw, overrides)["fetch"].get("dataset")
-            if dataset != "mnist":
-                parser.error(f"--frontier-presets: {name}: fetch.dataset is {dataset}; the frontier measures "
-                             "MNIST presets against the MNIST reference recipe")
+        # --quick runs the frontier on its tiny MNIST whatever the copy's params.yaml names
+        quick = {"fetch.dataset": "mnist"} if args.quick else {}
+        refuse_other_datasets({name: apply(raw, {**resolve(name, presets), **quick})["fetch"].get("dataset")
+                               for name in args.frontier_presets})
     except PipelineError as exc:
         parser.error(f"--frontier-presets: {exc}")
 
@@ -555,8 +558,7 @@ class Check:
             elif name == "variants":
                 self.run_variants(project)
             else:
-                extra = len(args.frontier_presets) - len(FRONTIER_PRESETS) if name == "frontier" else 0
-                timeout = self.budget.timeout(CAPS[name] + FRONTIER_EXTRA_S * max(0, extra))
+                timeout = self.budget.timeout(frontier_cap(args.frontier_presets) if name == "frontier" else CAPS[name])
                 if timeout is None:
                     self.say(Step(name, "skipped", 0.0, "out of time"))
                 elif name == "stages":

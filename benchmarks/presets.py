@@ -217,6 +217,15 @@ def check_raw(raw_dir: Path, dataset: Dataset) -> None:
                                 "or point --raw at its files") from None
 
 
+def refuse_other_datasets(datasets: dict[str, str]) -> None:
+    """The frontier's rule, for preset name -> its fetch.dataset: the reference recipe is
+    torchvision's MNIST, so a preset of another dataset has no reference to be measured against."""
+    other = sorted(name for name, dataset in datasets.items() if dataset != "mnist")
+    if other:
+        raise PipelineError(f"{', '.join(other)}: fetch.dataset is not mnist; the frontier measures MNIST "
+                            "presets against the MNIST reference recipe")
+
+
 def check_prepared_is_mnist(data_dir: Path, train: dict, mnist: Dataset) -> None:
     """Raises unless the prepared train split `train` (from data_dir) is `mnist`'s, by its class
     names: after a `fashion` repro data/prepared holds garments."""

@@ -33,7 +33,7 @@ from benchmarks.presets import (DATA_DIR, RAW_DIR, augmented, check_prepared_is_
                                 timed_fit)
 from benchmarks.reference import place_for_torchvision
 from stages.common import PipelineError, load_tensors, run_main
-from stages.datasets import load_table
+from stages.datasets import Dataset, load_table
 from stages.models import build_network
 from stages.params import TrainParams
 from stages.preprocess import read_split
@@ -53,13 +53,11 @@ def print_machine(device: torch.device, allocator_tuned: bool) -> None:
     print(f"device: {describe_device(device)}")
 
 
-def official_train(raw_dir: Path, data_dir: Path) -> dict:
+def official_train(raw_dir: Path, mnist: Dataset, prepared: dict) -> dict:
     """The 60,000 images of MNIST's official training set as uint8 tensors, laid out as
     data/prepared/train.pt (images, labels, classes, mean, std); the normalisation statistics are
-    the prepared train split's, as the pipeline's models use."""
-    mnist = load_table()["mnist"]
+    the `prepared` train split's, as the pipeline's models use."""
     images, labels = read_split(raw_dir, mnist, "train")
-    prepared = load_tensors(data_dir / "train.pt", required=("mean", "std"))
     return {"images": torch.from_numpy(images.copy()),  # a copy: parsed IDX arrays are read-only views
             "labels": torch.from_numpy(labels.astype("int64")),
             "classes": list(mnist.classes), "mean": prepared["mean"], "std": prepared["std"]}
@@ -147,14 +145,13 @@ def fastest(runs: list[tuple[float, float]]) -> tuple[float, float]:
     return min(runs, key=lambda run: run[0])
 
 
-def compare_input_pipelines(raw_dir: Path, data_dir: Path, device: torch.device, skip_torchvision: bool,
+def compare_input_pipelines(data: dict, raw_dir: Path, device: torch.device, skip_torchvision: bool,
                             repeats: int) -> None:
     # Same model, initial weights, seed and torch settings everywhere. Each one's fastest of
     # `repeats` epochs (each from a fresh model) counts: that leaves out the one-off costs of a
     # device's first use (oneDNN kernel generation, CUDA context and cuBLAS handles) and is the
     # least disturbed by other processes.
     cfg = preset_params(TUTORIAL_PRESET).train
-    data = official_train(raw_dir, data_dir)
     print(f"\n1. One epoch of MLP 784-{'-'.join(map(str, cfg.hidden))}-10, {cfg.optimizer} {cfg.lr:g}, "
           f"batch {cfg.batch_size}, on the {len(data['labels']):,} official training images "
           f"(fastest of {repeats})")
@@ -173,9 +170,8 @@ def compare_input_pipelines(raw_dir: Path, data_dir: Path, device: torch.device,
               f"{theirs / floor:.1f}x with this model and optimizer on this device")
 
 
-def time_to_accuracy(data_dir: Path, device: torch.device) -> None:
+def time_to_accuracy(train: dict, val: dict, test: dict, device: torch.device) -> None:
     params = preset_params(FAST_PRESET)
-    train, val, test = load_splits(data_dir)
     cfg = params.train
     print(f"\n2. Preset {FAST_PRESET!r}: {cfg.model} {cfg.channels}, {cfg.epochs} epoch(s), batch {cfg.batch_size}, "
           f"{params.augment.copies} augmented copies")
@@ -196,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="time only this project's epoch, not the tutorials' DataLoader one")
     parser.add_argument("--skip-fast", action="store_true", help=f"skip the {FAST_PRESET!r} preset's run")
     parser.add_argument("--repeats", type=int, default=3, help="epochs timed per input pipeline; the fastest counts")
-    parser.add_argument("--raw", type=Path, default=RAW_DIR, help="directory of MNIST's four IDX files, plain or .gz, checksums checked")
+    parser.add_argument("--raw", type=Path, default=RAW_DIR,
+                        help="directory of MNIST's four IDX files, plain or .gz, checksums checked")
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="directory of train.pt, val.pt, test.pt")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -206,17 +203,18 @@ def main(argv: list[str] | None = None) -> None:
     # repro data/raw holds garments under MNIST's file names.
     mnist = load_table()["mnist"]
     check_raw(args.raw, mnist)
-    # Part 2's splits, checked before part 1's timed epochs (minutes); part 1 takes the train
-    # split's mean and std. MNIST's: after a `fashion` repro data/prepared holds garments too.
-    train = load_splits(args.data)[0] if not args.skip_fast else load_tensors(
-        args.data / "train.pt", required=("classes", "mean", "std"))
-    check_prepared_is_mnist(args.data, train, mnist)
+    # Part 2's splits, read once and checked before part 1's timed epochs (minutes); part 1 takes
+    # the train split's mean and std. MNIST's: after a `fashion` repro data/prepared holds garments too.
+    splits = load_splits(args.data) if not args.skip_fast else (load_tensors(
+        args.data / "train.pt", required=("classes", "mean", "std")),)
+    check_prepared_is_mnist(args.data, splits[0], mnist)
     # Process-wide, and set before anything is timed: the tutorials' loop gets it as much as ours.
     allocator_tuned = retain_freed_memory()
     print_machine(device, allocator_tuned)
-    compare_input_pipelines(args.raw, args.data, device, args.skip_torchvision, args.repeats)
+    compare_input_pipelines(official_train(args.raw, mnist, splits[0]), args.raw, device, args.skip_torchvision,
+                            args.repeats)
     if not args.skip_fast:
-        time_to_accuracy(args.data, device)
+        time_to_accuracy(*splits, device)
     print_peak_memory()
 
 

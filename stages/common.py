@@ -301,9 +301,11 @@ def atomic_path(target: str | os.PathLike, directory: bool = False, flush: bool 
         if flush:
             _fsync_directory(target.parent)
     except BaseException as exc:
+        # the error is read from the paths the temporary still holds, then the temporary goes
+        error = cannot_write(target, exc, temporary=tmp) if isinstance(exc, OSError) else None
         _remove(tmp)
-        if isinstance(exc, OSError):
-            raise cannot_write(target, exc, temporary=tmp) from None
+        if error is not None:
+            raise error from None
         raise
 
 
@@ -338,11 +340,17 @@ def cannot_write(target: Path, exc: OSError, temporary: Path | None = None) -> P
     reason = os_reason(exc)
     # os functions give the name as a str; Path.open and Path.write_bytes as the Path they were given
     name = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else None
-    inner = Path(name).relative_to(temporary) if name and temporary and Path(name).is_relative_to(temporary) else None
-    if isinstance(exc, FileExistsError) and name and inner is None and not Path(name).is_dir():
-        reason = "Not a directory"  # mkdir's word for a file where a parent directory should be
-    if inner is not None:
-        name = None if inner == Path(".") else str(target / inner)
+    if isinstance(exc, FileExistsError) and name and not Path(name).is_dir():
+        # mkdir's word for a file where a parent directory should be; asked of the path itself, so
+        # a caller builds this error before it removes a temporary that holds the path
+        reason = "Not a directory"
+    if name and temporary:
+        # absolute on both sides: a library may name the file by its absolute path, the caller
+        # the temporary by a relative one
+        path, folder = Path(os.path.abspath(name)), Path(os.path.abspath(temporary))
+        if path.is_relative_to(folder):
+            inner = path.relative_to(folder)
+            name = None if inner == Path(".") else str(target / inner)
     return PipelineError(f"{target}: cannot write ({reason}{f': {name}' if name else ''})")
 
 

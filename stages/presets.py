@@ -60,6 +60,8 @@ def apply(raw_params: dict, overrides: dict[str, Any]) -> dict:
     result = copy.deepcopy(raw_params)
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
+        if section in result and not isinstance(result[section], dict):  # `train:` left empty, or a value
+            raise PipelineError(f"cannot set {dotted!r}: {section} in params.yaml is not a mapping of keys")
         if section not in result or key not in result[section]:
             raise PipelineError(f"{dotted!r} is not a key of params.yaml")  # a preset's, or a --set of a benchmark
         result[section][key] = value

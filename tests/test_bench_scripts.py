@@ -35,7 +35,11 @@ def test_make_bench_measures_every_input_pipeline_the_fast_preset_and_memory(tmp
     raw, splits = quick_data(tmp_path)
     for name, split in splits.items():
         save_tensors(tmp_path / "prepared" / f"{name}.pt", split)
+    reads = []  # the prepared splits are read once, by main, for the checks and both parts
+    monkeypatch.setattr(speed, "load_splits", lambda folder, real=speed.load_splits: reads.append(folder) or real(folder))
+    monkeypatch.setattr(speed, "load_tensors", lambda *args, **kwargs: reads.append(args) or pytest.fail("read again"))
     speed.main(["--raw", str(raw), "--data", str(tmp_path / "prepared"), "--repeats", "2", "--device", "cpu"])
+    assert reads == [tmp_path / "prepared"]
     out = capsys.readouterr().out
     assert out.startswith("CPU: ") and "torch threads" in out
     assert "on the 1,200 official training images (fastest of 2)" in out  # the mirror's whole train set

@@ -164,6 +164,18 @@ def test_an_error_inside_the_temporary_names_the_output_not_the_temporary(tmp_pa
             (folder / "plots").mkdir()
             (folder / "plots").mkdir()
     assert str(info.value) == f"{tmp_path / 'metrics'}: cannot write (File exists: {tmp_path / 'metrics' / 'plots'})"
+    with pytest.raises(PipelineError) as info:  # a file there: read before the temporary is removed
+        with atomic_path(tmp_path / "metrics", directory=True) as folder:
+            (folder / "plots").write_text("a file where a folder should be")
+            (folder / "plots").mkdir(exist_ok=True)
+    assert str(info.value) == (f"{tmp_path / 'metrics'}: cannot write (Not a directory: "
+                               f"{tmp_path / 'metrics' / 'plots'})")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError) as info:  # a relative target, a library that names absolute paths
+        with atomic_path("metrics", directory=True) as folder:
+            (folder / "plots").write_text("a file where a folder should be")
+            (folder.resolve() / "plots" / "loss.tsv").write_bytes(b"step\tloss\n")
+    assert str(info.value) == "metrics: cannot write (Not a directory: metrics/plots/loss.tsv)"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

@@ -33,6 +33,15 @@ def test_unknown_key_in_a_preset_is_refused():
         apply(RAW, {"train.nope": 1})
 
 
+@pytest.mark.parametrize("section", [None, 3, ["a"]])
+def test_a_params_section_that_is_not_a_mapping_is_refused_in_one_line(section):
+    """`train:` left empty (None), or a value where the section's keys should be: a one-line
+    error naming the key and the section, not a TypeError from `in`."""
+    with pytest.raises(PipelineError,
+                       match=r"^cannot set 'train.epochs': train in params.yaml is not a mapping of keys$"):
+        apply({**RAW, "train": section}, {"train.epochs": 1})
+
+
 def load_error(path, text: str) -> str:
     """The one-line error load_presets gives for a presets file holding `text`."""
     path.write_text(text)
