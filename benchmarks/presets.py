@@ -220,10 +220,10 @@ def check_raw(raw_dir: Path, dataset: Dataset) -> None:
 def refuse_other_datasets(datasets: dict[str, str]) -> None:
     """The frontier's rule, for preset name -> its fetch.dataset: the reference recipe is
     torchvision's MNIST, so a preset of another dataset has no reference to be measured against."""
-    other = sorted(name for name, dataset in datasets.items() if dataset != "mnist")
+    other = [f"{name}: fetch.dataset is {dataset}" for name, dataset in sorted(datasets.items()) if dataset != "mnist"]
     if other:
-        raise PipelineError(f"{', '.join(other)}: fetch.dataset is not mnist; the frontier measures MNIST "
-                            "presets against the MNIST reference recipe")
+        raise PipelineError(f"{'; '.join(other)}; the frontier measures MNIST presets against the MNIST "
+                            "reference recipe")
 
 
 def check_prepared_is_mnist(data_dir: Path, train: dict, mnist: Dataset) -> None:

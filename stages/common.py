@@ -301,9 +301,10 @@ def atomic_path(target: str | os.PathLike, directory: bool = False, flush: bool 
         if flush:
             _fsync_directory(target.parent)
     except BaseException as exc:
-        # the error is read from the paths the temporary still holds, then the temporary goes
-        error = cannot_write(target, exc, temporary=tmp) if isinstance(exc, OSError) else None
-        _remove(tmp)
+        try:  # the error is read from the paths the temporary still holds, then the temporary goes
+            error = cannot_write(target, exc, temporary=tmp) if isinstance(exc, OSError) else None
+        finally:
+            _remove(tmp)
         if error is not None:
             raise error from None
         raise
@@ -336,7 +337,7 @@ def cannot_read(path: str | os.PathLike, exc: OSError) -> PipelineError:
 def cannot_write(target: Path, exc: OSError, temporary: Path | None = None) -> PipelineError:
     """The one-line error for an output that could not be written. A path in its `temporary` (an
     os.open in _flush_to_disk, a file of a directory output) is named as it would have been in the
-    output: the temporary is gone by the time the error is read, and the output is its subject."""
+    output: the temporary is removed before the user reads the error, and the output is its subject."""
     reason = os_reason(exc)
     # os functions give the name as a str; Path.open and Path.write_bytes as the Path they were given
     name = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else None

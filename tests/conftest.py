@@ -43,10 +43,25 @@ KILLED_READ_S = 10
 
 os.environ["DVC_NO_ANALYTICS"] = "1"
 # `make test` (CI) exports its level and flags: a `make` that a test runs would then be a sub-make
-# and print "make[1]: Entering directory ..." around the output the test reads. Tests see the
-# same make whether pytest was started by make or by hand.
-for variable in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS"):
+# and print "make[1]: Entering directory ..." around the output the test reads. It exports the
+# variables given on its command line too (make test PYTEST_JOBS=0): a `make -n test` that a test
+# runs would print them in place of the Makefile's defaults. Tests see the same make whether
+# pytest was started by make or by hand.
+for variable in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "PYTEST_JOBS", "PYTEST_ARGS"):
     os.environ.pop(variable, None)
+
+
+def pytest_configure(config) -> None:
+    # Under pytest-xdist (make test), one torch thread pool per worker, each its share of the CPUs
+    # this process may run on: two OpenMP pools of all of them, spinning against each other, slow
+    # both several times. `workerinput` is set in the workers only: the controller trains nothing.
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    if workers > 1:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for the commands tests start, as DvcProject sets
 
 
 def run_bounded(args, timeout_s: float = COMMAND_TIMEOUT_S, output: Path | None = None,

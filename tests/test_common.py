@@ -176,6 +176,11 @@ def test_an_error_inside_the_temporary_names_the_output_not_the_temporary(tmp_pa
             (folder / "plots").write_text("a file where a folder should be")
             (folder.resolve() / "plots" / "loss.tsv").write_bytes(b"step\tloss\n")
     assert str(info.value) == "metrics: cannot write (Not a directory: metrics/plots/loss.tsv)"
+    with pytest.raises(PipelineError) as info:  # and the other way round (mkdtemp's path is absolute from 3.12)
+        with atomic_path(tmp_path / "metrics", directory=True) as folder:
+            (folder / "plots").write_text("a file where a folder should be")
+            (Path(os.path.relpath(folder)) / "plots" / "loss.tsv").write_bytes(b"step\tloss\n")
+    assert str(info.value) == f"{tmp_path / 'metrics'}: cannot write (Not a directory: {tmp_path}/metrics/plots/loss.tsv)"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

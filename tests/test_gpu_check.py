@@ -223,7 +223,7 @@ def test_the_frontier_and_ddp_probe_keep_the_pythonpath_they_were_given(tmp_path
 
 @pytest.mark.parametrize(("argv", "error"), [
     (["--frontier-presets", "default,fats"], "--frontier-presets: unknown preset 'fats'; presets: softmax, "),
-    (["--frontier-presets", "fast,fashion"], "--frontier-presets: fashion: fetch.dataset is not mnist; the "
+    (["--frontier-presets", "fast,fashion"], "--frontier-presets: fashion: fetch.dataset is fashion-mnist; the "
                                              "frontier measures MNIST presets against the MNIST reference recipe"),
     (["--frontier-presets", " , "], "--frontier-presets: no preset given"),
     (["--frontier-presets", ""], "--frontier-presets: no preset given"),
@@ -248,7 +248,7 @@ def test_frontier_presets_are_read_from_the_source_project_whose_datasets_may_di
     source = ["--device", "cpu", "--source", str(tmp_path)]
     # --quick: the frontier's own tiny MNIST, told the dataset is MNIST's
     assert gpu_check_module.parse_args([*source, "--quick", "--frontier-presets", "default,quick-fast"])
-    for presets, error in (("quick-fast", "quick-fast: fetch.dataset is not mnist; the frontier measures MNIST"),
+    for presets, error in (("quick-fast", "quick-fast: fetch.dataset is synthetic; the frontier measures MNIST"),
                            ("fast", "unknown preset 'fast'; presets: quick-fast (default: params.yaml as it is)")):
         with pytest.raises(SystemExit):
             gpu_check_module.parse_args([*source, "--frontier-presets", presets])
