@@ -5,7 +5,7 @@
 
 Steps, in order of value; each has a timeout and all of them share --budget-s (8 minutes; all of
 them would take an estimated 15-20 on an H200, so pick some with --steps, --variants,
---frontier-presets and --tests):
+--frontier-presets, --frontier-seeds and --tests):
   env       device, driver, torch, CUDA, cuDNN and NCCL versions
   run1      the full default `dvc repro` on real MNIST with train.device set, in a fresh copy of the project
   run2      the same again in a second copy; compare: are the weights bit-identical, the metrics equal?
@@ -15,7 +15,7 @@ them would take an estimated 15-20 on an H200, so pick some with --steps, --vari
   variants  presets fast, default, cnn-max x fp32/bf16 x with/without train.compile (VARIANTS):
             train seconds (the train stage's "trained in" line) and test accuracy
   frontier  benchmarks/frontier.py --device cuda for the default and `fast` (--frontier-presets),
-            seed 0; its figure is frontier.png
+            seed 0 (--frontier-seeds); its figure is frontier.png
 A step that no longer fits in the budget is reported as skipped, as is one that --steps leaves out.
 Everything is written under --out; the project copies live in a temporary folder (--keep-work keeps
 them). It never uses the network: the copies fetch MNIST from the mirror folder only.
@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.presets import comma_list, refuse_other_datasets
+from benchmarks.presets import comma_ints, comma_list, refuse_other_datasets
 from stages import params as params_mod
 from stages.common import PipelineError, load_tensors
 from stages.datasets import load_table
@@ -73,8 +73,9 @@ STEPS = ("run1", "run2", "ddp", "tests", "stages", "variants", "frontier")
 # (training 14-17 s), ddp 55 s, the five CUDA tests about 50 s each, a variant 25-60 s.
 CAPS = {"env": 60, "repro": 180, "stages": 180, "tests": 300, "ddp": 120, "variant": 150, "frontier": 150}
 # All four presets over three seeds would not fit the frontier step's cap; these two (the default
-# --frontier-presets) show the default's and `fast`'s ratio to the reference recipe's epoch on the GPU.
-# Each further preset raises the cap by FRONTIER_EXTRA_S (cnn-max, the slowest: 47 s on an H200).
+# --frontier-presets) on one seed show the default's and `fast`'s ratio to the reference recipe's
+# epoch on the GPU. Each further run (preset x seed) raises the cap by FRONTIER_EXTRA_S (cnn-max,
+# the slowest: 47 s on an H200).
 FRONTIER_PRESETS = (DEFAULT, "fast")
 FRONTIER_SEEDS = "0"
 FRONTIER_EXTRA_S = 90
@@ -397,20 +398,20 @@ def run_variant(project: Path, out: Path, env: dict, device: str, variant: tuple
     return result
 
 
-def frontier_cap(presets: list[str]) -> float:
-    """The frontier step's cap in seconds: CAPS' for the default two presets, FRONTIER_EXTRA_S more
-    for each one beyond them."""
-    return CAPS["frontier"] + FRONTIER_EXTRA_S * max(0, len(presets) - len(FRONTIER_PRESETS))
+def frontier_cap(presets: list[str], seeds: list[int]) -> float:
+    """The frontier step's cap in seconds: CAPS' for the default two presets on one seed,
+    FRONTIER_EXTRA_S more for each run (preset x seed) beyond those two."""
+    return CAPS["frontier"] + FRONTIER_EXTRA_S * max(0, len(presets) * len(seeds) - len(FRONTIER_PRESETS))
 
 
 def run_frontier(project: Path, out: Path, env: dict, device: str, quick: bool, presets: list[str],
-                 timeout_s: float) -> Step:
+                 seeds: list[int], timeout_s: float) -> Step:
     # In the copy, whose data/ the first repro prepared; benchmarks/ comes from the checkout. The
     # frontier reads the copy's params.yaml as its default: run1's, not the last variant's or ddp's.
     # quick: its own tiny synthetic MNIST, one epoch of each, so that this step is exercised too;
     # told the dataset is MNIST's, which the copy's params.yaml need not name (the tests' does not).
     reset_to_run1(project, out)
-    args = ["--presets", ",".join(presets), "--seeds", FRONTIER_SEEDS, "--plot", str(out / "frontier.png"),
+    args = ["--presets", ",".join(presets), "--seeds", ",".join(map(str, seeds)), "--plot", str(out / "frontier.png"),
             *(["--quick", "--set", "fetch.dataset=mnist"] if quick else [])]
     command = run_logged([sys.executable, "-m", "benchmarks.frontier", "--device", device, *args], project,
                          with_checkout_on_path(env), out / "frontier.log", timeout_s)
@@ -484,6 +485,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frontier-presets", metavar="NAMES",
                         help="the frontier step's presets, comma-separated: 'default' and presets.yaml names "
                              f"(default: {','.join(FRONTIER_PRESETS)}; each adds its training time on the GPU)")
+    parser.add_argument("--frontier-seeds", metavar="SEEDS", type=comma_ints,
+                        help=f"the frontier step's seeds, comma-separated (default: {FRONTIER_SEEDS}; each trains "
+                             "every preset once more)")
     parser.add_argument("--tests", metavar="EXPRESSION",
                         help="the tests step's pytest -k expression (default: all)")
     parser.add_argument("--keep-work", action="store_true", help="keep the project copies under OUT/work")
@@ -502,10 +506,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, step) is not None and step not in args.steps:
             parser.error(f"--{step} is given but --steps leaves out {step}")
     args.variants = [known[name] for name in names]
-    if args.frontier_presets is not None and "frontier" not in args.steps:
-        parser.error("--frontier-presets is given but --steps leaves out frontier")
+    for option in ("frontier_presets", "frontier_seeds"):
+        if getattr(args, option) is not None and "frontier" not in args.steps:
+            parser.error(f"--{option.replace('_', '-')} is given but --steps leaves out frontier")
     args.frontier_presets = comma_list(",".join(FRONTIER_PRESETS) if args.frontier_presets is None
                                        else args.frontier_presets)
+    if args.frontier_seeds is None:
+        args.frontier_seeds = comma_ints(FRONTIER_SEEDS)
+    if len(set(args.frontier_seeds)) < len(args.frontier_seeds):
+        parser.error("--frontier-seeds: a seed given twice would count one run twice in the means")
     if "frontier" in args.steps:
         check_frontier_presets(parser, args)
     return args
@@ -558,7 +567,8 @@ class Check:
             elif name == "variants":
                 self.run_variants(project)
             else:
-                timeout = self.budget.timeout(frontier_cap(args.frontier_presets) if name == "frontier" else CAPS[name])
+                timeout = self.budget.timeout(frontier_cap(args.frontier_presets, args.frontier_seeds)
+                                              if name == "frontier" else CAPS[name])
                 if timeout is None:
                     self.say(Step(name, "skipped", 0.0, "out of time"))
                 elif name == "stages":
@@ -571,7 +581,7 @@ class Check:
                              else Step("tests", "skipped", 0.0, "they need --device cuda"))
                 else:
                     self.say(run_frontier(project, out, env, args.device, args.quick, args.frontier_presets,
-                                          timeout))
+                                          args.frontier_seeds, timeout))
 
     def run_variants(self, project: Path) -> None:
         for variant in self.args.variants:

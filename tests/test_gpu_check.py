@@ -193,7 +193,7 @@ def test_stage_times_report_a_failing_stage_and_changed_outputs(tmp_path, monkey
 def test_the_frontier_and_ddp_probe_keep_the_pythonpath_they_were_given(tmp_path, monkeypatch):
     """A GPU machine's DVC and DVCLive may come from a folder on PYTHONPATH (docs/gpu.md), and the
     frontier imports DVCLive: the checkout goes in front of that folder, not in its place; so for
-    the DDP probe (benchmarks/, under torchrun). The frontier trains the presets asked for."""
+    the DDP probe (benchmarks/, under torchrun). The frontier trains the presets and seeds asked for."""
     (tmp_path / "run1").mkdir()
     (tmp_path / "run1" / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
     (tmp_path / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
@@ -203,15 +203,16 @@ def test_the_frontier_and_ddp_probe_keep_the_pythonpath_they_were_given(tmp_path
         modules = [args[i + 1] for i, arg in enumerate(args) if arg == "-m"]  # torchrun's, then its script's
         seen.append((modules[-1], env.get("PYTHONPATH")))
         if "benchmarks.frontier" in args:
-            seen.append(args[args.index("--presets") + 1])
+            seen.append((args[args.index("--presets") + 1], args[args.index("--seeds") + 1]))
         return gpu_check_module.Command(0, 0.1, "")
 
     monkeypatch.setattr(gpu_check_module, "run_logged", run_logged)
     gpu_check_module.run_frontier(tmp_path, tmp_path, {"PYTHONPATH": "/tmp/site"}, "cuda", quick=False,
-                                  presets=["default", "fast"], timeout_s=9)
-    gpu_check_module.run_frontier(tmp_path, tmp_path, {}, "cuda", quick=False, presets=["cnn-max"], timeout_s=9)
-    assert seen == [("benchmarks.frontier", f"{PROJECT_ROOT}{os.pathsep}/tmp/site"), "default,fast",
-                    ("benchmarks.frontier", str(PROJECT_ROOT)), "cnn-max"]
+                                  presets=["default", "fast"], seeds=[0], timeout_s=9)
+    gpu_check_module.run_frontier(tmp_path, tmp_path, {}, "cuda", quick=False, presets=["cnn-max"], seeds=[1, 2],
+                                  timeout_s=9)
+    assert seen == [("benchmarks.frontier", f"{PROJECT_ROOT}{os.pathsep}/tmp/site"), ("default,fast", "0"),
+                    ("benchmarks.frontier", str(PROJECT_ROOT)), ("cnn-max", "1,2")]
     seen.clear()
     gpu_check_module.run_ddp(tmp_path, tmp_path, {"PYTHONPATH": "/tmp/site"}, "cpu", timeout_s=9)
     # dvc repro augment and the train stage under torchrun run in the copy as it is; the probe
@@ -228,13 +229,18 @@ def test_the_frontier_and_ddp_probe_keep_the_pythonpath_they_were_given(tmp_path
     (["--frontier-presets", " , "], "--frontier-presets: no preset given"),
     (["--frontier-presets", ""], "--frontier-presets: no preset given"),
     (["--frontier-presets", "fast", "--steps", "run1,variants"], "--frontier-presets is given but --steps leaves "
-                                                                  "out frontier")])
-def test_frontier_presets_are_checked_before_anything_runs(argv, error, capsys):
+                                                                  "out frontier"),
+    (["--frontier-seeds", "0,1", "--steps", "run1"], "--frontier-seeds is given but --steps leaves out frontier"),
+    (["--frontier-seeds", "0,x"], "argument --frontier-seeds: 'x': not a whole number >= 0"),
+    (["--frontier-seeds", "0,1,0"], "--frontier-seeds: a seed given twice would count one run twice in the means")])
+def test_frontier_presets_and_seeds_are_checked_before_anything_runs(argv, error, capsys):
     """What the frontier would refuse after run1 (minutes of GPU time) is refused at once."""
     with pytest.raises(SystemExit):
         gpu_check_module.parse_args(["--device", "cpu", *argv])
     assert f"error: {error}" in capsys.readouterr().err
     assert gpu_check_module.parse_args(["--device", "cpu"]).frontier_presets == ["default", "fast"]
+    assert gpu_check_module.parse_args(["--device", "cpu"]).frontier_seeds == [0]
+    assert gpu_check_module.parse_args(["--device", "cpu", "--frontier-seeds", "0-2"]).frontier_seeds == [0, 1, 2]
     assert gpu_check_module.parse_args(["--frontier-presets", "cnn-max, fast+aug"]).frontier_presets == [
         "cnn-max", "fast+aug"]
 
@@ -256,21 +262,22 @@ def test_frontier_presets_are_read_from_the_source_project_whose_datasets_may_di
 
 
 def test_the_frontier_step_trains_the_presets_asked_for_with_time_for_each(tmp_path, monkeypatch):
-    """Check.run_all hands --frontier-presets to the frontier step, whose cap grows by
-    FRONTIER_EXTRA_S for each preset beyond the default two."""
+    """Check.run_all hands --frontier-presets and --frontier-seeds to the frontier step, whose cap
+    grows by FRONTIER_EXTRA_S for each run (preset x seed) beyond the default two."""
     calls = []
     monkeypatch.setattr(gpu_check_module, "environment_report", lambda device: "stub")
     monkeypatch.setattr(gpu_check_module, "run_repro", lambda *args: {"name": "run1", "status": "ok"})
-    monkeypatch.setattr(gpu_check_module, "run_frontier", lambda project, out, env, device, quick, presets, timeout:
-                        calls.append((presets, timeout)) or gpu_check_module.Step("frontier", "ok"))
-    for presets in ("default,fast", "cnn-max,default,fast,mlp-best"):
+    monkeypatch.setattr(gpu_check_module, "run_frontier",
+                        lambda project, out, env, device, quick, presets, seeds, timeout:
+                        calls.append((presets, seeds, timeout)) or gpu_check_module.Step("frontier", "ok"))
+    for presets, seeds in (("default,fast", "0"), ("cnn-max,default,fast,mlp-best", "0"), ("default,fast", "0-2")):
         check = gpu_check_module.Check(gpu_check_module.parse_args(
-            ["--device", "cuda", "--budget-s", "3600", "--steps", "frontier", "--frontier-presets", presets]),
-            tmp_path, tmp_path, {})
+            ["--device", "cuda", "--budget-s", "3600", "--steps", "frontier", "--frontier-presets", presets,
+             "--frontier-seeds", seeds]), tmp_path, tmp_path, {})
         check.run_all()
-    cap = gpu_check_module.CAPS["frontier"]
-    assert calls == [(["default", "fast"], cap), (["cnn-max", "default", "fast", "mlp-best"],
-                                                  cap + 2 * gpu_check_module.FRONTIER_EXTRA_S)]
+    cap, extra = gpu_check_module.CAPS["frontier"], gpu_check_module.FRONTIER_EXTRA_S
+    assert calls == [(["default", "fast"], [0], cap), (["cnn-max", "default", "fast", "mlp-best"], [0], cap + 2 * extra),
+                     (["default", "fast"], [0, 1, 2], cap + 4 * extra)]
 
 
 @pytest.mark.integration
