@@ -35,14 +35,17 @@ $(INSTALLED): pyproject.toml constraints.txt
 repro: $(INSTALLED)  ## set up if needed, then run the DVC pipeline (dvc repro)
 	$(BIN)/dvc repro
 
-# The tests run in one pytest-xdist worker per logical CPU (at most 4: each holds a project copy
-# and a torch), a test file's tests in one worker: its module fixtures are built once. They mostly wait on
-# `dvc` commands of one thread each: on a 2-core Zen 4 EPYC the suite took 7.3 minutes in two
+# The tests run in one pytest-xdist worker per CPU this process may run on (its affinity; at most
+# 4, tests/conftest.py), a test file's tests in one worker: its module fixtures are built once.
+# They mostly wait on `dvc` commands of one thread each: on a 2-core Zen 4 EPYC the suite took 7.3 minutes in two
 # workers against 12.8 in one (2026-12-05).
 # PYTEST_JOBS=0 runs them in this process (a debugger, -x on the first failure in order).
-PYTEST_JOBS ?= logical
-test: $(INSTALLED)  ## set up if needed, then run the tests (PYTEST_ARGS="...", PYTEST_JOBS=0: one process)
-	DVC_NO_ANALYTICS=1 $(BIN)/python -m pytest -n $(PYTEST_JOBS) --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
+# --max-worker-restart 0: a worker that crashes (a test stuck in compiled code, see pyproject.toml)
+# ends the run, failed; with restarts its test file, the stuck test included, would be queued again
+# and could hang again, up to eight times, past CI's limit.
+PYTEST_JOBS ?= auto
+test: $(INSTALLED)  ## set up if needed, then run the tests (PYTEST_ARGS="...", PYTEST_JOBS=N workers, 0: one process)
+	DVC_NO_ANALYTICS=1 $(BIN)/python -m pytest -n $(PYTEST_JOBS) --dist loadfile --max-worker-restart 0 $(PYTEST_ARGS)
 
 # The bench extra (torchvision, for the tutorials' input pipeline) on top of the usual install.
 $(INSTALLED)-bench: $(INSTALLED)

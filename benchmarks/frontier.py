@@ -45,8 +45,8 @@ import torch
 from benchmarks import presets
 from benchmarks.presets import (DATA_DIR, QUICK_VAL, RAW_DIR, check_prepared_is_mnist, check_raw, comma_ints,
                                 comma_list, device_option, figure_file, lifetime_peak_rss, load_splits,
-                                params_line, parse_override, refuse_other_datasets, test_accuracy, timed_fit,
-                                write_quick_mirror)
+                                params_line, parse_override, refuse_other_datasets, seeds_problem, test_accuracy,
+                                timed_fit, write_quick_mirror)
 from benchmarks.reference import torchvision_mnist, train_reference
 from stages.augment import augmented_split
 from stages.common import PipelineError, run_main, write_bytes_atomic
@@ -210,10 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
                         metavar="SECTION.KEY=VALUE", help="a param for every preset, after its own (repeatable)")
     args = parser.parse_args(argv)
-    if args.reference_epochs < 1 or not args.seeds or not args.presets:
-        parser.error("--reference-epochs must be >= 1, and --seeds and --presets non-empty")
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error("--seeds: a seed given twice would count one run twice in the means")
+    if args.reference_epochs < 1 or not args.presets:
+        parser.error("--reference-epochs must be >= 1, and --presets non-empty")
+    if problem := seeds_problem(args.seeds):
+        parser.error(f"--seeds: {problem}")
     if args.quick and (args.raw or args.data):
         parser.error("--quick writes its own tiny data: it takes no --raw or --data")
     args.raw, args.data = args.raw or RAW_DIR, args.data or DATA_DIR

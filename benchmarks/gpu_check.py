@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.presets import comma_ints, comma_list, refuse_other_datasets
+from benchmarks.presets import comma_ints, comma_list, refuse_other_datasets, seeds_problem
 from stages import params as params_mod
 from stages.common import PipelineError, load_tensors
 from stages.datasets import load_table
@@ -72,9 +72,9 @@ STEPS = ("run1", "run2", "ddp", "tests", "stages", "variants", "frontier")
 # Seconds each step may take at most. Measured on an H200 (docs/gpu.md): a default repro 54-74 s
 # (training 14-17 s), ddp 55 s, the five CUDA tests about 50 s each, a variant 25-60 s.
 CAPS = {"env": 60, "repro": 180, "stages": 180, "tests": 300, "ddp": 120, "variant": 150, "frontier": 150}
-# All four presets over three seeds would not fit the frontier step's cap; these two (the default
-# --frontier-presets) on one seed show the default's and `fast`'s ratio to the reference recipe's
-# epoch on the GPU. Each further run (preset x seed) raises the cap by FRONTIER_EXTRA_S (cnn-max,
+# These two (the default --frontier-presets) on one seed show the default's and `fast`'s ratio to
+# the reference recipe's epoch on the GPU; all four presets over three seeds (cap 1,050 s) would not
+# fit the default --budget-s (480 s) even alone. Each further run (preset x seed) raises the cap by FRONTIER_EXTRA_S (cnn-max,
 # the slowest: 47 s on an H200).
 FRONTIER_PRESETS = (DEFAULT, "fast")
 FRONTIER_SEEDS = "0"
@@ -502,19 +502,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     names = args.variants.split(",") if args.variants is not None else list(known)
     if unknown := [name or "(empty)" for name in names if name not in known]:
         parser.error(f"--variants: unknown {', '.join(unknown)}; the variants are {', '.join(known)}")
-    for step in ("variants", "tests"):  # each option selects within its own step
-        if getattr(args, step) is not None and step not in args.steps:
-            parser.error(f"--{step} is given but --steps leaves out {step}")
+    # Each option selects within its own step.
+    for option, step in (("variants", "variants"), ("tests", "tests"), ("frontier_presets", "frontier"),
+                         ("frontier_seeds", "frontier")):
+        if getattr(args, option) is not None and step not in args.steps:
+            parser.error(f"--{option.replace('_', '-')} is given but --steps leaves out {step}")
     args.variants = [known[name] for name in names]
-    for option in ("frontier_presets", "frontier_seeds"):
-        if getattr(args, option) is not None and "frontier" not in args.steps:
-            parser.error(f"--{option.replace('_', '-')} is given but --steps leaves out frontier")
     args.frontier_presets = comma_list(",".join(FRONTIER_PRESETS) if args.frontier_presets is None
                                        else args.frontier_presets)
     if args.frontier_seeds is None:
         args.frontier_seeds = comma_ints(FRONTIER_SEEDS)
-    if len(set(args.frontier_seeds)) < len(args.frontier_seeds):
-        parser.error("--frontier-seeds: a seed given twice would count one run twice in the means")
+    if problem := seeds_problem(args.frontier_seeds):
+        parser.error(f"--frontier-seeds: {problem}")
     if "frontier" in args.steps:
         check_frontier_presets(parser, args)
     return args

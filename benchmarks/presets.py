@@ -217,6 +217,18 @@ def check_raw(raw_dir: Path, dataset: Dataset) -> None:
                                 "or point --raw at its files") from None
 
 
+def seeds_problem(seeds: list[int]) -> str | None:
+    """What is wrong with a benchmark's --seeds (each seed k: one run with train.seed = augment.seed
+    = k), or None: checked when the command line is read, not after minutes of other runs."""
+    if not seeds:
+        return "no seed given"
+    if len(set(seeds)) < len(seeds):
+        return "a seed given twice would count one run twice in the means"
+    if max(seeds) > params_mod.SEED_MAX:
+        return f"{max(seeds)} is over the largest seed, {params_mod.SEED_MAX} (2**32 - 1)"
+    return None
+
+
 def refuse_other_datasets(datasets: dict[str, str]) -> None:
     """The frontier's rule, for preset name -> its fetch.dataset: the reference recipe is
     torchvision's MNIST, so a preset of another dataset has no reference to be measured against."""

@@ -36,7 +36,8 @@ from typing import Any
 import yaml
 
 from benchmarks.presets import (QUICK_VAL, RAW_DIR, append_text, check_raw, comma_ints, output_file,
-                               params_line, preset_params, test_accuracy, timed_fit, write_quick_mirror)
+                               params_line, preset_params, seeds_problem, test_accuracy, timed_fit,
+                               write_quick_mirror)
 from stages.augment import augmented_split
 from stages.common import PipelineError, parse_yaml, run_main
 from stages.datasets import load_table
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"directory of the dataset's IDX files, plain or .gz (default {RAW_DIR})")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic data, one epoch: a smoke test")
     args = parser.parse_args(argv)
-    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
-        parser.error("--seeds must be non-empty and without repeats")
+    if problem := seeds_problem(args.seeds):
+        parser.error(f"--seeds: {problem}")
     if args.quick and args.raw:
         parser.error("--quick writes its own tiny data: it takes no --raw")
     extra = {"train.epochs": 1, "preprocess.val_size": QUICK_VAL} if args.quick else {}

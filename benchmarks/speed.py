@@ -205,16 +205,18 @@ def main(argv: list[str] | None = None) -> None:
     check_raw(args.raw, mnist)
     # Part 2's splits, read once and checked before part 1's timed epochs (minutes); part 1 takes
     # the train split's mean and std. MNIST's: after a `fashion` repro data/prepared holds garments too.
-    splits = load_splits(args.data) if not args.skip_fast else (load_tensors(
-        args.data / "train.pt", required=("classes", "mean", "std")),)
-    check_prepared_is_mnist(args.data, splits[0], mnist)
+    if args.skip_fast:
+        train, heldout = load_tensors(args.data / "train.pt", required=("classes", "mean", "std")), None
+    else:
+        train, *heldout = load_splits(args.data)  # heldout: val, test
+    check_prepared_is_mnist(args.data, train, mnist)
     # Process-wide, and set before anything is timed: the tutorials' loop gets it as much as ours.
     allocator_tuned = retain_freed_memory()
     print_machine(device, allocator_tuned)
-    compare_input_pipelines(official_train(args.raw, mnist, splits[0]), args.raw, device, args.skip_torchvision,
+    compare_input_pipelines(official_train(args.raw, mnist, train), args.raw, device, args.skip_torchvision,
                             args.repeats)
-    if not args.skip_fast:
-        time_to_accuracy(*splits, device)
+    if heldout is not None:
+        time_to_accuracy(train, *heldout, device)
     print_peak_memory()
 
 

@@ -51,6 +51,23 @@ for variable in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "PYTEST_JOBS", "PYTEST_ARGS
     os.environ.pop(variable, None)
 
 
+# `make test` runs one pytest-xdist worker per CPU, up to this many: each holds a project copy and a
+# torch, and beyond four the suite's longest test files, not the worker count, set its time.
+MAX_TEST_WORKERS = 4
+
+
+def xdist_worker_count(allowed_cpus: int) -> int:
+    """How many pytest-xdist workers `-n auto` starts, given how many CPUs this process may run on."""
+    return max(1, min(MAX_TEST_WORKERS, allowed_cpus))
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    # pytest-xdist's own count (psutil) is every CPU of the machine, whatever this process's
+    # affinity (taskset, a container's cpuset) allows; pytest_configure below shares the allowed
+    # ones between the workers, so count those. An explicit `-n N` (PYTEST_JOBS=N) is not capped.
+    return xdist_worker_count(len(os.sched_getaffinity(0)))
+
+
 def pytest_configure(config) -> None:
     # Under pytest-xdist (make test), one torch thread pool per worker, each its share of the CPUs
     # this process may run on: two OpenMP pools of all of them, spinning against each other, slow

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import stages.__main__ as launcher
+from stages import common
 from stages.common import (PipelineError, Terminated, atomic_path, ctrl_c_reached_my_group, exception_line,
                            load_tensors, os_reason, parse_yaml, raise_terminated, run_main, save_tensors,
                            tensor_bytes, write_files_atomic)
@@ -182,6 +183,20 @@ def test_an_error_inside_the_temporary_names_the_output_not_the_temporary(tmp_pa
             (Path(os.path.relpath(folder)) / "plots" / "loss.tsv").write_bytes(b"step\tloss\n")
     assert str(info.value) == f"{tmp_path / 'metrics'}: cannot write (Not a directory: {tmp_path}/metrics/plots/loss.tsv)"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_temporary_goes_even_when_the_error_cannot_be_built(tmp_path, monkeypatch):
+    """atomic_path removes its temporary before anything else escapes: here building the one-line
+    error itself fails (a bug in it, or a Ctrl-C while it reads the paths)."""
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "cannot_write", broken)
+    for directory in (True, False):
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_path(tmp_path / "out", directory=directory) as temporary:
+                raise OSError(28, "No space left on device", str(temporary))
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_save_tensors_streams_the_bytes_of_tensor_bytes_atomically(tmp_path, monkeypatch):

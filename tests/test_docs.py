@@ -491,7 +491,7 @@ def test_unit_test_command_leaves_out_integration_tests():
     # make -n prints the recipe without running it: the marker expression reaches pytest intact.
     dry = subprocess.run(["bash", "-c", command.replace("make ", "make -n ", 1)], cwd=PROJECT_ROOT,
                          capture_output=True, text=True, check=True)
-    assert re.search(r"-m pytest -n logical (--[a-z]+ [a-z0-9]+ )*-m 'not integration'$", dry.stdout, re.M), dry.stdout
+    assert re.search(r"-m pytest -n auto (--[a-z-]+ [a-z0-9]+ )*-m 'not integration'$", dry.stdout, re.M), dry.stdout
     # The expression selects the unit tests and leaves out the ones that run DVC.
     collected = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not integration", "-p", "no:cacheprovider",

@@ -73,13 +73,15 @@ def test_unknown_preset_is_refused_before_anything_runs(tmp_path, capsys):
     (["--plot", "{tmp}/afile/f.png"], "argument --plot: {tmp}/afile/f.png: cannot write (Not a directory: {tmp}/afile)"),
     (["--plot", "{tmp}"], "argument --plot: {tmp}: is a folder; name a file"),
     (["--seeds", "0,0"], "--seeds: a seed given twice would count one run twice in the means"),
+    (["--seeds", ","], "--seeds: no seed given"),
+    (["--seeds", "4294967295-4294967296"], "--seeds: 4294967296 is over the largest seed, 4294967295 (2**32 - 1)"),
     (["--device", "cuda"], "argument --device: 'cuda' was requested but no CUDA GPU is available"),
     (["--device", "gpu"], "argument --device: invalid choice: 'gpu' (choose from auto, cpu, cuda)"),
     (["--set", "train.device=cpu"], "--set train.device: every run trains where --device says"),
     (["--raw", "{tmp}"], "--quick writes its own tiny data: it takes no --raw or --data"),
     (["--seeds", "3-1"], "argument --seeds: '3-1': a range runs from the lower number to the higher"),
-], ids=["plot under a file", "plot a folder", "seed twice", "cuda without a GPU", "unknown device",
-        "device by --set", "quick with --raw", "range backwards"])
+], ids=["plot under a file", "plot a folder", "seed twice", "no seed", "seed too large", "cuda without a GPU",
+        "unknown device", "device by --set", "quick with --raw", "range backwards"])
 def test_an_output_or_seed_that_cannot_work_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch, args,
                                                                               message):
     """Not a traceback after the whole run: a full one takes an hour. The flag named, not train.device."""

@@ -98,7 +98,8 @@ def test_steps_that_no_longer_fit_the_budget_are_reported_as_skipped(tmp_path):
      "fast-bf16-compile, cnn-max-fp32-compile, cnn-max-bf16-compile"),
     (["--steps", "run1,"],
      "--steps: unknown (empty); the steps are run1, run2, ddp, tests, stages, variants, frontier"),
-    (["--steps", "run1,ddp", "--tests", "torchrun"], "--tests is given but --steps leaves out tests")])
+    (["--steps", "run1,ddp", "--tests", "torchrun"], "--tests is given but --steps leaves out tests"),
+    (["--steps", "run1,tests", "--variants", "fast-fp32"], "--variants is given but --steps leaves out variants")])
 def test_unknown_steps_and_variants_are_named_before_anything_runs(tmp_path, option, error):
     write_mirror(tmp_path / "mirror")
     result = gpu_check("--device", "cpu", "--mirror", str(tmp_path / "mirror"), "--out", str(tmp_path / "out"), *option)
@@ -232,7 +233,10 @@ def test_the_frontier_and_ddp_probe_keep_the_pythonpath_they_were_given(tmp_path
                                                                   "out frontier"),
     (["--frontier-seeds", "0,1", "--steps", "run1"], "--frontier-seeds is given but --steps leaves out frontier"),
     (["--frontier-seeds", "0,x"], "argument --frontier-seeds: 'x': not a whole number >= 0"),
-    (["--frontier-seeds", "0,1,0"], "--frontier-seeds: a seed given twice would count one run twice in the means")])
+    (["--frontier-seeds", "0,1,0"], "--frontier-seeds: a seed given twice would count one run twice in the means"),
+    (["--frontier-seeds", ""], "--frontier-seeds: no seed given"),
+    (["--frontier-seeds", " , "], "--frontier-seeds: no seed given"),
+    (["--frontier-seeds", "0,4294967296"], "--frontier-seeds: 4294967296 is over the largest seed, 4294967295")])
 def test_frontier_presets_and_seeds_are_checked_before_anything_runs(argv, error, capsys):
     """What the frontier would refuse after run1 (minutes of GPU time) is refused at once."""
     with pytest.raises(SystemExit):

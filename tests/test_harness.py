@@ -1,4 +1,5 @@
-"""The test harness's own guarantee: a command a test runs cannot hang the suite (conftest.run_bounded)."""
+"""The test harness's own guarantees: a command a test runs cannot hang the suite (conftest.run_bounded);
+`make test` starts as many pytest-xdist workers as this process may use CPUs, at most four."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_bounded
+from tests.conftest import MAX_TEST_WORKERS, run_bounded, xdist_worker_count
 
 # Starts a daemon the way `dvc queue start` starts its workers' launchers: in a process group of
 # its own, holding the command's stdout and stderr, outliving the command. Writes its pid to argv[1].
@@ -105,3 +106,17 @@ def test_a_queue_worker_that_outlives_dvc_queue_stop_is_killed_with_a_warning(tm
         for process in (worker, exited):
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize(("allowed_cpus", "workers"), [(1, 1), (2, 2), (4, 4), (64, MAX_TEST_WORKERS)])
+def test_one_test_worker_per_allowed_cpu_at_most_four(allowed_cpus, workers):
+    assert xdist_worker_count(allowed_cpus) == workers
+
+
+def test_auto_worker_count_is_the_affinity_not_the_machine(pytestconfig, monkeypatch):
+    # The hook `-n auto` asks (first answer wins): this suite's conftest answers before
+    # pytest-xdist's own, which counts every CPU of the machine with psutil.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert pytestconfig.hook.pytest_xdist_auto_num_workers(config=pytestconfig) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert pytestconfig.hook.pytest_xdist_auto_num_workers(config=pytestconfig) == MAX_TEST_WORKERS
