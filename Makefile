@@ -37,8 +37,8 @@ repro: $(INSTALLED)  ## set up if needed, then run the DVC pipeline (dvc repro)
 
 # The tests run in one pytest-xdist worker per CPU this process may run on (its affinity; at most
 # 4, tests/conftest.py), a test file's tests in one worker: its module fixtures are built once.
-# They mostly wait on `dvc` commands of one thread each: on a 2-core Zen 4 EPYC the suite took 7.3 minutes in two
-# workers against 12.8 in one (2026-12-05).
+# They mostly wait on `dvc` commands of one thread each: on a 2-core Zen 4 EPYC the suite took
+# 7.3 minutes in two workers against 12.8 in one (2026-12-05).
 # PYTEST_JOBS=0 runs them in this process (a debugger, -x on the first failure in order).
 # --max-worker-restart 0: a worker that crashes (a test stuck in compiled code, see pyproject.toml)
 # ends the run, failed; with restarts its test file, the stuck test included, would be queued again

@@ -74,8 +74,8 @@ STEPS = ("run1", "run2", "ddp", "tests", "stages", "variants", "frontier")
 CAPS = {"env": 60, "repro": 180, "stages": 180, "tests": 300, "ddp": 120, "variant": 150, "frontier": 150}
 # These two (the default --frontier-presets) on one seed show the default's and `fast`'s ratio to
 # the reference recipe's epoch on the GPU; all four presets over three seeds (cap 1,050 s) would not
-# fit the default --budget-s (480 s) even alone. Each further run (preset x seed) raises the cap by FRONTIER_EXTRA_S (cnn-max,
-# the slowest: 47 s on an H200).
+# fit the default --budget-s (480 s) even alone. Each further run (preset x seed) raises the cap by
+# FRONTIER_EXTRA_S (cnn-max, the slowest: 47 s on an H200).
 FRONTIER_PRESETS = (DEFAULT, "fast")
 FRONTIER_SEEDS = "0"
 FRONTIER_EXTRA_S = 90

@@ -62,10 +62,13 @@ def test_without_a_sealed_file_test_is_never_scored(tmp_path, capsys, monkeypatc
     assert "| only |" in capsys.readouterr().out
 
 
-def test_every_candidate_is_validated_before_anything_runs(tmp_path, monkeypatch):
+def test_every_candidate_is_validated_before_anything_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(screen, "prepare", lambda *args: pytest.fail("a split was prepared"))
     with pytest.raises(PipelineError, match="candidate 'b', seed 0: .*train.lr"):
         screen.main(["--quick", "--candidates", "{a: {}, b: {train.lr: -1}}", "--seeds", "0"])
+    with pytest.raises(SystemExit):  # every seed checked when the command line is read
+        screen.main(["--quick", "--candidates", "{a: {}}", "--seeds", "0,4294967296"])
+    assert "--seeds: 4294967296 is over the largest seed, 4294967295" in capsys.readouterr().err
     with pytest.raises(PipelineError, match="share fetch.dataset"):
         screen.main(["--quick", "--candidates", "{a: {}, b: {fetch.dataset: fashion-mnist}}", "--seeds", "0"])
     with pytest.raises(PipelineError, match="share train.device"):
@@ -78,7 +81,6 @@ def test_every_candidate_is_validated_before_anything_runs(tmp_path, monkeypatch
                 ["--candidates", "{a: {train.seed: 4}}"],  # seeds come from --seeds
                 ["--candidates", "{a: {}}", "--seeds", "1,1"],  # the same split scored twice
                 ["--candidates", "{a: {}}", "--seeds", "0,-1"],  # no seed is negative
-                ["--candidates", "{a: {}}", "--seeds", "0,4294967296"],  # nor over train.seed's range
                 ["--candidates", "{a: {}}", "--raw", str(tmp_path)]):  # --quick writes its own data
         with pytest.raises(SystemExit):
             screen.main(["--quick", *bad])
