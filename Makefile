@@ -26,6 +26,8 @@ help:  ## this list
 setup: $(INSTALLED)  ## set up .venv (pinned packages; once, a few minutes)
 
 $(INSTALLED): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo \
+	  "Python 3.11 or newer is needed (constraints.txt's pins), and $(PYTHON) is $$($(PYTHON) --version 2>&1): name another, e.g. make PYTHON=python3.12" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned packages into $(VENV) (torch among them: a few minutes and about 6 GB, once)"
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -75,7 +77,8 @@ clean-venv:  ## remove .venv
 gpu-check: $(INSTALLED)  ## on a CUDA machine: check and time the GPU path (GPU_CHECK_ARGS="...")
 	$(BIN)/python -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
-# Classify image files with the trained model: make predict FILES="a.png b.jpg"
+# Classify image files with the trained model: make predict FILES="a.png b.jpg". FILES reaches the
+# shell as written: patterns expand, and a name with spaces or ( ) needs its own quotes inside.
 predict: $(INSTALLED)  ## classify image files with the trained model (FILES="a.png b.jpg")
 	@test -n "$(FILES)" || { echo "usage: make predict FILES=\"a.png b.jpg\" (or: $(BIN)/python -m stages.predict --help)"; exit 2; }
 	$(BIN)/python -m stages.predict $(FILES)

@@ -473,6 +473,43 @@ def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dic
     return payload
 
 
+def check_compile(device: torch.device) -> None:
+    """train.compile: true needs what torch.compile's Inductor builds its code with: a C++ compiler
+    that runs for the CPU ($CXX, else g++), Triton for a GPU. Inductor finds out at the first step,
+    with a page of traceback; checked before training, the run stops with one line instead. (A
+    compiler that runs may still lack headers or OpenMP: that stays Inductor's to report.) The
+    check uses torch's private helpers; where a torch release has moved them, it is skipped.
+    Here, not in stages.runtime: the params stage checks it too, before DVC deletes the last model,
+    and stages.runtime is train's alone (a change to it must not re-run the download of MNIST)."""
+    import torch  # see tensor_bytes
+
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor import exc as inductor_errors
+        from torch._inductor.cpp_builder import get_cpp_compiler  # runs `<compiler> --version`
+        from torch.utils._triton import has_triton, has_triton_package
+    except ImportError:
+        return
+    if device.type == "cuda":
+        if not has_triton_package():
+            raise PipelineError("train.compile: torch.compile on a GPU needs Triton, which is not installed "
+                                "(pip install triton); or set train.compile: false")
+        if not has_triton():
+            raise PipelineError(f"train.compile: Triton does not support this GPU "
+                                f"({torch.cuda.get_device_name(device)}, compute capability 7.0 or more needed); "
+                                "set train.compile: false")
+        return
+    try:
+        get_cpp_compiler()
+    except inductor_errors.InvalidCxxCompiler:
+        # torch's default: (None, $CXX or g++ (clang++ on macOS)); None stands for a conda-installed
+        # g++, tried only with $TORCH_INDUCTOR_INSTALL_GXX set.
+        search = inductor_config.cpp.cxx
+        tried = " or ".join(str(cxx) for cxx in (search if isinstance(search, (tuple, list)) else [search]) if cxx)
+        raise PipelineError(f"train.compile: torch.compile on the CPU needs a C++ compiler, and {tried} does not "
+                            "run here: install one (or point $CXX to it), or set train.compile: false") from None
+
+
 def check_crcs(path: Path) -> None:
     """PipelineError if a record of torch.save's zip archive fails the CRC-32 stored beside it, or
     cannot be read back at all. torch.load does not check them, so a flipped bit in the weights

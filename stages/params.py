@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from stages.common import NO_CUDA_GPU, PipelineError, read_yaml, run_main, write_text_atomic
+from stages.common import NO_CUDA_GPU, PipelineError, check_compile, read_yaml, run_main, write_text_atomic
 from stages.datasets import Dataset, is_url, load_table
 from stages.model_config import (MAX_NETWORKS, Architecture, ModelConfig, Pool, Stem, feature_side, is_valid_crop,
                                   is_valid_network_count, largest_crop)
@@ -453,6 +453,8 @@ def main(argv: list[str] | None = None) -> None:
     # stage (like fetch, which imports this module) otherwise has no use for it.
     if params.train.device == "cuda" or (params.train.device == "auto" and params.train.processes > 1):
         check_gpus(params.train)
+    if params.train.compile:
+        check_compile_toolchain(params.train)
     write_text_atomic(args.marker, VALID_MARKER)
 
 
@@ -468,6 +470,16 @@ def check_gpus(train: TrainParams) -> None:
     _require(not on_gpus or train.processes <= gpus, "train.processes",
              f"{train.processes} processes, but this machine has {gpus} CUDA GPU(s) and NCCL runs one process a GPU; "
              f"use at most {gpus}, or train.device: cpu")
+
+
+def check_compile_toolchain(train: TrainParams) -> None:
+    """train.compile: true needs a C++ compiler (CPU) or Triton (GPU) on the device train will use
+    (stages.runtime.resolve_device's rule: auto is the GPU when there is one): checked here too, for
+    the same reason as check_gpus."""
+    import torch
+
+    on_gpu = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
+    check_compile(torch.device("cuda" if on_gpu else "cpu"))
 
 
 if __name__ == "__main__":

@@ -84,10 +84,17 @@ def read_series(directory: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def panels(names: list[str]) -> list[list[str]]:
-    """Series drawn together: every `*loss` series on one panel (one unit, cross-entropy), each
-    other series on its own."""
+    """Series drawn together: every `*loss` series on one panel (one unit, nats), each other
+    series on its own."""
     losses = [name for name in names if name.endswith("loss")]
     return ([losses] if losses else []) + [[name] for name in names if name not in losses]
+
+
+def loss_label(name: str) -> str:
+    """A loss series' legend entry, saying what it measures: train's losses are the objective the
+    optimiser minimised, train.label_smoothing included (at 0.1 it stays above about 0.5 however
+    well the model fits), val's is the plain cross-entropy, as evaluate reports (stages/tracking.py)."""
+    return f"{name} (cross-entropy)" if name.startswith("val") else f"{name} (training objective)"
 
 
 def within_bounds(low: float, high: float) -> tuple[float, float]:
@@ -109,10 +116,11 @@ def curves_figure(series: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
     for ax, group in zip(axes.flat, groups):
         for name in group:
             steps, values = series[name]
-            ax.plot(steps, values, marker="o" if len(steps) <= MARKER_POINTS else None, label=name)
+            ax.plot(steps, values, marker="o" if len(steps) <= MARKER_POINTS else None,
+                    label=loss_label(name) if len(group) > 1 else name)
         values = np.concatenate([series[name][1] for name in group])
         ax.set_ylim(*within_bounds(float(values.min()), float(values.max())))
-        ax.set(xlabel=X_LABEL, ylabel="loss (cross-entropy)" if len(group) > 1 else group[0])
+        ax.set(xlabel=X_LABEL, ylabel="loss" if len(group) > 1 else group[0])
         if len(group) > 1:
             ax.legend()
         ax.grid(alpha=0.3)

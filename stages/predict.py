@@ -1,6 +1,6 @@
 """Classify image files with the trained model: `python -m stages.predict PATH... [--json]`.
 
-Images (PNG, JPEG, GIF, TIFF, WebP, BMP, ... whatever Pillow reads) go through small pure steps:
+Images (PNG, JPEG, GIF, BMP, TIFF, WebP, AVIF, PBM/PGM/PPM: READ_FORMATS) go through small pure steps:
 decode (bounded in size and memory) -> orient (EXIF) -> shrink -> grey, with the ink told from
 the background (alpha, palette transparency and 16-bit handled) -> blank? -> frame, which makes
 the image the way the model's dataset made its images (the model file's `framing`): inverted when
@@ -64,6 +64,21 @@ WORK_SIDE = 1024
 # while JPEG noise, paper texture and a scanner's glass stay within about 10-20.
 BLANK_CONTRAST = 32
 BATCH = 256  # images per forward pass for IDX files: bounds activation memory for large files
+# The formats predict decodes: what phones, scanners and image tools save, each declaring its size
+# in a header that Image.open reads without decoding a pixel, so the pixel limit comes first.
+# Pillow opens more, and some of those cost before any check: ICO decodes its largest icon inside
+# Image.open, FITS parses slowly, EPS runs Ghostscript (an interpreter) on the file. Those, and
+# formats Pillow lacks (HEIC, PDF, SVG), are refused by name. MPO is a JPEG with extra pictures
+# (a camera's preview or second eye); PPM stands for PBM, PGM and PPM.
+READ_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP", "AVIF", "PPM")
+READ_FORMATS_TEXT = "PNG, JPEG, GIF, BMP, TIFF, WebP, AVIF, PBM/PGM/PPM"
+# Frames are counted up to this many: an honest animation or multi-page scan has far fewer, and
+# counting seeks through every frame (for TIFF in time that grows with the square of their count:
+# 6 s for a 2.9 MB file of 32,000 one-pixel pages). A file with more reports this many.
+MAX_COUNTED_FRAMES = 1000
+SIGNATURE_BYTES = 512  # how much of a file's start identify_format reads (SVG's <svg may follow a prolog)
+_IDX_VALUE_TYPES = (0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E)  # IDX's type codes: u8, i8, i16, i32, f32, f64
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis")  # ftyp brands of HEIC files
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _REDUCIBLE = ("L", "LA", "I", "F", "RGB", "RGBA")  # modes Image.reduce takes as they are
 
@@ -107,10 +122,26 @@ def reduction_factor(size: tuple[int, int]) -> int:
 
 @functools.cache
 def raster_formats() -> tuple[str, ...]:
-    """Every format Pillow opens but EPS: Pillow renders PostScript by running Ghostscript on it,
-    and predict reads files other people send."""
+    """READ_FORMATS that this Pillow opens (a build may lack WebP or AVIF)."""
     Image.init()
-    return tuple(name for name in Image.OPEN if name != "EPS")
+    return tuple(name for name in READ_FORMATS if name in Image.OPEN)
+
+
+def count_frames(image: Image.Image) -> int:
+    """Frames (animation frames, TIFF pages) in the file `image` was opened from, up to
+    MAX_COUNTED_FRAMES, leaving it at the first. An MPO counts as one: viewers show its primary
+    picture, and its others are a preview or a stereo pair, not frames."""
+    if image.format == "MPO" or not getattr(image, "is_animated", False):
+        return 1  # is_animated reads at most the second frame's header
+    frames = 2
+    try:
+        while frames < MAX_COUNTED_FRAMES:
+            image.seek(frames)  # EOFError past the last frame
+            frames += 1
+    except EOFError:
+        pass
+    image.seek(0)
+    return frames
 
 
 def decode(file: BinaryIO, path: str) -> Decoded:
@@ -126,9 +157,9 @@ def decode(file: BinaryIO, path: str) -> Decoded:
                 raise PipelineError(f"{path}: refused, {image.width}x{image.height} is {pixels:,} "
                                     f"pixels, more than the {MAX_PIXELS:,}-pixel limit for an image "
                                     "of a digit")
-            frames = getattr(image, "n_frames", 1)  # counting may seek; Pillow seeks back to 0
+            frames = count_frames(image)
             factor = reduction_factor(image.size)
-            if image.format == "JPEG" and factor > 1:
+            if image.format in ("JPEG", "MPO") and factor > 1:
                 # Decode at 1/2, 1/4 or 1/8 scale: the full-size pixels are never in memory.
                 image.draft(image.mode, (image.width // factor, image.height // factor))
             image.load()
@@ -344,8 +375,8 @@ def idx_samples(path: str, size: int) -> list[Sample]:
         array = parse_idx(read_bytes(Path(path), max_size=MAX_PIXELS + IDX_HEADER_ALLOWANCE), path)
     except IdxFormatError as exc:
         reason = str(exc).removeprefix(f"{path}: ")
-        raise PipelineError(f"{path}: neither an image Pillow can read (PNG, JPEG, ...) "
-                            f"nor an IDX file ({reason})") from None
+        raise PipelineError(f"{path}: neither an image predict reads ({READ_FORMATS_TEXT}) "
+                            f"nor a usable IDX file ({reason})") from None
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3 or array.shape[1:] != (size, size):
@@ -353,6 +384,40 @@ def idx_samples(path: str, size: int) -> list[Sample]:
     if len(array) == 0:
         raise PipelineError(f"{path}: IDX file holds no images (dimensions {array.shape})")
     return [Sample(f"{path}[{i}]", image, is_blank(extract_ink(image))) for i, image in enumerate(array)]
+
+
+def identify_format(head: bytes) -> str | None:
+    """The format that a file's first bytes announce, or None: Pillow's own signature checks (of
+    the formats that have one: TGA, for one, would take any bytes), then formats Pillow lacks."""
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        with contextlib.suppress(Exception):  # a check may trip over a short or odd header
+            if accept is not None and accept(head[:16]):  # Image.open hands each check 16 bytes
+                return name
+    if head[4:8] == b"ftyp" and any(brand in head[8:32] for brand in _HEIF_BRANDS):
+        return "HEIC"  # iPhones' photos; AVIF, the same container, is Pillow's (above)
+    if head.startswith(b"%PDF-"):
+        return "PDF"
+    if b"<svg" in head:
+        return "SVG"
+    return None
+
+
+def is_idx_candidate(head: bytes) -> bool:
+    """True when the file could be IDX: gzip (by content), or IDX's two zero bytes and a type code."""
+    return head[:2] == b"\x1f\x8b" or (head[:2] == b"\0\0" and len(head) > 2 and head[2] in _IDX_VALUE_TYPES)
+
+
+def not_an_image(path: str, head: bytes) -> PipelineError:
+    """The one-line error for a file that predict cannot open as an image nor take as IDX."""
+    name = identify_format(head)
+    if name in READ_FORMATS:  # its signature, but Pillow gave up on the header after it
+        return PipelineError(f"{path}: damaged or unsupported image (a {name} file whose header cannot be read)")
+    if name is not None:
+        return PipelineError(f"{path}: {name} is not a format predict reads ({READ_FORMATS_TEXT}): "
+                             "convert the image to PNG")
+    return PipelineError(f"{path}: neither an image predict reads ({READ_FORMATS_TEXT}) nor an IDX file "
+                         f"(it begins {head[:8].hex(' ')})")
 
 
 def load_samples(path: str, size: int, framing: dict | None = None) -> list[Sample]:
@@ -364,9 +429,16 @@ def load_samples(path: str, size: int, framing: dict | None = None) -> list[Samp
     try:
         return [image_sample(path, size, framing)]
     except UnidentifiedImageError:
-        pass  # not an image format Pillow knows: try IDX
+        pass  # not in a format predict decodes: IDX, or said what it is
     except OSError as exc:  # opening failed (e.g. permission denied)
         raise cannot_read(path, exc) from None
+    try:
+        with open(path, "rb") as file:
+            head = file.read(SIGNATURE_BYTES)
+    except OSError as exc:
+        raise cannot_read(path, exc) from None
+    if not is_idx_candidate(head):
+        raise not_an_image(path, head)  # read no further: a large file of something else costs nothing
     return idx_samples(path, size)  # stages.idx.read_bytes names a file it cannot read
 
 
@@ -415,7 +487,8 @@ def text_line(row: dict) -> str:
     else:
         line = f"{name}: {row['label']} ({100 * row['probability']:.1f}%)"
     if row["frames"] > 1:
-        line += f", first of {row['frames']} frames"
+        more = " or more" if row["frames"] >= MAX_COUNTED_FRAMES else ""
+        line += f", first of {row['frames']}{more} frames"
     return line
 
 

@@ -52,39 +52,6 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def check_compile(device: torch.device) -> None:
-    """train.compile: true needs what torch.compile's Inductor builds its code with: a C++ compiler
-    that runs for the CPU ($CXX, else g++), Triton for a GPU. Inductor finds out at the first step,
-    with a page of traceback; checked before training, the run stops with one line instead. (A
-    compiler that runs may still lack headers or OpenMP: that stays Inductor's to report.) The
-    check uses torch's private helpers; where a torch release has moved them, it is skipped."""
-    try:
-        from torch._inductor import config as inductor_config
-        from torch._inductor import exc as inductor_errors
-        from torch._inductor.cpp_builder import get_cpp_compiler  # runs `<compiler> --version`
-        from torch.utils._triton import has_triton, has_triton_package
-    except ImportError:
-        return
-    if device.type == "cuda":
-        if not has_triton_package():
-            raise PipelineError("train.compile: torch.compile on a GPU needs Triton, which is not installed "
-                                "(pip install triton); or set train.compile: false")
-        if not has_triton():
-            raise PipelineError(f"train.compile: Triton does not support this GPU "
-                                f"({torch.cuda.get_device_name(device)}, compute capability 7.0 or more needed); "
-                                "set train.compile: false")
-        return
-    try:
-        get_cpp_compiler()
-    except inductor_errors.InvalidCxxCompiler:
-        # torch's default: (None, $CXX or g++ (clang++ on macOS)); None stands for a conda-installed
-        # g++, tried only with $TORCH_INDUCTOR_INSTALL_GXX set.
-        search = inductor_config.cpp.cxx
-        tried = " or ".join(str(cxx) for cxx in (search if isinstance(search, (tuple, list)) else [search]) if cxx)
-        raise PipelineError(f"train.compile: torch.compile on the CPU needs a C++ compiler, and {tried} does not "
-                            "run here: install one (or point $CXX to it), or set train.compile: false") from None
-
-
 def cpuinfo_field(name: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The first value of `name` in /proc/cpuinfo ('model name', 'vendor_id', ...); '' where there is
     none (not Linux, or no such field)."""

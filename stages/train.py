@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages import params as params_mod
-from stages.common import PipelineError, Progress, ctrl_c_reached_my_group, load_tensors, log, run_main, save_tensors
+from stages.common import (PipelineError, Progress, check_compile, ctrl_c_reached_my_group, load_tensors, log, run_main,
+                           save_tensors)
 from stages.model_config import MAX_NETWORKS
 from stages.models import build_model, count_parameters, network_count, predict_logits, save_model
 from stages.params import TrainParams
-from stages.runtime import (Rank, check_compile, describe_device, describe_precision, numerics, rank_from_env,
+from stages.runtime import (Rank, describe_device, describe_precision, numerics, rank_from_env,
                             resolve_device, resolve_precision, retain_freed_memory, seed_everything)
 from stages.tracking import TrainLog, step_log_interval
 from stages.views import view_drawer
@@ -225,6 +226,10 @@ class Lookahead:
     EVERY = 5  # steps between syncs, airbench's
 
     def __init__(self, model: nn.Module, peak: float, total_steps: int):
+        if total_steps < self.EVERY:
+            # No sync would ever run: the model would end as its initial weights, the slow copy.
+            raise PipelineError(f"train.lookahead: syncs every {self.EVERY} steps, and this run has {total_steps} "
+                                f"(train.epochs times the steps of an epoch); train longer or set it to 0")
         self.params = list(model.parameters())
         self.slow = [p.detach().clone() for p in self.params]
         self.peak, self.total, self.done = peak, total_steps, 0
@@ -277,10 +282,7 @@ class TrainingState:
                 "schedule": self.schedule.state_dict() if self.schedule is not None else None,
                 "average": self.average.state_dict() if self.average is not None else None,
                 "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
-                "batch_order_rng": [generator.get_state() for generator in self.generators],
-                # The global generators: dropout draws from them.
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+                "batch_order_rng": [generator.get_state() for generator in self.generators]}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -293,9 +295,28 @@ class TrainingState:
             self.lookahead.load_state_dict(state["lookahead"])
         for generator, saved in zip(self.generators, state["batch_order_rng"], strict=True):
             generator.set_state(saved)
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def global_generators(device: torch.device, rank: Rank) -> list[dict]:
+    """Every process's global generators, by rank: the CPU's and its GPU's. Dropout draws from them,
+    and each process's have moved on by its own draws (an uneven last batch gives one process a
+    larger share), so a resumed process needs its own. Under torchrun a collective: every process
+    calls it."""
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if rank.world == 1:
+        return [mine]
+    everyone = [None] * rank.world
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
+
+
+def restore_global_generators(saved: list[dict], device: torch.device, rank: Rank) -> None:
+    """This process's generators as global_generators saved them (the checkpoint's world size is
+    this run's: train.processes is in its fingerprint)."""
+    mine = saved[rank.rank]
+    torch.set_rng_state(mine["cpu"])
+    if mine["cuda"] is not None:
+        torch.cuda.set_rng_state(mine["cuda"], device)
 
 
 def make_loss(network: nn.Module, cfg: TrainParams, device: torch.device) -> Callable[..., torch.Tensor]:
@@ -412,11 +433,12 @@ def fingerprint(cfg: TrainParams, computed: dict, *input_files: Path, code_dir: 
     return digest.hexdigest()
 
 
-def save_checkpoint(path: Path, run_id: str, train_log: TrainLog, state: TrainingState) -> None:
+def save_checkpoint(path: Path, run_id: str, train_log: TrainLog, state: TrainingState, generators: list[dict]) -> None:
     """The run's state after the epochs logged so far, resumed from by a re-run with the same run_id.
-    The log's points travel with it: the resumed run replays them into its fresh DVCLive files."""
+    The log's points travel with it: the resumed run replays them into its fresh DVCLive files.
+    `generators`: global_generators' list, every process's."""
     save_tensors(path, {"fingerprint": run_id, "epoch": len(train_log.epochs()), "log": train_log.records,
-                        "training": state.state_dict()})
+                        "training": state.state_dict(), "generators": generators})
 
 
 def load_checkpoint(path: Path, run_id: str) -> dict | None:
@@ -424,7 +446,7 @@ def load_checkpoint(path: Path, run_id: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        saved = load_tensors(path, required=("fingerprint", "epoch", "log", "training"))
+        saved = load_tensors(path, required=("fingerprint", "epoch", "log", "training", "generators"))
     except PipelineError as exc:
         log(STAGE, f"ignoring unreadable checkpoint ({exc}); starting from epoch 1")
         return None
@@ -506,6 +528,7 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     saved = load_checkpoint(checkpoint, run_id) if checkpoint else None
     if saved:
         state.load_state_dict(saved["training"])
+        restore_global_generators(saved["generators"], device, rank)
         train_log.replay(saved["log"])
         say(f"resuming from {checkpoint} after epoch {saved['epoch']}")
     for epoch in range(len(train_log.epochs()) + 1, cfg.epochs + 1):
@@ -522,6 +545,7 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
                 progress.close(summary=False)  # the error gets a line of its own
             raise diverged(epoch, "train", train_loss, cfg.lr)
         end_step = epoch * len(batches)
+        generators = global_generators(device, rank) if checkpoint else None  # a collective: every process
         if not rank.is_main:
             train_log.log(end_step, {"epoch": epoch})  # keeps the epoch count; only rank 0's log is written
             continue
@@ -535,7 +559,7 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
         train_log.log(end_step, {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
                                  "val_accuracy": round(val_accuracy, 6), "lr": round(float(step_log.used_lr), 9)})
         if checkpoint:  # rank 0 only: every process resumes from the one file
-            save_checkpoint(checkpoint, run_id, train_log, state)
+            save_checkpoint(checkpoint, run_id, train_log, state, generators)
         say(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"val accuracy {100 * val_accuracy:.2f}% ({time.perf_counter() - start:.1f} s)")
     if average is not None and rank.is_main:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import socket
 import subprocess
 import sys
 
 import pytest
+import torch
+import torch.multiprocessing
 
 from stages import train
+from stages.runtime import Rank
+from tests.test_train import SMALL_MLP, assert_same_weights, split
 
 pytestmark = pytest.mark.integration
 
@@ -54,3 +60,46 @@ def test_a_worker_killed_by_a_signal_is_named(tmp_path):
     assert done.returncode == 1
     assert "train: error: worker 0 was killed by SIGKILL" in done.stderr
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+# Dropout draws from each process's global generator, and batches of 33 split 12 / 11 at the end of
+# each epoch (320 images), so the two processes' generators part after epoch 1.
+DROPOUT_MLP = dataclasses.replace(SMALL_MLP, dropout=0.3, batch_size=33, schedule="constant")
+
+
+def fit_in_two_processes(rank: int, port: int, cfg, checkpoint, out) -> None:
+    """torch.multiprocessing.spawn's worker: fit() as one of two gloo processes, as under torchrun;
+    rank 0 saves the weights to `out`."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model, _, _ = train.fit(cfg, split(320, seed=1), split(100, seed=2), torch.device("cpu"), checkpoint,
+                                run_id="run", rank=Rank(rank, 2, rank))
+        if rank == 0:
+            torch.save(model.state_dict(), out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_resumed_two_process_run_ends_as_the_unbroken_one(tmp_path):
+    """Each process resumes with its own generators: restoring rank 0's on both (as once) changed
+    rank 1's dropout masks in epoch 2, and so the weights."""
+    def run(cfg, checkpoint, out):
+        torch.multiprocessing.spawn(fit_in_two_processes, args=(free_port(), cfg, checkpoint, out), nprocs=2)
+        return torch.load(out)
+
+    unbroken = run(DROPOUT_MLP, None, tmp_path / "unbroken.pt")
+    checkpoint = tmp_path / "checkpoint.pt"
+    # A constant learning rate: epoch 1 of a one-epoch run is epoch 1 of the two-epoch run, and its
+    # checkpoint (same run_id) is what a kill during epoch 2 would have left.
+    run(dataclasses.replace(DROPOUT_MLP, epochs=1), checkpoint, tmp_path / "first.pt")
+    saved = train.load_checkpoint(checkpoint, "run")
+    assert saved["epoch"] == 1 and len(saved["generators"]) == 2
+    assert not torch.equal(saved["generators"][0]["cpu"], saved["generators"][1]["cpu"])
+    assert_same_weights(run(DROPOUT_MLP, checkpoint, tmp_path / "resumed.pt"), unbroken)

@@ -47,7 +47,7 @@ RUN_BY = {
     # README.md
     "make repro": f"{THIS}::test_first_run_as_written",
     "make exp PRESET=fast": f"{THIS}::test_first_run_as_written",
-    "git checkout HEAD -- .": f"{THIS}::test_first_run_as_written",
+    "git checkout HEAD -- params.yaml dvc.lock metrics/eval.json": f"{THIS}::test_first_run_as_written",
     "make test": ".ci/run",
     "make test PYTEST_ARGS=\"-m 'not integration'\"": f"{THIS}::test_unit_test_command_leaves_out_integration_tests",
     "dvc repro": "tests/test_pipeline.py::test_invalid_params_fail_before_outputs_are_touched",
@@ -155,8 +155,8 @@ RUN_BY = {
         f"{PREDICT}::test_the_command_prints_one_line_per_file_in_order",
     "python -m stages.predict --model fast.pt --json anim.gif blank.png empty.png":
         f"{PREDICT}::test_json_has_one_object_per_file_with_the_same_keys",
-    "python -m stages.predict --model fast.pt empty.png bomb.png huge.png truncated.png notes.txt photos loop "
-    "missing.png": f"{PREDICT}::test_each_bad_file_gets_its_own_one_line_reason",
+    "python -m stages.predict --model fast.pt empty.png bomb.png huge.png truncated.png notes.txt IMG_0042.HEIC photos "
+    "loop missing.png": f"{PREDICT}::test_each_bad_file_gets_its_own_one_line_reason",
     # docs/gpu.md (a dry run: the module itself needs a CUDA GPU)
     'make gpu-check GPU_CHECK_ARGS="--out /tmp/gpu-check --mirror /path/to/mnist"':
         f"{THIS}::test_make_gpu_check_runs_the_module_with_its_args",
@@ -411,7 +411,7 @@ def test_first_run_as_written(project):
                for name, value in fast.items() for section, key in [name.split(".")]), params
     assert "fast" in p.dvc("exp", "list", "--name-only").stdout.split()
 
-    run_block(p, find_block("README.md", "git checkout HEAD -- ."))
+    run_block(p, find_block("README.md", "git checkout HEAD -- params.yaml dvc.lock metrics/eval.json"))
     assert p.path("params.yaml").read_text() == committed_params
     assert "Data and pipelines are up to date" in p.dvc("status").stdout
     # Training is deterministic: the committed params give back the committed outputs.

@@ -125,3 +125,27 @@ def test_help_lists_every_target_with_its_note(venv):
     assert sorted(rows) == sorted(phony), "every phony target has a `## ` note, and only they are listed"
     assert rows["repro"].startswith("set up if needed, then run the DVC pipeline")
     assert calls(venv) == [], "help runs nothing"
+
+
+def test_setup_refuses_a_python_older_than_the_pins_need(tmp_path):
+    """A Python 3.10 would create the venv and then fail in pip with 'no matching distribution';
+    set-up stops first, saying which Python it found and how to name another."""
+    old_python = tmp_path / "python3.10"
+    old_python.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "Python 3.10.12"; exit 0; fi\nexit 1\n')
+    old_python.chmod(0o755)
+    result = subprocess.run(["make", "--no-print-directory", f"VENV={tmp_path / 'venv'}", f"PYTHON={old_python}", "setup"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"Python 3.11 or newer is needed (constraints.txt's pins), and {old_python} is Python 3.10.12" in result.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+def test_predict_hands_files_to_the_shell_as_docs_predict_says(venv):
+    """A pattern expands; a name with spaces and parentheses keeps its own quotes (docs/predict.md)."""
+    (venv / "bin/python").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done > "$(dirname "$0")/../calls"\n')
+    (venv / "bin/python").chmod(0o755)
+    for name in ("a.png", "b.png"):
+        (venv.parent / name).touch()
+    result = make(venv, "predict", "FILES='my scan (2).png' *.png")
+    assert result.returncode == 0, result.stderr
+    assert calls(venv) == ["-m", "stages.predict", "my scan (2).png", "a.png", "b.png"]

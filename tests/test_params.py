@@ -489,6 +489,26 @@ def test_params_stage_checks_the_gpus_when_params_ask_for_them(device, processes
     assert (tmp_path / "params-valid.txt").read_text() == VALID_MARKER
 
 
+def test_params_stage_checks_the_compiler_that_train_compile_needs(tmp_path, monkeypatch):
+    """train.compile: true without a C++ compiler that runs: the params stage stops with train's own
+    line, before DVC deletes the last model to run train, and writes no marker."""
+    from torch._inductor import config as inductor_config
+
+    raw = with_change("train", "compile", True)
+    raw["train"]["device"] = "cpu"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    marker = tmp_path / "params-valid.txt"
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-c++")}), pytest.raises(
+            PipelineError, match=r"^train\.compile: torch\.compile on the CPU needs a C\+\+ compiler, and no-such-c\+\+"):
+        params_mod.main([str(marker), "--params", str(path)])
+    assert not marker.exists()
+    checked = []  # where a compiler runs: the check passes, and the marker is written
+    monkeypatch.setattr(params_mod, "check_compile", checked.append)
+    params_mod.main([str(marker), "--params", str(path)])
+    assert [device.type for device in checked] == ["cpu"] and marker.read_text() == VALID_MARKER
+
+
 def test_a_params_file_in_another_encoding_is_one_line(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_bytes("train:\n  lr: 0.1  # \u00e9tape\n".encode("latin-1"))

@@ -103,7 +103,7 @@ def test_predict_on_idx_matches_evaluate_and_survives_bad_files(built_project, t
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 2
     assert errors[0].startswith(f"predict: error: {truncated}: damaged or unsupported image")
-    assert errors[1].startswith(f"predict: error: {garbage}: neither an image Pillow can read")
+    assert errors[1].startswith(f"predict: error: {garbage}: neither an image predict reads")
     rows = json.loads(result.stdout)
     with open(built_project.path("metrics/confusion.csv")) as f:
         evaluated = [int(row["predicted"]) for row in csv.DictReader(f)]

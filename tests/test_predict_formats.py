@@ -160,6 +160,30 @@ def test_a_24_megapixel_jpeg_is_reduced_while_decoding(ink, reference, tmp_path)
     assert np.abs(derived(path).image.astype(int) - reference).mean() <= 3
 
 
+def test_a_camera_mpo_is_one_picture_reduced_while_decoding(ink, reference, tmp_path):
+    """MPO: a JPEG with a second picture (a camera's preview), which Pillow opens as its own format."""
+    photo = Image.new("L", (2500, 2000), 255)
+    photo.paste(Image.fromarray(255 - ink).resize((2000, 2000), Image.BICUBIC), (250, 0))
+    path = save(photo, tmp_path / "photo.jpg", format="MPO", save_all=True, append_images=[photo.resize((250, 200))])
+    with open(path, "rb") as file:
+        decoded = predict.decode(file, path)
+    assert decoded.image.format == "MPO"
+    assert decoded.image.size == (1250, 1000) and decoded.frames == 1  # decoded at 1/2
+    assert np.abs(derived(path).image.astype(int) - reference).mean() <= 3
+
+
+def test_frames_are_counted_up_to_a_bound(ink, tmp_path, monkeypatch):
+    """A file of thousands of pages would take seconds to count: the count stops at the bound."""
+    frames = [Image.fromarray(255 - ink)] + [Image.new("L", ink.shape, level) for level in range(4)]
+    path = save(frames[0], tmp_path / "five.gif", save_all=True, append_images=frames[1:])
+    assert derived(path).frames == 5
+    monkeypatch.setattr(predict, "MAX_COUNTED_FRAMES", 3)
+    sample = derived(path)
+    assert sample.frames == 3 and not sample.blank  # the first frame is still the one classified
+    row = predict.result_rows([sample], np.array([3]), np.array([0.9]), [str(k) for k in range(10)])[0]
+    assert predict.text_line(row) == f"{path}: 3 (90.0%), first of 3 or more frames"
+
+
 def test_other_large_images_are_shrunk_before_the_pixel_work(tmp_path):
     image = Image.new("I;16", (5000, 3000))
     assert predict.shrink(image).size == (1250, 750)  # factor 4 brings 5000 into 1024..2047
@@ -244,6 +268,12 @@ def bad_files(directory: Path, ink: np.ndarray) -> dict[str, Path]:
         "idx-of-no-images": write_idx(np.zeros((0, 28, 28), np.uint8)),
         # Pillow would hand PostScript to Ghostscript (an interpreter) whatever the file's name.
         "postscript-named-png": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n0 0 moveto 28 28 lineto stroke\n",
+        # An iPhone photo's start (ISO box "ftyp", brand heic); Pillow has no HEIC decoder.
+        "heic-photo": b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(200),
+        "pdf-scan": b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\n",
+        # Pillow decodes an icon's largest image inside Image.open, before any size check.
+        "icon": save(grey(ink), directory / "good.ico").read_bytes(),
+        "gzipped-png": gzip.compress(png),
     }
     paths = {}
     for name, data in files.items():
@@ -255,6 +285,11 @@ def bad_files(directory: Path, ink: np.ndarray) -> dict[str, Path]:
     os.symlink(directory / "loop-b", directory / "loop-a")
     os.symlink(directory / "loop-a", directory / "loop-b")
     paths["missing"] = directory / "missing.png"
+    # Past the IDX size bound, and sparse: read whole it would be refused as too large an IDX file.
+    paths["large-text"] = directory / "notes.txt"
+    with open(paths["large-text"], "wb") as file:
+        file.write(b"notes\n")
+        file.truncate(predict.MAX_PIXELS + 2 * predict.IDX_HEADER_ALLOWANCE)
     return paths
 
 
@@ -262,10 +297,19 @@ EXPECTED_REASONS = {
     "truncated-png": "damaged or unsupported image",
     "truncated-jpeg": "damaged or unsupported image",
     "zero-bytes": "empty file (0 bytes)",
-    "random-bytes": "neither an image Pillow can read",
-    "png-header-only": "neither an image Pillow can read",  # Pillow's PNG plugin gives up at open
+    "random-bytes": "neither an image predict reads (PNG, JPEG, GIF, BMP, TIFF, WebP, AVIF, PBM/PGM/PPM) nor "
+                    "an IDX file (it begins 00 01 02 03 04 05 06 07)",
+    # Pillow's PNG plugin gives up at open; the signature says what it was meant to be
+    "png-header-only": "damaged or unsupported image (a PNG file whose header cannot be read)",
     "idx-of-no-images": "IDX file holds no images",
-    "postscript-named-png": "neither an image Pillow can read",
+    "postscript-named-png": "EPS is not a format predict reads (PNG, JPEG, GIF, BMP, TIFF, WebP, AVIF, "
+                            "PBM/PGM/PPM): convert the image to PNG",
+    "heic-photo": "HEIC is not a format predict reads",
+    "pdf-scan": "PDF is not a format predict reads",
+    "icon": "ICO is not a format predict reads",
+    "gzipped-png": "neither an image predict reads (PNG, JPEG, GIF, BMP, TIFF, WebP, AVIF, PBM/PGM/PPM) nor "
+                   "a usable IDX file (not an IDX file (bad magic number 89504e47))",
+    "large-text": "neither an image predict reads",
     "directory": "is a directory",
     "symlink-loop": "cannot read (Too many levels of symbolic links)",
     "missing": "no such file",

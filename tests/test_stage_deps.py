@@ -57,6 +57,9 @@ def transitive_imports(module: str) -> set[str]:
 def stage_module(stage: dict) -> str:
     # Every stage runs as `exec stages/run NAME ...`, which runs `python -m stages NAME`: stages.NAME
     # (exec: the stage replaces the shell DVC starts it in, whatever that shell, so it stops with DVC).
+    # The launcher itself (stages/run, stages/__main__.py) is no stage's dep, on purpose: it decides how
+    # a stage starts and stops (its interpreter, signals, exit), never what the stage writes, so an
+    # edit to it must not re-run the pipeline.
     exec_, launcher, name, *_ = stage["cmd"].split()
     assert (exec_, launcher) == ("exec", "stages/run"), stage["cmd"]
     return f"{PACKAGE}.{name}"

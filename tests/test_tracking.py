@@ -282,9 +282,11 @@ def test_curves_png_has_named_axes_within_range():
         loss, accuracy, lr = fig.axes
         assert [ax.get_xlabel() for ax in fig.axes] == ["optimizer step"] * 3
         assert (loss.get_ylabel(), accuracy.get_ylabel(), lr.get_ylabel()) == (
-            "loss (cross-entropy)", "val_accuracy", "lr")
+            "loss", "val_accuracy", "lr")
         assert loss.get_ylim()[0] == 0 and accuracy.get_ylim()[1] == 1.0
-        assert [t.get_text() for t in loss.get_legend().get_texts()] == ["step_loss", "val_loss"]
+        # Train's losses include label smoothing, val's does not: the legend says which is which.
+        assert [t.get_text() for t in loss.get_legend().get_texts()] == [
+            "step_loss (training objective)", "val_loss (cross-entropy)"]
     finally:
         plt.close(fig)
     fig = confusion_figure(np.array([0, 1, 1]), np.array([0, 1, 0]), ["a", "b"])

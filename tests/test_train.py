@@ -713,6 +713,15 @@ def test_lookahead_pulls_the_weights_back_to_a_slow_copy_every_five_steps(total)
     assert restored.done == total and torch.equal(restored.slow[0], lookahead.slow[0])
 
 
+def test_lookahead_refuses_a_run_too_short_for_one_sync(data):
+    """Four steps and no sync: the model would have ended as its initial weights."""
+    train, val = data
+    cfg = dataclasses.replace(SMALL_CNN_LOOKAHEAD, epochs=1, batch_size=80)  # 320 images: 4 steps
+    with pytest.raises(PipelineError, match=r"^train.lookahead: syncs every 5 steps, and this run has 4 "):
+        fit(cfg, train, val, CPU)
+    assert Lookahead(torch.nn.Linear(2, 1), peak=0.5, total_steps=5).total == 5  # one sync: allowed
+
+
 def test_lookahead_changes_training(data):
     train, val = data
     plain, _, _ = fit(dataclasses.replace(SMALL_CNN_LOOKAHEAD, lookahead=0.0), train, val, CPU)
