@@ -80,7 +80,7 @@ gpu-check: $(INSTALLED)  ## on a CUDA machine: check and time the GPU path (GPU_
 # Classify image files with the trained model: make predict FILES="a.png b.jpg". FILES reaches the
 # shell as written: patterns expand, and a name with spaces or ( ) needs its own quotes inside.
 predict: $(INSTALLED)  ## classify image files with the trained model (FILES="a.png b.jpg")
-	@test -n "$(FILES)" || { echo "usage: make predict FILES=\"a.png b.jpg\" (or: $(BIN)/python -m stages.predict --help)"; exit 2; }
+	@$(if $(strip $(FILES)),:,echo 'usage: make predict FILES="a.png b.jpg" (or: $(BIN)/python -m stages.predict --help)'; exit 2)
 	$(BIN)/python -m stages.predict $(FILES)
 
 # Run a preset of presets.yaml as a DVC experiment: make exp PRESET=mlp-512+aug

@@ -68,13 +68,14 @@ BATCH = 256  # images per forward pass for IDX files: bounds activation memory f
 # in a header that Image.open reads without decoding a pixel, so the pixel limit comes first.
 # Pillow opens more, and some of those cost before any check: ICO decodes its largest icon inside
 # Image.open, FITS parses slowly, EPS runs Ghostscript (an interpreter) on the file. Those, and
-# formats Pillow lacks (HEIC, PDF, SVG), are refused by name. MPO is a JPEG with extra pictures
+# formats Pillow lacks (HEIC, PDF, SVG), are refused by name (SIGNATURES). MPO is a JPEG with extra pictures
 # (a camera's preview or second eye); PPM stands for PBM, PGM and PPM.
-READ_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP", "AVIF", "PPM")
-READ_FORMATS_TEXT = "PNG, JPEG, GIF, BMP, TIFF, WebP, AVIF, PBM/PGM/PPM"
-# Frames are counted up to this many: an honest animation or multi-page scan has far fewer, and
-# counting seeks through every frame (for TIFF in time that grows with the square of their count:
-# 6 s for a 2.9 MB file of 32,000 one-pixel pages). A file with more reports this many.
+# Pillow's format name -> the name users know (MPO is said as JPEG; PPM's plugin reads all three).
+READ_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "GIF": "GIF", "BMP": "BMP", "TIFF": "TIFF",
+                "WEBP": "WebP", "AVIF": "AVIF", "PPM": "PBM/PGM/PPM"}
+# A TIFF's pages are counted up to this many: an honest multi-page scan has far fewer, and counting
+# them (Pillow's n_frames, or seeking page by page) takes time that grows with the square of their
+# count: 6.4 s for a 3.3 MB file of 32,000 one-pixel pages. A file with more reports this many.
 MAX_COUNTED_FRAMES = 1000
 SIGNATURE_BYTES = 512  # how much of a file's start identify_format reads (SVG's <svg may follow a prolog)
 _IDX_VALUE_TYPES = (0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E)  # IDX's type codes: u8, i8, i16, i32, f32, f64
@@ -127,21 +128,28 @@ def raster_formats() -> tuple[str, ...]:
     return tuple(name for name in READ_FORMATS if name in Image.OPEN)
 
 
+def read_format_names() -> tuple[str, ...]:
+    """The formats predict reads here, as users name them: PNG, JPEG, GIF, ..."""
+    return tuple(dict.fromkeys(READ_FORMATS[name] for name in raster_formats()))
+
+
 def count_frames(image: Image.Image) -> int:
-    """Frames (animation frames, TIFF pages) in the file `image` was opened from, up to
-    MAX_COUNTED_FRAMES, leaving it at the first. An MPO counts as one: viewers show its primary
-    picture, and its others are a preview or a stereo pair, not frames."""
+    """Frames (animation frames, TIFF pages) in the file `image` was opened from, leaving it at
+    the first. An MPO counts as one: viewers show its primary picture, and its others are a
+    preview or a stereo pair, not frames."""
     if image.format == "MPO" or not getattr(image, "is_animated", False):
         return 1  # is_animated reads at most the second frame's header
-    frames = 2
-    try:
-        while frames < MAX_COUNTED_FRAMES:
-            image.seek(frames)  # EOFError past the last frame
-            frames += 1
-    except EOFError:
-        pass
+    if image.format != "TIFF":
+        # GIF's, APNG's, WebP's and AVIF's n_frames read headers only (a GIF's seek(n), by contrast,
+        # decodes every frame before n, and fails on a damaged later frame).
+        return image.n_frames
+    pages = 2
+    with contextlib.suppress(EOFError):  # past the last page
+        while pages < MAX_COUNTED_FRAMES:
+            image.seek(pages)  # a TIFF's seek reads the page's header (IFD), no pixel
+            pages += 1
     image.seek(0)
-    return frames
+    return pages
 
 
 def decode(file: BinaryIO, path: str) -> Decoded:
@@ -375,7 +383,7 @@ def idx_samples(path: str, size: int) -> list[Sample]:
         array = parse_idx(read_bytes(Path(path), max_size=MAX_PIXELS + IDX_HEADER_ALLOWANCE), path)
     except IdxFormatError as exc:
         reason = str(exc).removeprefix(f"{path}: ")
-        raise PipelineError(f"{path}: neither an image predict reads ({READ_FORMATS_TEXT}) "
+        raise PipelineError(f"{path}: neither an image predict reads ({', '.join(read_format_names())}) "
                             f"nor a usable IDX file ({reason})") from None
     if array.ndim == 2:
         array = array[None]
@@ -386,21 +394,36 @@ def idx_samples(path: str, size: int) -> list[Sample]:
     return [Sample(f"{path}[{i}]", image, is_blank(extract_ink(image))) for i, image in enumerate(array)]
 
 
+# Signatures that name a format for certain (Pillow's own checks are made to pick a decoder to
+# try, and some take any text that starts with `Py` or `/*`): the formats predict reads, then
+# those it refuses by name. (TGA has no signature at its start: it is not named.)
+SIGNATURES = (
+    ("PNG", lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")),
+    ("JPEG", lambda head: head.startswith(b"\xff\xd8\xff")),
+    ("GIF", lambda head: head[:6] in (b"GIF87a", b"GIF89a")),
+    ("BMP", lambda head: head.startswith(b"BM") and head[6:10] == bytes(4)),  # then 4 reserved zero bytes
+    ("TIFF", lambda head: head[:4] in (b"II*\0", b"MM\0*")),
+    ("WebP", lambda head: head.startswith(b"RIFF") and head[8:12] == b"WEBP"),
+    ("AVIF", lambda head: head[4:8] == b"ftyp" and any(brand in head[8:32] for brand in (b"avif", b"avis"))),
+    ("PBM/PGM/PPM", lambda head: head[:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace()),
+    ("HEIC", lambda head: head[4:8] == b"ftyp" and any(brand in head[8:32] for brand in _HEIF_BRANDS)),  # iPhones'
+    ("JPEG XL", lambda head: head.startswith((b"\xff\x0a", b"\0\0\0\x0cJXL \r\n\x87\n"))),
+    ("JPEG 2000", lambda head: head.startswith((b"\0\0\0\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51"))),
+    ("ICO", lambda head: head.startswith(b"\0\0\1\0")),
+    ("CUR", lambda head: head.startswith(b"\0\0\2\0")),
+    ("PSD", lambda head: head.startswith(b"8BPS")),
+    ("EPS", lambda head: head.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6"))),
+    ("PDF", lambda head: head.startswith(b"%PDF-")),
+    ("FITS", lambda head: head.startswith(b"SIMPLE  =")),
+    ("QOI", lambda head: head.startswith(b"qoif")),
+    ("DDS", lambda head: head.startswith(b"DDS ")),
+    ("SVG", lambda head: b"<svg" in head),
+)
+
+
 def identify_format(head: bytes) -> str | None:
-    """The format that a file's first bytes announce, or None: Pillow's own signature checks (of
-    the formats that have one: TGA, for one, would take any bytes), then formats Pillow lacks."""
-    Image.init()
-    for name, (_, accept) in Image.OPEN.items():
-        with contextlib.suppress(Exception):  # a check may trip over a short or odd header
-            if accept is not None and accept(head[:16]):  # Image.open hands each check 16 bytes
-                return name
-    if head[4:8] == b"ftyp" and any(brand in head[8:32] for brand in _HEIF_BRANDS):
-        return "HEIC"  # iPhones' photos; AVIF, the same container, is Pillow's (above)
-    if head.startswith(b"%PDF-"):
-        return "PDF"
-    if b"<svg" in head:
-        return "SVG"
-    return None
+    """The format that a file's first bytes (SIGNATURE_BYTES of them) announce, or None."""
+    return next((name for name, matches in SIGNATURES if matches(head)), None)
 
 
 def is_idx_candidate(head: bytes) -> bool:
@@ -410,13 +433,16 @@ def is_idx_candidate(head: bytes) -> bool:
 
 def not_an_image(path: str, head: bytes) -> PipelineError:
     """The one-line error for a file that predict cannot open as an image nor take as IDX."""
-    name = identify_format(head)
-    if name in READ_FORMATS:  # its signature, but Pillow gave up on the header after it
-        return PipelineError(f"{path}: damaged or unsupported image (a {name} file whose header cannot be read)")
+    name, names = identify_format(head), read_format_names()
+    readable = ", ".join(names)
+    if name in names:  # its signature, but Pillow gave up on the header after it
+        return PipelineError(f"{path}: damaged or unsupported image ({name} signature, but the header cannot be read)")
+    if name in READ_FORMATS.values():
+        return PipelineError(f"{path}: {name}, which this Pillow was built without ({readable}): convert the image "
+                             "to PNG, or install Pillow's wheel from PyPI")
     if name is not None:
-        return PipelineError(f"{path}: {name} is not a format predict reads ({READ_FORMATS_TEXT}): "
-                             "convert the image to PNG")
-    return PipelineError(f"{path}: neither an image predict reads ({READ_FORMATS_TEXT}) nor an IDX file "
+        return PipelineError(f"{path}: {name} is not a format predict reads ({readable}): convert the image to PNG")
+    return PipelineError(f"{path}: neither an image predict reads ({readable}) nor an IDX file "
                          f"(it begins {head[:8].hex(' ')})")
 
 

@@ -433,12 +433,12 @@ def fingerprint(cfg: TrainParams, computed: dict, *input_files: Path, code_dir: 
     return digest.hexdigest()
 
 
-def save_checkpoint(path: Path, run_id: str, train_log: TrainLog, state: TrainingState, generators: list[dict]) -> None:
+def save_checkpoint(path: Path, run_id: str, train_log: TrainLog, state: TrainingState, rng_states: list[dict]) -> None:
     """The run's state after the epochs logged so far, resumed from by a re-run with the same run_id.
     The log's points travel with it: the resumed run replays them into its fresh DVCLive files.
-    `generators`: global_generators' list, every process's."""
+    `rng_states`: global_generators' list, every process's."""
     save_tensors(path, {"fingerprint": run_id, "epoch": len(train_log.epochs()), "log": train_log.records,
-                        "training": state.state_dict(), "generators": generators})
+                        "training": state.state_dict(), "generators": rng_states})
 
 
 def load_checkpoint(path: Path, run_id: str) -> dict | None:
@@ -545,7 +545,7 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
                 progress.close(summary=False)  # the error gets a line of its own
             raise diverged(epoch, "train", train_loss, cfg.lr)
         end_step = epoch * len(batches)
-        generators = global_generators(device, rank) if checkpoint else None  # a collective: every process
+        rng_states = global_generators(device, rank) if checkpoint else None  # a collective: every process
         if not rank.is_main:
             train_log.log(end_step, {"epoch": epoch})  # keeps the epoch count; only rank 0's log is written
             continue
@@ -559,7 +559,7 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
         train_log.log(end_step, {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
                                  "val_accuracy": round(val_accuracy, 6), "lr": round(float(step_log.used_lr), 9)})
         if checkpoint:  # rank 0 only: every process resumes from the one file
-            save_checkpoint(checkpoint, run_id, train_log, state, generators)
+            save_checkpoint(checkpoint, run_id, train_log, state, rng_states)
         say(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"val accuracy {100 * val_accuracy:.2f}% ({time.perf_counter() - start:.1f} s)")
     if average is not None and rank.is_main:

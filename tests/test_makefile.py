@@ -146,6 +146,9 @@ def test_predict_hands_files_to_the_shell_as_docs_predict_says(venv):
     (venv / "bin/python").chmod(0o755)
     for name in ("a.png", "b.png"):
         (venv.parent / name).touch()
-    result = make(venv, "predict", "FILES='my scan (2).png' *.png")
-    assert result.returncode == 0, result.stderr
-    assert calls(venv) == ["-m", "stages.predict", "my scan (2).png", "a.png", "b.png"]
+    for files in ("'my scan (2).png' *.png", '"my scan (2).png" *.png'):  # quotes of either kind inside
+        result = make(venv, "predict", f"FILES={files}")
+        assert result.returncode == 0, result.stderr
+        assert calls(venv) == ["-m", "stages.predict", "my scan (2).png", "a.png", "b.png"]
+    missing = make(venv, "predict")
+    assert missing.returncode != 0 and 'usage: make predict FILES="a.png b.jpg"' in missing.stdout

@@ -172,16 +172,38 @@ def test_a_camera_mpo_is_one_picture_reduced_while_decoding(ink, reference, tmp_
     assert np.abs(derived(path).image.astype(int) - reference).mean() <= 3
 
 
-def test_frames_are_counted_up_to_a_bound(ink, tmp_path, monkeypatch):
-    """A file of thousands of pages would take seconds to count: the count stops at the bound."""
+def test_tiff_pages_are_counted_up_to_a_bound(ink, tmp_path, monkeypatch):
+    """A TIFF of thousands of pages would take seconds to count: the count stops at the bound."""
     frames = [Image.fromarray(255 - ink)] + [Image.new("L", ink.shape, level) for level in range(4)]
-    path = save(frames[0], tmp_path / "five.gif", save_all=True, append_images=frames[1:])
+    path = save(frames[0], tmp_path / "five.tif", save_all=True, append_images=frames[1:])
+    gif = save(frames[0], tmp_path / "five.gif", save_all=True, append_images=frames[1:])
     assert derived(path).frames == 5
     monkeypatch.setattr(predict, "MAX_COUNTED_FRAMES", 3)
+    assert derived(gif).frames == 5  # GIF's frames are counted from their headers, whatever their number
     sample = derived(path)
-    assert sample.frames == 3 and not sample.blank  # the first frame is still the one classified
+    assert sample.frames == 3 and not sample.blank  # the first page is still the one classified
     row = predict.result_rows([sample], np.array([3]), np.array([0.9]), [str(k) for k in range(10)])[0]
     assert predict.text_line(row) == f"{path}: 3 (90.0%), first of 3 or more frames"
+
+
+@pytest.mark.parametrize("suffix", ["gif", "png"])
+def test_a_later_frame_cut_short_leaves_the_first_one_classified(ink, tmp_path, suffix):
+    """Counting an animation's frames reads their headers, never their pixels: a GIF or APNG cut
+    off inside its second frame (an interrupted download) still gives its first."""
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, ink.shape, dtype=np.uint8))
+    path = save(Image.fromarray(255 - ink), tmp_path / f"a.{suffix}", save_all=True, append_images=[noise])
+    path.write_bytes(path.read_bytes()[:-1500])  # the second frame's pixels take more than that
+    sample = derived(path)
+    assert sample.frames == 2 and not sample.blank
+
+
+def test_a_format_this_pillow_lacks_is_named_as_missing(tmp_path, monkeypatch):
+    """A Pillow built without AVIF (a distribution's, say): the file is named, not called damaged."""
+    path = tmp_path / "photo.avif"
+    path.write_bytes(b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf" + bytes(100))
+    monkeypatch.setattr(predict, "raster_formats", lambda: ("PNG", "JPEG"))
+    with pytest.raises(PipelineError, match=r"photo.avif: AVIF, which this Pillow was built without \(PNG, JPEG\): "):
+        predict.load_samples(path, 28)
 
 
 def test_other_large_images_are_shrunk_before_the_pixel_work(tmp_path):
@@ -274,6 +296,11 @@ def bad_files(directory: Path, ink: np.ndarray) -> dict[str, Path]:
         # Pillow decodes an icon's largest image inside Image.open, before any size check.
         "icon": save(grey(ink), directory / "good.ico").read_bytes(),
         "gzipped-png": gzip.compress(png),
+        # A HEIF whose major brand is the generic mif1 (which Pillow's AVIF check takes) is still HEIC.
+        "heif-mif1-photo": b"\0\0\0\x18ftypmif1\0\0\0\0mif1heic" + bytes(200),
+        # Text that Pillow's checks would take for XBM or PPM: no format is named.
+        "c-source": b"/* main.c */\nint main(void) { return 0; }\n",
+        "python-notes": b"Python notes: see the README\n",
     }
     paths = {}
     for name, data in files.items():
@@ -300,7 +327,7 @@ EXPECTED_REASONS = {
     "random-bytes": "neither an image predict reads (PNG, JPEG, GIF, BMP, TIFF, WebP, AVIF, PBM/PGM/PPM) nor "
                     "an IDX file (it begins 00 01 02 03 04 05 06 07)",
     # Pillow's PNG plugin gives up at open; the signature says what it was meant to be
-    "png-header-only": "damaged or unsupported image (a PNG file whose header cannot be read)",
+    "png-header-only": "damaged or unsupported image (PNG signature, but the header cannot be read)",
     "idx-of-no-images": "IDX file holds no images",
     "postscript-named-png": "EPS is not a format predict reads (PNG, JPEG, GIF, BMP, TIFF, WebP, AVIF, "
                             "PBM/PGM/PPM): convert the image to PNG",
@@ -310,6 +337,10 @@ EXPECTED_REASONS = {
     "gzipped-png": "neither an image predict reads (PNG, JPEG, GIF, BMP, TIFF, WebP, AVIF, PBM/PGM/PPM) nor "
                    "a usable IDX file (not an IDX file (bad magic number 89504e47))",
     "large-text": "neither an image predict reads",
+    "heif-mif1-photo": "HEIC is not a format predict reads",
+    "c-source": "neither an image predict reads (PNG, JPEG, GIF, BMP, TIFF, WebP, AVIF, PBM/PGM/PPM) nor an IDX "
+                "file (it begins 2f 2a 20 6d 61 69 6e 2e)",
+    "python-notes": "neither an image predict reads",
     "directory": "is a directory",
     "symlink-loop": "cannot read (Too many levels of symbolic links)",
     "missing": "no such file",
