@@ -17,6 +17,7 @@ import numpy as np
 from stages.common import PipelineError, cannot_read
 
 UBYTE = 0x08
+VALUE_TYPES = (0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E)  # every type code of the format: u8, i8, i16, i32, f32, f64
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -51,6 +52,12 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
         return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(dims)
     except ValueError as exc:  # e.g. more dimensions than NumPy supports
         raise IdxFormatError(f"{name}: unusable dimensions {dims} ({exc})") from None
+
+
+def may_be_idx(head: bytes) -> bool:
+    """True when a file that starts with `head` could be IDX: gzip (by content, as read_bytes takes
+    it), or IDX's two zero bytes and a type code. parse_idx says whether it is."""
+    return head[:2] == _GZIP_MAGIC or (head[:2] == b"\0\0" and len(head) > 2 and head[2] in VALUE_TYPES)
 
 
 def write_idx(array: np.ndarray) -> bytes:

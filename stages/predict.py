@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stages.common import PipelineError, cannot_read, exception_line, log, os_reason, run_main
-from stages.idx import IdxFormatError, parse_idx, read_bytes
+from stages.idx import IdxFormatError, may_be_idx, parse_idx, read_bytes
 from stages.model_config import digit_framing
 from stages.models import load_model, predict_logits
 from stages.runtime import resolve_device
@@ -78,7 +78,6 @@ READ_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "GIF": "GIF", "BMP"
 # count: 6.4 s for a 3.3 MB file of 32,000 one-pixel pages. A file with more reports this many.
 MAX_COUNTED_FRAMES = 1000
 SIGNATURE_BYTES = 512  # how much of a file's start identify_format reads (SVG's <svg may follow a prolog)
-_IDX_VALUE_TYPES = (0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E)  # IDX's type codes: u8, i8, i16, i32, f32, f64
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis")  # ftyp brands of HEIC files
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _REDUCIBLE = ("L", "LA", "I", "F", "RGB", "RGBA")  # modes Image.reduce takes as they are
@@ -394,6 +393,12 @@ def idx_samples(path: str, size: int) -> list[Sample]:
     return [Sample(f"{path}[{i}]", image, is_blank(extract_ink(image))) for i, image in enumerate(array)]
 
 
+def has_ftyp_brand(head: bytes, brands: tuple[bytes, ...]) -> bool:
+    """True for an ISO media file (AVIF, HEIC: an `ftyp` box first) whose major or compatible
+    brands, in the box's first 24 bytes, include one of `brands`."""
+    return head[4:8] == b"ftyp" and any(brand in head[8:32] for brand in brands)
+
+
 # Signatures that name a format for certain (Pillow's own checks are made to pick a decoder to
 # try, and some take any text that starts with `Py` or `/*`): the formats predict reads, then
 # those it refuses by name. (TGA has no signature at its start: it is not named.)
@@ -404,9 +409,9 @@ SIGNATURES = (
     ("BMP", lambda head: head.startswith(b"BM") and head[6:10] == bytes(4)),  # then 4 reserved zero bytes
     ("TIFF", lambda head: head[:4] in (b"II*\0", b"MM\0*")),
     ("WebP", lambda head: head.startswith(b"RIFF") and head[8:12] == b"WEBP"),
-    ("AVIF", lambda head: head[4:8] == b"ftyp" and any(brand in head[8:32] for brand in (b"avif", b"avis"))),
+    ("AVIF", lambda head: has_ftyp_brand(head, (b"avif", b"avis"))),
     ("PBM/PGM/PPM", lambda head: head[:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace()),
-    ("HEIC", lambda head: head[4:8] == b"ftyp" and any(brand in head[8:32] for brand in _HEIF_BRANDS)),  # iPhones'
+    ("HEIC", lambda head: has_ftyp_brand(head, _HEIF_BRANDS)),  # iPhones'
     ("JPEG XL", lambda head: head.startswith((b"\xff\x0a", b"\0\0\0\x0cJXL \r\n\x87\n"))),
     ("JPEG 2000", lambda head: head.startswith((b"\0\0\0\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51"))),
     ("ICO", lambda head: head.startswith(b"\0\0\1\0")),
@@ -424,11 +429,6 @@ SIGNATURES = (
 def identify_format(head: bytes) -> str | None:
     """The format that a file's first bytes (SIGNATURE_BYTES of them) announce, or None."""
     return next((name for name, matches in SIGNATURES if matches(head)), None)
-
-
-def is_idx_candidate(head: bytes) -> bool:
-    """True when the file could be IDX: gzip (by content), or IDX's two zero bytes and a type code."""
-    return head[:2] == b"\x1f\x8b" or (head[:2] == b"\0\0" and len(head) > 2 and head[2] in _IDX_VALUE_TYPES)
 
 
 def not_an_image(path: str, head: bytes) -> PipelineError:
@@ -463,7 +463,7 @@ def load_samples(path: str, size: int, framing: dict | None = None) -> list[Samp
             head = file.read(SIGNATURE_BYTES)
     except OSError as exc:
         raise cannot_read(path, exc) from None
-    if not is_idx_candidate(head):
+    if not may_be_idx(head):
         raise not_an_image(path, head)  # read no further: a large file of something else costs nothing
     return idx_samples(path, size)  # stages.idx.read_bytes names a file it cannot read
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from stages.common import PipelineError
-from stages.idx import (IdxFormatError, IdxTooLargeError, parse_idx, read_bytes, read_images,
+from stages.idx import (IdxFormatError, IdxTooLargeError, may_be_idx, parse_idx, read_bytes, read_images,
                         read_labels, read_pair, write_idx)
 
 SIZE = 28
@@ -224,3 +224,10 @@ def test_a_size_limit_bounds_plain_and_gzip_content(tmp_path):
         # Its own kind of IdxFormatError: fetch adds what bounds the size (the dataset table).
         with pytest.raises(IdxTooLargeError, match=rf"{name}: content larger than {len(content) - 1:,} bytes"):
             read_bytes(path, max_size=len(content) - 1)
+
+
+def test_may_be_idx_takes_idx_and_gzip_starts_only():
+    assert may_be_idx(write_idx(np.zeros((1, 2, 2), np.uint8))[:4])
+    assert may_be_idx(gzip.compress(b"anything")[:4])
+    assert not may_be_idx(b"\0\0\1\0")  # an ICO: no IDX type code 0x01
+    assert not may_be_idx(b"\x89PNG") and not may_be_idx(b"\0\0") and not may_be_idx(b"")
