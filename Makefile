@@ -10,10 +10,13 @@ INSTALLED := $(VENV)/.installed
 # `dvc` by name, and stages in a queued run's temporary copy find `python3` there.
 export PATH := $(abspath $(BIN)):$(PATH)
 # A relative MNIST_MIRROR directory made absolute: `dvc exp run --temp` and queued experiments run
-# the stages under .dvc/tmp/exps, where a relative path would point elsewhere. URLs pass unchanged.
-# `override`: also when given on make's command line (make repro MNIST_MIRROR=...).
-ifneq ($(and $(MNIST_MIRROR),$(wildcard $(MNIST_MIRROR))),)
+# the stages under .dvc/tmp/exps, where a relative path would point elsewhere; one that does not
+# exist too, so that fetch's error names the directory it looked for (a typo), not the relative
+# path. URLs pass unchanged. `override`: also when given on make's command line (make repro MNIST_MIRROR=...).
+ifneq ($(MNIST_MIRROR),)
+ifeq ($(findstring ://,$(MNIST_MIRROR)),)
 override export MNIST_MIRROR := $(abspath $(MNIST_MIRROR))
+endif
 endif
 
 .PHONY: help repro test setup bench frontier exp queue pull predict clean-venv gpu-check screen
@@ -79,21 +82,26 @@ gpu-check: $(INSTALLED)  ## on a CUDA machine: check and time the GPU path (GPU_
 
 # Classify image files with the trained model: make predict FILES="a.png b.jpg". FILES reaches the
 # shell as written: patterns expand, and a name with spaces or ( ) needs its own quotes inside.
+# The command is not echoed: stdout holds the results alone (make predict FILES=... > results.txt).
 predict: $(INSTALLED)  ## classify image files with the trained model (FILES="a.png b.jpg")
 	@$(if $(strip $(FILES)),:,echo 'usage: make predict FILES="a.png b.jpg" (or: $(BIN)/python -m stages.predict --help)'; exit 2)
-	$(BIN)/python -m stages.predict $(FILES)
+	@$(BIN)/python -m stages.predict $(FILES)
 
 # Run a preset of presets.yaml as a DVC experiment: make exp PRESET=mlp-512+aug
-# The experiment is named after the preset, so running it again needs EXP_ARGS=-f (DVC refuses to
-# overwrite it otherwise). More `dvc exp run` options go in EXP_ARGS; a grid must be queued, and DVC
-# then names the runs PRESET-1, PRESET-2, ...: make exp PRESET=fast EXP_ARGS="--queue -S 'train.seed=range(0,3)'"
+# The experiment is named after the preset, and DVC refuses to overwrite an experiment: REPLACE=1
+# removes the one of that name first (`dvc exp remove`; nothing to remove is fine), so the run takes
+# every stage whose inputs did not change from the run-cache. (DVC's own hint, `dvc exp run -f`,
+# also forces every stage to run again, the download included.) More `dvc exp run` options go in
+# EXP_ARGS; a grid must be queued, and DVC then names the runs PRESET-1, PRESET-2, ...:
+# make exp PRESET=fast EXP_ARGS="--queue -S 'train.seed=range(0,3)'"
 # EXP_ARGS reaches the shell as a variable, so that eval parses its quotes (make would paste it
 # into eval's double-quoted string, where a " of its own would end that string).
 exp: export EXP_ARGS := $(EXP_ARGS)
-exp: $(INSTALLED)  ## run a preset of presets.yaml as a DVC experiment (PRESET=name, EXP_ARGS="...")
-	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [EXP_ARGS=...] (see presets.yaml; EXP_ARGS=-f runs it again)"; exit 2; }
+exp: $(INSTALLED)  ## run a preset of presets.yaml as a DVC experiment (PRESET=name, REPLACE=1, EXP_ARGS="...")
+	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [REPLACE=1] [EXP_ARGS=...] (see presets.yaml; REPLACE=1 runs it again under its name)"; exit 2; }
 	options=$$(eval "$(BIN)/python -m stages.presets --from-commit '$(PRESET)' -- $$EXP_ARGS") && \
-	eval "$(BIN)/dvc exp run -n '$(subst +,-,$(PRESET))' $$options $$EXP_ARGS"
+	$(if $(REPLACE),{ $(BIN)/dvc exp remove '$(subst +,-,$(PRESET))' 2>/dev/null || true; } && \
+	)eval "$(BIN)/dvc exp run -n '$(subst +,-,$(PRESET))' $$options $$EXP_ARGS"
 
 # Run every queued experiment on JOBS parallel workers and wait for them: make queue JOBS=2.
 # With JOBS > 1 each worker's stages get an equal share of the cores (OMP_NUM_THREADS: cores / JOBS,

@@ -35,10 +35,10 @@ from benchmarks.reference import place_for_torchvision
 from stages.common import PipelineError, load_tensors, run_main
 from stages.datasets import Dataset, load_table
 from stages.models import build_network
-from stages.params import TrainParams
+from stages.params import TrainParams, steps_per_epoch
 from stages.preprocess import read_split
 from stages.runtime import cpu_model, describe_device, retain_freed_memory, seed_everything
-from stages.train import Batches, TrainingState, make_loss, make_optimizer, steps_per_epoch, train_epoch
+from stages.train import Batches, TrainingState, make_loss, make_optimizer, train_epoch
 
 TUTORIAL_PRESET = "mlp-100-100"  # tutorials 000 and 003: MLP 784-100-100-10, Adam 0.01, batch 64
 FAST_PRESET = "fast"

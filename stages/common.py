@@ -152,7 +152,7 @@ def _unique_key_loader() -> type:
     parser refuses the file: the two must not disagree about what a file says."""
     import yaml  # here, not at the top: predict uses this module and reads no YAML
 
-    class UniqueKeyLoader(yaml.SafeLoader):
+    class UniqueKeyLoader(yaml.SafeLoader):  # and YAML 1.2's floats (see below)
         def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
             seen: set = set()
             for key_node, _ in node.value:
@@ -169,11 +169,18 @@ def _unique_key_loader() -> type:
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
+    # YAML 1.1 reads 1e-5, 1E5 and 1.0e5 as strings (its floats need a dot and a signed exponent);
+    # YAML 1.2, which DVC reads params.yaml as, reads them as numbers, and `dvc exp run -S
+    # train.lr=0.00001` writes 1e-05 into params.yaml: read as 1.2 does, not as a string.
+    UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                          re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"),
+                                          list("-+0123456789"))
     return UniqueKeyLoader
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """`text` read as yaml.safe_load reads it (YAML 1.1), except that a duplicate key is refused.
+    """`text` read as yaml.safe_load reads it (YAML 1.1), except that a duplicate key is refused and
+    a number with an exponent is a float, as in YAML 1.2 (1e-5: a string in 1.1).
     Text that is not valid YAML raises PipelineError: `source`, the problem and where it lies."""
     import yaml  # see _unique_key_loader
 

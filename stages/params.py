@@ -57,6 +57,17 @@ MAX_WEIGHT_DECAY = 1.0
 MAX_WIDTH = 16_384  # units of one MLP hidden layer
 MAX_HIDDEN_LAYERS = 16
 MAX_CHANNELS = 1_024  # of one CNN block
+# Lookahead (stages.train.Lookahead) syncs its slow weights every this many optimizer steps, airbench's.
+LOOKAHEAD_SYNC_STEPS = 5
+
+
+def steps_per_epoch(images: int, batch_size: int, drop_last: bool, processes: int = 1) -> int:
+    """Optimizer steps in an epoch of `images` images: the last, partial batch counts unless
+    drop_last, and under torchrun a partial batch with fewer images than processes is skipped by
+    all of them (each process must get an image: DDP). stages.train.Batches counts its epochs with it."""
+    steps = images // batch_size if drop_last else -(-images // batch_size)
+    partial = 0 if drop_last else images % batch_size
+    return steps - 1 if 0 < partial < processes else steps
 
 
 def _check_seed(key: str, seed: int) -> None:
@@ -201,7 +212,8 @@ class TrainParams:
     # as the model if its val accuracy is at least the raw weights'.
     ema: float
     # Lookahead (stages.train.Lookahead): the largest fraction of the slow weights a sync every 5
-    # steps keeps, reached at the end of the run; 0 = off. airbench uses 0.95^5 = 0.774.
+    # steps keeps, reached at the end of the run; 0 = off. airbench uses 0.95^5 = 0.774. A run
+    # needs at least 5 steps in all (parse checks it: one sync).
     lookahead: float
     # Test-time augmentation, stored in the model (stages.model_config): in eval mode its logits are
     # averaged over the image, its mirror image (tta_flip) and its shifts by tta_shift pixels in the
@@ -370,13 +382,12 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, str):
             try:
-                float(value)
+                number = float(value)
             except ValueError:
                 pass
-            else:  # YAML 1.1 reads 1e-3 and 1.0e10 as text: the commonest way to meet this error.
-                raise ParamsError(key, f"must be a number, got the string {value!r}; YAML reads a number "
-                                       "with an exponent as text unless it has a dot and the exponent a sign: "
-                                       "write e.g. 1.0e-3 or 1.0e+10")
+            else:  # a number in quotes, or YAML's spelling of infinity and NaN without its dot
+                raise ParamsError(key, f"must be a finite number, got the string {value!r}"
+                                       + ("; write it without quotes" if math.isfinite(number) else ""))
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                  f"must be a number, got {_as_yaml(value)}")
         # An integer too large for a float (10**400) would raise OverflowError below, not this.
@@ -425,12 +436,33 @@ def parse(raw: Any) -> Params:
         params = dataclasses.replace(params, train=dataclasses.replace(params.train, crop=dataset.crop))
     params.train.check(train_split_size=dataset.train_count - params.preprocess.val_size,
                        image_size=dataset.image_size)
+    _check_lookahead_steps(params, dataset.train_count - params.preprocess.val_size)
     # Across sections: augment.allow_flip also allows mirror images at test time.
     _refuse_mirroring("train.tta_flip", params.train.tta_flip, "false", "averaging over mirror images", dataset,
                       params.augment.allow_flip)
     params.evaluate.check()
     params.plot.check()
     return params
+
+
+def images_per_epoch(train_split_size: int, augment: AugmentParams, fresh_views: bool) -> int:
+    """Images a training epoch covers: the train split, with one view of each (drawn on the fly, or
+    a stored one in turn under train.fresh_views) or all augment.copies stored views of each."""
+    one_view = augment.on_the_fly or (augment.copies > 0 and fresh_views)
+    return train_split_size * (2 if one_view else 1 + augment.copies)
+
+
+def _check_lookahead_steps(params: Params, train_split_size: int) -> None:
+    """Lookahead in a run too short for one sync would leave the model as its initial weights (its
+    slow copy): refused here, not inside train after DVC has deleted the last model."""
+    train = params.train
+    if not train.lookahead:
+        return
+    images = images_per_epoch(train_split_size, params.augment, train.fresh_views)
+    steps = train.epochs * steps_per_epoch(images, train.batch_size, train.drop_last, train.processes)
+    _require(steps >= LOOKAHEAD_SYNC_STEPS, "train.lookahead",
+             f"syncs every {LOOKAHEAD_SYNC_STEPS} steps, and this run has {steps} (train.epochs times the steps of "
+             f"an epoch: {images:,} images in batches of train.batch_size); train longer or set it to 0")
 
 
 def load_raw(path: Path | str = DEFAULT_PATH) -> Any:

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
 from stages import params as params_mod
-from stages.common import PipelineError, cannot_read, exception_line, load_tensors, run_main, write_files_atomic
+from stages.common import PipelineError, cannot_read, exception_line, load_tensors, log, run_main, write_files_atomic
 
 STAGE = "plot"
 
@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
         args.out_dir / "misclassified.png": png_bytes(misclassified_figure(
             test["images"].numpy(), actual, predicted, classes, cfg.misclassified)),
     })
+    wrong = int((actual != predicted).sum())
+    shown = f"{min(wrong, cfg.misclassified)} of {wrong:,} misclassified test images" if wrong else "no test image misclassified"
+    log(STAGE, f"wrote loss_curves.png, confusion_matrix.png and misclassified.png ({shown}) in {args.out_dir}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from stages.common import (PipelineError, Progress, check_compile, ctrl_c_reache
                            save_tensors)
 from stages.model_config import MAX_NETWORKS
 from stages.models import build_model, count_parameters, network_count, predict_logits, save_model
-from stages.params import TrainParams
+from stages.params import LOOKAHEAD_SYNC_STEPS, TrainParams, steps_per_epoch
 from stages.runtime import (Rank, describe_device, describe_precision, numerics, rank_from_env,
                             resolve_device, resolve_precision, retain_freed_memory, seed_everything)
 from stages.tracking import TrainLog, step_log_interval
@@ -107,10 +107,6 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainParams, total_step
     return None
 
 
-def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
-    return n // batch_size if drop_last else -(-n // batch_size)
-
-
 @dataclass
 class Batches:
     """The mini-batches of one epoch, (images [B, H, W], labels [B]), each time it is iterated.
@@ -146,11 +142,8 @@ class Batches:
         return 2 * images if self.draw_view is not None else images
 
     def __len__(self) -> int:
-        """Steps per epoch, as the schedule counts them. Under torchrun a last, partial batch with
-        fewer images than processes is dropped: every process must get an image (DDP)."""
-        steps = steps_per_epoch(self.count, self.batch_size, self.drop_last)
-        partial = 0 if self.drop_last else self.count % self.batch_size
-        return steps - 1 if 0 < partial < self.rank.world else steps
+        """Steps per epoch, as the schedule counts them (under torchrun: stages.params.steps_per_epoch)."""
+        return steps_per_epoch(self.count, self.batch_size, self.drop_last, self.rank.world)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(self.count, generator=self.generator).to(self.images.device)
@@ -204,6 +197,12 @@ def stream_seed(seed: int, network: int) -> int:
     return seed if network == 0 else 2**40 + seed * MAX_NETWORKS + network
 
 
+def process_seed(seed: int, rank: int) -> int:
+    """The seed of process `rank`'s global generators after the model is built, under torchrun:
+    distinct per (seed, rank), above 2**63, beyond stream_seed's and every train.seed."""
+    return 2**63 + seed * 2**20 + rank  # seed < 2**32 and rank < 2**20: below 2**64, torch's limit
+
+
 def epoch_rows(originals: int, views: int, epoch: int) -> torch.Tensor:
     """The images epoch `epoch` (from 1) trains on when train.fresh_views is set: indices [2 N] into
     the augment stage's [(views + 1) N, H, W] layout (originals, then view 1, ..., view K, N each),
@@ -223,11 +222,12 @@ class Lookahead:
     moving averages already.
     """
 
-    EVERY = 5  # steps between syncs, airbench's
+    EVERY = LOOKAHEAD_SYNC_STEPS  # steps between syncs, airbench's
 
     def __init__(self, model: nn.Module, peak: float, total_steps: int):
         if total_steps < self.EVERY:
             # No sync would ever run: the model would end as its initial weights, the slow copy.
+            # The params stage refuses such a run first; this is for fit() called by other code.
             raise PipelineError(f"train.lookahead: syncs every {self.EVERY} steps, and this run has {total_steps} "
                                 f"(train.epochs times the steps of an epoch); train longer or set it to 0")
         self.params = list(model.parameters())
@@ -311,8 +311,8 @@ def global_generators(device: torch.device, rank: Rank) -> list[dict]:
 
 
 def restore_global_generators(saved: list[dict], device: torch.device, rank: Rank) -> None:
-    """This process's generators as global_generators saved them (the checkpoint's world size is
-    this run's: train.processes is in its fingerprint)."""
+    """This process's generators as global_generators saved them (the checkpoint's number of
+    processes is this run's: it is in its fingerprint)."""
     mine = saved[rank.rank]
     torch.set_rng_state(mine["cpu"])
     if mine["cuda"] is not None:
@@ -412,16 +412,18 @@ def file_sha256(path: Path) -> bytes:
     return digest.digest()
 
 
-def fingerprint(cfg: TrainParams, computed: dict, *input_files: Path, code_dir: Path = CODE_DIR) -> str:
+def fingerprint(cfg: TrainParams, computed: dict, processes: int, *input_files: Path, code_dir: Path = CODE_DIR) -> str:
     """Identifies a training run: its params, how it computes (stages.runtime.numerics: another
-    thread count or precision would not continue the same run bit for bit), the exact bytes of its
+    thread count or precision would not continue the same run bit for bit; and the number of
+    processes, which under a torchrun of one's own need not be train.processes: each holds its own
+    generators and shard of every batch), the exact bytes of its
     inputs and the code (every *.py and *.yaml file of `code_dir`, by name). A checkpoint is resumed
     only by a run with the same fingerprint: one left by a run that was killed, with the code edited
     before `dvc repro` re-ran it, is not, as the model would mix two versions of the code while
     dvc.lock names only the second. The whole package, not train's code deps in dvc.yaml: an edit
     elsewhere (plot.py) starts training over, which costs time only, while a file missed would resume
     a run that the current code does not compute."""
-    digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg), computed], sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg), computed, processes], sort_keys=True).encode())
     for path in input_files:  # read in pieces: train.pt holds 2.2 GB at augment.copies 50
         digest.update(file_sha256(path))
     # Regular files only, hidden ones left out: an editor's lock file (Emacs: .#train.py, a dangling
@@ -470,6 +472,10 @@ def fit(cfg: TrainParams, train: dict, val: dict, device: torch.device,
     retain_freed_memory()
     config = cfg.model_config(train["images"].shape[-1], len(train["classes"]), train["mean"], train["std"])
     model = build_model(config).to(device)  # first after seeding: the initial weights come from the seed
+    if rank.world > 1:
+        # Every process built the same initial weights; from here on each draws dropout masks of its
+        # own (one generator state in all would give image j of every process's share the same mask).
+        torch.manual_seed(process_seed(cfg.seed, rank.rank))
     if device.type == "cpu" and config.architecture == "cnn":
         # oneDNN's convolutions run ~1.7x faster on NHWC than on NCHW on CPU (measured here).
         model = model.to(memory_format=torch.channels_last)
@@ -617,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     computed = numerics(device, resolve_precision(cfg.precision, device))
     # Rank 0's alone counts (below), so only it reads and hashes the inputs and the code.
-    run_id = fingerprint(cfg, computed, args.train_in, args.val_in) if args.checkpoint and rank.is_main else ""
+    run_id = fingerprint(cfg, computed, rank.world, args.train_in, args.val_in) if args.checkpoint and rank.is_main else ""
     if rank.world > 1:
         # Rank 0's, on every rank: all ranks must agree on resuming, even on unlike machines (or
         # checkouts that differ by a byte of code).

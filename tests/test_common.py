@@ -359,9 +359,11 @@ def test_a_target_named_like_anothers_temporary_is_spared(tmp_path):
 
 def test_parse_yaml_reads_as_safe_load_does_but_refuses_duplicate_keys():
     """One loader for params.yaml, presets.yaml and datasets.yaml: safe_load's values, merge keys
-    allowed, a repeated key (at any depth) refused in one line that says where."""
-    text = "base: &b {lr: 0.1, n: 2}\nrun:\n  <<: *b\n  lr: 1.0e-3\nseed: 1e-3\n"
-    assert parse_yaml(text, "x.yaml") == yaml.safe_load(text)
+    allowed, but for a number with an exponent (a float, as YAML 1.2 and DVC read it, not a
+    string); a repeated key (at any depth) refused in one line that says where."""
+    text = "base: &b {lr: 0.1, n: 2}\nrun:\n  <<: *b\n  lr: 1.0e-3\nseed: 1e-3\nname: 1e-3x\n"
+    assert parse_yaml(text, "x.yaml") == {**yaml.safe_load(text), "seed": 0.001}
+    assert yaml.safe_load(text)["seed"] == "1e-3"
     with pytest.raises(PipelineError, match=r"^x\.yaml: not valid YAML: found duplicate key 'lr' \(line 3, column 3\)$"):
         parse_yaml("train:\n  lr: 0.2\n  lr: 0.05\n", "x.yaml")
     with pytest.raises(PipelineError, match=r"^x\.yaml: not valid YAML: expected .* \(line 2, column 1\)$"):

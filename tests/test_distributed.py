@@ -81,6 +81,25 @@ def fit_in_two_processes(rank: int, port: int, cfg, checkpoint, out) -> None:
         torch.distributed.destroy_process_group()
 
 
+def generators_at_first_epoch(rank: int, port: int, out) -> None:
+    """torch.multiprocessing.spawn's worker: a one-epoch fit() as one of two gloo processes that
+    saves its global CPU generator's state, which dropout draws from, as the first epoch starts."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    real_train_epoch = train.train_epoch
+
+    def recording(*args, **kwargs):
+        torch.save(torch.get_rng_state(), out / f"rank{rank}.pt")
+        return real_train_epoch(*args, **kwargs)
+
+    train.train_epoch = recording  # this spawned process's own module
+    try:
+        train.fit(dataclasses.replace(DROPOUT_MLP, epochs=1), split(320, seed=1), split(100, seed=2),
+                  torch.device("cpu"), rank=Rank(rank, 2, rank))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -103,3 +122,11 @@ def test_a_resumed_two_process_run_ends_as_the_unbroken_one(tmp_path):
     assert saved["epoch"] == 1 and len(saved["generators"]) == 2
     assert not torch.equal(saved["generators"][0]["cpu"], saved["generators"][1]["cpu"])
     assert_same_weights(run(DROPOUT_MLP, checkpoint, tmp_path / "resumed.pt"), unbroken)
+
+
+def test_each_process_draws_its_own_dropout_masks(tmp_path):
+    """Both processes build the model from the seed, then draw from generators of their own: with
+    one state in both, image j of each process's share of a batch got the same dropout mask."""
+    torch.multiprocessing.spawn(generators_at_first_epoch, args=(free_port(), tmp_path), nprocs=2)
+    first, second = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert not torch.equal(first, second)

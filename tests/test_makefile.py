@@ -108,6 +108,34 @@ def test_exp_passes_exp_args_word_for_word_to_the_presets_check_and_to_dvc(venv,
                                                             "-Strain.channels=[16, 32, 48]", *words]
 
 
+@pytest.mark.parametrize("replace, removed", [("REPLACE=1", True), ("REPLACE=", False)])
+def test_exp_replace_removes_the_experiment_of_that_name_first(venv, replace, removed):
+    """DVC refuses to overwrite an experiment; `dvc exp run -f` would also force every stage (the
+    download included), so REPLACE=1 removes the old one, and only when asked."""
+    (venv / "bin" / "python").write_text(FAKE_PRESETS)
+    (venv / "bin" / "python").chmod(0o755)
+    (venv / "options").write_text("-Strain.epochs=1\n")
+    ran = make(venv, "exp", "PRESET=mlp-512+aug", replace)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    run = "exp run -n mlp-512-aug -Strain.epochs=1 OMP=unset"
+    assert calls(venv) == (["exp remove mlp-512-aug OMP=unset", run] if removed else [run])
+
+
+@pytest.mark.parametrize("mirror, seen", [
+    ("mirror", "{cwd}/mirror"),  # a directory that exists
+    ("../shared/data/mnst", "{parent}/shared/data/mnst"),  # one that does not (a typo): absolute too
+    ("https://example.org/mnist/", "https://example.org/mnist/"),
+], ids=["existing", "missing", "url"])
+def test_a_local_mnist_mirror_reaches_dvc_as_an_absolute_path(venv, mirror, seen):
+    """`dvc exp run --temp` and queued runs move the stages' working directory; and a missing
+    directory's error should name the path fetch looked for, not warn about a relative one."""
+    (venv / "bin" / "dvc").write_text('#!/bin/sh\necho "$MNIST_MIRROR" > "$(dirname "$0")/../mirror-seen"\n')
+    (venv.parent / "mirror").mkdir()
+    ran = make(venv, "repro", f"MNIST_MIRROR={mirror}")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert (venv / "mirror-seen").read_text().strip() == seen.format(cwd=venv.parent, parent=venv.parent.parent)
+
+
 def test_exp_stops_before_dvc_when_the_presets_check_refuses(venv):
     (venv / "bin" / "python").write_text(FAKE_PRESETS)
     (venv / "bin" / "python").chmod(0o755)

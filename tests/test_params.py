@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import subprocess
 import sys
 from typing import get_args, get_type_hints
@@ -98,7 +99,8 @@ def _bad_cases():
     yield "missing section", missing_section, "evaluate", ["missing"]
     yield "section not a mapping", {**copy.deepcopy(BASE), "plot": None}, "plot", ["mapping", "got null"]
     yield "string for int", c("train", "epochs", "ten"), "train.epochs", ["integer", "'ten'"]
-    yield "float as YAML string", c("train", "lr", "1e-3"), "train.lr", ["string", "1.0e-3"]
+    yield "float as YAML string", c("train", "lr", "1e-3"), "train.lr", ["the string '1e-3'", "without quotes"]
+    yield "nan as YAML string", c("train", "lr", "nan"), "train.lr", ["finite number, got the string 'nan'"]
     yield "bool for int", c("train", "epochs", True), "train.epochs", ["integer"]
     yield "bool for float", c("train", "lr", True), "train.lr", ["number", "got true"]  # as YAML spells it
     yield "null for int", c("train", "epochs", None), "train.epochs", ["integer", "got null"]
@@ -218,6 +220,36 @@ def test_bad_value_is_refused_naming_the_key(raw, key, words):
     assert f"params.yaml: {key}:" in message
     for word in words:
         assert word in message, f"{word!r} missing from {message!r}"
+
+
+def lookahead_run(epochs: int, batch_size: int, copies: int = 0, fresh_views: bool = True, on_the_fly: bool = False,
+                  processes: int = 1) -> dict:
+    raw = copy.deepcopy(BASE)
+    raw["augment"].update(copies=copies, on_the_fly=on_the_fly)
+    raw["train"].update(lookahead=0.77, epochs=epochs, batch_size=batch_size, fresh_views=fresh_views,
+                        drop_last=False, processes=processes)
+    return raw
+
+
+@pytest.mark.parametrize("raw, steps", [
+    (lookahead_run(epochs=1, batch_size=16000), 4),  # 55,000 images: 3 batches and a partial one
+    (lookahead_run(epochs=1, batch_size=13749, processes=5), 4),  # the last 4 images: fewer than 5 processes
+])
+def test_lookahead_refuses_a_run_too_short_for_one_sync(raw, steps):
+    """Before any stage runs: inside train, the last model would already be deleted."""
+    with pytest.raises(ParamsError, match=rf"^params.yaml: train.lookahead: syncs every 5 steps, and this run has {steps} "):
+        parse(raw)
+
+
+@pytest.mark.parametrize("raw", [
+    lookahead_run(epochs=2, batch_size=16000),  # 8 steps
+    lookahead_run(epochs=1, batch_size=16000, copies=4),  # originals + one view: 110,000 images, 7 steps
+    lookahead_run(epochs=1, batch_size=16000, on_the_fly=True),  # the same, drawn on the fly
+    lookahead_run(epochs=1, batch_size=55000, copies=4, fresh_views=False),  # every view: 5 steps
+    lookahead_run(epochs=1, batch_size=13749, processes=4),  # 4 processes share the last 4 images
+], ids=["two-epochs", "fresh-views", "on-the-fly", "all-views", "processes"])
+def test_lookahead_accepts_a_run_of_five_steps_or_more(raw):
+    assert parse(raw).train.lookahead == 0.77
 
 
 def test_new_augmentations_are_off_by_default():
@@ -348,20 +380,21 @@ def test_infinite_number_is_refused(section, key):
     assert info.value.key == f"{section}.{key}"
 
 
-@pytest.mark.parametrize(("written", "as_text", "error"), [
-    (f"lr: {BASE['train']['lr']}\n", "lr: 1e-3\n", r"train\.lr: .*got the string '1e-3'.*1\.0e-3"),
-    (f"timeout_s: {BASE['fetch']['timeout_s']} ", "timeout_s: 1.0e10 ",
-     r"fetch\.timeout_s: .*got the string '1\.0e10'.*1\.0e\+10"),
-], ids=["no dot", "no sign"])
-def test_exponent_yaml_reads_as_text(tmp_path, written, as_text, error):
-    """YAML 1.1 reads a number with an exponent as text unless it has a dot and a signed exponent:
-    `1e-3` and `1.0e10` are refused with the hint to write 1.0e-3 or 1.0e+10."""
-    text = PARAMS_TEXT.replace(written, as_text, 1)
-    assert text != PARAMS_TEXT
+@pytest.mark.parametrize("written", ["1e-05", "1E-5", "5.0e-5", "2.5e-1", "1e0"])
+def test_a_number_with_an_exponent_is_read_as_dvc_reads_it(tmp_path, written):
+    """YAML 1.1 (PyYAML) reads 1e-05 as a string; DVC reads params.yaml as YAML 1.2, a number, and
+    writes 1e-05 there itself for `dvc exp run -S train.weight_decay=0.00001`: the stages agree."""
+    from dvc.utils.serialize import modify_yaml, parse_yaml as dvc_parse_yaml
+
     path = tmp_path / "params.yaml"
-    path.write_text(text)
-    with pytest.raises(ParamsError, match=error):
-        load(path)
+    path.write_text(re.sub(r"^  weight_decay: .*$", f"  weight_decay: {written}", PARAMS_TEXT, count=1, flags=re.M))
+    assert path.read_text() != PARAMS_TEXT
+    expected = dvc_parse_yaml(path.read_text(), str(path))["train"]["weight_decay"]
+    assert isinstance(expected, float) and load(path).train.weight_decay == expected
+    with modify_yaml(path) as raw:  # what `dvc exp run -S` does
+        raw["train"]["lr"] = 0.00001
+    assert "  lr: 1e-05\n" in path.read_text()
+    assert load(path).train.lr == 0.00001
 
 
 @pytest.mark.parametrize(("section", "key"), [("preprocess", "seed"), ("augment", "seed"), ("train", "seed")])

@@ -277,6 +277,49 @@ def test_a_bold_digit_cropped_to_its_ink_keeps_its_ink(tmp_path):
     assert derived(save(Image.fromarray(empty_page), tmp_path / "empty.png")).blank
 
 
+def photographed(ink: np.ndarray, lighting: str, depth: float) -> Image.Image:
+    """A 1600x1200 phone photo of the digit drawn dark (25) on paper (235), its paper up to `depth`
+    grey levels darker where the light is weaker: a lens's vignette (darker corners), light from
+    above (darker towards the bottom), or a hand's soft shadow over the left third."""
+    height, width = 1200, 1600
+    page = np.full((height, width), 235.0)
+    digit = np.asarray(Image.fromarray(ink).resize((600, 600), Image.BICUBIC), np.float64) / 255
+    page[300:900, 500:1100] -= digit * (235 - 25)
+    y, x = np.mgrid[0:height, 0:width] + 0.5
+    darker = {"even": np.zeros_like(page),
+              "vignette": ((x / width - 0.5) ** 2 + (y / height - 0.5) ** 2) * 2,
+              "from-above": y / height,
+              "soft-shadow": np.clip((0.4 * width - x) / (0.15 * width), 0, 1)}[lighting]
+    return Image.fromarray(np.clip(page - depth * darker, 0, 255).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("lighting, depth", [("vignette", 60), ("from-above", 60), ("soft-shadow", 45)])
+def test_a_photo_under_uneven_light_gives_the_evenly_lit_digit(ink, tmp_path, lighting, depth):
+    """Paper up to 45-60 levels darker in the corners, towards the bottom or in a shadow. Levelled
+    by one grey (the median), the darker paper was ink: the digit's box took in the page, and the
+    digit shrank into a corner of a grey rectangle (correlation 0.0-0.2 with the even photo's)."""
+    even = derived(save(photographed(ink, "even", 0), tmp_path / "even.jpg", quality=90)).image.astype(float)
+    uneven = derived(save(photographed(ink, lighting, depth), tmp_path / f"{lighting}.jpg", quality=90))
+    assert not uneven.blank
+    assert np.corrcoef(even.ravel(), uneven.image.ravel().astype(float))[0, 1] > 0.98
+
+
+@pytest.mark.parametrize("lighting, depth", [("vignette", 60), ("from-above", 60), ("soft-shadow", 45)])
+def test_an_empty_page_under_uneven_light_is_blank(tmp_path, lighting, depth):
+    page = photographed(np.zeros((112, 112), np.uint8), lighting, depth)
+    assert derived(save(page, tmp_path / "empty.jpg", quality=90)).blank
+
+
+def test_the_paper_level_of_one_grey_is_that_grey_and_ignores_ink_and_margins():
+    """On flat paper the fitted surface is the paper's grey: neither the ink (far above it) nor a
+    margin of another grey (far below) bends it; with too little paper, the first guess."""
+    page = np.full((90, 120), 40.0)
+    page[30:60, 50:60] = 230  # a stroke
+    page[:, :8] = 0  # a margin
+    assert np.allclose(predict.paper_level(page, 40.0), 40.0)
+    assert np.allclose(predict.paper_level(np.full((50, 50), 200.0), 30.0), 30.0)  # no pixel near 30
+
+
 def bad_files(directory: Path, ink: np.ndarray) -> dict[str, Path]:
     """name -> a file (or not-a-file) that must get exactly one error line."""
     png = save(grey(ink), directory / "good.png").read_bytes()

@@ -266,6 +266,22 @@ def test_a_confusion_file_that_does_not_fit_the_test_split_is_refused(tmp_path, 
     assert not (tmp_path / "plots").exists()
 
 
+def test_plot_writes_its_three_pngs_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(PROJECT_ROOT / "params.yaml", "params.yaml")
+    (tmp_path / "series").mkdir()
+    (tmp_path / "series" / "step_loss.tsv").write_text("step\tstep_loss\n1\t0.5\n2\t0.4\n")
+    (tmp_path / "confusion.csv").write_text("actual,predicted\n0,1\n1,1\n2,0\n")
+    save_tensors(tmp_path / "test.pt", {"images": torch.zeros(3, 28, 28), "labels": torch.tensor([0, 1, 2]),
+                                        "classes": ["a", "b", "c"]})
+    plot_main(["series", "confusion.csv", "test.pt", "plots"])
+    assert sorted(path.name for path in (tmp_path / "plots").iterdir()) == [
+        "confusion_matrix.png", "loss_curves.png", "misclassified.png"]
+    assert capsys.readouterr().err.splitlines() == [
+        "plot: wrote loss_curves.png, confusion_matrix.png and misclassified.png (2 of 2 misclassified test images) "
+        "in plots"]
+
+
 def test_step_log_interval_is_a_tenth_of_an_epoch():
     assert step_log_interval(430) == 43
     assert step_log_interval(32) == 3

@@ -18,13 +18,14 @@ import yaml
 
 import stages.train as train_mod
 from stages.common import PipelineError, run_main
-from stages.params import AugmentParams, parse
+from stages import params as params_mod
+from stages.params import AugmentParams, parse, steps_per_epoch
 import stages.runtime as runtime_mod
 from stages.augment import augmented_split
 from stages.runtime import Rank, resolve_precision, retain_freed_memory, seed_everything
 from stages.models import Ensemble, build_model
 from stages.train import (Batches, Lookahead, NetworkBatches, epoch_rows, fit, make_optimizer, make_schedule,
-                          steps_per_epoch, stream_seed)
+                          stream_seed)
 from tests.conftest import PROJECT_ROOT
 from tests.synthetic import make_split
 
@@ -303,9 +304,10 @@ def test_file_sha256_reads_in_pieces_to_the_whole_files_digest(tmp_path, size):
     assert train_mod.file_sha256(path) == hashlib.sha256(path.read_bytes()).digest()
 
 
-def test_fingerprint_names_params_inputs_and_code(tmp_path):
-    """A checkpoint is resumed only by the run that wrote it: a changed param, input byte or line of
-    the stages package's code (here a comment in a copy of it) gives another fingerprint."""
+def test_fingerprint_names_params_numerics_processes_inputs_and_code(tmp_path):
+    """A checkpoint is resumed only by the run that wrote it: a changed param, way of computing
+    (thread count), number of processes, input byte or line of the stages package's code (here a
+    comment in a copy of it) gives another fingerprint."""
     code = tmp_path / "stages"
     code.mkdir()
     for path in [*train_mod.CODE_DIR.glob("*.py"), *train_mod.CODE_DIR.glob("*.yaml")]:
@@ -314,22 +316,25 @@ def test_fingerprint_names_params_inputs_and_code(tmp_path):
     inputs.write_bytes(b"tensors")
     computed = {"precision": "fp32", "threads": 2}
 
-    def run_id(cfg=SMALL_CNN):
-        return train_mod.fingerprint(cfg, computed, inputs, code_dir=code)
+    def run_id(cfg=SMALL_CNN, computed=computed, processes=1):
+        return train_mod.fingerprint(cfg, computed, processes, inputs, code_dir=code)
 
     first = run_id()
     assert run_id() == first
     (code / ".#train.py").symlink_to(tmp_path / "user@host.1234")  # Emacs's lock: a dangling link
     assert run_id() == first
-    assert train_mod.fingerprint(SMALL_CNN, computed, inputs) == first  # the copy is the package's code
+    assert train_mod.fingerprint(SMALL_CNN, computed, 1, inputs) == first  # the copy is the package's code
     assert run_id(dataclasses.replace(SMALL_CNN, lr=0.1)) != first
+    assert run_id(computed={**computed, "threads": 4}) != first
+    # A torchrun of one's own may start another number of processes than train.processes says.
+    assert run_id(processes=2) != first
     (code / "models.py").write_text((code / "models.py").read_text() + "# edited\n")
     edited = run_id()
     assert edited != first
     (code / "datasets.yaml").write_text((code / "datasets.yaml").read_text() + "# edited\n")
     assert run_id() not in (first, edited)
     inputs.write_bytes(b"tensorz")
-    assert train_mod.fingerprint(SMALL_CNN, computed, inputs) != first
+    assert train_mod.fingerprint(SMALL_CNN, computed, 1, inputs) != first
 
 
 @pytest.mark.parametrize("stage, kept", [("augment", None), ("train", train_mod.INTERRUPTED_KEEPS)])
@@ -518,10 +523,30 @@ def test_batches_len_is_the_steps_an_epoch_takes(world, drop_last, on_the_fly):
         assert len(list(batches)) == len(batches), (rank, world)
 
 
+@pytest.mark.parametrize("dataset, fresh_views, copies, on_the_fly", [
+    ("data", False, 0, False), ("views_data", True, 2, False), ("views_data", False, 2, False),
+    ("on_the_fly_data", False, 0, True)], ids=["originals", "fresh-views", "all-views", "on-the-fly"])
+def test_params_count_the_steps_that_fit_takes(request, dataset, fresh_views, copies, on_the_fly, monkeypatch):
+    """The params stage's count of an epoch's steps (for train.lookahead's check) is fit()'s, for
+    every way the augment stage's file can hold views."""
+    train, val = request.getfixturevalue(dataset)
+    augment = AugmentParams(copies=copies, on_the_fly=on_the_fly, rotation_deg=10.0, translate=0.1, scale_min=0.9,
+                            scale_max=1.1, elastic_alpha=0.0, elastic_sigma=4.0, pad=0, flip=0.0, allow_flip=False,
+                            erase=0.0, erase_area_min=0.02, erase_area_max=0.25, seed=0)
+    cfg = dataclasses.replace(SMALL_CNN, epochs=1, fresh_views=fresh_views)
+    trained = count_steps_per_epoch(monkeypatch)
+    fit(cfg, train, val, CPU)
+    images = params_mod.images_per_epoch(320, augment, fresh_views)  # `data`'s 320 originals
+    assert trained == [steps_per_epoch(images, cfg.batch_size, cfg.drop_last)]
+
+
 def test_steps_per_epoch_counts_the_last_partial_batch_unless_dropped():
     assert steps_per_epoch(100, 32, drop_last=False) == 4
     assert steps_per_epoch(100, 32, drop_last=True) == 3
     assert steps_per_epoch(96, 32, drop_last=False) == 3
+    # Under torchrun a last batch of 4 images is taken by 4 processes, skipped by 5.
+    assert steps_per_epoch(100, 32, drop_last=False, processes=4) == 4
+    assert steps_per_epoch(100, 32, drop_last=False, processes=5) == 3
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's, on Linux")
