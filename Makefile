@@ -13,8 +13,9 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # the stages under .dvc/tmp/exps, where a relative path would point elsewhere; one that does not
 # exist too, so that fetch's error names the directory it looked for (a typo), not the relative
 # path. URLs pass unchanged. `override`: also when given on make's command line (make repro MNIST_MIRROR=...).
+# Left as given: a URL, an absolute path, and a path with a space (make's abspath would split it).
 ifneq ($(MNIST_MIRROR),)
-ifeq ($(findstring ://,$(MNIST_MIRROR)),)
+ifeq ($(findstring ://,$(MNIST_MIRROR))$(filter /%,$(MNIST_MIRROR))$(word 2,$(MNIST_MIRROR)),)
 override export MNIST_MIRROR := $(abspath $(MNIST_MIRROR))
 endif
 endif
@@ -99,6 +100,7 @@ predict: $(INSTALLED)  ## classify image files with the trained model (FILES="a.
 exp: export EXP_ARGS := $(EXP_ARGS)
 exp: $(INSTALLED)  ## run a preset of presets.yaml as a DVC experiment (PRESET=name, REPLACE=1, EXP_ARGS="...")
 	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [REPLACE=1] [EXP_ARGS=...] (see presets.yaml; REPLACE=1 runs it again under its name)"; exit 2; }
+	@case '$(REPLACE)' in ''|1) ;; *) echo "make exp: REPLACE must be 1 (remove the experiment of that name first) or empty, not '$(REPLACE)'"; exit 2;; esac
 	options=$$(eval "$(BIN)/python -m stages.presets --from-commit '$(PRESET)' -- $$EXP_ARGS") && \
 	$(if $(REPLACE),{ $(BIN)/dvc exp remove '$(subst +,-,$(PRESET))' 2>/dev/null || true; } && \
 	)eval "$(BIN)/dvc exp run -n '$(subst +,-,$(PRESET))' $$options $$EXP_ARGS"

@@ -385,9 +385,10 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
                 number = float(value)
             except ValueError:
                 pass
-            else:  # a number in quotes, or YAML's spelling of infinity and NaN without its dot
+            else:  # a number in quotes, one YAML does not read as a number (.5e0), or nan without its dot
                 raise ParamsError(key, f"must be a finite number, got the string {value!r}"
-                                       + ("; write it without quotes" if math.isfinite(number) else ""))
+                                       + ("; write a plain number, without quotes: 0.001 or 1e-3"
+                                          if math.isfinite(number) else ""))
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                  f"must be a number, got {_as_yaml(value)}")
         # An integer too large for a float (10**400) would raise OverflowError below, not this.

@@ -108,6 +108,14 @@ def test_exp_passes_exp_args_word_for_word_to_the_presets_check_and_to_dvc(venv,
                                                             "-Strain.channels=[16, 32, 48]", *words]
 
 
+def test_exp_refuses_a_replace_that_is_not_1(venv):
+    """REPLACE=0 or REPLACE=no must not remove the experiment, as any non-empty value once did."""
+    for value in ("0", "no"):
+        refused = make(venv, "exp", "PRESET=fast", f"REPLACE={value}")
+        assert refused.returncode == 2 and f"REPLACE must be 1" in refused.stdout, refused.stdout
+    assert calls(venv) == []
+
+
 @pytest.mark.parametrize("replace, removed", [("REPLACE=1", True), ("REPLACE=", False)])
 def test_exp_replace_removes_the_experiment_of_that_name_first(venv, replace, removed):
     """DVC refuses to overwrite an experiment; `dvc exp run -f` would also force every stage (the
@@ -125,7 +133,8 @@ def test_exp_replace_removes_the_experiment_of_that_name_first(venv, replace, re
     ("mirror", "{cwd}/mirror"),  # a directory that exists
     ("../shared/data/mnst", "{parent}/shared/data/mnst"),  # one that does not (a typo): absolute too
     ("https://example.org/mnist/", "https://example.org/mnist/"),
-], ids=["existing", "missing", "url"])
+    ("/data/my mnist", "/data/my mnist"),  # absolute with a space: abspath would split it in two
+], ids=["existing", "missing", "url", "absolute-with-space"])
 def test_a_local_mnist_mirror_reaches_dvc_as_an_absolute_path(venv, mirror, seen):
     """`dvc exp run --temp` and queued runs move the stages' working directory; and a missing
     directory's error should name the path fetch looked for, not warn about a relative one."""

@@ -99,7 +99,7 @@ def _bad_cases():
     yield "missing section", missing_section, "evaluate", ["missing"]
     yield "section not a mapping", {**copy.deepcopy(BASE), "plot": None}, "plot", ["mapping", "got null"]
     yield "string for int", c("train", "epochs", "ten"), "train.epochs", ["integer", "'ten'"]
-    yield "float as YAML string", c("train", "lr", "1e-3"), "train.lr", ["the string '1e-3'", "without quotes"]
+    yield "float as YAML string", c("train", "lr", "1e-3"), "train.lr", ["the string '1e-3'", "plain number, without quotes: 0.001 or 1e-3"]
     yield "nan as YAML string", c("train", "lr", "nan"), "train.lr", ["finite number, got the string 'nan'"]
     yield "bool for int", c("train", "epochs", True), "train.epochs", ["integer"]
     yield "bool for float", c("train", "lr", True), "train.lr", ["number", "got true"]  # as YAML spells it

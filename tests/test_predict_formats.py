@@ -318,6 +318,24 @@ def test_the_paper_level_of_one_grey_is_that_grey_and_ignores_ink_and_margins():
     page[:, :8] = 0  # a margin
     assert np.allclose(predict.paper_level(page, 40.0), 40.0)
     assert np.allclose(predict.paper_level(np.full((50, 50), 200.0), 30.0), 30.0)  # no pixel near 30
+    # A strip: reduced by one factor for both axes, 40x2000 kept two rows, and a curve fitted to
+    # two rows bent flat paper by up to 7 levels at full size.
+    strip = np.full((40, 2000), 120.0) + np.random.default_rng(0).normal(0, 1, (40, 2000))
+    assert np.abs(predict.paper_level(strip, 120.0) - 120).max() < 0.5
+
+
+@pytest.mark.parametrize("margin_from", [440, 500])
+def test_paper_beside_a_lighter_margin_stays_paper(ink, tmp_path, margin_from):
+    """Grey paper (225) with a white margin over its right part: blocks across the edge, averaged,
+    fell inside the band and bent the surface down towards the margin, so the paper near it read
+    as ink and the digit's box took in most of the page (a 7 read as a 1). Block medians do not."""
+    page = np.full((600, 800), 225.0)
+    page[200:400, 120:320] -= np.asarray(Image.fromarray(ink).resize((200, 200), Image.BICUBIC)) * (200 / 255)
+    noise = np.random.default_rng(1).normal(0, 3, page.shape)
+    plain = derived(save(Image.fromarray(np.clip(page + noise, 0, 255).round().astype(np.uint8)), tmp_path / "p.png"))
+    page[:, margin_from:] = 255
+    margin = derived(save(Image.fromarray(np.clip(page + noise, 0, 255).round().astype(np.uint8)), tmp_path / "m.png"))
+    assert np.corrcoef(plain.image.ravel().astype(float), margin.image.ravel().astype(float))[0, 1] > 0.98
 
 
 def bad_files(directory: Path, ink: np.ndarray) -> dict[str, Path]:
