@@ -98,12 +98,14 @@ predict: $(INSTALLED)  ## classify image files with the trained model (FILES="a.
 # EXP_ARGS reaches the shell as a variable, so that eval parses its quotes (make would paste it
 # into eval's double-quoted string, where a " of its own would end that string).
 exp: export EXP_ARGS := $(EXP_ARGS)
+# The experiment's name: the preset's, a + made - (DVC's experiment names take no +).
+exp: EXP_NAME = $(subst +,-,$(PRESET))
 exp: $(INSTALLED)  ## run a preset of presets.yaml as a DVC experiment (PRESET=name, REPLACE=1, EXP_ARGS="...")
 	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [REPLACE=1] [EXP_ARGS=...] (see presets.yaml; REPLACE=1 runs it again under its name)"; exit 2; }
 	@case '$(REPLACE)' in ''|1) ;; *) echo "make exp: REPLACE must be 1 (remove the experiment of that name first) or empty, not '$(REPLACE)'"; exit 2;; esac
 	options=$$(eval "$(BIN)/python -m stages.presets --from-commit '$(PRESET)' -- $$EXP_ARGS") && \
-	$(if $(REPLACE),{ $(BIN)/dvc exp remove '$(subst +,-,$(PRESET))' 2>/dev/null || true; } && \
-	)eval "$(BIN)/dvc exp run -n '$(subst +,-,$(PRESET))' $$options $$EXP_ARGS"
+	$(if $(REPLACE),{ $(BIN)/dvc exp remove '$(EXP_NAME)' 2>/dev/null || true; } && \
+	)eval "$(BIN)/dvc exp run -n '$(EXP_NAME)' $$options $$EXP_ARGS"
 
 # Run every queued experiment on JOBS parallel workers and wait for them: make queue JOBS=2.
 # With JOBS > 1 each worker's stages get an equal share of the cores (OMP_NUM_THREADS: cores / JOBS,

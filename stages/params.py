@@ -435,9 +435,9 @@ def parse(raw: Any) -> Params:
     params.augment.check(dataset)
     if params.train.crop == "auto":  # the crop the dataset's border allows (datasets.yaml)
         params = dataclasses.replace(params, train=dataclasses.replace(params.train, crop=dataset.crop))
-    params.train.check(train_split_size=dataset.train_count - params.preprocess.val_size,
-                       image_size=dataset.image_size)
-    _check_lookahead_steps(params, dataset.train_count - params.preprocess.val_size)
+    train_split_size = dataset.train_count - params.preprocess.val_size
+    params.train.check(train_split_size=train_split_size, image_size=dataset.image_size)
+    _check_lookahead_steps(params, train_split_size)
     # Across sections: augment.allow_flip also allows mirror images at test time.
     _refuse_mirroring("train.tta_flip", params.train.tta_flip, "false", "averaging over mirror images", dataset,
                       params.augment.allow_flip)

@@ -308,7 +308,7 @@ def paper_level(ink: np.ndarray, start: float) -> np.ndarray:
     commonest level near `start`), round after round, on block medians, about FIT_SIDE blocks a
     side. Ink stands further above it and a margin of another grey further from it, so neither
     bends the surface; on one flat grey it is that grey. Where too little of the image is paper
-    for a fit, `start` everywhere."""
+    for a fit, that commonest level everywhere."""
     height, width = ink.shape
     # Blocks of fy x fx pixels, each axis by its own factor (a 40x2000 strip keeps its 40 rows), the
     # rest of a partial block left out; each block's median, not its mean: a block across the edge
