@@ -90,9 +90,10 @@ predict: $(INSTALLED)  ## classify image files with the trained model (FILES="a.
 
 # Run a preset of presets.yaml as a DVC experiment: make exp PRESET=mlp-512+aug
 # The experiment is named after the preset, and DVC refuses to overwrite an experiment: REPLACE=1
-# removes the one of that name first (`dvc exp remove`; nothing to remove is fine), so the run takes
-# every stage whose inputs did not change from the run-cache. (DVC's own hint, `dvc exp run -f`,
-# also forces every stage to run again, the download included.) More `dvc exp run` options go in
+# runs it as PRESET-replacing and, once that run succeeds, renames it over the old one (`dvc exp
+# rename -f`; a failed run leaves the old one). Stages whose inputs did not change come from the
+# run-cache; DVC's own hint, `dvc exp run -f`, also forces every stage to run again, the download
+# included. A queued run ends after make does, so REPLACE=1 refuses --queue. More `dvc exp run` options go in
 # EXP_ARGS; a grid must be queued, and DVC then names the runs PRESET-1, PRESET-2, ...:
 # make exp PRESET=fast EXP_ARGS="--queue -S 'train.seed=range(0,3)'"
 # EXP_ARGS reaches the shell as a variable, so that eval parses its quotes (make would paste it
@@ -102,10 +103,13 @@ exp: export EXP_ARGS := $(EXP_ARGS)
 exp: EXP_NAME = $(subst +,-,$(PRESET))
 exp: $(INSTALLED)  ## run a preset of presets.yaml as a DVC experiment (PRESET=name, REPLACE=1, EXP_ARGS="...")
 	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [REPLACE=1] [EXP_ARGS=...] (see presets.yaml; REPLACE=1 runs it again under its name)"; exit 2; }
-	@case '$(REPLACE)' in ''|1) ;; *) echo "make exp: REPLACE must be 1 (remove the experiment of that name first) or empty, not '$(REPLACE)'"; exit 2;; esac
+	@case '$(REPLACE)' in ''|1) ;; *) echo "make exp: REPLACE must be 1 (replace the experiment of that name) or empty, not '$(REPLACE)'"; exit 2;; esac
+	@if [ -n '$(REPLACE)' ]; then eval "set -- $$EXP_ARGS"; for word; do if [ "$$word" = --queue ]; then \
+	  echo "make exp: REPLACE=1 replaces '$(EXP_NAME)' when the run ends, which a queued run cannot: remove the old run first (dvc exp remove '$(EXP_NAME)'; a grid's are '$(EXP_NAME)-1', ...), then queue without REPLACE"; exit 2; \
+	fi; done; fi
 	options=$$(eval "$(BIN)/python -m stages.presets --from-commit '$(PRESET)' -- $$EXP_ARGS") && \
-	$(if $(REPLACE),{ $(BIN)/dvc exp remove '$(EXP_NAME)' 2>/dev/null || true; } && \
-	)eval "$(BIN)/dvc exp run -n '$(EXP_NAME)' $$options $$EXP_ARGS"
+	$(if $(REPLACE),eval "$(BIN)/dvc exp run -n '$(EXP_NAME)-replacing' $$options $$EXP_ARGS" && \
+	$(BIN)/dvc exp rename -f '$(EXP_NAME)-replacing' '$(EXP_NAME)',eval "$(BIN)/dvc exp run -n '$(EXP_NAME)' $$options $$EXP_ARGS")
 
 # Run every queued experiment on JOBS parallel workers and wait for them: make queue JOBS=2.
 # With JOBS > 1 each worker's stages get an equal share of the cores (OMP_NUM_THREADS: cores / JOBS,
@@ -129,7 +133,8 @@ queue: $(INSTALLED)  ## run the queued experiments on JOBS workers
 # DVC places a remote object whose bytes changed in the workspace unnoticed (docs/sharing.md).
 # stages/remotes.py checks the remotes `dvc pull $(PULL_ARGS)` would use, reading DVC's config and
 # options as DVC does (every level, dotted names, each kind's default). With no remote configured
-# at all it says how to add one (or to build with make repro), and dvc pull runs.
+# at all it says how to add one (or to build with make repro). Then it pulls as two commands,
+# dvc fetch and dvc checkout (printed as they run): in one dvc pull, a directory's manifest that
+# verify found damaged was still checked out from the copy the download had read.
 pull: $(INSTALLED)  ## dvc pull, from remotes that verify what they download (PULL_ARGS="...")
-	@$(BIN)/python -m stages.remotes $(PULL_ARGS)
-	$(BIN)/dvc pull $(PULL_ARGS)
+	@$(BIN)/python -m stages.remotes --pull $(PULL_ARGS)

@@ -121,7 +121,7 @@ def run_preset(name: str, seed: int, params: Params, splits: dict[str, dict], de
     memory.reset()
     model, rows, seconds = timed_fit(params.train, train, splits["val"], device)
     peak = max(memory.peak, memory.current())
-    accuracy = test_accuracy(model, splits["test"], len(train["classes"]), params.evaluate.batch_size)
+    accuracy = test_accuracy(model, splits["test"], train["classes"], params.evaluate.batch_size)
     return PresetRun(name, seed, accuracy, rows[-1]["val_accuracy"], seconds, peak / 2**20)
 
 

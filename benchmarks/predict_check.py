@@ -1,6 +1,8 @@
 """predict on real MNIST digits saved the ways phones and image tools save them, and its peak memory.
 
     MNIST_MIRROR=../shared/data/mnist python -m benchmarks.predict_check [--model M] [--digits N]
+    MNIST_MIRROR=/usr/share/datasets/fashion-mnist python -m benchmarks.predict_check \
+        --dataset fashion-mnist --model fashion.pt --skip-memory
     python -m benchmarks.predict_check --quick     # tiny synthetic digits, seconds: a smoke test
 
 1. Accuracy per format. Trains the `fast` preset with the train stage's fit() on MNIST's official
@@ -8,8 +10,10 @@
    split), unless --model names a model file; then saves each of the first N test digits, scaled
    4x to 112x112 and dark on white, in every format of tests/test_predict_formats.FORMATS (the
    formats the tests check for invariance), classifies
-   every file through predict's own decoding and prints a markdown table. The first row is the
-   model on the raw 28x28 test images, the ceiling for the rest.
+   every file through predict's own decoding, framed as the model file says, and prints a
+   markdown table. The first row is the model on the raw 28x28 test images, the ceiling for the
+   rest. --dataset fashion-mnist does the same with its test images and a model of it (--model:
+   `make exp PRESET=fashion` trains one), products in place of digits.
 2. Peak resident memory of a fresh process running predict's main() on: one 28x28 PNG (the
    floor: the model and the output), a 24 MP JPEG, a 24 MP PNG, and 1,000 12 MP phone JPEGs
    (hard links to 10 distinct files: the same decoding work, a hundredth of the disk). Measured
@@ -47,14 +51,14 @@ from tests.test_predict_formats import FORMATS, SCALE
 VAL = 5000  # the last 5,000 training images score each epoch (a plain slice; preprocess draws a stratified split)
 
 
-def mnist(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    return read_split(raw_dir, load_table()["mnist"], split)
+def official_split(raw_dir: Path, split: str, dataset: str = "mnist") -> tuple[np.ndarray, np.ndarray]:
+    return read_split(raw_dir, load_table()[dataset], split)
 
 
 def train_fast_model(raw_dir: Path, path: Path, val_size: int = VAL) -> None:
     """The `fast` preset's model, trained by fit() on the official training images, the last
     `val_size` of them scoring each epoch."""
-    images, labels = mnist(raw_dir, "train")
+    images, labels = official_split(raw_dir, "train")
     images, labels = torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
     classes = list(load_table()["mnist"].classes)
     mean, std = pixel_stats(images[:-val_size])
@@ -64,10 +68,15 @@ def train_fast_model(raw_dir: Path, path: Path, val_size: int = VAL) -> None:
     save_model(path, model.cpu(), config, classes)
 
 
-def format_accuracy(model_path: Path, raw_dir: Path, digits: int, work: Path) -> list[tuple[str, int]]:
-    """(format, digits classified right) for the raw images and each of FORMATS."""
-    model, _ = load_model(model_path)
-    images, labels = mnist(raw_dir, "test")
+def format_accuracy(model_path: Path, raw_dir: Path, digits: int, work: Path,
+                    dataset: str = "mnist") -> list[tuple[str, int]]:
+    """(format, images classified right) for the raw images and each of FORMATS, on the first
+    `digits` test images of `dataset`."""
+    model, meta = load_model(model_path)
+    if tuple(meta["classes"]) != load_table()[dataset].classes:
+        raise PipelineError(f"{model_path}: a model of the classes {', '.join(meta['classes'])}, not {dataset}'s "
+                            "(--dataset names the one it was trained on)")
+    images, labels = official_split(raw_dir, "test", dataset)
     images, labels = images[:digits], labels[:digits]
     index, _ = predict.classify(model, images.copy())  # a copy: parsed IDX arrays are read-only views
     rows = [("raw 28x28 (IDX, no conversion)", int((index == labels).sum()))]
@@ -77,7 +86,7 @@ def format_accuracy(model_path: Path, raw_dir: Path, digits: int, work: Path) ->
             directory = work / name / str(i)
             directory.mkdir(parents=True)
             ink = np.asarray(Image.fromarray(image).resize((28 * SCALE, 28 * SCALE), Image.BICUBIC))
-            [sample] = predict.load_samples(write(ink, directory), 28)
+            [sample] = predict.load_samples(write(ink, directory), 28, meta["framing"])
             right += int(predict.classify(model, sample.image[None])[0][0] == label)
         rows.append((name, right))
     return rows
@@ -148,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", type=Path, help="model file to use instead of training the fast preset")
-    parser.add_argument("--digits", type=int, default=100, help="MNIST test digits per format")
+    parser.add_argument("--digits", type=int, default=100, help="test images per format")
+    parser.add_argument("--dataset", default="mnist", choices=sorted(load_table()),
+                        help="whose test images (MNIST_MIRROR holds its files); another than mnist needs --model")
     parser.add_argument("--save-model", type=Path, help="keep the trained model at this path")
     parser.add_argument("--skip-memory", action="store_true", help="only the accuracy table")
     parser.add_argument("--quick", action="store_true",
@@ -156,7 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     mirror = os.environ.get("MNIST_MIRROR")
     if not mirror and not args.quick:
-        raise PipelineError("set MNIST_MIRROR to a directory holding MNIST's four IDX files (.gz or plain)")
+        raise PipelineError(f"set MNIST_MIRROR to a directory holding {args.dataset}'s four IDX files (.gz or plain)")
+    if args.dataset != "mnist" and (args.model is None or args.quick):
+        raise PipelineError(f"--dataset {args.dataset} needs a model of it (--model; `make exp PRESET=fashion` "
+                            "trains one) and real files (no --quick): only MNIST's fast preset is trained here")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -171,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"--quick: a smoke test on synthetic digits{trained}: the numbers below say only that "
                   "every part ran")
         print(f"\n| format | right of {args.digits} |\n|---|---:|")
-        for name, right in format_accuracy(model_path, Path(mirror), args.digits, work / "formats"):
+        for name, right in format_accuracy(model_path, Path(mirror), args.digits, work / "formats", args.dataset):
             print(f"| {name} | {right} |", flush=True)
         if not args.skip_memory:
             print("\n| input | resident after imports (MiB) | peak while classifying (MiB) | added (MiB) |\n"

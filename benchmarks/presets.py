@@ -110,10 +110,10 @@ def timed_fit(cfg: TrainParams, train: dict, val: dict,
     return model, rows, time.perf_counter() - start
 
 
-def test_accuracy(model: torch.nn.Module, test: dict, num_classes: int, batch_size: int) -> float:
+def test_accuracy(model: torch.nn.Module, test: dict, classes: list[str], batch_size: int) -> float:
     """The evaluate stage's accuracy, in [0, 1], of `model` on the test split."""
     logits = predict_logits(model, test["images"], batch_size).cpu()  # test_metrics works in NumPy
-    return test_metrics(logits, test["labels"], num_classes)["accuracy"]
+    return test_metrics(logits, test["labels"], classes)["accuracy"]
 
 
 def run_preset(params: Params, splits: tuple[dict, dict, dict]) -> tuple[float, float]:
@@ -121,7 +121,7 @@ def run_preset(params: Params, splits: tuple[dict, dict, dict]) -> tuple[float, 
     train, val, test = splits
     device = resolve_device(params.train.device)
     model, _, seconds = timed_fit(params.train, augmented(train, params.augment), val, device)
-    return test_accuracy(model, test, len(train["classes"]), params.evaluate.batch_size), seconds
+    return test_accuracy(model, test, train["classes"], params.evaluate.batch_size), seconds
 
 
 def table_row(label: str, accuracy: float, seconds: float) -> str:

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name} seed {seed}: val {100 * runs[-1].val_accuracy:.2f}%, fit {runs[-1].fit_seconds:.2f} s, "
                       f"augment {augment_s:.2f} s", flush=True)
                 if args.sealed_test:
-                    accuracy = test_accuracy(model, splits["test"], len(dataset.classes), params.evaluate.batch_size)
+                    accuracy = test_accuracy(model, splits["test"], list(dataset.classes), params.evaluate.batch_size)
                     append_text(args.sealed_test, f"{name} seed {seed}: test {100 * accuracy:.2f}%\n")
     print()
     print(summary(runs))

@@ -176,7 +176,7 @@ def time_to_accuracy(train: dict, val: dict, test: dict, device: torch.device) -
     print(f"\n2. Preset {FAST_PRESET!r}: {cfg.model} {cfg.channels}, {cfg.epochs} epoch(s), batch {cfg.batch_size}, "
           f"{params.augment.copies} augmented copies")
     model, _, seconds = timed_fit(cfg, augmented(train, params.augment), val, device)
-    accuracy = test_accuracy(model, test, len(train["classes"]), params.evaluate.batch_size)
+    accuracy = test_accuracy(model, test, train["classes"], params.evaluate.batch_size)
     print(f"   trained in {seconds:.1f} s; test accuracy {100 * accuracy:.2f}% on {len(test['labels']):,} images")
 
 

@@ -1,7 +1,8 @@
 """Stage evaluate: score the model file on the test split into metrics/eval.json.
 
-eval.json holds `accuracy`, `loss` (mean cross-entropy) and `per_class`, keyed by class index
-"0".."9", each with the class's accuracy (its recall; null for a class with no test images).
+eval.json holds `accuracy`, `loss` (mean cross-entropy) and `per_class`, keyed by class name
+("0".."9" for MNIST, "T-shirt/top".."Ankle boot" for Fashion-MNIST: `dvc metrics diff` across
+datasets lines up no digit with a garment), each with the class's accuracy (its recall; null for a class with no test images).
 Accuracies are fractions (0..1), as everywhere in the project. Class counts are not metrics (they
 never change with the model, and ten constant columns made `dvc metrics show` unreadable): they are
 the row counts of the confusion data, one `actual,predicted` row per test image in test-set order,
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +29,17 @@ from stages.models import load_model, predict_logits
 STAGE = "evaluate"
 
 
-def test_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """Overall accuracy and loss, and per-class accuracy, from logits [N, C] and labels [N] on any
-    device (scikit-learn needs them on the CPU)."""
+def test_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> dict:
+    """Overall accuracy and loss, and per-class accuracy keyed by the names `classes` (class k's
+    at k), from logits [N, C] and labels [N] on any device (scikit-learn needs them on the CPU)."""
+    num_classes = len(classes)
     logits, labels = logits.cpu(), labels.cpu()
     predicted = logits.argmax(1)
     matrix = confusion_matrix(labels.numpy(), predicted.numpy(), labels=np.arange(num_classes))
     counts = matrix.sum(axis=1)
     per_class = {
-        str(k): {"accuracy": float(matrix[k, k] / counts[k]) if counts[k] else None}
-        for k in range(num_classes)
+        name: {"accuracy": float(matrix[k, k] / counts[k]) if counts[k] else None}
+        for k, name in enumerate(classes)
     }
     return {"accuracy": float(np.trace(matrix) / matrix.sum()),
             "loss": round(F.cross_entropy(logits, labels).item(), 6),
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     if problem:
         raise PipelineError(f"{args.test_in}: {problem}; re-run `dvc repro` to rebuild it")
     logits = predict_logits(model, test["images"], cfg.batch_size)
-    metrics = test_metrics(logits, test["labels"], len(meta["classes"]))
+    metrics = test_metrics(logits, test["labels"], meta["classes"])
     if not math.isfinite(metrics["loss"]):  # JSON has no NaN, and the accuracy would be chance
         raise PipelineError(f"{args.model_in}: the model's test loss is {metrics['loss']} (logits that "
                             "overflow: a diverged run?); retrain it with a lower train.lr")

@@ -1,21 +1,33 @@
-"""`make pull`'s check: every DVC remote the pull downloads from re-hashes what it downloads
-(`verify = true`).
+"""`make pull`'s checks: every DVC remote the pull downloads from re-hashes what it downloads
+(`verify = true`), and no directory's manifest (`.dir`) that arrived is damaged.
 
-Without it, DVC places a remote object whose bytes changed in the workspace unnoticed, and nothing
-notices afterwards (docs/sharing.md). `python -m stages.remotes [dvc pull options]`, run in the
-project, exits 0 when every remote that `dvc pull` with those options would use verifies, else with
-status 2 and a line per remote that does not, naming the command that turns it on in the config
-file where it is off. Where no remote is configured at all, it says so and how to add one (or to
-build the outputs with `make repro`) before `dvc pull` runs.
+Without verify, DVC places a remote object whose bytes changed in the workspace unnoticed, and
+nothing notices afterwards (docs/sharing.md). `python -m stages.remotes [dvc pull options]`, run in
+the project, exits 0 when every remote that `dvc pull` with those options would use verifies, else
+with status 2 and a line per remote that does not, naming the command that turns it on in the
+config file where it is off. Where no remote is configured at all, it says so and how to add one
+(or to build the outputs with `make repro`) before `dvc pull` runs.
+
+Even with verify, DVC re-hashes only file objects: the manifest that lists a directory output's
+files (data/raw, metrics/train) is taken as it comes, and a damaged one put a file of another name,
+or another file, in the workspace: verify drops a damaged manifest as it arrives, but `dvc pull`
+checks the directory out from the copy the download read. `python -m stages.remotes --pull [dvc
+pull options]` (make pull) therefore pulls in two processes after the checks: `dvc fetch`, then
+`dvc checkout`, which reads manifests from the cache alone; a manifest the checkout needs that did
+not arrive, or that the cache holds damaged (checked against its name, the md5 of its bytes), is
+named with its repair, and the pull exits with status 2.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import shlex
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from stages.common import PipelineError, run_main
@@ -122,19 +134,119 @@ def no_remote_configured(config: Any) -> bool:
     return not config["remote"] and not config["core"].get("remote")
 
 
+# `dvc pull` is `dvc fetch` then `dvc checkout`; pull's options, by the attribute DVC's parser
+# stores them in, as each of the two takes them (flags, then options with a value). Targets go to
+# both, --glob's patterns expanded here as pull expands them. A test checks that each round-trips.
+FETCH_FLAGS = {"all_branches": "-a", "all_tags": "-T", "all_commits": "-A", "with_deps": "-d", "recursive": "-R"}
+FETCH_VALUES = {"jobs": "-j", "remote": "-r"}
+CHECKOUT_FLAGS = {"with_deps": "-d", "recursive": "-R", "force": "-f", "allow_missing": "--allow-missing"}
+
+
+def half_argv(args: Any, command: str, flags: dict[str, str], values: dict[str, str]) -> list[str]:
+    """`dvc COMMAND`'s arguments for its half of the parsed `dvc pull` options `args`."""
+    from dvc.utils import glob_targets
+
+    argv = [command, *["-q"] * args.quiet, *["-v"] * args.verbose]
+    argv += [flag for name, flag in flags.items() if getattr(args, name)]
+    for name, option in values.items():
+        if getattr(args, name) is not None:
+            argv += [option, str(getattr(args, name))]
+    if command == "fetch":
+        argv.append("--run-cache" if args.run_cache else "--no-run-cache")
+    targets = glob_targets(args.targets, glob=args.glob) if args.targets else []
+    return argv + (["--", *targets] if targets else [])
+
+
+def damaged_manifests(cache: Path) -> list[Path]:
+    """The directory manifests (`<2 hex>/<30 hex>.dir`) in the cache directory `cache` (DVC's
+    files/md5) whose bytes do not hash to their name: DVC names each by the md5 of its bytes."""
+    return [path for path in sorted(cache.glob("??/*.dir"))
+            if hashlib.md5(path.read_bytes()).hexdigest() != path.parent.name + path.name.removesuffix(".dir")]
+
+
+def repair(md5: str) -> str:
+    return (f"repair the remote from a clone that has a good copy: delete files/md5/{md5[:2]}/{md5[2:]} under "
+            "the remote's URL, then `dvc push` there (docs/sharing.md)")
+
+
+def manifest_problems(args: Any) -> tuple[dict[str, str], list[str]]:
+    """(output -> the line saying why, every output) for the outputs that `dvc pull` with the parsed
+    options `args` checks out: those whose directory manifest (`.dir`) the cache lacks after the
+    download, or holds damaged (removed here). DVC's verify re-hashes a manifest as it arrives and
+    drops a damaged one, yet checks the directory out from the listing it read (kept in its data
+    index, so a second process does too); and it never re-hashes one already in the cache (one a
+    pull without verify placed)."""
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        cache = Path(repo.cache.local.path)
+        view = repo.index.targets_view(args.targets or None, with_deps=args.with_deps, recursive=args.recursive)
+        outputs = sorted({str(out) for out in view.outs})
+        manifests = {out.hash_info.value: str(out) for out in view.outs
+                     if out.use_cache and out.hash_info and out.hash_info.isdir}
+    problems = {}
+    for path in damaged_manifests(cache):
+        md5 = path.parent.name + path.name
+        path.unlink()
+        if md5 in manifests:
+            problems[manifests[md5]] = (f"{manifests[md5]}: its manifest {md5} in the cache is damaged (its bytes do "
+                                        f"not hash to its name): removed; {repair(md5)}")
+    for md5, output in manifests.items():
+        if output not in problems and not (cache / md5[:2] / md5[2:]).exists():
+            problems[output] = (f"{output}: its manifest {md5} did not arrive intact (`dvc fetch -v` says 'corrupted "
+                                f"cache file' where DVC's verify dropped a damaged one) or the remote lacks it; "
+                                f"{repair(md5)}")
+    return problems, outputs
+
+
+def run_dvc(argv: list[str]) -> int:
+    print(f"{LABEL}: dvc {shlex.join(argv)}", flush=True)
+    return subprocess.run([sys.executable, "-m", "dvc", *argv]).returncode
+
+
+def pull(args: Any, fetch: bool) -> int:
+    """`dvc pull` with the parsed options `args`, as `dvc fetch` (when `fetch`: a remote is
+    configured) and then `dvc checkout` of every output whose directory manifest is sound (all of
+    them, as `args` name them, when every one is): the exit status."""
+    if fetch:
+        fetched = run_dvc(half_argv(args, "fetch", FETCH_FLAGS, FETCH_VALUES))
+        if fetched:
+            return fetched  # DVC has said why
+    problems, outputs = manifest_problems(args)
+    for output in sorted(problems):
+        print(f"{LABEL}: {problems[output]}; not checked out", flush=True)
+    checkout = half_argv(args, "checkout", CHECKOUT_FLAGS, {})
+    if problems:
+        sound = [output for output in outputs if output not in problems]
+        if not sound:
+            return 2
+        keep = {"-f", "--allow-missing", "-q", "-v"}
+        checkout = ["checkout", *[word for word in checkout[1:checkout.index("--") if "--" in checkout else None]
+                                  if word in keep], "--", *sound]
+    checked_out = run_dvc(checkout)
+    return checked_out or (2 if problems else 0)
+
+
 def main() -> None:
+    argv = sys.argv[1:]
+    pulls = argv[:1] == ["--pull"]  # make pull's: the checks, then the pull itself
     # The options parsed and the config read once here: the check and the note see the same.
-    args = parsed_pull_args(sys.argv[1:])
+    args = parsed_pull_args(argv[1:] if pulls else argv)
     if args is None:
-        return  # help: `dvc pull` prints it and pulls nothing
+        if pulls:  # help: `dvc pull` prints it and pulls nothing
+            sys.exit(subprocess.run([sys.executable, "-m", "dvc", "pull", *argv[1:]]).returncode)
+        return
     config = read_config()
     lines = unverified_remotes(args, config)
     for line in lines:
         print(f"{LABEL}: {line}", flush=True)
     if lines:
         sys.exit(2)
-    if no_remote_configured(config):
+    remote = not no_remote_configured(config)
+    if not remote:
         print(f"{LABEL}: {NO_REMOTE}", flush=True)  # a note, not an error: the pull may still check out
+    if pulls:
+        sys.exit(pull(args, fetch=remote))
 
 
 if __name__ == "__main__":

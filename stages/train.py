@@ -619,6 +619,12 @@ def main(argv: list[str] | None = None) -> None:
         log(STAGE, f"device: {describe_device(device)}; precision {describe_precision(cfg.precision, device)}"
                    + (f"; crop {cfg.crop} pixels a side" if cfg.model == "cnn" else ""))
     train = load_tensors(args.train_in, required=("images", "labels", "classes", "mean", "std"))
+    if tuple(train["classes"]) != params.dataset.classes:
+        # The model file takes its class names from the data and its framing from the params: the
+        # two must be of one dataset (DVC keeps them so; a stage run by hand may not).
+        raise PipelineError(f"{args.train_in}: images of the classes {', '.join(map(str, train['classes']))}, but "
+                            f"params.yaml's dataset is {params.dataset.name} ({', '.join(params.dataset.classes)}): "
+                            "`dvc repro` prepares its splits first")
     val = load_tensors(args.val_in, required=("images", "labels"))
     start = time.perf_counter()
     computed = numerics(device, resolve_precision(cfg.precision, device))

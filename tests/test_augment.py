@@ -167,6 +167,23 @@ def dots(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, where
 
 
+def test_views_do_not_depend_on_the_thread_count():
+    """The augment stage's output is a cached DVC output, pulled by teammates whose machines have
+    other core counts, and make queue gives each worker a share of the cores: the same params must
+    draw the same bytes on any number of threads (the elastic field's blur is a float matmul and
+    the warp a parallel grid_sample, either of which could split its sums by thread)."""
+    images = torch.from_numpy(make_split(512, np.random.default_rng(3))[0])
+    before = torch.get_num_threads()
+    try:
+        views = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            views.append(transform(images, ALL_ON, generator(3)))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(views[0], other) for other in views[1:])
+
+
 def test_new_transforms_off_draw_nothing(data):
     """elastic, pad, flip and erase off: transform is exactly the affine warp and leaves the generator where
     the warp left it, so augment's output for MNIST is the same bytes as before these existed."""

@@ -198,3 +198,19 @@ def test_predict_check_classifies_every_format_and_measures_memory(capsys):
     assert memory, out
     start, peak, added = map(int, memory.groups())
     assert 0 < start <= peak and abs(added - (peak - start)) <= 1  # each column rounded on its own
+
+
+def test_predict_check_of_another_dataset_needs_a_model_of_its_classes(tmp_path, monkeypatch):
+    """--dataset fashion-mnist: only MNIST's fast preset is trained by the script, and a digit
+    model's table of garments would count nothing right without saying why."""
+    from stages.model_config import ModelConfig
+    from stages.models import build_model, save_model
+
+    monkeypatch.setenv("MNIST_MIRROR", str(tmp_path))
+    with pytest.raises(PipelineError, match="--dataset fashion-mnist needs a model of it"):
+        predict_check.main(["--dataset", "fashion-mnist"])
+    cfg = ModelConfig(architecture="softmax", hidden=(), dropout=0.0, channels=(), convs_per_block=1, pool="end",
+                      image_size=28, num_classes=10, mean=0.13, std=0.31)
+    save_model(tmp_path / "digits.pt", build_model(cfg), cfg, [str(k) for k in range(10)])
+    with pytest.raises(PipelineError, match=r"digits.pt: a model of the classes 0, 1, .*, not fashion-mnist's"):
+        predict_check.format_accuracy(tmp_path / "digits.pt", tmp_path, 3, tmp_path / "formats", "fashion-mnist")

@@ -422,7 +422,7 @@ def test_first_run_as_written(project):
     # again (`dvc exp run -f` would download the data again).
     again = run_block(p, find_block("README.md", "make exp PRESET=fast REPLACE=1"))["make exp PRESET=fast REPLACE=1"]
     assert "Running stage 'fetch'" not in again.stdout + again.stderr, again.stdout
-    assert p.dvc("exp", "list", "--name-only").stdout.split().count("fast") == 1
+    assert p.dvc("exp", "list", "--name-only").stdout.split() == ["fast"]
 
 
 @pytest.mark.integration

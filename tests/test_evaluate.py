@@ -26,7 +26,7 @@ LOGITS = F.one_hot(PREDICTED, 4).float() * 3.0 + torch.linspace(-0.5, 0.5, 24).r
 
 @pytest.fixture(scope="module")
 def metrics() -> dict:
-    return compute_metrics(LOGITS, LABELS, num_classes=4)
+    return compute_metrics(LOGITS, LABELS, ["0", "1", "2", "3"])
 
 
 def test_accuracy(metrics):
@@ -46,6 +46,15 @@ def test_per_class(metrics):
     }
 
 
+def test_per_class_is_keyed_by_class_name():
+    """Fashion-MNIST's garments by name: keyed by index, `dvc metrics diff` between an MNIST and a
+    Fashion run lined digit 0 up with T-shirt/top as one metric, per_class.0.accuracy."""
+    garments = ["T-shirt/top", "Trouser", "Pullover", "Dress"]
+    result = compute_metrics(LOGITS, LABELS, garments)
+    assert list(result["per_class"]) == garments
+    assert result["per_class"]["Trouser"] == {"accuracy": pytest.approx(1.0)}
+
+
 def test_loss_is_cross_entropy(metrics):
     """The loss is the mean cross-entropy of the logits (no label smoothing), to 6 decimals."""
     assert metrics["loss"] == pytest.approx(F.cross_entropy(LOGITS, LABELS).item(), abs=1e-6)
@@ -54,7 +63,7 @@ def test_loss_is_cross_entropy(metrics):
 def test_perfect_and_json_ready():
     """Logits that pick every label give accuracy 1; all values are plain Python (JSON-ready) types."""
     labels = torch.tensor([2, 0, 1])
-    result = compute_metrics(F.one_hot(labels, 3).float() * 10, labels, num_classes=3)
+    result = compute_metrics(F.one_hot(labels, 3).float() * 10, labels, ["a", "b", "c"])
     assert result["accuracy"] == 1.0 and type(result["accuracy"]) is float
     assert type(result["loss"]) is float and result["loss"] < 1e-3
     assert all(c["accuracy"] == 1.0 for c in result["per_class"].values())

@@ -3,6 +3,7 @@ tests/test_sharing.py runs `make pull` itself against a real remote."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 
 import pytest
@@ -160,3 +161,49 @@ def test_options_are_read_before_the_config(project, capsys, caplog, monkeypatch
     monkeypatch.setattr("sys.argv", ["stages.remotes"])
     with pytest.raises(PipelineError, match=r"^DVC's config: .*expected 'url'"):
         main()
+
+
+@pytest.mark.parametrize("pull_args", [
+    [], ["-j", "3", "-r", "storage", "-a", "-T", "-A", "-d", "-R", "--run-cache", "-q", "models/model.pt"],
+    ["-fv", "--allow-missing", "--no-run-cache", "data/raw", "train"],
+    ["--glob", "plots/*.png"],
+])
+def test_make_pull_splits_the_options_between_fetch_and_checkout_as_dvc_pull_does(project, pull_args):
+    """make pull runs `dvc pull` as `dvc fetch` and `dvc checkout`: each gets, as DVC's own parser
+    reads them, every option of the pull it takes (pull passes them on the same way)."""
+    from dvc.cli import parse_args
+
+    from stages.remotes import CHECKOUT_FLAGS, FETCH_FLAGS, FETCH_VALUES, half_argv
+
+    for name in ("a.png", "b.png"):
+        (project / "project/plots").mkdir(exist_ok=True)
+        (project / "project/plots" / name).touch()
+    pulled = parsed_pull_args(pull_args)
+    fetch = parse_args(half_argv(pulled, "fetch", FETCH_FLAGS, FETCH_VALUES))
+    checkout = parse_args(half_argv(pulled, "checkout", CHECKOUT_FLAGS, {}))
+    expanded = ["plots/a.png", "plots/b.png"] if pulled.glob else pulled.targets
+    for name in ("jobs", "remote", "all_branches", "all_tags", "all_commits", "with_deps", "recursive", "run_cache",
+                 "quiet", "verbose"):
+        assert getattr(fetch, name) == getattr(pulled, name), name
+    for name in ("with_deps", "recursive", "force", "allow_missing", "quiet", "verbose"):
+        assert getattr(checkout, name) == getattr(pulled, name), name
+    assert fetch.targets == checkout.targets == expanded
+    # Every option of the pull is passed on or accounted for: a DVC release that adds one fails here.
+    handled = {*FETCH_FLAGS, *FETCH_VALUES, *CHECKOUT_FLAGS, "run_cache", "targets", "glob", "quiet", "verbose"}
+    global_options = set(vars(parse_args(["status"])))  # --cd, --wait-for-lock, ... (before the command)
+    assert set(vars(pulled)) - global_options - {"func", "parser"} <= handled
+
+
+def test_a_manifest_is_damaged_when_its_bytes_do_not_hash_to_its_name(tmp_path):
+    from stages.remotes import damaged_manifests
+
+    listing = b'[{"md5": "2646ac647ad5339dbf082846283269ea", "relpath": "t10k-images-idx3-ubyte"}]'
+    md5 = hashlib.md5(listing).hexdigest()
+    (tmp_path / md5[:2]).mkdir()
+    (tmp_path / md5[:2] / f"{md5[2:]}.dir").write_bytes(listing)
+    (tmp_path / md5[:2] / md5[2:]).write_bytes(b"a file object: not a manifest, never listed")
+    renamed = listing.replace(b"ubyte", b"ubytX")
+    bad = hashlib.md5(listing + b" ").hexdigest()  # a name that is not its bytes' md5
+    (tmp_path / bad[:2]).mkdir(exist_ok=True)
+    (tmp_path / bad[:2] / f"{bad[2:]}.dir").write_bytes(renamed)
+    assert damaged_manifests(tmp_path) == [tmp_path / bad[:2] / f"{bad[2:]}.dir"]

@@ -114,8 +114,12 @@ class Store:
         """Changes one byte in the middle of the stored object, keeping its name, size and mode."""
         data = bytearray(self.read(md5))
         data[len(data) // 2] ^= 0xFF
+        self.rewrite(md5, bytes(data))
+
+    def rewrite(self, md5: str, data: bytes) -> None:
+        """The stored object's bytes replaced by `data`, keeping its name and mode."""
         if self.kind == "s3":
-            self.s3.write(self.bucket, f"mnist/{self._key(md5)}", bytes(data))
+            self.s3.write(self.bucket, f"mnist/{self._key(md5)}", data)
             return
         path = self.dir / self._key(md5)
         mode = path.stat().st_mode
@@ -341,8 +345,44 @@ def test_make_pull_refuses_a_remote_without_verify(project, tmp_path):
     refused = _make(p, "pull", "PULL_ARGS=-r backup", check=False)
     assert refused.returncode != 0 and "make pull: remote 'backup' has verify off" in refused.stdout, refused.stdout
     pulled = _make(p, "pull")
-    assert "dvc pull" in pulled.stdout and "backup" not in pulled.stdout, pulled.stdout
+    assert "make pull: dvc fetch" in pulled.stdout and "make pull: dvc checkout" in pulled.stdout, pulled.stdout
+    assert "backup" not in pulled.stdout, pulled.stdout
     assert p.path(MODEL).is_file() and "Data and pipelines are up to date" in p.dvc("status").stdout
+
+
+def test_make_pull_never_checks_out_a_damaged_directory_manifest(project, tmp_path):
+    """A directory output's manifest (.dir: the files it holds, by name and md5) damaged on the
+    remote: DVC's verify re-hashes the files it lists, and drops the manifest itself as it arrives,
+    yet `dvc pull` checks the directory out from the listing it read. make pull fetches, then
+    checks out only the outputs whose manifests the cache holds sound."""
+    a = project
+    store = Store("local", tmp_path)
+    store.add_to(a)
+    a.dvc("push")
+    raw = lock_md5(a, "fetch", "data/raw")
+    assert raw.endswith(".dir")
+    store.rewrite(raw, store.read(raw).replace(b"t10k-images-idx3-ubyte", b"t10k-images-idx3-ubytX"))
+
+    # DVC alone, verify on: the renamed file lands, and the pull succeeds (if this starts failing,
+    # DVC checks manifests now: update docs/sharing.md).
+    c = git_clone(a, tmp_path / "c")
+    c.dvc("pull")
+    assert sorted(path.name for path in c.path("data/raw").iterdir())[0] == "t10k-images-idx3-ubytX"
+
+    b = git_clone(a, tmp_path / "b")
+    shutil.copy2(PROJECT_ROOT / "Makefile", b.path("Makefile"))
+    refused = _make(b, "pull", check=False)
+    assert refused.returncode != 0
+    assert f"make pull: data/raw: its manifest {raw} did not arrive intact" in refused.stdout, refused.stdout
+    assert f"delete files/md5/{raw[:2]}/{raw[2:]} under the remote's URL" in refused.stdout
+    assert not b.path("data/raw").exists()
+    assert sha256(b.path(MODEL)) == sha256(a.path(MODEL)), "the sound outputs are checked out"
+
+    # The repair docs/sharing.md gives: delete the manifest on the remote, push from a good clone.
+    store.delete(raw)
+    assert "1 file pushed" in a.dvc("push").stdout
+    _make(b, "pull")
+    assert output_digests(b) == output_digests(a)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -880,3 +880,24 @@ def test_an_interrupted_torchrun_launch_stops_torchrun_and_waits_for_it(monkeypa
     with pytest.raises(KeyboardInterrupt):
         train_mod.launch_torchrun(2, ["in.pt"])
     assert calls == [("start", "stages.train"), ("wait", None), *expected]
+
+
+def test_train_refuses_data_of_another_dataset_than_the_params(tmp_path, monkeypatch):
+    """The model file takes its class names from the data and its framing from params.yaml's
+    dataset: Fashion-MNIST's splits with params for MNIST (a stage run by hand) would write a model
+    of garments that predict frames as digits. Refused before any training or output."""
+    import shutil
+
+    from stages.common import save_tensors
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")  # dataset: mnist
+    images, labels = make_split(20, np.random.default_rng(0))
+    garments = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                "Ankle boot"]
+    save_tensors(tmp_path / "train.pt", {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels),
+                                         "classes": garments, "mean": 0.3, "std": 0.35})
+    save_tensors(tmp_path / "val.pt", {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)})
+    with pytest.raises(PipelineError, match=r"train.pt: images of the classes T-shirt/top, Trouser, .*, but "
+                                            r"params.yaml's dataset is mnist \(0, 1, 2, "):
+        train_mod.main(["train.pt", "val.pt", "model.pt", "live"])
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "live").exists()
