@@ -325,8 +325,9 @@ def extract_ink(gray: np.ndarray, photo: bool = True, object_may_fill: bool = Fa
     # more than half the picture makes the median its own grey, which leaves only its outline and
     # texture: for such pictures, when under half the border lies on the surface found, it is
     # found again from the border's median, and the one more of the border lies on is kept
-    # (Fashion-MNIST's first 1,000 test images as 112x112 pictures, the fashion preset's model:
-    # 89.1 % right from the median, 93.6 % so; 95.0 % on the images themselves). Not for strokes
+    # (benchmarks/predict_check --dataset fashion-mnist: Fashion-MNIST's first 1,000 test images
+    # as 112x112 pictures, the fashion preset's model: 879 right from the median, 935 so; 950 on
+    # the images themselves). Not for strokes
     # on paper: grey paper inside a white margin would then be the object.
     # A bold digit cropped to its ink leaves nothing: then the paper is found from the 10th
     # percentile, between its strokes. A frame or margin covering less than a tenth of the image

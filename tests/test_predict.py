@@ -92,7 +92,7 @@ def shirt(size: int = 112, grey: int = 110) -> np.ndarray:
 
 def test_a_product_that_covers_most_of_its_picture_keeps_its_body():
     """The median of such a picture is the product's own grey: levelled from there, only its
-    outline and texture were left (Fashion-MNIST test images as pictures: 89.1 % right, 93.6 %
+    outline and texture were left (Fashion-MNIST test images as pictures: 879 of 1,000 right, 935
     now). A model framed by its box (Fashion's) takes the background from the border instead."""
     picture, truth = shirt()
     assert (truth > 0).mean() > 0.55, "the case: more product than background"
