@@ -93,8 +93,10 @@ predict: $(INSTALLED)  ## classify image files with the trained model (FILES="a.
 # runs it as PRESET-replacing and, once that run succeeds, renames it over the old one (`dvc exp
 # rename -f`; a failed run leaves the old one). Stages whose inputs did not change come from the
 # run-cache; DVC's own hint, `dvc exp run -f`, also forces every stage to run again, the download
-# included. A queued run ends after make does, so REPLACE=1 refuses --queue. More `dvc exp run` options go in
-# EXP_ARGS; a grid must be queued, and DVC then names the runs PRESET-1, PRESET-2, ...:
+# included. A queued run ends after make does, so REPLACE=1 refuses --queue (stages.presets reads
+# EXP_ARGS with DVC's parser); a PRESET-replacing left by an interrupted one is removed first.
+# More `dvc exp run` options go in EXP_ARGS; a grid must be queued, and DVC then names the runs
+# PRESET-1, PRESET-2, ...:
 # make exp PRESET=fast EXP_ARGS="--queue -S 'train.seed=range(0,3)'"
 # EXP_ARGS reaches the shell as a variable, so that eval parses its quotes (make would paste it
 # into eval's double-quoted string, where a " of its own would end that string).
@@ -104,11 +106,9 @@ exp: EXP_NAME = $(subst +,-,$(PRESET))
 exp: $(INSTALLED)  ## run a preset of presets.yaml as a DVC experiment (PRESET=name, REPLACE=1, EXP_ARGS="...")
 	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [REPLACE=1] [EXP_ARGS=...] (see presets.yaml; REPLACE=1 runs it again under its name)"; exit 2; }
 	@case '$(REPLACE)' in ''|1) ;; *) echo "make exp: REPLACE must be 1 (replace the experiment of that name) or empty, not '$(REPLACE)'"; exit 2;; esac
-	@if [ -n '$(REPLACE)' ]; then eval "set -- $$EXP_ARGS"; for word; do if [ "$$word" = --queue ]; then \
-	  echo "make exp: REPLACE=1 replaces '$(EXP_NAME)' when the run ends, which a queued run cannot: remove the old run first (dvc exp remove '$(EXP_NAME)'; a grid's are '$(EXP_NAME)-1', ...), then queue without REPLACE"; exit 2; \
-	fi; done; fi
-	options=$$(eval "$(BIN)/python -m stages.presets --from-commit '$(PRESET)' -- $$EXP_ARGS") && \
-	$(if $(REPLACE),eval "$(BIN)/dvc exp run -n '$(EXP_NAME)-replacing' $$options $$EXP_ARGS" && \
+	options=$$(eval "$(BIN)/python -m stages.presets --from-commit $(if $(REPLACE),--replace )'$(PRESET)' -- $$EXP_ARGS") && \
+	$(if $(REPLACE),{ $(BIN)/dvc exp remove '$(EXP_NAME)-replacing' > /dev/null 2>&1 || true; } && \
+	eval "$(BIN)/dvc exp run -n '$(EXP_NAME)-replacing' $$options $$EXP_ARGS" && \
 	$(BIN)/dvc exp rename -f '$(EXP_NAME)-replacing' '$(EXP_NAME)',eval "$(BIN)/dvc exp run -n '$(EXP_NAME)' $$options $$EXP_ARGS")
 
 # Run every queued experiment on JOBS parallel workers and wait for them: make queue JOBS=2.

@@ -87,8 +87,12 @@ def _parse_entry(name: str, raw: object) -> Dataset:
         count = raw["train_count"] if role.startswith("train") else raw["test_count"]
         files[role] = DataFile(entry["name"], entry["sha256"], idx_size(role, count, raw["image_size"]))
     classes = raw["classes"]
-    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)):
         raise PipelineError(f"{where}.classes: expected a list of at least two names")
+    # The names key eval.json's per_class, which DVC flattens with dots (per_class.Sneaker.accuracy).
+    if len(set(classes)) < len(classes) or any("." in c for c in classes):
+        raise PipelineError(f"{where}.classes: names must differ and hold no '.' (they key metrics/eval.json's "
+                            f"per_class, whose names DVC joins with dots), got {classes!r}")
     if not isinstance(raw["flippable"], bool):
         raise PipelineError(f"{where}.flippable: expected true or false")
     if not is_valid_crop(raw["crop"], raw["image_size"]):

@@ -277,7 +277,8 @@ def grey_ink(image: Image.Image) -> np.ndarray:
         # convert("L") clips at 255 instead, which turns all but the darkest pixels white). The
         # depth is the smallest of 8, 10, 12, 14, 16 or 32 bits that holds the values, not the
         # container's: 12-bit scanner or medical data in a 16-bit PNG (0..4095), or 8-bit values in
-        # a 32-bit TIFF, scaled as 16 bits was near-black and read as blank.
+        # a 32-bit TIFF, scaled as 16 bits was near-black and read as blank. The price: a nearly
+        # black 16-bit picture (every value under 256) is read as 8-bit data, its faint marks as ink.
         pixels = np.clip(pixels, 0, None)
         white = next(2.0 ** bits - 1 for bits in WIDE_DEPTHS if pixels.max() <= 2.0 ** bits - 1)
         return np.clip(pixels * (255 / white), 0, 255)

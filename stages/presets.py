@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import shlex
 import subprocess
 import sys
@@ -129,6 +131,24 @@ def set_param_keys(exp_args: list[str]) -> set[str]:
     return {key.removeprefix(f"{params_mod.DEFAULT_PATH}:") for key in keys}
 
 
+def queues(exp_args: list[str]) -> bool:
+    """Whether `dvc exp run` with the options `exp_args` queues the run (`--queue`, or an
+    abbreviation DVC's parser takes: `--que`), as DVC's own parser reads them. Options it refuses
+    are left to `dvc exp run` to report (said once, not twice)."""
+    import logging
+
+    from dvc.cli import DvcParserError, parse_args
+
+    logging.disable(logging.CRITICAL)  # DVC logs a refusal as it parses; dvc exp run says it again
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return bool(parse_args(["exp", "run", *exp_args]).queue)
+    except (DvcParserError, SystemExit):
+        return False
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def leftover_keys(workspace: dict, committed: dict, overrides: dict[str, Any]) -> list[str]:
     """`section.key`s whose value in the workspace's params differs from the committed one and that
     `overrides` does not set: what a preset run would silently inherit."""
@@ -177,7 +197,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from-commit", action="store_true",
                         help="refuse when the params file differs from the last commit in keys the preset does not "
                              "set (make exp)")
+    parser.add_argument("--replace", action="store_true",
+                        help="refuse DVC_EXP_RUN_OPTIONS that queue the run (make exp REPLACE=1 renames the run over "
+                             "the old one once it ends)")
     args = parser.parse_args(argv)
+    if args.replace and queues(exp_args):
+        raise PipelineError(f"REPLACE=1 renames the new run over the old one when it ends, which a queued run does "
+                            f"after make has returned: remove the old run first (dvc exp remove NAME; a grid's are "
+                            f"NAME-1, NAME-2, ...), then queue without REPLACE")
     presets = load_presets()
     if args.preset is None:
         print("\n".join([DEFAULT, *presets]))  # names only, each one a valid argument

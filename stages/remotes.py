@@ -8,18 +8,19 @@ with status 2 and a line per remote that does not, naming the command that turns
 config file where it is off. Where no remote is configured at all, it says so and how to add one
 (or to build the outputs with `make repro`) before `dvc pull` runs.
 
-Even with verify, DVC re-hashes only file objects: the manifest that lists a directory output's
-files (data/raw, metrics/train) is taken as it comes, and a damaged one put a file of another name,
-or another file, in the workspace: verify drops a damaged manifest as it arrives, but `dvc pull`
-checks the directory out from the copy the download read. `python -m stages.remotes --pull [dvc
-pull options]` (make pull) therefore pulls in two processes after the checks: `dvc fetch`, then
-`dvc checkout`, which reads manifests from the cache alone; a manifest the checkout needs that did
-not arrive, or that the cache holds damaged (checked against its name, the md5 of its bytes), is
-named with its repair, and the pull exits with status 2.
+Even with verify, a damaged manifest (the `.dir` object that lists a directory output's files:
+data/raw, metrics/train) reached the workspace as a file of another name, or another file: verify
+drops it as it arrives, but `dvc pull` checks the directory out from the listing the download read,
+and any checkout reads a manifest the cache lacks from the remote. `python -m stages.remotes --pull
+[dvc pull options]` (make pull) therefore pulls as two commands after the checks, `dvc fetch` and
+then `dvc checkout`, and leaves out of the checkout every output whose manifest did not arrive or
+is damaged in the cache (checked against its name, the md5 of its bytes): each is named with its
+repair, and the pull exits with status 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import io
@@ -136,16 +137,28 @@ def no_remote_configured(config: Any) -> bool:
 
 # `dvc pull` is `dvc fetch` then `dvc checkout`; pull's options, by the attribute DVC's parser
 # stores them in, as each of the two takes them (flags, then options with a value). Targets go to
-# both, --glob's patterns expanded here as pull expands them. A test checks that each round-trips.
+# both, --glob's patterns expanded once (pull_targets). A test checks that each round-trips.
 FETCH_FLAGS = {"all_branches": "-a", "all_tags": "-T", "all_commits": "-A", "with_deps": "-d", "recursive": "-R"}
 FETCH_VALUES = {"jobs": "-j", "remote": "-r"}
 CHECKOUT_FLAGS = {"with_deps": "-d", "recursive": "-R", "force": "-f", "allow_missing": "--allow-missing"}
 
 
-def half_argv(args: Any, command: str, flags: dict[str, str], values: dict[str, str]) -> list[str]:
-    """`dvc COMMAND`'s arguments for its half of the parsed `dvc pull` options `args`."""
+def pull_targets(args: Any) -> list[str]:
+    """The targets of the parsed `dvc pull` options `args`, --glob's patterns expanded as pull
+    expands them (a pattern that matches nothing is a PipelineError, as DVC's own error)."""
+    from dvc.exceptions import DvcException
     from dvc.utils import glob_targets
 
+    try:
+        return glob_targets(args.targets, glob=args.glob) if args.targets else []
+    except DvcException as exc:
+        raise PipelineError(str(exc)) from None
+
+
+def half_argv(args: Any, command: str, flags: dict[str, str], values: dict[str, str],
+              targets: list[str] | None = None) -> list[str]:
+    """`dvc COMMAND`'s arguments for its half of the parsed `dvc pull` options `args`, for
+    `targets` (None: the pull's own)."""
     argv = [command, *["-q"] * args.quiet, *["-v"] * args.verbose]
     argv += [flag for name, flag in flags.items() if getattr(args, name)]
     for name, option in values.items():
@@ -153,7 +166,7 @@ def half_argv(args: Any, command: str, flags: dict[str, str], values: dict[str, 
             argv += [option, str(getattr(args, name))]
     if command == "fetch":
         argv.append("--run-cache" if args.run_cache else "--no-run-cache")
-    targets = glob_targets(args.targets, glob=args.glob) if args.targets else []
+    targets = pull_targets(args) if targets is None else targets
     return argv + (["--", *targets] if targets else [])
 
 
@@ -166,24 +179,31 @@ def damaged_manifests(cache: Path) -> list[Path]:
 
 def repair(md5: str) -> str:
     return (f"repair the remote from a clone that has a good copy: delete files/md5/{md5[:2]}/{md5[2:]} under "
-            "the remote's URL, then `dvc push` there (docs/sharing.md)")
+            "the remote's URL, then `dvc push` there; until then `dvc pull`, `dvc checkout` and `dvc repro` "
+            "would put the damaged listing in the workspace (DVC reads a manifest the cache lacks from the "
+            "remote): use make pull (docs/sharing.md)")
 
 
-def manifest_problems(args: Any) -> tuple[dict[str, str], list[str]]:
-    """(output -> the line saying why, every output) for the outputs that `dvc pull` with the parsed
-    options `args` checks out: those whose directory manifest (`.dir`) the cache lacks after the
-    download, or holds damaged (removed here). DVC's verify re-hashes a manifest as it arrives and
-    drops a damaged one, yet checks the directory out from the listing it read (kept in its data
-    index, so a second process does too); and it never re-hashes one already in the cache (one a
-    pull without verify placed)."""
+def manifest_problems(args: Any, fetched: bool) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """(output -> the line saying why, pull target -> the outputs it checks out; "" for a pull of
+    every output) for the outputs that `dvc pull` with the parsed options `args` checks out: those
+    whose directory manifest (`.dir`) the cache holds damaged (removed here) or, after a download
+    (`fetched`), lacks. DVC's verify re-hashes a manifest as it arrives and drops a damaged one, yet
+    checks the directory out from the listing it read, and reads a manifest the cache lacks from
+    the remote; it never re-hashes one already in the cache (one a pull without verify placed)."""
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    with Repo() as repo:
-        cache = Path(repo.cache.local.path)
-        view = repo.index.targets_view(args.targets or None, with_deps=args.with_deps, recursive=args.recursive)
-        outputs = sorted({str(out) for out in view.outs})
-        manifests = {out.hash_info.value: str(out) for out in view.outs
-                     if out.use_cache and out.hash_info and out.hash_info.isdir}
+    targets = pull_targets(args) or [""]
+    try:
+        with Repo() as repo:
+            cache = Path(repo.cache.local.path)
+            outs = {target: list(repo.index.targets_view(target or None, with_deps=args.with_deps,
+                                                        recursive=args.recursive).outs) for target in targets}
+    except DvcException:
+        return {}, {}  # a target DVC does not know: `dvc checkout` says so in its own words
+    manifests = {out.hash_info.value: str(out) for target_outs in outs.values() for out in target_outs
+                 if out.use_cache and out.hash_info and out.hash_info.isdir}
     problems = {}
     for path in damaged_manifests(cache):
         md5 = path.parent.name + path.name
@@ -192,11 +212,24 @@ def manifest_problems(args: Any) -> tuple[dict[str, str], list[str]]:
             problems[manifests[md5]] = (f"{manifests[md5]}: its manifest {md5} in the cache is damaged (its bytes do "
                                         f"not hash to its name): removed; {repair(md5)}")
     for md5, output in manifests.items():
-        if output not in problems and not (cache / md5[:2] / md5[2:]).exists():
+        if fetched and output not in problems and not (cache / md5[:2] / md5[2:]).exists():
             problems[output] = (f"{output}: its manifest {md5} did not arrive intact (`dvc fetch -v` says 'corrupted "
                                 f"cache file' where DVC's verify dropped a damaged one) or the remote lacks it; "
                                 f"{repair(md5)}")
-    return problems, outputs
+    return problems, {target: {str(out) for out in target_outs} for target, target_outs in outs.items()}
+
+
+def sound_targets(outs: dict[str, set[str]], problems: dict[str, str]) -> list[str]:
+    """The checkout's targets without the outputs in `problems`: each pull target (`outs`: target ->
+    the outputs it checks out) as given where none of its outputs has a problem, else its other
+    outputs (a pull of everything: "")."""
+    kept: list[str] = []
+    for target, outputs in outs.items():
+        if target and not outputs & problems.keys():
+            kept.append(target)
+        else:
+            kept += sorted(output for output in outputs - problems.keys() if output not in kept)
+    return kept
 
 
 def run_dvc(argv: list[str]) -> int:
@@ -205,26 +238,22 @@ def run_dvc(argv: list[str]) -> int:
 
 
 def pull(args: Any, fetch: bool) -> int:
-    """`dvc pull` with the parsed options `args`, as `dvc fetch` (when `fetch`: a remote is
-    configured) and then `dvc checkout` of every output whose directory manifest is sound (all of
-    them, as `args` name them, when every one is): the exit status."""
-    if fetch:
-        fetched = run_dvc(half_argv(args, "fetch", FETCH_FLAGS, FETCH_VALUES))
-        if fetched:
-            return fetched  # DVC has said why
-    problems, outputs = manifest_problems(args)
+    """`dvc pull` with the parsed options `args`, as `dvc fetch` (when `fetch`) and then `dvc
+    checkout`, leaving out every output whose directory manifest is not sound: the exit status,
+    1 when either failed (as `dvc pull`), 2 when an output was left out."""
+    if fetch and run_dvc(half_argv(args, "fetch", FETCH_FLAGS, FETCH_VALUES)):
+        return 1  # DVC has said why
+    problems, outs = manifest_problems(args, fetched=fetch)
     for output in sorted(problems):
         print(f"{LABEL}: {problems[output]}; not checked out", flush=True)
-    checkout = half_argv(args, "checkout", CHECKOUT_FLAGS, {})
-    if problems:
-        sound = [output for output in outputs if output not in problems]
-        if not sound:
-            return 2
-        keep = {"-f", "--allow-missing", "-q", "-v"}
-        checkout = ["checkout", *[word for word in checkout[1:checkout.index("--") if "--" in checkout else None]
-                                  if word in keep], "--", *sound]
-    checked_out = run_dvc(checkout)
-    return checked_out or (2 if problems else 0)
+    if not problems:
+        return 1 if run_dvc(half_argv(args, "checkout", CHECKOUT_FLAGS, {})) else 0
+    targets = sound_targets(outs, problems)
+    if targets:
+        # -d and -R would add back what was left out: each target is explicit here.
+        run_dvc(half_argv(argparse.Namespace(**{**vars(args), "with_deps": False, "recursive": False}),
+                          "checkout", CHECKOUT_FLAGS, {}, targets))
+    return 2
 
 
 def main() -> None:
@@ -246,7 +275,8 @@ def main() -> None:
     if not remote:
         print(f"{LABEL}: {NO_REMOTE}", flush=True)  # a note, not an error: the pull may still check out
     if pulls:
-        sys.exit(pull(args, fetch=remote))
+        # With no remote, only `-r NAME` fetches: DVC then says that NAME does not exist.
+        sys.exit(pull(args, fetch=remote or args.remote is not None))
 
 
 if __name__ == "__main__":

@@ -119,16 +119,21 @@ def test_exp_refuses_a_replace_that_is_not_1(venv):
 @pytest.mark.parametrize("replace", ["REPLACE=1", "REPLACE="])
 def test_exp_replace_renames_the_new_run_over_the_old_one(venv, replace):
     """DVC refuses to overwrite an experiment; `dvc exp run -f` would also force every stage (the
-    download included), so REPLACE=1 runs under a second name and renames that over the old one."""
+    download included), so REPLACE=1 runs under a second name and renames that over the old one
+    (a second name an interrupted run left behind removed first), and has presets refuse --queue."""
     (venv / "bin" / "python").write_text(FAKE_PRESETS)
     (venv / "bin" / "python").chmod(0o755)
     (venv / "options").write_text("-Strain.epochs=1\n")
     ran = make(venv, "exp", "PRESET=mlp-512+aug", replace)
     assert ran.returncode == 0, ran.stdout + ran.stderr
+    presets_args = (venv / "presets-args").read_text().splitlines()
     if replace == "REPLACE=1":
-        assert calls(venv) == ["exp run -n mlp-512-aug-replacing -Strain.epochs=1 OMP=unset",
+        assert presets_args == ["-m", "stages.presets", "--from-commit", "--replace", "mlp-512+aug", "--"]
+        assert calls(venv) == ["exp remove mlp-512-aug-replacing OMP=unset",
+                               "exp run -n mlp-512-aug-replacing -Strain.epochs=1 OMP=unset",
                                "exp rename -f mlp-512-aug-replacing mlp-512-aug OMP=unset"]
     else:
+        assert presets_args == ["-m", "stages.presets", "--from-commit", "mlp-512+aug", "--"]
         assert calls(venv) == ["exp run -n mlp-512-aug -Strain.epochs=1 OMP=unset"]
 
 
@@ -140,20 +145,8 @@ def test_exp_replace_keeps_the_old_experiment_when_the_run_fails(venv):
     (venv / "bin" / "dvc").write_text(FAKE_DVC + 'case "$1 $2" in "exp run") exit 1;; esac\n')
     failed = make(venv, "exp", "PRESET=fast", "REPLACE=1")
     assert failed.returncode != 0
-    assert calls(venv) == ["exp run -n fast-replacing -Strain.epochs=1 OMP=unset"], "nothing removed or renamed"
-
-
-def test_exp_replace_refuses_a_queued_run(venv):
-    """A queued run ends after make does: nothing could rename it over the old one then."""
-    (venv / "bin" / "python").write_text(FAKE_PRESETS)
-    (venv / "bin" / "python").chmod(0o755)
-    (venv / "options").write_text("-Strain.epochs=1\n")
-    refused = make(venv, "exp", "PRESET=fast", "REPLACE=1", "EXP_ARGS=--queue -S 'train.seed=range(0,3)'")
-    assert refused.returncode == 2 and "which a queued run cannot" in refused.stdout, refused.stdout
-    assert calls(venv) == [] and not (venv / "presets-args").exists()
-    # Without REPLACE, or with a --queue that is only part of a -S value, the run goes on.
-    assert make(venv, "exp", "PRESET=fast", "EXP_ARGS=--queue").returncode == 0
-    assert make(venv, "exp", "PRESET=fast", "REPLACE=1", "EXP_ARGS=-S 'train.note=--queue'").returncode == 0
+    assert calls(venv) == ["exp remove fast-replacing OMP=unset",
+                           "exp run -n fast-replacing -Strain.epochs=1 OMP=unset"], "nothing renamed"
 
 
 @pytest.mark.parametrize("mirror, seen", [

@@ -323,6 +323,17 @@ def test_dataset_crop_is_validated(tmp_path, crop, problem):
         load_table(table)
 
 
+@pytest.mark.parametrize("classes", [["0", "1", "0"], ["a", "b.c"], ["a", ""]])
+def test_dataset_class_names_can_key_the_metrics(tmp_path, classes):
+    """eval.json's per_class is keyed by class name: two alike would merge, and DVC joins metric
+    names with dots (per_class.a.b.accuracy would read as nested)."""
+    entry = yaml.safe_load((PROJECT_ROOT / "stages" / "datasets.yaml").read_text())["mnist"]
+    table = tmp_path / "datasets.yaml"
+    table.write_text(yaml.safe_dump({"digits": {**entry, "classes": classes}}))
+    with pytest.raises(PipelineError, match=r"datasets.yaml: digits.classes: "):
+        load_table(table)
+
+
 @pytest.mark.parametrize("framing, problem", [
     ({"box": 20}, "expected {box, centre}"),
     ({"box": 0, "centre": "mass"}, "box: expected whole pixels in 1-28, got 0"),

@@ -185,6 +185,22 @@ def test_set_param_keys_reads_an_S_bundled_after_flags_but_not_another_options_v
 TUTORIAL_PRESETS = list(PRESETS)[:list(PRESETS).index("aug")]  # presets.yaml lists them before `aug`
 
 
+def test_a_replaced_run_may_not_be_queued(capsys):
+    """make exp REPLACE=1 renames the run over the old one when it ends: a queued run ends after
+    make has returned. DVC's parser reads the options, so an abbreviation is caught too."""
+    from stages.presets import queues
+
+    for queued in (["--queue"], ["--que"], ["--queue", "-S", "train.seed=range(0,3)"], ["-f", "--queue"]):
+        assert queues(queued), queued
+        with pytest.raises(PipelineError, match=r"^REPLACE=1 renames the new run over the old one when it ends"):
+            main(["--replace", "fast", "--", *queued])
+    for run_now in ([], ["-S", "train.note=--queue"], ["--temp"], ["--bogus"]):  # --bogus: dvc exp run refuses it
+        assert not queues(run_now), run_now
+    main(["--replace", "fast", "--", "-S", "train.seed=1"])
+    assert capsys.readouterr().out.strip()
+    main(["fast", "--", "--queue"])  # without --replace, queueing is fine
+
+
 @pytest.mark.parametrize("name", TUTORIAL_PRESETS)
 def test_tutorial_presets_train_as_the_tutorials_do_whatever_the_defaults_add(name):
     """A tutorial preset reproduces a published recipe, so none of this project's training tricks

@@ -207,3 +207,18 @@ def test_a_manifest_is_damaged_when_its_bytes_do_not_hash_to_its_name(tmp_path):
     (tmp_path / bad[:2]).mkdir(exist_ok=True)
     (tmp_path / bad[:2] / f"{bad[2:]}.dir").write_bytes(renamed)
     assert damaged_manifests(tmp_path) == [tmp_path / bad[:2] / f"{bad[2:]}.dir"]
+
+
+def test_the_checkout_leaves_out_only_the_outputs_with_a_damaged_manifest():
+    """A pull target none of whose outputs has a problem stays as given (one file inside a
+    directory output is not widened to the directory); the others become their sound outputs."""
+    from stages.remotes import sound_targets
+
+    problems = {"data/raw": "its manifest ... did not arrive intact"}
+    assert sound_targets({"": {"data/raw", "models/model.pt", "metrics/train"}}, problems) == [
+        "metrics/train", "models/model.pt"]
+    assert sound_targets({"metrics/train/metrics.json": {"metrics/train"}, "fetch": {"data/raw"},
+                          "train": {"models/model.pt", "metrics/train"}}, problems) == [
+        "metrics/train/metrics.json", "train"]
+    assert sound_targets({"fetch": {"data/raw", "data/params-valid.txt"}}, problems) == ["data/params-valid.txt"]
+    assert sound_targets({"": {"data/raw"}}, problems) == []
