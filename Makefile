@@ -94,7 +94,8 @@ predict: $(INSTALLED)  ## classify image files with the trained model (FILES="a.
 # rename -f`; a failed run leaves the old one). Stages whose inputs did not change come from the
 # run-cache; DVC's own hint, `dvc exp run -f`, also forces every stage to run again, the download
 # included. A queued run ends after make does, so REPLACE=1 refuses --queue (stages.presets reads
-# EXP_ARGS with DVC's parser); a PRESET-replacing left by an interrupted one is removed first.
+# EXP_ARGS with DVC's parser); a PRESET-replacing that an interrupted one left on this commit is
+# removed first (one on another commit is another run: kept).
 # More `dvc exp run` options go in EXP_ARGS; a grid must be queued, and DVC then names the runs
 # PRESET-1, PRESET-2, ...:
 # make exp PRESET=fast EXP_ARGS="--queue -S 'train.seed=range(0,3)'"
@@ -107,7 +108,8 @@ exp: $(INSTALLED)  ## run a preset of presets.yaml as a DVC experiment (PRESET=n
 	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [REPLACE=1] [EXP_ARGS=...] (see presets.yaml; REPLACE=1 runs it again under its name)"; exit 2; }
 	@case '$(REPLACE)' in ''|1) ;; *) echo "make exp: REPLACE must be 1 (replace the experiment of that name) or empty, not '$(REPLACE)'"; exit 2;; esac
 	options=$$(eval "$(BIN)/python -m stages.presets --from-commit $(if $(REPLACE),--replace )'$(PRESET)' -- $$EXP_ARGS") && \
-	$(if $(REPLACE),{ $(BIN)/dvc exp remove '$(EXP_NAME)-replacing' > /dev/null 2>&1 || true; } && \
+	$(if $(REPLACE),{ ! $(BIN)/dvc exp list --name-only 2>/dev/null | grep -qxF '$(EXP_NAME)-replacing' || \
+	  $(BIN)/dvc exp remove '$(EXP_NAME)-replacing'; } && \
 	eval "$(BIN)/dvc exp run -n '$(EXP_NAME)-replacing' $$options $$EXP_ARGS" && \
 	$(BIN)/dvc exp rename -f '$(EXP_NAME)-replacing' '$(EXP_NAME)',eval "$(BIN)/dvc exp run -n '$(EXP_NAME)' $$options $$EXP_ARGS")
 

@@ -202,9 +202,10 @@ def main(argv: list[str] | None = None) -> None:
                              "the old one once it ends)")
     args = parser.parse_args(argv)
     if args.replace and queues(exp_args):
+        name = args.preset.replace("+", "-")  # make exp's experiment name
         raise PipelineError(f"REPLACE=1 renames the new run over the old one when it ends, which a queued run does "
-                            f"after make has returned: remove the old run first (dvc exp remove NAME; a grid's are "
-                            f"NAME-1, NAME-2, ...), then queue without REPLACE")
+                            f"after make has returned: remove the old run first (dvc exp remove {name}; a grid's are "
+                            f"{name}-1, {name}-2, ...), then queue without REPLACE")
     presets = load_presets()
     if args.preset is None:
         print("\n".join([DEFAULT, *presets]))  # names only, each one a valid argument

@@ -40,6 +40,10 @@ LABEL = "make pull"
 NO_REMOTE = ("no DVC remote is configured here, so there is nothing to download: `dvc pull` can only check out "
              "what this machine's cache holds. Add your team's remote with `dvc remote add -d NAME URL` "
              "(docs/sharing.md), or build every output here with `make repro`")
+# Remotes exist, but none is the default and the pull names none (-r): `dvc fetch` then says "No
+# remote provided and no default remote set." and downloads nothing.
+NO_DEFAULT = ("no default DVC remote, and the pull names none, so nothing is downloaded: name one with "
+              "PULL_ARGS=\"-r NAME\", or make it the default: `dvc remote default NAME`")
 # DVC's config levels, lowest priority first (a later level wins), and how `dvc remote modify`
 # names each; the project's own .dvc/config is "repo", the only one git shares.
 LEVEL_OPTIONS = {"system": "--system ", "global": "--global ", "repo": "", "local": "--local "}
@@ -184,38 +188,61 @@ def repair(md5: str) -> str:
             "remote): use make pull (docs/sharing.md)")
 
 
-def manifest_problems(args: Any, fetched: bool) -> tuple[dict[str, str], dict[str, set[str]]]:
+def cache_dir() -> Path:
+    """DVC's local cache of file objects (files/md5), wherever the config puts it."""
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        return Path(repo.cache.local.path)
+
+
+def remove_damaged_manifests(cache: Path) -> set[str]:
+    """Removes the damaged manifests of the cache (damaged_manifests) and returns their names
+    (md5 + ".dir"). Before the download, so that it fetches them again: DVC takes one that is
+    in the cache as it is (one a pull without verify placed)."""
+    removed = set()
+    for path in damaged_manifests(cache):
+        path.unlink()
+        removed.add(path.parent.name + path.name)
+    return removed
+
+
+def manifest_problems(args: Any, cache: Path, fetched: bool,
+                      removed: set[str]) -> tuple[dict[str, str], dict[str, set[str]]]:
     """(output -> the line saying why, pull target -> the outputs it checks out; "" for a pull of
-    every output) for the outputs that `dvc pull` with the parsed options `args` checks out: those
-    whose directory manifest (`.dir`) the cache holds damaged (removed here) or, after a download
-    (`fetched`), lacks. DVC's verify re-hashes a manifest as it arrives and drops a damaged one, yet
-    checks the directory out from the listing it read, and reads a manifest the cache lacks from
-    the remote; it never re-hashes one already in the cache (one a pull without verify placed)."""
+    every output) for the outputs that `dvc pull` with the parsed options `args` checks out whose
+    directory manifest (`.dir`) the cache lacks: after a download (`fetched`), one that did not
+    arrive intact (DVC's verify drops a damaged manifest as it arrives, yet checks the directory out
+    from the listing it read, and any checkout reads a manifest the cache lacks from the remote);
+    without one, one of `removed` (damaged in the cache). Outputs that share a manifest (the same
+    files) share its problem."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     targets = pull_targets(args) or [""]
     try:
         with Repo() as repo:
-            cache = Path(repo.cache.local.path)
             outs = {target: list(repo.index.targets_view(target or None, with_deps=args.with_deps,
                                                         recursive=args.recursive).outs) for target in targets}
     except DvcException:
         return {}, {}  # a target DVC does not know: `dvc checkout` says so in its own words
-    manifests = {out.hash_info.value: str(out) for target_outs in outs.values() for out in target_outs
-                 if out.use_cache and out.hash_info and out.hash_info.isdir}
+    manifests: dict[str, set[str]] = {}
+    for out in (out for target_outs in outs.values() for out in target_outs):
+        if out.use_cache and out.hash_info and out.hash_info.isdir:
+            manifests.setdefault(out.hash_info.value, set()).add(str(out))
     problems = {}
-    for path in damaged_manifests(cache):
-        md5 = path.parent.name + path.name
-        path.unlink()
-        if md5 in manifests:
-            problems[manifests[md5]] = (f"{manifests[md5]}: its manifest {md5} in the cache is damaged (its bytes do "
-                                        f"not hash to its name): removed; {repair(md5)}")
-    for md5, output in manifests.items():
-        if fetched and output not in problems and not (cache / md5[:2] / md5[2:]).exists():
-            problems[output] = (f"{output}: its manifest {md5} did not arrive intact (`dvc fetch -v` says 'corrupted "
-                                f"cache file' where DVC's verify dropped a damaged one) or the remote lacks it; "
-                                f"{repair(md5)}")
+    for md5, outputs in manifests.items():
+        if (cache / md5[:2] / md5[2:]).exists():
+            continue
+        if fetched:
+            why = (f"its manifest {md5} did not arrive intact (`dvc fetch -v` says 'corrupted cache file' where DVC's "
+                   f"verify dropped a damaged one) or the remote lacks it; {repair(md5)}")
+        elif md5 in removed:
+            why = (f"its manifest {md5} was damaged in the cache (its bytes do not hash to its name): removed; "
+                   "`make pull` from a remote downloads it again")
+        else:
+            continue  # never here: `dvc checkout` says it is not in the cache
+        problems.update({output: f"{output}: {why}" for output in outputs})
     return problems, {target: {str(out) for out in target_outs} for target, target_outs in outs.items()}
 
 
@@ -240,12 +267,17 @@ def run_dvc(argv: list[str]) -> int:
 def pull(args: Any, fetch: bool) -> int:
     """`dvc pull` with the parsed options `args`, as `dvc fetch` (when `fetch`) and then `dvc
     checkout`, leaving out every output whose directory manifest is not sound: the exit status,
-    1 when either failed (as `dvc pull`), 2 when an output was left out."""
+    2 when an output was left out, else 1 when fetch or checkout failed (as `dvc pull`)."""
+    cache = cache_dir()
+    removed = remove_damaged_manifests(cache)
+    for md5 in sorted(removed):
+        print(f"{LABEL}: the manifest {md5} in the cache was damaged (its bytes do not hash to its name): removed"
+              + (", to be downloaded again" if fetch else ""), flush=True)
     if fetch and run_dvc(half_argv(args, "fetch", FETCH_FLAGS, FETCH_VALUES)):
         return 1  # DVC has said why
-    problems, outs = manifest_problems(args, fetched=fetch)
+    problems, outs = manifest_problems(args, cache, fetch, removed)
     for output in sorted(problems):
-        print(f"{LABEL}: {problems[output]}; not checked out", flush=True)
+        print(f"{LABEL}: {problems[output]}; not checked out (what is there now stays as it was)", flush=True)
     if not problems:
         return 1 if run_dvc(half_argv(args, "checkout", CHECKOUT_FLAGS, {})) else 0
     targets = sound_targets(outs, problems)
@@ -275,8 +307,11 @@ def main() -> None:
     if not remote:
         print(f"{LABEL}: {NO_REMOTE}", flush=True)  # a note, not an error: the pull may still check out
     if pulls:
-        # With no remote, only `-r NAME` fetches: DVC then says that NAME does not exist.
-        sys.exit(pull(args, fetch=remote or args.remote is not None))
+        # Nothing to download from: no fetch (`-r NAME` fetches, and DVC says if NAME does not exist).
+        used = pulled_remotes(args, config)
+        if remote and not used:
+            print(f"{LABEL}: {NO_DEFAULT}", flush=True)
+        sys.exit(pull(args, fetch=bool(used)))
 
 
 if __name__ == "__main__":

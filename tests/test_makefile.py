@@ -12,10 +12,11 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 
 # A stand-in for .venv/bin/dvc: appends its arguments and OMP_NUM_THREADS to ../calls, and answers
-# `dvc queue status` with the contents of ../status.
+# `dvc queue status` with the contents of ../status, `dvc exp list --name-only` with ../exps.
 FAKE_DVC = """#!/bin/sh
 echo "$* OMP=${OMP_NUM_THREADS-unset}" >> "$(dirname "$0")/../calls"
 if [ "$*" = "queue status" ]; then cat "$(dirname "$0")/../status"; fi
+if [ "$*" = "exp list --name-only" ]; then cat "$(dirname "$0")/../exps" 2>/dev/null; fi
 """
 
 
@@ -129,7 +130,7 @@ def test_exp_replace_renames_the_new_run_over_the_old_one(venv, replace):
     presets_args = (venv / "presets-args").read_text().splitlines()
     if replace == "REPLACE=1":
         assert presets_args == ["-m", "stages.presets", "--from-commit", "--replace", "mlp-512+aug", "--"]
-        assert calls(venv) == ["exp remove mlp-512-aug-replacing OMP=unset",
+        assert calls(venv) == ["exp list --name-only OMP=unset",
                                "exp run -n mlp-512-aug-replacing -Strain.epochs=1 OMP=unset",
                                "exp rename -f mlp-512-aug-replacing mlp-512-aug OMP=unset"]
     else:
@@ -145,8 +146,20 @@ def test_exp_replace_keeps_the_old_experiment_when_the_run_fails(venv):
     (venv / "bin" / "dvc").write_text(FAKE_DVC + 'case "$1 $2" in "exp run") exit 1;; esac\n')
     failed = make(venv, "exp", "PRESET=fast", "REPLACE=1")
     assert failed.returncode != 0
-    assert calls(venv) == ["exp remove fast-replacing OMP=unset",
+    assert calls(venv) == ["exp list --name-only OMP=unset",
                            "exp run -n fast-replacing -Strain.epochs=1 OMP=unset"], "nothing renamed"
+
+
+def test_exp_replace_removes_a_second_name_left_on_this_commit_only(venv):
+    """A fast-replacing that an interrupted REPLACE=1 left on this commit blocks the run (DVC:
+    "conflicts with existing experiment"); one on another commit is a run of its own, which
+    `dvc exp list` (this commit's) does not show: kept."""
+    (venv / "bin" / "python").write_text(FAKE_PRESETS)
+    (venv / "bin" / "python").chmod(0o755)
+    (venv / "options").write_text("-Strain.epochs=1\n")
+    (venv / "exps").write_text("fast\nfast-replacing-old\nfast-replacing\n")
+    assert make(venv, "exp", "PRESET=fast", "REPLACE=1").returncode == 0
+    assert calls(venv)[:2] == ["exp list --name-only OMP=unset", "exp remove fast-replacing OMP=unset"]
 
 
 @pytest.mark.parametrize("mirror, seen", [

@@ -192,8 +192,9 @@ def test_a_replaced_run_may_not_be_queued(capsys):
 
     for queued in (["--queue"], ["--que"], ["--queue", "-S", "train.seed=range(0,3)"], ["-f", "--queue"]):
         assert queues(queued), queued
-        with pytest.raises(PipelineError, match=r"^REPLACE=1 renames the new run over the old one when it ends"):
-            main(["--replace", "fast", "--", *queued])
+        with pytest.raises(PipelineError, match=r"^REPLACE=1 renames the new run over the old one when it ends.*"
+                                                 r"dvc exp remove mlp-512-aug; a grid's are mlp-512-aug-1"):
+            main(["--replace", "mlp-512+aug", "--", *queued])
     for run_now in ([], ["-S", "train.note=--queue"], ["--temp"], ["--bogus"]):  # --bogus: dvc exp run refuses it
         assert not queues(run_now), run_now
     main(["--replace", "fast", "--", "-S", "train.seed=1"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import sys
 
 import pytest
 
@@ -222,3 +223,30 @@ def test_the_checkout_leaves_out_only_the_outputs_with_a_damaged_manifest():
         "metrics/train/metrics.json", "train"]
     assert sound_targets({"fetch": {"data/raw", "data/params-valid.txt"}}, problems) == ["data/params-valid.txt"]
     assert sound_targets({"": {"data/raw"}}, problems) == []
+
+
+def test_outputs_that_share_a_manifest_share_its_problem(project):
+    """Two directory outputs with the same files have one manifest: when it did not arrive, both
+    are left out (one was once checked out from the damaged listing). Without a download, only a
+    manifest found damaged in the cache (and removed) is a problem: a missing one is left to
+    `dvc checkout` to report."""
+    from stages.remotes import manifest_problems, remove_damaged_manifests
+
+    root = project / "project"
+    (root / "dvc.yaml").write_text(
+        "stages:\n"
+        "  one:\n    cmd: mkdir -p a && echo x > a/f\n    outs: [a]\n"
+        "  two:\n    cmd: mkdir -p b && echo x > b/f\n    outs: [b]\n")
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=root, check=True)
+    cache = root / ".dvc/cache/files/md5"
+    [manifest] = cache.glob("??/*.dir")
+    md5 = manifest.parent.name + manifest.name
+    args = parsed_pull_args([])
+    manifest.write_bytes(manifest.read_bytes().replace(b'"f"', b'"g"'))  # renamed in the listing
+    assert remove_damaged_manifests(cache) == {md5} and not manifest.exists()
+    problems, outs = manifest_problems(args, cache, fetched=True, removed=set())
+    assert sorted(problems) == ["a", "b"] and "did not arrive intact" in problems["a"]
+    assert outs == {"": {"a", "b"}}
+    problems, _ = manifest_problems(args, cache, fetched=False, removed={md5})
+    assert sorted(problems) == ["a", "b"] and "was damaged in the cache" in problems["b"]
+    assert manifest_problems(args, cache, fetched=False, removed=set())[0] == {}

@@ -396,12 +396,30 @@ def test_make_pull_never_checks_out_a_damaged_directory_manifest(project, tmp_pa
     alone = _make(e, "pull", check=False)
     assert alone.returncode != 0 and "no DVC remote is configured here" in alone.stdout, alone.stdout
     assert "dvc fetch" not in alone.stdout and "did not arrive intact" not in alone.stdout, alone.stdout
+    # A remote, but no default and none named: nothing to download, nothing blamed on it either.
+    e.dvc("remote", "add", "backup", str(tmp_path / "backup"))
+    e.dvc("remote", "modify", "backup", "verify", "true")
+    undefaulted = _make(e, "pull", check=False)
+    assert "no default DVC remote, and the pull names none" in undefaulted.stdout, undefaulted.stdout
+    assert "did not arrive intact" not in undefaulted.stdout, undefaulted.stdout
 
     # The repair docs/sharing.md gives: delete the manifest on the remote, push from a good clone.
     store.delete(raw)
     assert "1 file pushed" in a.dvc("push").stdout
     _make(b, "pull")
     assert output_digests(b) == output_digests(a)
+
+    # A manifest damaged in this clone's own cache (a pull without verify put it there), the remote
+    # sound: DVC would take it as it is; make pull removes it first and downloads it again.
+    f = git_clone(a, tmp_path / "f")
+    shutil.copy2(PROJECT_ROOT / "Makefile", f.path("Makefile"))
+    shutil.copytree(a.path(".dvc/cache"), f.path(".dvc/cache"))
+    cached = f.path(".dvc/cache/files/md5") / raw[:2] / raw[2:]
+    cached.chmod(0o644)
+    cached.write_bytes(cached.read_bytes().replace(b"t10k-images-idx3-ubyte", b"t10k-images-idx3-ubytX"))
+    repaired = _make(f, "pull")
+    assert f"the manifest {raw} in the cache was damaged" in repaired.stdout, repaired.stdout
+    assert output_digests(f) == output_digests(a)
 
 
 # ---------------------------------------------------------------------------------------------
