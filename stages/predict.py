@@ -497,11 +497,36 @@ def image_sample(path: str, size: int, framing: dict | None = None) -> Sample:
     return Sample(path, digit, blank, decoded.frames)
 
 
-def idx_samples(path: str, size: int) -> list[Sample]:
-    """One Sample per image of an IDX file (plain or gzip)."""
+def other_datasets_file(data: bytes, classes: list[str] | None) -> str | None:
+    """"<dataset>'s <file name>" when `data` (an IDX file's content) is a file of a dataset in
+    stages/datasets.yaml whose classes are not `classes` (the model's; None: not checked). MNIST's
+    and Fashion-MNIST's files share names and formats, and a model of one classified the other's
+    images without a word (a digit named Sandal)."""
+    import hashlib
+
+    from stages.datasets import load_table
+
+    if classes is None:
+        return None
+    digest = hashlib.sha256(data).hexdigest()
+    for dataset in load_table().values():
+        for role, entry in dataset.files.items():
+            if role.endswith("_images") and entry.sha256 == digest and tuple(dataset.classes) != tuple(classes):
+                return f"{dataset.name}'s {entry.name}"
+    return None
+
+
+def idx_samples(path: str, size: int, classes: list[str] | None = None) -> list[Sample]:
+    """One Sample per image of an IDX file (plain or gzip); a file of another dataset than the
+    model's (`classes`) is refused (other_datasets_file)."""
     try:
         # The images' pixel limit bounds an IDX file too: one uint8 a pixel, plus a short header.
-        array = parse_idx(read_bytes(Path(path), max_size=MAX_PIXELS + IDX_HEADER_ALLOWANCE), path)
+        data = read_bytes(Path(path), max_size=MAX_PIXELS + IDX_HEADER_ALLOWANCE)
+        known = other_datasets_file(data, classes)
+        if known:
+            raise PipelineError(f"{path}: {known}, and the model's classes are {', '.join(classes)}: classify it "
+                                "with a model of that dataset")
+        array = parse_idx(data, path)
     except IdxFormatError as exc:
         reason = str(exc).removeprefix(f"{path}: ")
         raise PipelineError(f"{path}: neither an image predict reads ({', '.join(read_format_names())}) "
@@ -568,10 +593,12 @@ def not_an_image(path: str, head: bytes) -> PipelineError:
                          f"(it begins {head[:8].hex(' ')})")
 
 
-def load_samples(path: str, size: int, framing: dict | None = None) -> list[Sample]:
+def load_samples(path: str, size: int, framing: dict | None = None,
+                 classes: list[str] | None = None) -> list[Sample]:
     """The samples in one file, named by `path` as given (`./a.png` stays `./a.png`); raises
     PipelineError (one line, naming the file) if unusable.
-    `framing`: how the model's dataset made its images from pictures (the model file's)."""
+    `framing`: how the model's dataset made its images from pictures (the model file's);
+    `classes`: the model's, which refuse a known IDX file of another dataset (None: unchecked)."""
     path = os.fspath(path)  # a Path from a caller other than main: the samples' names are strings
     check_file(path)
     try:
@@ -587,7 +614,7 @@ def load_samples(path: str, size: int, framing: dict | None = None) -> list[Samp
         raise cannot_read(path, exc) from None
     if not may_be_idx(head):
         raise not_an_image(path, head)  # read no further: a large file of something else costs nothing
-    return idx_samples(path, size)  # stages.idx.read_bytes names a file it cannot read
+    return idx_samples(path, size, classes)  # stages.idx.read_bytes names a file it cannot read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -717,7 +744,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     rows, failed = [], 0
     for path in args.paths:
         try:
-            samples = load_samples(path, size, meta["framing"])
+            samples = load_samples(path, size, meta["framing"], classes)
         except PipelineError as exc:
             log(STAGE, printable(f"error: {exc}"))
             failed += 1

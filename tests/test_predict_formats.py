@@ -630,6 +630,41 @@ def test_options_may_come_between_the_files(tmp_path, monkeypatch):
     assert status == 2 and err[-1].endswith("error: unrecognized arguments: -c.png")
 
 
+def test_a_known_idx_file_of_another_dataset_is_refused(tmp_path, monkeypatch):
+    """MNIST's and Fashion-MNIST's IDX files share names and format: a model of one classified the
+    other's images, a digit named Sandal. A file of the table (by SHA-256 of its content, gzip or
+    not) whose dataset has other classes than the model's is one error line; the rest go on."""
+    import gzip
+    import hashlib
+    from types import SimpleNamespace
+
+    import stages.datasets
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(architecture="softmax", hidden=(), dropout=0.0, channels=(), convs_per_block=1,
+                      pool="end", image_size=28, num_classes=10, mean=0.13, std=0.31)
+    garments = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                "Ankle boot"]
+    save_model(tmp_path / "garments.pt", build_model(cfg), cfg, garments, {"box": 28, "centre": "box"})
+    save_model(tmp_path / "digits.pt", build_model(cfg), cfg, [str(k) for k in range(10)])
+    content = write_idx(np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8))
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(content))
+    (tmp_path / "mine-idx3-ubyte").write_bytes(content[:-1] + b"\x00")  # not the table's file
+    images = SimpleNamespace(name="t10k-images-idx3-ubyte", sha256=hashlib.sha256(content).hexdigest())
+    table = {"digits": SimpleNamespace(name="digits", classes=tuple(str(k) for k in range(10)),
+                                       files={"test_images": images})}
+    monkeypatch.setattr(stages.datasets, "load_table", lambda: table)
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_main("--model", "garments.pt", "t10k-images-idx3-ubyte.gz", "mine-idx3-ubyte")
+    assert status == 1 and err == [
+        "predict: error: t10k-images-idx3-ubyte.gz: digits's t10k-images-idx3-ubyte, and the model's classes are "
+        "T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot: classify it with a "
+        "model of that dataset"]
+    assert [line.split(":")[0] for line in out] == ["mine-idx3-ubyte[0]", "mine-idx3-ubyte[1]", "mine-idx3-ubyte[2]"]
+    status, out, _ = run_main("--model", "digits.pt", "t10k-images-idx3-ubyte.gz")
+    assert status == 0 and len(out) == 3
+
+
 def test_files_are_named_as_given_and_never_split_a_line(tmp_path, monkeypatch):
     """`./a.png` stays `./a.png` (argparse's Path would print `a.png`), a trailing slash is not
     dropped, and a newline or escape sequence in a file name is written as an escape, so each
