@@ -335,9 +335,9 @@ def extract_ink(gray: np.ndarray, photo: bool = True, object_may_fill: bool = Fa
     # does not count as that paper: an empty page inside a thin white frame stays blank (inside a
     # wider margin it is a grey rectangle).
     surface = paper(float(np.median(ink)))
-    if object_may_fill and paper_on_border(surface) < 0.5:
+    if object_may_fill and (on_border := paper_on_border(surface)) < 0.5:
         around = paper(float(np.median(border(ink))))
-        if paper_on_border(around) > paper_on_border(surface):
+        if paper_on_border(around) > on_border:
             surface = around
     levelled = np.clip(ink - surface, 0, None)
     return levelled if not is_blank(levelled) else np.clip(ink - paper(float(np.percentile(ink, 10))), 0, None)

@@ -119,16 +119,15 @@ def pulled_remotes(args: Any, config: Any) -> set[str]:
     return pinned | ({default} if default else set())
 
 
-def unverified_remotes(args: Any, config: Any) -> list[str]:
-    """One advice line, by name, for each remote that `dvc pull` with the parsed options `args`
-    would download from and whose verify is off. A name that no config defines is left to
+def unverified_remotes(used: set[str], config: Any) -> list[str]:
+    """One advice line, by name, for each remote of `used` (pulled_remotes: those `dvc pull`
+    downloads from) whose verify is off. A name that no config defines is left to
     `dvc pull` to report, as is a pull that names no remote at all."""
     from dvc.config import Config
 
     files = {level: os.path.relpath(path) if level in ("repo", "local") else path
              for level, path in config.files.items()}
     levels = {level: config.load_one(level) for level in Config.LEVELS if level in config.files}
-    used = pulled_remotes(args, config)
     return [advice(name, levels, files) for name, remote in sorted(config["remote"].items())
             if name in used and not remote.get("verify", False)]
 
@@ -142,7 +141,8 @@ def no_remote_configured(config: Any) -> bool:
 # `dvc pull` is `dvc fetch` then `dvc checkout`; pull's options, by the attribute DVC's parser
 # stores them in, as each of the two takes them (flags, then options with a value). Targets go to
 # both, --glob's patterns expanded once (pull_targets). A test checks that each round-trips.
-FETCH_FLAGS = {"all_branches": "-a", "all_tags": "-T", "all_commits": "-A", "with_deps": "-d", "recursive": "-R"}
+FETCH_FLAGS = {"all_branches": "-a", "all_tags": "-T", "all_commits": "-A", "with_deps": "-d", "recursive": "-R",
+               "run_cache": "--run-cache"}  # off by default in both commands
 FETCH_VALUES = {"jobs": "-j", "remote": "-r"}
 CHECKOUT_FLAGS = {"with_deps": "-d", "recursive": "-R", "force": "-f", "allow_missing": "--allow-missing"}
 
@@ -168,8 +168,6 @@ def half_argv(args: Any, command: str, flags: dict[str, str], values: dict[str, 
     for name, option in values.items():
         if getattr(args, name) is not None:
             argv += [option, str(getattr(args, name))]
-    if command == "fetch":
-        argv.append("--run-cache" if args.run_cache else "--no-run-cache")
     targets = pull_targets(args) if targets is None else targets
     return argv + (["--", *targets] if targets else [])
 
@@ -188,12 +186,22 @@ def repair(md5: str) -> str:
             "remote): use make pull (docs/sharing.md)")
 
 
-def cache_dir() -> Path:
-    """DVC's local cache of file objects (files/md5), wherever the config puts it."""
+def pull_outputs(args: Any) -> tuple[Path, dict[str, list[Any]]]:
+    """(DVC's local cache of file objects, files/md5, wherever the config puts it; pull target ->
+    the outputs `dvc pull` with the parsed options `args` checks out for it, "" for a pull of
+    every output). No outputs for a target DVC does not know: `dvc fetch` and `dvc checkout` say
+    so in their own words."""
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     with Repo() as repo:
-        return Path(repo.cache.local.path)
+        cache = Path(repo.cache.local.path)
+        try:
+            return cache, {target: list(repo.index.targets_view(target or None, with_deps=args.with_deps,
+                                                                recursive=args.recursive).outs)
+                           for target in pull_targets(args) or [""]}
+        except DvcException:
+            return cache, {}
 
 
 def remove_damaged_manifests(cache: Path) -> set[str]:
@@ -207,25 +215,13 @@ def remove_damaged_manifests(cache: Path) -> set[str]:
     return removed
 
 
-def manifest_problems(args: Any, cache: Path, fetched: bool,
-                      removed: set[str]) -> tuple[dict[str, str], dict[str, set[str]]]:
-    """(output -> the line saying why, pull target -> the outputs it checks out; "" for a pull of
-    every output) for the outputs that `dvc pull` with the parsed options `args` checks out whose
-    directory manifest (`.dir`) the cache lacks: after a download (`fetched`), one that did not
+def manifest_problems(outs: dict[str, list[Any]], cache: Path, fetched: bool, removed: set[str]) -> dict[str, str]:
+    """Output -> the line saying why, for the outputs of `outs` (pull_outputs) whose directory
+    manifest (`.dir`) the cache lacks: after a download (`fetched`), one that did not
     arrive intact (DVC's verify drops a damaged manifest as it arrives, yet checks the directory out
     from the listing it read, and any checkout reads a manifest the cache lacks from the remote);
     without one, one of `removed` (damaged in the cache). Outputs that share a manifest (the same
     files) share its problem."""
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    targets = pull_targets(args) or [""]
-    try:
-        with Repo() as repo:
-            outs = {target: list(repo.index.targets_view(target or None, with_deps=args.with_deps,
-                                                        recursive=args.recursive).outs) for target in targets}
-    except DvcException:
-        return {}, {}  # a target DVC does not know: `dvc checkout` says so in its own words
     manifests: dict[str, set[str]] = {}
     for out in (out for target_outs in outs.values() for out in target_outs):
         if out.use_cache and out.hash_info and out.hash_info.isdir:
@@ -243,7 +239,7 @@ def manifest_problems(args: Any, cache: Path, fetched: bool,
         else:
             continue  # never here: `dvc checkout` says it is not in the cache
         problems.update({output: f"{output}: {why}" for output in outputs})
-    return problems, {target: {str(out) for out in target_outs} for target, target_outs in outs.items()}
+    return problems
 
 
 def sound_targets(outs: dict[str, set[str]], problems: dict[str, str]) -> list[str]:
@@ -268,19 +264,20 @@ def pull(args: Any, fetch: bool) -> int:
     """`dvc pull` with the parsed options `args`, as `dvc fetch` (when `fetch`) and then `dvc
     checkout`, leaving out every output whose directory manifest is not sound: the exit status,
     2 when an output was left out, else 1 when fetch or checkout failed (as `dvc pull`)."""
-    cache = cache_dir()
+    cache, outs = pull_outputs(args)
     removed = remove_damaged_manifests(cache)
     for md5 in sorted(removed):
         print(f"{LABEL}: the manifest {md5} in the cache was damaged (its bytes do not hash to its name): removed"
               + (", to be downloaded again" if fetch else ""), flush=True)
     if fetch and run_dvc(half_argv(args, "fetch", FETCH_FLAGS, FETCH_VALUES)):
         return 1  # DVC has said why
-    problems, outs = manifest_problems(args, cache, fetch, removed)
+    problems = manifest_problems(outs, cache, fetch, removed)
     for output in sorted(problems):
         print(f"{LABEL}: {problems[output]}; not checked out (what is there now stays as it was)", flush=True)
     if not problems:
         return 1 if run_dvc(half_argv(args, "checkout", CHECKOUT_FLAGS, {})) else 0
-    targets = sound_targets(outs, problems)
+    targets = sound_targets({target: {str(out) for out in target_outs} for target, target_outs in outs.items()},
+                            problems)
     if targets:
         # -d and -R would add back what was left out: each target is explicit here.
         run_dvc(half_argv(argparse.Namespace(**{**vars(args), "with_deps": False, "recursive": False}),
@@ -298,7 +295,8 @@ def main() -> None:
             sys.exit(subprocess.run([sys.executable, "-m", "dvc", "pull", *argv[1:]]).returncode)
         return
     config = read_config()
-    lines = unverified_remotes(args, config)
+    used = pulled_remotes(args, config)
+    lines = unverified_remotes(used, config)
     for line in lines:
         print(f"{LABEL}: {line}", flush=True)
     if lines:
@@ -308,7 +306,6 @@ def main() -> None:
         print(f"{LABEL}: {NO_REMOTE}", flush=True)  # a note, not an error: the pull may still check out
     if pulls:
         # Nothing to download from: no fetch (`-r NAME` fetches, and DVC says if NAME does not exist).
-        used = pulled_remotes(args, config)
         if remote and not used:
             print(f"{LABEL}: {NO_DEFAULT}", flush=True)
         sys.exit(pull(args, fetch=bool(used)))

@@ -10,13 +10,16 @@ import sys
 import pytest
 
 from stages.common import PipelineError
-from stages.remotes import NO_REMOTE, main, parsed_pull_args, read_config, unverified_remotes
+from stages.remotes import NO_REMOTE, main, parsed_pull_args, pulled_remotes, read_config, unverified_remotes
 
 
 def unverified(pull_args: list[str] | None = None) -> list[str]:
     """The check's lines for `dvc pull PULL_ARGS` in the working directory; none for help."""
     args = parsed_pull_args(pull_args or [])
-    return [] if args is None else unverified_remotes(args, read_config())
+    if args is None:
+        return []
+    config = read_config()
+    return unverified_remotes(pulled_remotes(args, config), config)
 
 
 @pytest.fixture
@@ -230,7 +233,7 @@ def test_outputs_that_share_a_manifest_share_its_problem(project):
     are left out (one was once checked out from the damaged listing). Without a download, only a
     manifest found damaged in the cache (and removed) is a problem: a missing one is left to
     `dvc checkout` to report."""
-    from stages.remotes import manifest_problems, remove_damaged_manifests
+    from stages.remotes import manifest_problems, pull_outputs, remove_damaged_manifests
 
     root = project / "project"
     (root / "dvc.yaml").write_text(
@@ -242,11 +245,12 @@ def test_outputs_that_share_a_manifest_share_its_problem(project):
     [manifest] = cache.glob("??/*.dir")
     md5 = manifest.parent.name + manifest.name
     args = parsed_pull_args([])
+    cache, outs = pull_outputs(args)
+    assert cache == root / ".dvc/cache/files/md5" and {str(out) for out in outs[""]} == {"a", "b"}
     manifest.write_bytes(manifest.read_bytes().replace(b'"f"', b'"g"'))  # renamed in the listing
     assert remove_damaged_manifests(cache) == {md5} and not manifest.exists()
-    problems, outs = manifest_problems(args, cache, fetched=True, removed=set())
+    problems = manifest_problems(outs, cache, fetched=True, removed=set())
     assert sorted(problems) == ["a", "b"] and "did not arrive intact" in problems["a"]
-    assert outs == {"": {"a", "b"}}
-    problems, _ = manifest_problems(args, cache, fetched=False, removed={md5})
+    problems = manifest_problems(outs, cache, fetched=False, removed={md5})
     assert sorted(problems) == ["a", "b"] and "was damaged in the cache" in problems["b"]
-    assert manifest_problems(args, cache, fetched=False, removed=set())[0] == {}
+    assert manifest_problems(outs, cache, fetched=False, removed=set()) == {}
