@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 import torch
-import yaml
 
 from stages import params as params_mod
 from stages.augment import augmented_split
-from stages.common import NO_CUDA_GPU, PipelineError, cannot_write, load_tensors, run_main
+from stages.common import NO_CUDA_GPU, PipelineError, cannot_write, load_tensors, parse_yaml, run_main
 from stages.datasets import FILE_ROLES, Dataset, known_files, load_table
 from stages.evaluate import test_metrics
 from stages.fetch import SourceError, fetch_verified
@@ -129,11 +128,14 @@ def table_row(label: str, accuracy: float, seconds: float) -> str:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`section.key=value`, the value read as YAML (as `dvc exp run -S` reads it)."""
+    """`section.key=value`, the value read as YAML, as params.yaml is (stages.common.parse_yaml)."""
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected section.key=value, got {text!r}")
-    return key, yaml.safe_load(value)
+    try:
+        return key, parse_yaml(value, f"--set {key}")
+    except PipelineError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def comma_list(text: str) -> list[str]:

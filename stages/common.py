@@ -145,50 +145,19 @@ def _duration(seconds: float) -> str:
 # YAML: params.yaml, presets.yaml and datasets.yaml are read by one loader.
 
 
-@functools.cache
-def _unique_key_loader() -> type:
-    """yaml.safe_load's loader, except that a key given twice in one mapping is an error. PyYAML
-    keeps the last silently, so `lr: 0.2` ... `lr: 0.05` would train at 0.05 while DVC's own YAML
-    parser refuses the file: the two must not disagree about what a file says."""
-    import yaml  # here, not at the top: predict uses this module and reads no YAML
-
-    class UniqueKeyLoader(yaml.SafeLoader):  # and YAML 1.2's floats (see below)
-        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-            seen: set = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat keys on purpose
-                    continue
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    repeated = key in seen
-                except TypeError:  # an unhashable key (a list): the base class's error follows
-                    continue
-                if repeated:
-                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
-                                                            f"found duplicate key {key!r}", key_node.start_mark)
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    # YAML 1.1 reads 1e-5, 1E5 and 1.0e5 as strings (its floats need a dot and a signed exponent);
-    # YAML 1.2, which DVC reads params.yaml as, reads them as numbers, and `dvc exp run -S
-    # train.lr=0.00001` writes 1e-05 into params.yaml: read as 1.2 does, not as a string.
-    UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                          re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"),
-                                          list("-+0123456789"))
-    return UniqueKeyLoader
-
-
 def parse_yaml(text: str, source: str) -> Any:
-    """`text` read as yaml.safe_load reads it (YAML 1.1), except that a duplicate key is refused and
-    a number with an exponent is a float, as in YAML 1.2 (1e-5: a string in 1.1).
+    """`text` read exactly as DVC reads params.yaml: ruamel.yaml's safe loader, YAML 1.2. PyYAML
+    (YAML 1.1) disagreed with DVC on plain scalars: `seed: 010` trained with seed 8 while `dvc
+    params diff` showed 10; `yes`/`on` were true (DVC: text), `1:30` was 90, `1e-5` text. A key
+    given twice in one mapping is refused, as DVC refuses it.
     Text that is not valid YAML raises PipelineError: `source`, the problem and where it lies."""
-    import yaml  # see _unique_key_loader
+    from ruamel.yaml import YAML, YAMLError  # here, not at the top: predict reads YAML only for IDX files
 
     try:
-        return yaml.load(text, Loader=_unique_key_loader())
+        return YAML(typ="safe").load(text)  # as dvc.utils.serialize.parse_yaml reads it
     except ValueError as exc:  # from a constructor: an integer of over 4,300 digits, a date like 2026-13-01
         raise PipelineError(f"{source}: not valid YAML: {exc}") from None
-    except yaml.YAMLError as exc:
+    except YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""

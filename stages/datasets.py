@@ -112,9 +112,20 @@ def load_table(path: Path = TABLE_PATH) -> dict[str, Dataset]:
     return {name: _parse_entry(name, entry) for name, entry in raw.items()}
 
 
-def known_files(table: dict[str, Dataset]) -> dict[str, str]:
-    """SHA-256 of every file the table lists -> "<dataset>'s <file name>": the `known` of
-    fetch.fetch_verified, which names a file found in place of another (MNIST's and Fashion-MNIST's
-    files have the same names)."""
-    return {entry.sha256: f"{dataset.name}'s {entry.name}" for dataset in table.values()
-            for entry in dataset.files.values()}
+@dataclass(frozen=True)
+class KnownFile:
+    """A file of the dataset table, as found by its content's SHA-256 (known_files)."""
+    dataset: Dataset
+    role: str  # one of FILE_ROLES
+
+    def __str__(self) -> str:
+        """"<dataset>'s <file name>", e.g. "fashion-mnist's train-images-idx3-ubyte"."""
+        return f"{self.dataset.name}'s {self.dataset.files[self.role].name}"
+
+
+def known_files(table: dict[str, Dataset]) -> dict[str, KnownFile]:
+    """SHA-256 of every file the table lists -> that file: fetch names a file found in place of
+    another by it (MNIST's and Fashion-MNIST's files have the same names), predict refuses a
+    dataset's own images for a model of other classes."""
+    return {entry.sha256: KnownFile(dataset, role) for dataset in table.values()
+            for role, entry in dataset.files.items()}

@@ -46,10 +46,15 @@ def test_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[s
             "per_class": per_class}
 
 
-def split_problem(images: torch.Tensor, labels: torch.Tensor, image_size: int, num_classes: int) -> str | None:
-    """Why a labelled split cannot be scored by a model of `image_size` and `num_classes`, or None.
-    preprocess writes test.pt from the same dataset as the model's, so this meets only a file
-    swapped or edited by hand, which would otherwise fail deep in torch or be scored wrongly."""
+def split_problem(split: dict, image_size: int, classes: list[str]) -> str | None:
+    """Why a split ({images, labels, classes}, as preprocess writes it) cannot be scored by a model
+    of `image_size` and `classes`, or None. preprocess writes test.pt from the same dataset as the
+    model's, so this meets only a file swapped or edited by hand (or a stage run by hand on another
+    dataset's split: a Fashion-MNIST test set scored under digit names), which would otherwise fail
+    deep in torch or be scored wrongly."""
+    images, labels, num_classes = split["images"], split["labels"], len(classes)
+    if tuple(split["classes"]) != tuple(classes):
+        return f"images of the classes {', '.join(map(str, split['classes']))}, the model's are {', '.join(classes)}"
     if images.ndim != 3 or tuple(images.shape[1:]) != (image_size, image_size):
         return f"images of shape {list(images.shape)}, the model takes [N, {image_size}, {image_size}]"
     if len(images) == 0:
@@ -75,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = params_mod.load().evaluate
     model, meta = load_model(args.model_in)
-    test = load_tensors(args.test_in, required=("images", "labels"))
-    problem = split_problem(test["images"], test["labels"], meta["config"]["image_size"], len(meta["classes"]))
+    test = load_tensors(args.test_in, required=("images", "labels", "classes"))
+    problem = split_problem(test, meta["config"]["image_size"], meta["classes"])
     if problem:
         raise PipelineError(f"{args.test_in}: {problem}; re-run `dvc repro` to rebuild it")
     logits = predict_logits(model, test["images"], cfg.batch_size)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from stages import params as params_mod
 from stages.common import PipelineError, Progress, atomic_path, log, os_reason, run_main
-from stages.datasets import FILE_ROLES, DataFile, is_url, known_files, load_table
+from stages.datasets import FILE_ROLES, DataFile, KnownFile, is_url, known_files, load_table
 from stages.idx import IdxFormatError, IdxTooLargeError, gunzip_if_compressed
 
 STAGE = "fetch"
@@ -142,9 +142,9 @@ def uncompressed(data: bytes, max_size: int) -> bytes:
         raise SourceError(reason + (_BY_THE_TABLE if isinstance(exc, IdxTooLargeError) else "")) from None
 
 
-def fetch_verified(source: str, file: DataFile, timeout_s: float, known: dict[str, str] | None = None) -> bytes:
+def fetch_verified(source: str, file: DataFile, timeout_s: float, known: dict[str, KnownFile] | None = None) -> bytes:
     """The uncompressed, digest-checked content of `file` from one source; raises SourceError.
-    `known`: SHA-256 -> a name (another dataset's file), said when the content is that file."""
+    `known`: SHA-256 -> a file of the dataset table (known_files), named when the content is that file."""
     if is_url(source):
         data = _download(f"{source.rstrip('/')}/{file.gz_name}", timeout_s, served_limit(file))
     else:
@@ -158,7 +158,7 @@ def fetch_verified(source: str, file: DataFile, timeout_s: float, known: dict[st
     return content
 
 
-def fetch_file(candidates: list[str], file: DataFile, timeout_s: float, known: dict[str, str] | None = None) -> bytes:
+def fetch_file(candidates: list[str], file: DataFile, timeout_s: float, known: dict[str, KnownFile] | None = None) -> bytes:
     failures = []
     for source in candidates:
         try:

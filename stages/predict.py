@@ -13,7 +13,8 @@ result per image.
 Every image gets exactly one line (an IDX file one per image it holds): its class, `blank`, or a
 one-line error naming the file and the reason (on stderr); the run goes on with the next file and
 exits with status 1 if any file failed.
-Only the model file is read (no params.yaml), with torch's weights_only loader. See docs/predict.md.
+Only the model file is read (no params.yaml), with torch's weights_only loader, and for IDX files
+the dataset table (stages/datasets.yaml, shipped with the package). See docs/predict.md.
 """
 
 from __future__ import annotations
@@ -443,11 +444,6 @@ def frame(ink: np.ndarray, size: int = 28, framing: dict | None = None) -> np.nd
     return np.round(out).astype(np.uint8)
 
 
-def to_mnist(gray: np.ndarray) -> np.ndarray:
-    """uint8 [28, 28] MNIST-style digit from a greyscale image [H, W] with values 0..255."""
-    return frame(extract_ink(gray))
-
-
 # ---------------------------------------------------------------------------------------------
 # One file -> one or more named 28x28 images
 
@@ -498,22 +494,26 @@ def image_sample(path: str, size: int, framing: dict | None = None) -> Sample:
 
 
 def other_datasets_file(data: bytes, classes: list[str] | None) -> str | None:
-    """"<dataset>'s <file name>" when `data` (an IDX file's content) is a file of a dataset in
-    stages/datasets.yaml whose classes are not `classes` (the model's; None: not checked). MNIST's
-    and Fashion-MNIST's files share names and formats, and a model of one classified the other's
-    images without a word (a digit named Sandal)."""
+    """"<dataset>'s <file name>" when `data` (an IDX file's content) is an image file of a dataset
+    in stages/datasets.yaml whose classes are not `classes` (the model's; None: not checked).
+    MNIST's and Fashion-MNIST's files share names and formats, and a model of one classified the
+    other's images without a word (a digit named Sandal)."""
     import hashlib
-
-    from stages.datasets import load_table
 
     if classes is None:
         return None
-    digest = hashlib.sha256(data).hexdigest()
-    for dataset in load_table().values():
-        for role, entry in dataset.files.items():
-            if role.endswith("_images") and entry.sha256 == digest and tuple(dataset.classes) != tuple(classes):
-                return f"{dataset.name}'s {entry.name}"
+    found = known_dataset_files().get(hashlib.sha256(data).hexdigest())
+    if found and found.role.endswith("_images") and found.dataset.classes != tuple(classes):
+        return str(found)
     return None
+
+
+@functools.cache
+def known_dataset_files() -> dict:
+    """datasets.known_files of the dataset table, read once however many IDX files are given."""
+    from stages.datasets import known_files, load_table
+
+    return known_files(load_table())
 
 
 def idx_samples(path: str, size: int, classes: list[str] | None = None) -> list[Sample]:

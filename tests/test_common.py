@@ -357,14 +357,24 @@ def test_a_target_named_like_anothers_temporary_is_spared(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.pt", "model.pt.sha256"]
 
 
-def test_parse_yaml_reads_as_safe_load_does_but_refuses_duplicate_keys():
-    """One loader for params.yaml, presets.yaml and datasets.yaml: safe_load's values, merge keys
-    allowed, but for a number with an exponent (a float, as YAML 1.2 and DVC read it, not a
-    string); a repeated key (at any depth) refused in one line that says where."""
-    text = "base: &b {lr: 0.1, n: 2}\nrun:\n  <<: *b\n  lr: 1.0e-3\nseed: 1e-3\nname: 1e-3x\n"
-    assert parse_yaml(text, "x.yaml") == {**yaml.safe_load(text), "seed": 0.001}
-    assert yaml.safe_load(text)["seed"] == "1e-3"
-    with pytest.raises(PipelineError, match=r"^x\.yaml: not valid YAML: found duplicate key 'lr' \(line 3, column 3\)$"):
+def test_parse_yaml_reads_every_scalar_as_dvc_does_and_refuses_duplicate_keys():
+    """One loader for params.yaml, presets.yaml and datasets.yaml, reading what DVC's own parser
+    reads (YAML 1.2): PyYAML's YAML 1.1 trained with seed 8 from `seed: 010` while `dvc params
+    diff` showed 10, and read `yes`, `on` and `1:30` as true, true and 90 where DVC reads text. Merge
+    keys allowed; a repeated key (at any depth) refused in one line that says where."""
+    from dvc.utils.serialize import parse_yaml as dvc_parse_yaml
+
+    scalars = ["010", "0o17", "0x1F", "1_000", "yes", "No", "on", "OFF", "y", "1:30", "1e-5", "1.0e-3", "1e-3x",
+               ".5", "1.", "+1", "-.inf", "~", "null", "True", "false", "2026-01-01", "'010'"]
+    text = "base: &b {lr: 0.1, n: 2}\nrun:\n  <<: *b\n  lr: 1.0e-3\n" + "".join(
+        f"k{i}: {scalar}\n" for i, scalar in enumerate(scalars))
+    ours, dvcs = parse_yaml(text, "x.yaml"), dvc_parse_yaml(text, "x.yaml")
+    assert ours == dvcs and [type(ours[key]) for key in ours] == [type(dvcs[key]) for key in dvcs]
+    assert ours["run"] == {"lr": 0.001, "n": 2}
+    assert [ours[f"k{i}"] for i in range(5)] == [10, 15, 31, 1000, "yes"] and ours["k9"] == "1:30"
+    assert yaml.safe_load(text)["k0"] == 8 and yaml.safe_load(text)["k4"] is True  # what PyYAML read
+    with pytest.raises(PipelineError, match=r'^x\.yaml: not valid YAML: found duplicate key "lr" with value "0\.05" '
+                                            r'\(original value: "0\.2"\) \(line 3, column 3\)$'):
         parse_yaml("train:\n  lr: 0.2\n  lr: 0.05\n", "x.yaml")
     with pytest.raises(PipelineError, match=r"^x\.yaml: not valid YAML: expected .* \(line 2, column 1\)$"):
         parse_yaml("train: [unclosed\n", "x.yaml")

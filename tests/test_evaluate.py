@@ -90,11 +90,12 @@ def write_model(path: Path, fill: float | None = None) -> None:
     save_model(path, model, config, ["a", "b", "c"])
 
 
-def run_evaluate(tmp_path: Path, monkeypatch, images: torch.Tensor, labels: torch.Tensor, fill: float | None = None):
+def run_evaluate(tmp_path: Path, monkeypatch, images: torch.Tensor, labels: torch.Tensor, fill: float | None = None,
+                 classes: tuple[str, ...] = ("a", "b", "c")):
     monkeypatch.chdir(tmp_path)
     shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
     write_model(tmp_path / "model.pt", fill)
-    save_tensors(tmp_path / "test.pt", {"images": images, "labels": labels})
+    save_tensors(tmp_path / "test.pt", {"images": images, "labels": labels, "classes": list(classes)})
     evaluate_main(["model.pt", "test.pt", "eval.json", "confusion.csv"])
 
 
@@ -108,18 +109,23 @@ def test_evaluate_writes_metrics_for_a_matching_split(tmp_path, monkeypatch):
     assert len((tmp_path / "confusion.csv").read_text().splitlines()) == 7
 
 
-@pytest.mark.parametrize(("images", "labels", "problem"), [
-    (torch.rand(6, 9, 9), GOOD_LABELS, r"images of shape \[6, 9, 9\], the model takes \[N, 8, 8\]"),
-    (torch.rand(0, 8, 8), torch.tensor([], dtype=torch.long), r"no images"),
-    (GOOD_IMAGES, GOOD_LABELS[:4], r"labels of shape \[4\] and type torch.int64 for 6 images"),
-    (GOOD_IMAGES, GOOD_LABELS.float(), r"labels of shape \[6\] and type torch.float32 for 6 images"),
-    (GOOD_IMAGES, GOOD_LABELS + 5, r"labels 5-7, the model has classes 0-2"),
-], ids=["image size", "empty", "count", "float labels", "label range"])
-def test_a_test_split_that_does_not_fit_the_model_is_one_line(tmp_path, monkeypatch, images, labels, problem):
-    """A test.pt swapped or edited by hand: one line naming it, no metrics written (not a traceback
-    from torch or scikit-learn, nor a silent score of the wrong images)."""
+ABC = ("a", "b", "c")
+
+
+@pytest.mark.parametrize(("images", "labels", "classes", "problem"), [
+    (torch.rand(6, 9, 9), GOOD_LABELS, ABC, r"images of shape \[6, 9, 9\], the model takes \[N, 8, 8\]"),
+    (torch.rand(0, 8, 8), torch.tensor([], dtype=torch.long), ABC, r"no images"),
+    (GOOD_IMAGES, GOOD_LABELS[:4], ABC, r"labels of shape \[4\] and type torch.int64 for 6 images"),
+    (GOOD_IMAGES, GOOD_LABELS.float(), ABC, r"labels of shape \[6\] and type torch.float32 for 6 images"),
+    (GOOD_IMAGES, GOOD_LABELS + 5, ABC, r"labels 5-7, the model has classes 0-2"),
+    (GOOD_IMAGES, GOOD_LABELS, ("x", "b", "c"), r"images of the classes x, b, c, the model's are a, b, c"),
+], ids=["image size", "empty", "count", "float labels", "label range", "other classes"])
+def test_a_test_split_that_does_not_fit_the_model_is_one_line(tmp_path, monkeypatch, images, labels, classes, problem):
+    """A test.pt swapped or edited by hand, or another dataset's (same size and class count, so
+    eval.json would name garments' accuracies by digits): one line naming it, no metrics written
+    (not a traceback from torch or scikit-learn, nor a silent score of the wrong images)."""
     with pytest.raises(PipelineError, match=rf"^test\.pt: {problem}; re-run `dvc repro` to rebuild it$"):
-        run_evaluate(tmp_path, monkeypatch, images, labels)
+        run_evaluate(tmp_path, monkeypatch, images, labels, classes=classes)
     assert not (tmp_path / "eval.json").exists() and not (tmp_path / "confusion.csv").exists()
 
 

@@ -527,5 +527,6 @@ def test_known_files_name_every_file_of_the_table_by_its_dataset():
     known = datasets_mod.known_files(table)
     assert len(known) == sum(len(dataset.files) for dataset in table.values()) == 8
     garments = table["fashion-mnist"].files["train_images"]
-    assert known[garments.sha256] == "fashion-mnist's train-images-idx3-ubyte"
-    assert known[table["mnist"].files["test_labels"].sha256] == "mnist's t10k-labels-idx1-ubyte"
+    assert str(known[garments.sha256]) == "fashion-mnist's train-images-idx3-ubyte"
+    assert known[garments.sha256] == datasets_mod.KnownFile(table["fashion-mnist"], "train_images")
+    assert str(known[table["mnist"].files["test_labels"].sha256]) == "mnist's t10k-labels-idx1-ubyte"

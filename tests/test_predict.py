@@ -13,8 +13,14 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from stages.common import load_tensors
-from stages.predict import extract_ink, frame, object_may_fill_picture, to_mnist
+from stages.predict import extract_ink, frame, object_may_fill_picture
 from tests.conftest import PROJECT_ROOT
+
+
+def to_mnist(gray: np.ndarray) -> np.ndarray:
+    """uint8 [28, 28] MNIST-style digit from a greyscale image [H, W] with values 0..255: what
+    predict does to a picture's grey image for a digit model (image_sample)."""
+    return frame(extract_ink(gray))
 
 
 def rendered_digit(digit: str, dark_on_light: bool, size=(180, 240)) -> np.ndarray:

@@ -35,7 +35,7 @@ def mnist_like_digit(digit: str = "3") -> np.ndarray:
     """uint8 [28, 28], light ink on black: a font digit put through the MNIST recipe."""
     image = Image.new("L", (180, 240), 0)
     ImageDraw.Draw(image).text((15, 5), digit, fill=255, font=ImageFont.load_default(size=150))
-    return predict.to_mnist(np.asarray(image))
+    return predict.frame(predict.extract_ink(np.asarray(image)))
 
 
 @pytest.fixture(scope="module")
@@ -653,7 +653,7 @@ def test_a_known_idx_file_of_another_dataset_is_refused(tmp_path, monkeypatch):
     images = SimpleNamespace(name="t10k-images-idx3-ubyte", sha256=hashlib.sha256(content).hexdigest())
     table = {"digits": SimpleNamespace(name="digits", classes=tuple(str(k) for k in range(10)),
                                        files={"test_images": images})}
-    monkeypatch.setattr(stages.datasets, "load_table", lambda: table)
+    monkeypatch.setattr(predict, "known_dataset_files", lambda: stages.datasets.known_files(table))
     monkeypatch.chdir(tmp_path)
     status, out, err = run_main("--model", "garments.pt", "t10k-images-idx3-ubyte.gz", "mine-idx3-ubyte")
     assert status == 1 and err == [
@@ -663,6 +663,10 @@ def test_a_known_idx_file_of_another_dataset_is_refused(tmp_path, monkeypatch):
     assert [line.split(":")[0] for line in out] == ["mine-idx3-ubyte[0]", "mine-idx3-ubyte[1]", "mine-idx3-ubyte[2]"]
     status, out, _ = run_main("--model", "digits.pt", "t10k-images-idx3-ubyte.gz")
     assert status == 0 and len(out) == 3
+    monkeypatch.undo()  # predict's own lookup: the real table, read once
+    real = stages.datasets.load_table()["fashion-mnist"]
+    assert predict.known_dataset_files() is predict.known_dataset_files()
+    assert predict.known_dataset_files()[real.files["test_images"].sha256].dataset == real
 
 
 def test_files_are_named_as_given_and_never_split_a_line(tmp_path, monkeypatch):

@@ -254,3 +254,13 @@ def test_preset_benchmark_trains_and_scores_each_preset_for_real(tmp_path, capsy
     assert [label for label, _, _ in rows] == ["fast train.epochs=1", "mlp-100-100+aug train.epochs=1"], out
     assert all(0 <= float(accuracy) <= 100 and float(seconds) >= 0 for _, accuracy, seconds in rows)
     assert table.read_text() == out
+
+
+def test_a_benchmarks_set_value_is_read_as_params_yaml_is():
+    """--set's value is YAML read as the stages read params.yaml (DVC's YAML 1.2): `010` is ten,
+    `yes` text; broken YAML is argparse's one-line usage error."""
+    assert [bench.parse_override(text) for text in ("train.seed=010", "a.b=yes", "train.channels=[8, 16]")] == [
+        ("train.seed", 10), ("a.b", "yes"), ("train.channels", [8, 16])]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--set", "train.channels=[8"])
+    assert exit_info.value.code == 2
