@@ -93,9 +93,10 @@ predict: $(INSTALLED)  ## classify image files with the trained model (FILES="a.
 # runs it as PRESET-replacing and, once that run succeeds, renames it over the old one (`dvc exp
 # rename -f`; a failed run leaves the old one). Stages whose inputs did not change come from the
 # run-cache; DVC's own hint, `dvc exp run -f`, also forces every stage to run again, the download
-# included. A queued run ends after make does, so REPLACE=1 refuses --queue (stages.presets reads
-# EXP_ARGS with DVC's parser); a PRESET-replacing that an interrupted one left on this commit is
-# removed first (one on another commit is another run: kept).
+# included. A queued run ends after make does, so REPLACE=1 refuses --queue, and a -n in EXP_ARGS,
+# which would name the run (stages.presets reads EXP_ARGS with DVC's parser); a PRESET-replacing
+# that an interrupted one left on this commit is removed first (one on another commit is another
+# run: kept). Without REPLACE, a run refused because the name is taken is told about REPLACE=1.
 # More `dvc exp run` options go in EXP_ARGS; a grid must be queued, and DVC then names the runs
 # PRESET-1, PRESET-2, ...:
 # make exp PRESET=fast EXP_ARGS="--queue -S 'train.seed=range(0,3)'"
@@ -111,7 +112,10 @@ exp: $(INSTALLED)  ## run a preset of presets.yaml as a DVC experiment (PRESET=n
 	$(if $(REPLACE),{ ! $(BIN)/dvc exp list --name-only 2>/dev/null | grep -qxF '$(EXP_NAME)-replacing' || \
 	  $(BIN)/dvc exp remove '$(EXP_NAME)-replacing'; } && \
 	eval "$(BIN)/dvc exp run -n '$(EXP_NAME)-replacing' $$options $$EXP_ARGS" && \
-	$(BIN)/dvc exp rename -f '$(EXP_NAME)-replacing' '$(EXP_NAME)',eval "$(BIN)/dvc exp run -n '$(EXP_NAME)' $$options $$EXP_ARGS")
+	$(BIN)/dvc exp rename -f '$(EXP_NAME)-replacing' '$(EXP_NAME)',{ eval "$(BIN)/dvc exp run -n '$(EXP_NAME)' $$options $$EXP_ARGS" || \
+	{ status=$$?; ! $(BIN)/dvc exp list --name-only 2>/dev/null | grep -qxF '$(EXP_NAME)' || \
+	  echo "make exp: this commit has an experiment $(EXP_NAME) already: 'make exp PRESET=$(PRESET) REPLACE=1' runs it again under its name (DVC's 'dvc exp run -f' would re-run every stage, the download included)"; \
+	  exit $$status; }; })
 
 # Run every queued experiment on JOBS parallel workers and wait for them: make queue JOBS=2.
 # With JOBS > 1 each worker's stages get an equal share of the cores (OMP_NUM_THREADS: cores / JOBS,
@@ -129,7 +133,13 @@ queue: $(INSTALLED)  ## run the queued experiments on JOBS workers
 	  cores=$$(nproc); share=$$(( cores / $(JOBS) )); export OMP_NUM_THREADS=$$(( share > 0 ? share : 1 )); \
 	  echo "make queue: $(JOBS) workers on $$cores cores, $$OMP_NUM_THREADS thread(s) each (OMP_NUM_THREADS)"; \
 	fi; \
-	echo "$(BIN)/dvc exp run --run-all -j $(JOBS)"; $(BIN)/dvc exp run --run-all -j $(JOBS)
+	failed_before=" $$($(BIN)/dvc queue status 2>/dev/null | awk '$$NF == "Failed" {print $$1}' | tr '\n' ' ')"; \
+	echo "$(BIN)/dvc exp run --run-all -j $(JOBS)"; $(BIN)/dvc exp run --run-all -j $(JOBS); status=$$?; \
+	failed=$$($(BIN)/dvc queue status 2>/dev/null | awk -v before="$$failed_before" \
+	  '$$NF == "Failed" && index(before, " " $$1 " ") == 0 {printf " %s", $$2}'); \
+	if [ -n "$$failed" ]; then \
+	  echo "make queue: failed:$$failed ('dvc queue logs NAME' says why; 'dvc queue remove --failed' clears them)"; exit 1; \
+	fi; exit $$status
 
 # dvc pull, but only from remotes that re-hash what they download (`verify = true`): without it
 # DVC places a remote object whose bytes changed in the workspace unnoticed (docs/sharing.md).

@@ -45,8 +45,8 @@ import torch
 from benchmarks import presets
 from benchmarks.presets import (DATA_DIR, QUICK_VAL, RAW_DIR, check_prepared_is_mnist, check_raw, comma_ints,
                                 comma_list, device_option, figure_file, lifetime_peak_rss, load_splits,
-                                params_line, parse_override, refuse_other_datasets, seeds_problem, test_accuracy,
-                                timed_fit, write_quick_mirror)
+                                made_parent, params_line, parse_override, refuse_other_datasets, seeds_problem,
+                                split_overrides_problem, test_accuracy, timed_fit, write_quick_mirror)
 from benchmarks.reference import torchvision_mnist, train_reference
 from stages.augment import augmented_split
 from stages.common import PipelineError, run_main, write_bytes_atomic
@@ -187,7 +187,7 @@ def plot(runs: list[PresetRun], reference: list, path: Path) -> None:
     image = io.BytesIO()
     figure.savefig(image, format="png", dpi=120)
     plt.close(figure)
-    write_bytes_atomic(path, image.getvalue())  # a Ctrl-C or a full disk leaves the old figure whole
+    write_bytes_atomic(made_parent(path), image.getvalue())  # a Ctrl-C or a full disk leaves the old figure whole
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         except argparse.ArgumentTypeError as exc:
             parser.error(f"argument --plot: {exc}")
     overrides = dict(args.overrides)
+    if problem := split_overrides_problem(overrides):
+        parser.error(problem)
     seeded = sorted({"train.seed", "augment.seed"} & overrides.keys())
     if seeded:
         parser.error(f"--set {', '.join(seeded)}: the seeds come from --seeds (each run sets both)")

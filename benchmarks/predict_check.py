@@ -69,9 +69,9 @@ def train_fast_model(raw_dir: Path, path: Path, val_size: int = VAL) -> None:
 
 
 def format_accuracy(model_path: Path, raw_dir: Path, digits: int, work: Path,
-                    dataset: str = "mnist") -> list[tuple[str, int]]:
-    """(format, images classified right) for the raw images and each of FORMATS, on the first
-    `digits` test images of `dataset`."""
+                    dataset: str = "mnist") -> tuple[int, list[tuple[str, int]]]:
+    """(images used, [(format, images classified right)]) for the raw images and each of FORMATS,
+    on the first `digits` test images of `dataset` (all of them when it holds fewer)."""
     model, meta = load_model(model_path)
     if tuple(meta["classes"]) != load_table()[dataset].classes:
         raise PipelineError(f"{model_path}: a model of the classes {', '.join(meta['classes'])}, not {dataset}'s "
@@ -89,7 +89,7 @@ def format_accuracy(model_path: Path, raw_dir: Path, digits: int, work: Path,
             [sample] = predict.load_samples(write(ink, directory), 28, meta["framing"])
             right += int(predict.classify(model, sample.image[None])[0][0] == label)
         rows.append((name, right))
-    return rows
+    return len(images), rows
 
 
 # Run in a fresh process: imports predict (torch is most of a process's memory), then resets the
@@ -103,19 +103,27 @@ def kib(key):
 start = kib("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
-with open(os.devnull, "w") as out, contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-    predict.main(sys.argv[1:])
-print(start, kib("VmHWM"))
+status = 0
+try:
+    with open(os.devnull, "w") as out, contextlib.redirect_stdout(out):
+        predict.main(sys.argv[1:])
+except SystemExit as exc:
+    status = exc.code if isinstance(exc.code, int) else 1
+print(start, kib("VmHWM"), status)
 """
 
 
 def peak_rss_mib(model_path: Path, files: list[Path]) -> tuple[float, float]:
     """(resident MiB once predict is imported, peak resident MiB while it classifies `files`),
-    of a fresh process."""
+    of a fresh process. Raises when predict refused a file: its peak would be that of work not done."""
     command = [sys.executable, "-c", _MEASURE, "--model", str(model_path), *map(str, files)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    start, peak = map(int, out.stdout.split()[-2:])
+    out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    figures = out.stdout.split()[-3:]
+    if out.returncode != 0 or len(figures) != 3 or figures[2] != "0":
+        said = out.stderr.strip().splitlines()
+        raise PipelineError(f"predict failed on {files[0]}{f' and {len(files) - 1:,} more' if len(files) > 1 else ''}, "
+                            f"so no memory figure: {said[-1] if said else f'exit status {out.returncode}'}")
+    start, peak = map(int, figures[:2])
     return start / 1024, peak / 1024
 
 
@@ -153,11 +161,23 @@ def memory_figures(model_path: Path, work: Path, quick: bool = False) -> list[tu
             ("1,000 12 MP JPEGs (4032x3024, RGB) in one run", peak_rss_mib(model_path, batch))]
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a negative --digits sliced off the last images)."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a whole number >= 1")
+    return number
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", type=Path, help="model file to use instead of training the fast preset")
-    parser.add_argument("--digits", type=int, default=100, help="test images per format")
+    parser.add_argument("--digits", type=positive_int, default=100,
+                        help="test images per format (the first N of the test set)")
     parser.add_argument("--dataset", default="mnist", choices=sorted(load_table()),
                         help="whose test images (MNIST_MIRROR holds its files); another than mnist needs --model")
     parser.add_argument("--save-model", type=Path, help="keep the trained model at this path")
@@ -184,8 +204,9 @@ def main(argv: list[str] | None = None) -> None:
             trained = " and a model trained on them for seconds" if args.model is None else ""
             print(f"--quick: a smoke test on synthetic digits{trained}: the numbers below say only that "
                   "every part ran")
-        print(f"\n| format | right of {args.digits} |\n|---|---:|")
-        for name, right in format_accuracy(model_path, Path(mirror), args.digits, work / "formats", args.dataset):
+        used, rows = format_accuracy(model_path, Path(mirror), args.digits, work / "formats", args.dataset)
+        print(f"\n| format | right of {used} |\n|---|---:|")
+        for name, right in rows:
             print(f"| {name} | {right} |", flush=True)
         if not args.skip_memory:
             print("\n| input | resident after imports (MiB) | peak while classifying (MiB) | added (MiB) |\n"

@@ -25,7 +25,7 @@ import torch
 
 from stages import params as params_mod
 from stages.augment import augmented_split
-from stages.common import NO_CUDA_GPU, PipelineError, cannot_write, load_tensors, parse_yaml, run_main
+from stages.common import NO_CUDA_GPU, PipelineError, cannot_write, load_tensors, os_reason, parse_yaml, run_main
 from stages.datasets import FILE_ROLES, Dataset, known_files, load_table
 from stages.evaluate import test_metrics
 from stages.fetch import SourceError, fetch_verified
@@ -138,29 +138,63 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def split_overrides_problem(overrides: dict[str, Any]) -> str | None:
+    """Why --set's `overrides` cannot be honoured, or None: the runs train on the prepared splits
+    (data/prepared, the preprocess stage's), so a preprocess.* value would label a row with a split
+    it was not trained on."""
+    keys = sorted(key for key in overrides if key.split(".")[0] == "preprocess")
+    if keys:
+        return (f"--set {', '.join(keys)}: the runs use the prepared splits as they are; prepare others with "
+                "`dvc repro preprocess` (and point --data at them)")
+    return None
+
+
 def comma_list(text: str) -> list[str]:
-    """An argparse type: "a, b,c" -> ["a", "b", "c"]."""
-    return [item.strip() for item in text.split(",") if item.strip()]
+    """An argparse type: "a, b,c" -> ["a", "b", "c"]; "" or " , ": [] (the caller says none was
+    given). An empty item beside others ("0,,1", "a,") is refused: it is a name or number the user
+    meant to type, not one to drop."""
+    items = [item.strip() for item in text.split(",")]
+    if not any(items):
+        return []
+    if "" in items:
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty item between commas")
+    return items
 
 
 def output_file(text: str, renamed: bool = False) -> Path:
     """An argparse type for a file the benchmark appends to (a table, the sealed test accuracies):
-    its folder is made now, the path must not be a folder, and the file (or, while it does not
-    exist, its folder) must take writes, so that a bad path is one line before any training, not a
-    traceback after it. `renamed`: the file is written beside itself and renamed into place (the
-    figure), so its folder must take new files in any case."""
+    the path must not be a folder, and the file (or, while it does not exist, the nearest folder
+    above it that exists) must take writes, so that a bad path is one line before any training, not
+    a traceback after it. Nothing is made here: a refused run leaves no folder behind; the missing
+    folders are made with the first write (append_text, made_parent). `renamed`: the file is
+    written beside itself and renamed into place (the figure), so its folder must take new files in
+    any case."""
     path = Path(text)
+    if path.is_dir() or text.endswith("/"):
+        raise argparse.ArgumentTypeError(f"{text}: is a folder; name a file")
+    folder = next(parent for parent in path.absolute().parents if parent.exists())
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: cannot write (Not a directory: {folder})")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir():
-            raise argparse.ArgumentTypeError(f"{text}: is a folder; name a file")
-        if renamed or not path.exists():
-            with tempfile.TemporaryFile(dir=path.parent):  # made and gone: the folder takes new files
-                pass
         if path.exists():
             path.open("ab").close()  # appends nothing: the file takes writes
     except OSError as exc:
         raise argparse.ArgumentTypeError(str(cannot_write(path, exc))) from None
+    if renamed or not path.exists():
+        try:
+            with tempfile.TemporaryFile(dir=folder):  # made and gone: the folder takes new files
+                pass
+        except OSError as exc:  # named by the folder: the temporary's name means nothing to the user
+            raise argparse.ArgumentTypeError(f"{text}: cannot write in {folder} ({os_reason(exc)})") from None
+    return path
+
+
+def made_parent(path: Path) -> Path:
+    """`path`, its missing folders made: just before a benchmark's first write to an output_file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
     return path
 
 
@@ -179,7 +213,7 @@ def lifetime_peak_rss() -> int:
 def append_text(path: Path, text: str) -> None:
     """Appends to a benchmark's output file; a write that fails (a full disk) is one line naming it."""
     try:
-        with path.open("a", encoding="utf-8") as file:
+        with made_parent(path).open("a", encoding="utf-8") as file:
             file.write(text)
     except OSError as exc:
         raise cannot_write(path, exc) from None
@@ -298,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="directory of train.pt, val.pt, test.pt")
     args = parser.parse_args(argv)
     overrides = dict(args.overrides)
+    if problem := split_overrides_problem(overrides):
+        parser.error(problem)
     specs = args.specs or default_specs(load_presets())
     all_params = [preset_params(spec, overrides) for spec in specs]  # every preset checked before any run
     splits = load_splits(args.data)
@@ -310,19 +346,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"benchmarks.presets: skipping {', '.join(other)}: another dataset than {args.data}'s",
               file=sys.stderr)
     runs = [(spec, params) for spec, params in zip(specs, all_params) if spec not in other]
+    for _, params in runs:  # train.device: cuda on a machine without one, before any output
+        resolve_device(params.train.device)
     suffix = "".join(f" {key}={value}" for key, value in overrides.items())
     print(params_line(set(overrides)), file=sys.stderr)  # stdout: the table alone, as in --out
     sys.stdout.write(TABLE_HEADER)
-    if args.out:
-        try:
-            args.out.write_text(TABLE_HEADER)  # the table starts afresh, and its rows are appended
-        except OSError as exc:
-            raise cannot_write(args.out, exc) from None
-    for spec, params in runs:
+    for index, (spec, params) in enumerate(runs):
         row = table_row(spec + suffix, *run_preset(params, splits))
         sys.stdout.write(row)
         sys.stdout.flush()
-        if args.out:
+        if args.out and index == 0:  # the table starts afresh with its first row: a run that fails
+            try:                     # or is stopped before it leaves the last table whole
+                made_parent(args.out).write_text(TABLE_HEADER + row)
+            except OSError as exc:
+                raise cannot_write(args.out, exc) from None
+        elif args.out:
             append_text(args.out, row)
 
 

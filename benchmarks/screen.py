@@ -152,17 +152,17 @@ def main(argv: list[str] | None = None) -> None:
     names = list(args.candidates)
     runs: list[Run] = []
     print(params_line({"preprocess.seed", "train.seed", "augment.seed"}), flush=True)  # every run sets these
-    if args.sealed_test:  # written now, so that a bad path fails before any training
-        candidates = yaml.safe_dump(args.candidates, default_flow_style=True, width=10**6).strip()
-        append_text(args.sealed_test, f"# benchmarks.screen {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: "
-                                      f"preset {args.preset}, seeds {','.join(map(str, args.seeds))}, candidates "
-                                      f"{candidates}\n")
     with tempfile.TemporaryDirectory(prefix="screen-") as temp:
         if args.quick:
             raw_dir = write_quick_mirror(Path(temp, "raw"))
         else:
             raw_dir = args.raw or RAW_DIR
             check_raw(raw_dir, dataset)
+        if args.sealed_test:  # once the screen can run (a refused one claims nothing there)
+            candidates = yaml.safe_dump(args.candidates, default_flow_style=True, width=10**6).strip()
+            append_text(args.sealed_test, f"# benchmarks.screen {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: "
+                                          f"preset {args.preset}, seeds {','.join(map(str, args.seeds))}, candidates "
+                                          f"{candidates}\n")
         for index, seed in enumerate(args.seeds):
             # Raises on a missing file, a wrong size or labels out of range, as the stage does.
             splits = prepare(raw_dir, dataset, PreprocessParams(val_size=first.preprocess.val_size, seed=seed))

@@ -158,7 +158,8 @@ def fetch_verified(source: str, file: DataFile, timeout_s: float, known: dict[st
     return content
 
 
-def fetch_file(candidates: list[str], file: DataFile, timeout_s: float, known: dict[str, KnownFile] | None = None) -> bytes:
+def fetch_file(candidates: list[str], file: DataFile, timeout_s: float,
+               known: dict[str, KnownFile] | None = None) -> bytes:
     failures = []
     for source in candidates:
         try:

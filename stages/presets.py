@@ -131,10 +131,10 @@ def set_param_keys(exp_args: list[str]) -> set[str]:
     return {key.removeprefix(f"{params_mod.DEFAULT_PATH}:") for key in keys}
 
 
-def queues(exp_args: list[str]) -> bool:
-    """Whether `dvc exp run` with the options `exp_args` queues the run (`--queue`, or an
-    abbreviation DVC's parser takes: `--que`), as DVC's own parser reads them. Options it refuses
-    are left to `dvc exp run` to report (said once, not twice)."""
+def exp_run_options(exp_args: list[str]) -> argparse.Namespace | None:
+    """`dvc exp run`'s options `exp_args` as DVC's own parser reads them (`--que` is `--queue`,
+    the last `-n` wins); None for options it refuses, left to `dvc exp run` to report (said once,
+    not twice)."""
     import logging
 
     from dvc.cli import DvcParserError, parse_args
@@ -142,11 +142,26 @@ def queues(exp_args: list[str]) -> bool:
     logging.disable(logging.CRITICAL)  # DVC logs a refusal as it parses; dvc exp run says it again
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return bool(parse_args(["exp", "run", *exp_args]).queue)
+            return parse_args(["exp", "run", *exp_args])
     except (DvcParserError, SystemExit):
-        return False
+        return None
     finally:
         logging.disable(logging.NOTSET)
+
+
+def replace_problem(exp_args: list[str], name: str) -> str | None:
+    """Why make exp REPLACE=1 cannot run with `dvc exp run` options `exp_args`, or None. It runs
+    as NAME-replacing and renames that over `name` once the run ends: a queued run ends after make
+    has returned, and a -n of EXP_ARGS would win over make's and leave the rename nothing to find."""
+    options = exp_run_options(exp_args)
+    if options is not None and options.queue:
+        return (f"REPLACE=1 renames the new run over the old one when it ends, which a queued run does after "
+                f"make has returned: remove the old run first (dvc exp remove {name}; a grid's are {name}-1, "
+                f"{name}-2, ...), then queue without REPLACE")
+    if options is not None and options.name:
+        return (f"REPLACE=1 runs the preset under its own name, {name}, but EXP_ARGS names the run "
+                f"{options.name} (-n): leave -n out, or run `dvc exp run -n {options.name}` yourself")
+    return None
 
 
 def leftover_keys(workspace: dict, committed: dict, overrides: dict[str, Any]) -> list[str]:
@@ -201,11 +216,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="refuse DVC_EXP_RUN_OPTIONS that queue the run (make exp REPLACE=1 renames the run over "
                              "the old one once it ends)")
     args = parser.parse_args(argv)
-    if args.replace and queues(exp_args):
-        name = args.preset.replace("+", "-")  # make exp's experiment name
-        raise PipelineError(f"REPLACE=1 renames the new run over the old one when it ends, which a queued run does "
-                            f"after make has returned: remove the old run first (dvc exp remove {name}; a grid's are "
-                            f"{name}-1, {name}-2, ...), then queue without REPLACE")
+    problem = args.replace and replace_problem(exp_args, args.preset.replace("+", "-"))  # make exp's name
+    if problem:
+        raise PipelineError(problem)
     presets = load_presets()
     if args.preset is None:
         print("\n".join([DEFAULT, *presets]))  # names only, each one a valid argument

@@ -123,6 +123,8 @@ def test_seeds_and_ranges_read_as_the_numbers_they_name():
     ("a", "'a': not a whole number >= 0"),
     ("5-3", "'5-3': a range runs from the lower number to the higher"),
     ("0-99999999999", "'0-99999999999': more than 10,000 numbers"),
+    ("0,,1", "'0,,1': an empty item between commas"),
+    ("0,1,", "'0,1,': an empty item between commas"),
 ])
 def test_numbers_that_are_not_seeds_are_refused_with_what_is_wrong(text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(message)}"):
@@ -136,8 +138,29 @@ def test_an_output_file_the_user_cannot_write_is_refused_when_the_command_is_rea
         raise PermissionError(13, "Permission denied", str(tmp_path))
 
     monkeypatch.setattr(bench_presets.tempfile, "TemporaryFile", refused)
-    with pytest.raises(argparse.ArgumentTypeError, match=rf"^{tmp_path}/t\.md: cannot write \(Permission denied: "):
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"^{tmp_path}/t\.md: cannot write in {tmp_path} "
+                                                         r"\(Permission denied\)$"):
         output_file(str(tmp_path / "t.md"))
+    # The nearest folder that exists is the one tried, and nothing is made while the command is read.
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"^{tmp_path}/new/sub/t\.md: cannot write in {tmp_path} "):
+        output_file(str(tmp_path / "new" / "sub" / "t.md"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_output_files_folders_are_made_by_its_first_write_not_when_the_command_is_read(tmp_path):
+    """A refused run (an unknown preset after --plot new/x.png) left new folders behind; a path
+    that names a folder (a trailing slash) was made a file."""
+    target = tmp_path / "new" / "sub" / "t.md"
+    assert output_file(str(target)) == target and not (tmp_path / "new").exists()
+    append_text(target, "| row |\n")
+    assert target.read_text() == "| row |\n"
+    for folder in (f"{tmp_path}/other/", str(tmp_path)):
+        with pytest.raises(argparse.ArgumentTypeError, match="is a folder; name a file"):
+            output_file(folder)
+    assert not (tmp_path / "other").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"afile/t\.md: cannot write \(Not a directory: {tmp_path}/afile\)$"):
+        output_file(str(tmp_path / "afile" / "t.md"))
 
 
 def test_an_existing_file_is_appended_to_even_in_a_folder_that_takes_no_new_files(tmp_path, monkeypatch):
@@ -181,6 +204,23 @@ def test_params_line_says_whether_the_params_are_the_committed_ones(tmp_path, mo
     # A key every run sets (the seeds from --seeds) is not what the runs inherit.
     assert params_line({"augment.seed"}, Path("params.yaml")).startswith(
         "params: params.yaml differs from the last commit in train.lr: ")
+
+
+def test_predict_check_gives_no_memory_figure_for_work_predict_refused(tmp_path, capsys):
+    """The measuring process ran predict with its exit swallowed: a file refused still gave a
+    "peak while classifying" figure. And --digits must be a count (-195 sliced off the last 195)."""
+    from stages.model_config import ModelConfig
+    from stages.models import build_model, save_model
+
+    cfg = ModelConfig(architecture="softmax", hidden=(), dropout=0.0, channels=(), convs_per_block=1, pool="end",
+                      image_size=28, num_classes=10, mean=0.13, std=0.31)
+    save_model(tmp_path / "m.pt", build_model(cfg), cfg, [str(k) for k in range(10)])
+    with pytest.raises(PipelineError, match=r"^predict failed on .*none\.png, so no memory figure: .*none\.png"):
+        predict_check.peak_rss_mib(tmp_path / "m.pt", [tmp_path / "none.png"])
+    for digits in ("-195", "0", "x"):
+        with pytest.raises(SystemExit):
+            predict_check.main(["--quick", "--digits", digits])
+        assert "--digits: " in capsys.readouterr().err
 
 
 def test_predict_check_classifies_every_format_and_measures_memory(capsys):

@@ -62,6 +62,14 @@ def test_set_applies_a_param_to_every_preset_after_its_own(tmp_path, monkeypatch
         frontier.main(["--quick", "--set", "train.seed=3", "--plot", str(tmp_path / "h.png")])
 
 
+def test_set_refuses_preprocess_params_the_prepared_splits_would_not_follow(tmp_path, capsys):
+    """--set preprocess.val_size was honoured only where data/prepared was missing: the same
+    command gave other splits on another machine."""
+    with pytest.raises(SystemExit):
+        frontier.main(["--quick", "--set", "preprocess.val_size=1000", "--plot", str(tmp_path / "f.png")])
+    assert "--set preprocess.val_size: the runs use the prepared splits as they are" in capsys.readouterr().err
+
+
 def test_unknown_preset_is_refused_before_anything_runs(tmp_path, capsys):
     with pytest.raises(PipelineError, match="unknown preset 'nope'"):
         frontier.main(["--quick", "--presets", "default,nope", "--plot", str(tmp_path / "f.png")])
@@ -73,14 +81,15 @@ def test_unknown_preset_is_refused_before_anything_runs(tmp_path, capsys):
     (["--plot", "{tmp}/afile/f.png"], "argument --plot: {tmp}/afile/f.png: cannot write (Not a directory: {tmp}/afile)"),
     (["--plot", "{tmp}"], "argument --plot: {tmp}: is a folder; name a file"),
     (["--seeds", "0,0"], "--seeds: a seed given twice would count one run twice in the means"),
-    (["--seeds", ","], "--seeds: no seed given"),
+    (["--seeds", ""], "--seeds: no seed given"),
+    (["--seeds", "0,,1"], "argument --seeds: '0,,1': an empty item between commas"),
     (["--seeds", "4294967295-4294967296"], "--seeds: 4294967296 is over the largest seed, 4294967295 (2**32 - 1)"),
     (["--device", "cuda"], "argument --device: 'cuda' was requested but no CUDA GPU is available"),
     (["--device", "gpu"], "argument --device: invalid choice: 'gpu' (choose from auto, cpu, cuda)"),
     (["--set", "train.device=cpu"], "--set train.device: every run trains where --device says"),
     (["--raw", "{tmp}"], "--quick writes its own tiny data: it takes no --raw or --data"),
     (["--seeds", "3-1"], "argument --seeds: '3-1': a range runs from the lower number to the higher"),
-], ids=["plot under a file", "plot a folder", "seed twice", "no seed", "seed too large", "cuda without a GPU",
+], ids=["plot under a file", "plot a folder", "seed twice", "no seed", "empty seed", "seed too large", "cuda without a GPU",
         "unknown device", "device by --set", "quick with --raw", "range backwards"])
 def test_an_output_or_seed_that_cannot_work_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch, args,
                                                                               message):

@@ -12,11 +12,18 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 
 # A stand-in for .venv/bin/dvc: appends its arguments and OMP_NUM_THREADS to ../calls, and answers
-# `dvc queue status` with the contents of ../status, `dvc exp list --name-only` with ../exps.
+# `dvc queue status` with the contents of ../status, `dvc exp list --name-only` with ../exps;
+# `dvc exp run` replaces ../status with ../status-after where there is one, and exits with the
+# status in ../exp-run-exit (0 without one).
 FAKE_DVC = """#!/bin/sh
-echo "$* OMP=${OMP_NUM_THREADS-unset}" >> "$(dirname "$0")/../calls"
-if [ "$*" = "queue status" ]; then cat "$(dirname "$0")/../status"; fi
-if [ "$*" = "exp list --name-only" ]; then cat "$(dirname "$0")/../exps" 2>/dev/null; fi
+here="$(dirname "$0")/.."
+echo "$* OMP=${OMP_NUM_THREADS-unset}" >> "$here/calls"
+if [ "$*" = "queue status" ]; then cat "$here/status"; fi
+if [ "$*" = "exp list --name-only" ]; then cat "$here/exps" 2>/dev/null; fi
+if [ "$1 $2" = "exp run" ]; then
+  if [ -f "$here/status-after" ]; then cp "$here/status-after" "$here/status"; fi
+  exit "$(cat "$here/exp-run-exit" 2>/dev/null || echo 0)"
+fi
 """
 
 
@@ -42,6 +49,11 @@ def calls(venv: Path) -> list[str]:
     return (venv / "calls").read_text().splitlines() if (venv / "calls").exists() else []
 
 
+def runs(venv: Path) -> list[str]:
+    """The `dvc exp run` calls among calls(venv) (make queue also reads `dvc queue status`)."""
+    return [call for call in calls(venv) if call.startswith("exp run")]
+
+
 @pytest.mark.parametrize("jobs", ["0", "02", "-1", "two", "1.5", ""])
 def test_queue_refuses_jobs_that_is_no_positive_whole_number(venv, jobs):
     refused = make(venv, "queue", f"JOBS={jobs}")
@@ -57,13 +69,30 @@ def test_queue_gives_each_worker_its_share_of_the_cores(venv):
     share = max(1, cores // 2)
     assert started.returncode == 0, started.stdout + started.stderr
     assert f"make queue: 2 workers on {cores} cores, {share} thread(s) each" in started.stdout
-    assert calls(venv)[-1] == f"exp run --run-all -j 2 OMP={share}"
+    assert runs(venv) == [f"exp run --run-all -j 2 OMP={share}"]
 
 
 def test_queue_keeps_a_thread_count_that_is_set_and_one_worker_takes_every_core(venv):
     assert make(venv, "queue", "JOBS=2", OMP_NUM_THREADS="3").returncode == 0
     assert make(venv, "queue").returncode == 0
-    assert calls(venv)[1::2] == ["exp run --run-all -j 2 OMP=3", "exp run --run-all -j 1 OMP=unset"]
+    assert runs(venv) == ["exp run --run-all -j 2 OMP=3", "exp run --run-all -j 1 OMP=unset"]
+
+
+def test_queue_fails_when_a_run_it_started_failed(venv):
+    """`dvc exp run --run-all` exits 0 though every queued run failed: `make queue && ...` went on.
+    A run that failed in an earlier `make queue` is not this one's failure."""
+    header = "Task     Name    Created    Status\n"
+    (venv / "status").write_text(header + "bde8a8e  old     07:38 PM   Failed\n\nWorker status: 0 active, 0 idle\n")
+    (venv / "status-after").write_text(header + "bde8a8e  old     07:38 PM   Failed\n"
+                                       "751da70  fast-1  07:40 PM   Success\n5d65867  badlr   07:41 PM   Failed\n"
+                                       "\nWorker status: 0 active, 0 idle\n")
+    failed = make(venv, "queue")
+    assert failed.returncode != 0
+    assert "make queue: failed: badlr ('dvc queue logs NAME' says why;" in failed.stdout, failed.stdout
+    (venv / "status-after").unlink()  # the next run: the same failures as before it, nothing new
+    assert make(venv, "queue").returncode == 0
+    (venv / "exp-run-exit").write_text("3")  # DVC's own failure status is kept
+    assert make(venv, "queue").returncode != 0
 
 
 @pytest.mark.parametrize("workers, said", [("0 active, 0 idle", False), ("1 active, 0 idle", True),
@@ -73,7 +102,7 @@ def test_queue_says_when_workers_are_already_running(venv, workers, said):
     started = make(venv, "queue", "JOBS=2")
     assert started.returncode == 0
     assert ("queue workers are already running" in started.stdout) == said, started.stdout
-    assert calls(venv)[-1].startswith("exp run --run-all -j 2"), "the runs start either way"
+    assert runs(venv)[-1].startswith("exp run --run-all -j 2"), "the runs start either way"
 
 
 # A stand-in for .venv/bin/python (as `python -m stages.presets`): records its arguments one a line
@@ -138,12 +167,29 @@ def test_exp_replace_renames_the_new_run_over_the_old_one(venv, replace):
         assert calls(venv) == ["exp run -n mlp-512-aug -Strain.epochs=1 OMP=unset"]
 
 
+def test_exp_whose_name_is_taken_says_replace(venv):
+    """DVC's refusal advises `dvc exp run -f`, which re-runs every stage, the download included:
+    make exp names REPLACE=1 once the name is taken, and keeps DVC's failure status."""
+    (venv / "bin" / "python").write_text(FAKE_PRESETS)
+    (venv / "bin" / "python").chmod(0o755)
+    (venv / "options").write_text("-Strain.epochs=1\n")
+    (venv / "exp-run-exit").write_text("255")
+    (venv / "exps").write_text("mlp-512-aug\n")
+    refused = make(venv, "exp", "PRESET=mlp-512+aug")
+    assert refused.returncode != 0
+    assert ("make exp: this commit has an experiment mlp-512-aug already: 'make exp PRESET=mlp-512+aug REPLACE=1' "
+            "runs it again") in refused.stdout, refused.stdout
+    (venv / "exps").write_text("other\n")  # a run that failed for a reason of its own: no such word
+    failed = make(venv, "exp", "PRESET=mlp-512+aug")
+    assert failed.returncode != 0 and "REPLACE=1 runs it again" not in failed.stdout
+
+
 def test_exp_replace_keeps_the_old_experiment_when_the_run_fails(venv):
     """The old experiment was once removed before the run: a run that failed then lost it."""
     (venv / "bin" / "python").write_text(FAKE_PRESETS)
     (venv / "bin" / "python").chmod(0o755)
     (venv / "options").write_text("-Strain.epochs=1\n")
-    (venv / "bin" / "dvc").write_text(FAKE_DVC + 'case "$1 $2" in "exp run") exit 1;; esac\n')
+    (venv / "exp-run-exit").write_text("1")
     failed = make(venv, "exp", "PRESET=fast", "REPLACE=1")
     assert failed.returncode != 0
     assert calls(venv) == ["exp list --name-only OMP=unset",

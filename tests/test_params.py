@@ -574,3 +574,19 @@ def test_a_params_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch, pr
                                "repository root)")
     with pytest.raises(PipelineError, match=rf"^{tmp_path}/params.yaml: cannot read the params file \({reason}\)$"):
         params_mod.load_raw(tmp_path / "params.yaml")
+
+
+def test_every_comment_of_params_yaml_survives_dvc_exp_run_set(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml (DVC's apply_overrides, here called directly) and
+    drops a comment that follows a list; `dvc exp apply` + commit then lost it for good (the
+    fetch stage's download rate). Every comment of the committed file stays."""
+    from dvc.utils.hydra import apply_overrides
+
+    def comments(text: str) -> list[str]:
+        return [line.split("#", 1)[1].strip() for line in text.splitlines() if "#" in line]
+
+    path = tmp_path / "params.yaml"
+    path.write_text((PROJECT_ROOT / "params.yaml").read_text())
+    apply_overrides(path, ["train.lr=0.3", "augment.copies=2"])
+    assert comments(path.read_text()) == comments((PROJECT_ROOT / "params.yaml").read_text())
+    assert load(path).train.lr == 0.3

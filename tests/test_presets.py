@@ -188,18 +188,24 @@ TUTORIAL_PRESETS = list(PRESETS)[:list(PRESETS).index("aug")]  # presets.yaml li
 def test_a_replaced_run_may_not_be_queued(capsys):
     """make exp REPLACE=1 renames the run over the old one when it ends: a queued run ends after
     make has returned. DVC's parser reads the options, so an abbreviation is caught too."""
-    from stages.presets import queues
+    from stages.presets import replace_problem
 
     for queued in (["--queue"], ["--que"], ["--queue", "-S", "train.seed=range(0,3)"], ["-f", "--queue"]):
-        assert queues(queued), queued
+        assert replace_problem(queued, "x"), queued
         with pytest.raises(PipelineError, match=r"^REPLACE=1 renames the new run over the old one when it ends.*"
                                                  r"dvc exp remove mlp-512-aug; a grid's are mlp-512-aug-1"):
             main(["--replace", "mlp-512+aug", "--", *queued])
     for run_now in ([], ["-S", "train.note=--queue"], ["--temp"], ["--bogus"]):  # --bogus: dvc exp run refuses it
-        assert not queues(run_now), run_now
+        assert replace_problem(run_now, "x") is None, run_now
     main(["--replace", "fast", "--", "-S", "train.seed=1"])
     assert capsys.readouterr().out.strip()
     main(["fast", "--", "--queue"])  # without --replace, queueing is fine
+    # A -n of EXP_ARGS wins over make's: the run was named foo and the rename found no fast-replacing.
+    for named in (["-n", "foo"], ["--name=foo"], ["-nfoo", "-S", "train.seed=1"]):
+        with pytest.raises(PipelineError, match=r"^REPLACE=1 runs the preset under its own name, fast, but EXP_ARGS "
+                                                 r"names the run foo \(-n\)"):
+            main(["--replace", "fast", "--", *named])
+    main(["fast", "--", "-n", "foo"])  # without --replace, the user's name is DVC's to take
 
 
 @pytest.mark.parametrize("name", TUTORIAL_PRESETS)
@@ -222,6 +228,29 @@ def test_preset_benchmark_refuses_a_named_preset_of_another_dataset_before_train
     with pytest.raises(PipelineError, match=r"^fashion: fetch.dataset is not the dataset prepared in"):
         bench.main(["fast", "fashion", "--data", str(tmp_path)])
     assert capsys.readouterr().out == ""  # refused before any row, header included
+
+
+def test_preset_benchmark_keeps_the_last_table_until_its_first_row_is_ready(tmp_path, capsys, monkeypatch):
+    """--out starts afresh with the first row: a run refused (train.device: cuda without a GPU,
+    found before any output) or one stopped before a row left the last table whole; --set
+    preprocess.* is refused (the splits are the prepared ones)."""
+    write_prepared(tmp_path, MNIST_CLASSES)
+    table = tmp_path / "table.md"
+    table.write_text("| cnn-max | 99.72% | 486.0 |\n")
+    monkeypatch.setattr(bench, "resolve_device", lambda device: pytest.fail("no GPU") if device == "cuda" else None)
+    with pytest.raises(pytest.fail.Exception, match="no GPU"):
+        bench.main(["fast", "--data", str(tmp_path), "--set", "train.device=cuda", "--out", str(table)])
+    assert capsys.readouterr().out == ""  # not even the header
+    monkeypatch.setattr(bench, "run_preset", lambda params, splits: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["fast", "--data", str(tmp_path), "--out", str(table)])
+    assert table.read_text() == "| cnn-max | 99.72% | 486.0 |\n"
+    monkeypatch.setattr(bench, "run_preset", lambda params, splits: (0.5, 1.0))
+    bench.main(["fast", "cnn", "--data", str(tmp_path), "--out", str(table)])
+    assert table.read_text() == bench.TABLE_HEADER + "| fast | 50.00% | 1.0 |\n| cnn | 50.00% | 1.0 |\n"
+    with pytest.raises(SystemExit):
+        bench.main(["fast", "--data", str(tmp_path), "--set", "preprocess.seed=7"])
+    assert "--set preprocess.seed: the runs use the prepared splits" in capsys.readouterr().err
 
 
 def test_preset_benchmark_default_list_skips_the_other_dataset_and_runs_the_rest(tmp_path, capsys, monkeypatch):

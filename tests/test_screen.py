@@ -73,6 +73,10 @@ def test_every_candidate_is_validated_before_anything_runs(tmp_path, monkeypatch
         screen.main(["--quick", "--candidates", "{a: {}, b: {fetch.dataset: fashion-mnist}}", "--seeds", "0"])
     with pytest.raises(PipelineError, match="share train.device"):
         screen.main(["--quick", "--candidates", "{a: {}, b: {train.device: cpu}}", "--seeds", "0"])
+    sealed = tmp_path / "sealed.txt"
+    with pytest.raises(PipelineError, match="no train-images-idx3-ubyte"):  # a screen that cannot run claims
+        screen.main(["--candidates", "{a: {}}", "--raw", str(tmp_path / "none"), "--sealed-test", str(sealed)])
+    assert not sealed.exists()  # no header there
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit):  # a sealed file that cannot be written: one line, before training
         screen.main(["--quick", "--candidates", "{a: {}}", "--sealed-test", str(tmp_path / "afile" / "such.txt")])
