@@ -96,7 +96,8 @@ predict: $(INSTALLED)  ## classify image files with the trained model (FILES="a.
 # included. A queued run ends after make does, so REPLACE=1 refuses --queue, and a -n in EXP_ARGS,
 # which would name the run (stages.presets reads EXP_ARGS with DVC's parser); a PRESET-replacing
 # that an interrupted one left on this commit is removed first (one on another commit is another
-# run: kept). Without REPLACE, a run refused because the name is taken is told about REPLACE=1.
+# run: kept). Without REPLACE, a run whose name is taken (and that EXP_ARGS does not force, queue or
+# name) is refused before it starts, naming REPLACE=1 (stages.presets --taken).
 # More `dvc exp run` options go in EXP_ARGS; a grid must be queued, and DVC then names the runs
 # PRESET-1, PRESET-2, ...:
 # make exp PRESET=fast EXP_ARGS="--queue -S 'train.seed=range(0,3)'"
@@ -108,21 +109,20 @@ exp: EXP_NAME = $(subst +,-,$(PRESET))
 exp: $(INSTALLED)  ## run a preset of presets.yaml as a DVC experiment (PRESET=name, REPLACE=1, EXP_ARGS="...")
 	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [REPLACE=1] [EXP_ARGS=...] (see presets.yaml; REPLACE=1 runs it again under its name)"; exit 2; }
 	@case '$(REPLACE)' in ''|1) ;; *) echo "make exp: REPLACE must be 1 (replace the experiment of that name) or empty, not '$(REPLACE)'"; exit 2;; esac
-	options=$$(eval "$(BIN)/python -m stages.presets --from-commit $(if $(REPLACE),--replace )'$(PRESET)' -- $$EXP_ARGS") && \
+	options=$$(eval "$(BIN)/python -m stages.presets --from-commit $(if $(REPLACE),--replace,$$($(BIN)/dvc exp list --name-only 2>/dev/null | grep -qxF '$(EXP_NAME)' && echo --taken)) '$(PRESET)' -- $$EXP_ARGS") && \
 	$(if $(REPLACE),{ ! $(BIN)/dvc exp list --name-only 2>/dev/null | grep -qxF '$(EXP_NAME)-replacing' || \
 	  $(BIN)/dvc exp remove '$(EXP_NAME)-replacing'; } && \
 	eval "$(BIN)/dvc exp run -n '$(EXP_NAME)-replacing' $$options $$EXP_ARGS" && \
-	$(BIN)/dvc exp rename -f '$(EXP_NAME)-replacing' '$(EXP_NAME)',{ eval "$(BIN)/dvc exp run -n '$(EXP_NAME)' $$options $$EXP_ARGS" || \
-	{ status=$$?; ! $(BIN)/dvc exp list --name-only 2>/dev/null | grep -qxF '$(EXP_NAME)' || \
-	  echo "make exp: this commit has an experiment $(EXP_NAME) already: 'make exp PRESET=$(PRESET) REPLACE=1' runs it again under its name (DVC's 'dvc exp run -f' would re-run every stage, the download included)"; \
-	  exit $$status; }; })
+	$(BIN)/dvc exp rename -f '$(EXP_NAME)-replacing' '$(EXP_NAME)',eval "$(BIN)/dvc exp run -n '$(EXP_NAME)' $$options $$EXP_ARGS")
 
 # Run every queued experiment on JOBS parallel workers and wait for them: make queue JOBS=2.
 # With JOBS > 1 each worker's stages get an equal share of the cores (OMP_NUM_THREADS: cores / JOBS,
 # at least 1), unless OMP_NUM_THREADS is set: two trainings that each took both cores of a 2-core
 # Xeon ran 3-21x slower than alone; on one thread each, as fast as one thread alone (docs/workflows.md).
 # Workers left running by an earlier `dvc queue start` take queued runs too, in the environment they
-# started with: said, not stopped (they may be running someone's experiment).
+# started with: said, not stopped (they may be running someone's experiment). `dvc exp run --run-all`
+# exits 0 though runs failed: tasks that `dvc queue status` shows Failed after it and not before
+# fail make queue (one such worker's failure counts too: it happened while make queue ran).
 JOBS ?= 1
 queue: $(INSTALLED)  ## run the queued experiments on JOBS workers
 	@case '$(JOBS)' in ''|*[!0-9]*|0*) echo "make queue: JOBS must be a positive whole number, not '$(JOBS)'"; exit 2;; esac
@@ -138,7 +138,7 @@ queue: $(INSTALLED)  ## run the queued experiments on JOBS workers
 	failed=$$($(BIN)/dvc queue status 2>/dev/null | awk -v before="$$failed_before" \
 	  '$$NF == "Failed" && index(before, " " $$1 " ") == 0 {printf " %s", $$2}'); \
 	if [ -n "$$failed" ]; then \
-	  echo "make queue: failed:$$failed ('dvc queue logs NAME' says why; 'dvc queue remove --failed' clears them)"; exit 1; \
+	  echo "make queue: failed while it ran:$$failed ('dvc queue logs NAME' says why; 'dvc queue remove --failed' clears them)"; exit 1; \
 	fi; exit $$status
 
 # dvc pull, but only from remotes that re-hash what they download (`verify = true`): without it

@@ -44,7 +44,7 @@ import yaml
 
 from benchmarks.presets import comma_ints, comma_list, refuse_other_datasets, seeds_problem
 from stages import params as params_mod
-from stages.common import PipelineError, load_tensors
+from stages.common import PipelineError, load_tensors, read_yaml
 from stages.datasets import load_table
 from stages.presets import DEFAULT, apply, load_presets, resolve
 
@@ -214,7 +214,7 @@ def make_copy(source: Path, dest: Path, env: dict, log_path: Path, timeout_s: fl
             shutil.copytree(source / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif (source / name).is_file():
             shutil.copy2(source / name, dest / name)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params = read_yaml(dest / "params.yaml", "the params file")  # as DVC and the stages read it (YAML 1.2)
     # Every dataset's, not only fetch.dataset's (which valid params list too): the quick frontier
     # step runs with fetch.dataset set to mnist.
     params["fetch"]["mirrors"] = {name: [DEAD_URL] for name in params["fetch"]["mirrors"]}
@@ -224,7 +224,7 @@ def make_copy(source: Path, dest: Path, env: dict, log_path: Path, timeout_s: fl
 
 def set_params(project: Path, overrides: dict) -> None:
     """Applies `section.key` overrides (as presets.yaml writes them) to the project's params.yaml."""
-    params = apply(yaml.safe_load((project / "params.yaml").read_text()), overrides)
+    params = apply(read_yaml(project / "params.yaml", "the params file"), overrides)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -293,7 +293,7 @@ def run_stage_times(project: Path, out: Path, env: dict, repro_s: float, timeout
     reset_to_run1(project, out, ("params.yaml", "dvc.lock"))
     end = time.monotonic() + timeout_s
     seconds: dict[str, float] = {}
-    for name, stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].items():
+    for name, stage in read_yaml(project / "dvc.yaml", "the pipeline")["stages"].items():
         command = run_logged(["sh", "-c", stage["cmd"]], project, env, out / "stages" / f"{name}.log",
                              max(1.0, end - time.monotonic()))
         if command.returncode != 0:
@@ -508,8 +508,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, option) is not None and step not in args.steps:
             parser.error(f"--{option.replace('_', '-')} is given but --steps leaves out {step}")
     args.variants = [known[name] for name in names]
-    args.frontier_presets = comma_list(",".join(FRONTIER_PRESETS) if args.frontier_presets is None
-                                       else args.frontier_presets)
+    try:
+        args.frontier_presets = comma_list(",".join(FRONTIER_PRESETS) if args.frontier_presets is None
+                                           else args.frontier_presets)
+    except argparse.ArgumentTypeError as exc:  # "fast,,default"
+        parser.error(f"--frontier-presets: {exc}")
     if args.frontier_seeds is None:
         args.frontier_seeds = comma_ints(FRONTIER_SEEDS)
     if problem := seeds_problem(args.frontier_seeds):

@@ -14,6 +14,7 @@ train stage logs as "trained in" (it includes the per-epoch val scoring, not the
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -170,17 +171,20 @@ def output_file(text: str, renamed: bool = False) -> Path:
     written beside itself and renamed into place (the figure), so its folder must take new files in
     any case."""
     path = Path(text)
-    if path.is_dir() or text.endswith("/"):
+    # The path the writes will reach: `..` and symlinks resolved. os.path's tests, which never
+    # raise: a folder the user may not enter reads as missing, and the one above it is tried.
+    real = Path(os.path.realpath(path))
+    if os.path.isdir(real) or text.endswith("/"):
         raise argparse.ArgumentTypeError(f"{text}: is a folder; name a file")
-    folder = next(parent for parent in path.absolute().parents if parent.exists())
-    if not folder.is_dir():
+    folder = next(parent for parent in real.parents if os.path.exists(parent))
+    if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"{text}: cannot write (Not a directory: {folder})")
     try:
-        if path.exists():
+        if os.path.exists(real):
             path.open("ab").close()  # appends nothing: the file takes writes
     except OSError as exc:
         raise argparse.ArgumentTypeError(str(cannot_write(path, exc))) from None
-    if renamed or not path.exists():
+    if renamed or not os.path.exists(real):
         try:
             with tempfile.TemporaryFile(dir=folder):  # made and gone: the folder takes new files
                 pass
@@ -190,12 +194,15 @@ def output_file(text: str, renamed: bool = False) -> Path:
 
 
 def made_parent(path: Path) -> Path:
-    """`path`, its missing folders made: just before a benchmark's first write to an output_file."""
+    """The path a write to `path` reaches (`..` and symlinks resolved, as output_file checked it),
+    its missing folders made: just before a benchmark's first write to an output_file
+    (`new/../t.md` makes no `new`; a link to a file in a missing folder gets its folder)."""
+    real = Path(os.path.realpath(path))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        real.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise cannot_write(path, exc) from None
-    return path
+    return real
 
 
 def figure_file(text: str) -> Path:

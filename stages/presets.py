@@ -164,6 +164,18 @@ def replace_problem(exp_args: list[str], name: str) -> str | None:
     return None
 
 
+def taken_problem(exp_args: list[str], preset: str) -> str | None:
+    """Why `dvc exp run` with `exp_args`, named after `preset`, would be refused when this commit
+    has an experiment of that name, or None (-f overwrites it; a queued run, or a -n of
+    `exp_args`, leaves DVC to decide). DVC's own refusal advises `dvc exp run -f`, which re-runs
+    every stage, the download included; make exp's REPLACE=1 takes unchanged stages from the cache."""
+    options = exp_run_options(exp_args)
+    if options is None or options.force or options.queue or options.name:
+        return None
+    return (f"this commit has an experiment {preset.replace('+', '-')} already: `make exp PRESET={preset} REPLACE=1` "
+            "runs it again under its name (DVC's `dvc exp run -f` would re-run every stage, the download included)")
+
+
 def leftover_keys(workspace: dict, committed: dict, overrides: dict[str, Any]) -> list[str]:
     """`section.key`s whose value in the workspace's params differs from the committed one and that
     `overrides` does not set: what a preset run would silently inherit."""
@@ -213,10 +225,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="refuse when the params file differs from the last commit in keys the preset does not "
                              "set (make exp)")
     parser.add_argument("--replace", action="store_true",
-                        help="refuse DVC_EXP_RUN_OPTIONS that queue the run (make exp REPLACE=1 renames the run over "
-                             "the old one once it ends)")
+                        help="refuse DVC_EXP_RUN_OPTIONS that queue or name the run (make exp REPLACE=1 renames the "
+                             "run over the old one once it ends)")
+    parser.add_argument("--taken", action="store_true",
+                        help="this commit has an experiment of the preset's name (make exp): refuse a run that DVC "
+                             "would refuse for it, naming REPLACE=1")
     args = parser.parse_args(argv)
-    problem = args.replace and replace_problem(exp_args, args.preset.replace("+", "-"))  # make exp's name
+    if args.preset and args.replace:
+        problem = replace_problem(exp_args, args.preset.replace("+", "-"))
+    else:
+        problem = args.preset and args.taken and taken_problem(exp_args, args.preset)
     if problem:
         raise PipelineError(problem)
     presets = load_presets()

@@ -161,6 +161,12 @@ def test_an_output_files_folders_are_made_by_its_first_write_not_when_the_comman
     (tmp_path / "afile").write_text("x")
     with pytest.raises(argparse.ArgumentTypeError, match=rf"afile/t\.md: cannot write \(Not a directory: {tmp_path}/afile\)$"):
         output_file(str(tmp_path / "afile" / "t.md"))
+    # The folders the write reaches are the ones made: `..` resolved, a link followed to its target.
+    append_text(output_file(str(tmp_path / "gone" / ".." / "u.md")), "| row |\n")
+    assert (tmp_path / "u.md").read_text() == "| row |\n" and not (tmp_path / "gone").exists()
+    (tmp_path / "link.md").symlink_to(tmp_path / "far" / "away" / "v.md")  # dangling until the first write
+    append_text(output_file(str(tmp_path / "link.md")), "| row |\n")
+    assert (tmp_path / "far" / "away" / "v.md").read_text() == "| row |\n"
 
 
 def test_an_existing_file_is_appended_to_even_in_a_folder_that_takes_no_new_files(tmp_path, monkeypatch):

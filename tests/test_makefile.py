@@ -88,7 +88,7 @@ def test_queue_fails_when_a_run_it_started_failed(venv):
                                        "\nWorker status: 0 active, 0 idle\n")
     failed = make(venv, "queue")
     assert failed.returncode != 0
-    assert "make queue: failed: badlr ('dvc queue logs NAME' says why;" in failed.stdout, failed.stdout
+    assert "make queue: failed while it ran: badlr ('dvc queue logs NAME' says why;" in failed.stdout, failed.stdout
     (venv / "status-after").unlink()  # the next run: the same failures as before it, nothing new
     assert make(venv, "queue").returncode == 0
     (venv / "exp-run-exit").write_text("3")  # DVC's own failure status is kept
@@ -164,24 +164,24 @@ def test_exp_replace_renames_the_new_run_over_the_old_one(venv, replace):
                                "exp rename -f mlp-512-aug-replacing mlp-512-aug OMP=unset"]
     else:
         assert presets_args == ["-m", "stages.presets", "--from-commit", "mlp-512+aug", "--"]
-        assert calls(venv) == ["exp run -n mlp-512-aug -Strain.epochs=1 OMP=unset"]
+        assert calls(venv) == ["exp list --name-only OMP=unset", "exp run -n mlp-512-aug -Strain.epochs=1 OMP=unset"]
 
 
-def test_exp_whose_name_is_taken_says_replace(venv):
-    """DVC's refusal advises `dvc exp run -f`, which re-runs every stage, the download included:
-    make exp names REPLACE=1 once the name is taken, and keeps DVC's failure status."""
+def test_exp_tells_presets_when_the_name_is_taken(venv):
+    """DVC's refusal of a taken name advises `dvc exp run -f`, which re-runs every stage, the
+    download included: make exp tells stages.presets (--taken), which names REPLACE=1 instead
+    (tests/test_presets.py); an experiment of another name is no reason."""
     (venv / "bin" / "python").write_text(FAKE_PRESETS)
     (venv / "bin" / "python").chmod(0o755)
     (venv / "options").write_text("-Strain.epochs=1\n")
-    (venv / "exp-run-exit").write_text("255")
-    (venv / "exps").write_text("mlp-512-aug\n")
-    refused = make(venv, "exp", "PRESET=mlp-512+aug")
-    assert refused.returncode != 0
-    assert ("make exp: this commit has an experiment mlp-512-aug already: 'make exp PRESET=mlp-512+aug REPLACE=1' "
-            "runs it again") in refused.stdout, refused.stdout
-    (venv / "exps").write_text("other\n")  # a run that failed for a reason of its own: no such word
-    failed = make(venv, "exp", "PRESET=mlp-512+aug")
-    assert failed.returncode != 0 and "REPLACE=1 runs it again" not in failed.stdout
+    (venv / "exps").write_text("mlp-512-aug-old\nmlp-512-aug\n")
+    assert make(venv, "exp", "PRESET=mlp-512+aug").returncode == 0
+    assert (venv / "presets-args").read_text().splitlines() == ["-m", "stages.presets", "--from-commit", "--taken",
+                                                                "mlp-512+aug", "--"]
+    (venv / "exps").write_text("mlp-512-aug-old\n")
+    assert make(venv, "exp", "PRESET=mlp-512+aug").returncode == 0
+    assert "--taken" not in (venv / "presets-args").read_text().splitlines()
+
 
 
 def test_exp_replace_keeps_the_old_experiment_when_the_run_fails(venv):
@@ -229,7 +229,7 @@ def test_exp_stops_before_dvc_when_the_presets_check_refuses(venv):
     (venv / "bin" / "python").chmod(0o755)
     refused = make(venv, "exp", "PRESET=fashion", "EXP_ARGS=-f")
     assert refused.returncode != 0 and "presets: error: refused" in refused.stderr
-    assert calls(venv) == [], "DVC was not called"
+    assert calls(venv) == ["exp list --name-only OMP=unset"], "no run: DVC was only asked for the names"
 
 
 def test_help_lists_every_target_with_its_note(venv):

@@ -206,6 +206,21 @@ def test_a_replaced_run_may_not_be_queued(capsys):
                                                  r"names the run foo \(-n\)"):
             main(["--replace", "fast", "--", *named])
     main(["fast", "--", "-n", "foo"])  # without --replace, the user's name is DVC's to take
+    main(["--replace"])  # no preset: the names are listed, as without --replace
+    assert "fast" in capsys.readouterr().out.split()
+
+
+def test_a_run_whose_name_is_taken_is_refused_naming_replace(capsys):
+    """make exp passes --taken when this commit has an experiment of the preset's name: DVC would
+    refuse the run and advise `dvc exp run -f` (every stage again, the download included). Unless
+    EXP_ARGS forces it, queues it or names it otherwise: then DVC decides."""
+    with pytest.raises(PipelineError, match=r"^this commit has an experiment mlp-512-aug already: `make exp "
+                                             r"PRESET=mlp-512\+aug REPLACE=1` runs it again under its name"):
+        main(["--taken", "mlp-512+aug", "--", "-S", "train.seed=1"])
+    for decided_by_dvc in (["-f"], ["--queue"], ["-n", "other"]):
+        main(["--taken", "fast", "--", *decided_by_dvc])
+        assert capsys.readouterr().out.strip()
+    main(["fast"])  # not taken: nothing to say
 
 
 @pytest.mark.parametrize("name", TUTORIAL_PRESETS)
