@@ -65,8 +65,16 @@ def idx_size(role: str, count: int, image_size: int) -> int:
     return 16 + count * image_size * image_size if role.endswith("images") else 8 + count
 
 
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
 def _parse_entry(name: str, raw: object) -> Dataset:
     where = f"{TABLE_PATH.name}: {name}"
+    # fetch.dataset's value and a key of fetch.mirrors, which `dvc exp run -S fetch.mirrors.NAME=...`
+    # splits at dots: `k.mnist` passed here and failed there.
+    if not (isinstance(name, str) and _NAME.fullmatch(name)):
+        raise PipelineError(f"{TABLE_PATH.name}: {name!r}: a dataset's name is lowercase letters, digits, '-' and "
+                            "'_', starting with a letter or digit")
     if not isinstance(raw, dict):
         raise PipelineError(f"{where}: expected a mapping")
     expected = {"files", "train_count", "test_count", "image_size", "classes", "flippable", "crop", "framing"}
@@ -83,7 +91,8 @@ def _parse_entry(name: str, raw: object) -> Dataset:
         entry = files_raw[role]
         if not (isinstance(entry, dict) and set(entry) == {"name", "sha256"}
                 and isinstance(entry["name"], str) and _SHA256.fullmatch(str(entry["sha256"]))):
-            raise PipelineError(f"{where}.files.{role}: expected {{name, sha256 (64 hex digits)}}")
+            raise PipelineError(f"{where}.files.{role}: expected {{name, sha256 (64 lowercase hex digits, of the "
+                                "uncompressed content)}}")
         count = raw["train_count"] if role.startswith("train") else raw["test_count"]
         files[role] = DataFile(entry["name"], entry["sha256"], idx_size(role, count, raw["image_size"]))
     classes = raw["classes"]

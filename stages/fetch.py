@@ -42,12 +42,13 @@ class SourceError(Exception):
 
 
 def sources(mirrors: list[str], override: str | None) -> list[str]:
-    return ([override] if override else []) + list(mirrors)
+    """$MNIST_MIRROR first, then the params' mirrors; one given twice is tried (and blamed) once."""
+    return list(dict.fromkeys(([override] if override else []) + list(mirrors)))
 
 
 # Where a size limit comes from, said with each refusal: a table entry with too small a count
 # would otherwise look like every mirror's fault.
-_BY_THE_TABLE = " (the file's size follows from its dataset's counts in stages/datasets.yaml)"
+_BY_THE_TABLE = "; the file's size follows from its dataset's counts in stages/datasets.yaml"
 
 
 def served_limit(file: DataFile) -> int:
@@ -153,8 +154,10 @@ def fetch_verified(source: str, file: DataFile, timeout_s: float, known: dict[st
     digest = hashlib.sha256(content).hexdigest()
     if digest != file.sha256:
         which = f": it is {known[digest]}" if known and digest in known else ""
-        raise SourceError(f"SHA-256 of the uncompressed content is {digest[:16]}..., expected {file.sha256[:16]}..."
-                          + which)
+        # Whole: a table entry being written differs from the file's in any digit, and its author
+        # needs this file's (of the content, not of the .gz)
+        raise SourceError(f"SHA-256 of the uncompressed content is {digest}, stages/datasets.yaml expects "
+                          f"{file.sha256}" + which)
     return content
 
 

@@ -29,6 +29,10 @@ class IdxTooLargeError(IdxFormatError):
     """Content past a reader's size bound (max_size): refused before it is all read or inflated."""
 
 
+class LabelOutOfRangeError(IdxFormatError):
+    """A label past the classes the caller was told of (read_labels' num_classes)."""
+
+
 def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Parses an uncompressed IDX file. Raises IdxFormatError on anything malformed, never another error."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
@@ -116,7 +120,7 @@ def read_labels(path: Path, num_classes: int, max_size: int | None = None) -> np
         raise IdxFormatError(f"{path}: expected a 1-d labels file, found dimensions {labels.shape}")
     if labels.size and labels.max() >= num_classes:
         bad = int(labels.max())
-        raise IdxFormatError(f"{path}: label {bad} is outside 0..{num_classes - 1}")
+        raise LabelOutOfRangeError(f"{path}: label {bad} is outside 0..{num_classes - 1}")
     return labels
 
 

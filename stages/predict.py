@@ -531,6 +531,9 @@ def idx_samples(path: str, size: int, classes: list[str] | None = None) -> list[
         reason = str(exc).removeprefix(f"{path}: ")
         raise PipelineError(f"{path}: neither an image predict reads ({', '.join(read_format_names())}) "
                             f"nor a usable IDX file ({reason})") from None
+    if array.ndim == 1:
+        raise PipelineError(f"{path}: a 1-d IDX file of {len(array):,} values, a labels file (t10k-labels-idx1-ubyte "
+                            "and the like), not images: classify an images file (idx3)")
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3 or array.shape[1:] != (size, size):

@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 from stages import params as params_mod
 from stages.common import PipelineError, log, run_main, tensor_bytes, write_files_atomic
 from stages.datasets import TABLE_PATH, Dataset
-from stages.idx import read_pair
+from stages.idx import LabelOutOfRangeError, read_pair
 from stages.params import PreprocessParams
 
 STAGE = "preprocess"
@@ -71,8 +71,12 @@ def read_split(raw_dir: Path, dataset: Dataset, split: str) -> tuple[np.ndarray,
     images, labels = (dataset.files[role] for role in roles)
     # Read no further than the sizes the table's counts give: data/raw was verified by fetch, but a
     # benchmark's --raw may point anywhere, and a wrong file there must not fill the memory.
-    return read_pair(images.path_in(raw_dir), labels.path_in(raw_dir), dataset.image_size, len(dataset.classes),
-                     max_sizes=(images.size, labels.size))
+    try:
+        return read_pair(images.path_in(raw_dir), labels.path_in(raw_dir), dataset.image_size, len(dataset.classes),
+                         max_sizes=(images.size, labels.size))
+    except LabelOutOfRangeError as exc:  # the table's fault as likely as the file's (an entry being written)
+        raise PipelineError(f"{exc}: {TABLE_PATH.name}'s {dataset.name}.classes lists {len(dataset.classes)} "
+                            "names, one per label") from None
 
 
 def read_files(raw_dir: Path, dataset: Dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -81,14 +85,22 @@ def read_files(raw_dir: Path, dataset: Dataset) -> dict[str, tuple[np.ndarray, n
 
 
 def check_counts(files: dict[str, tuple[np.ndarray, np.ndarray]], dataset: Dataset) -> None:
-    """Raises unless the files hold as many images as the dataset table says: params.py checked
-    preprocess.val_size and the batch sizes against its train_count, before the files were read
-    (the digests pin MNIST's and Fashion-MNIST's; this is for an entry someone adds)."""
+    """Raises unless the files hold as many images as the dataset table says, and a train image of
+    every class it names: params.py checked preprocess.val_size and the batch sizes against its
+    train_count, before the files were read (the digests pin MNIST's and Fashion-MNIST's; this is
+    for an entry someone adds)."""
     for split in ("train", "test"):
         expected, found = getattr(dataset, f"{split}_count"), len(files[split][1])
         if found != expected:
             raise PipelineError(f"{TABLE_PATH.name}: {dataset.name}.{split}_count is {expected:,}, but its files "
                                 f"hold {found:,} images: correct the table entry")
+    # A class no train image has: a model output never trained, a per_class accuracy of null.
+    unseen = sorted(set(range(len(dataset.classes))) - set(np.unique(files["train"][1]).tolist()))
+    if unseen:
+        names = ", ".join(dataset.classes[k] for k in unseen)
+        raise PipelineError(f"{TABLE_PATH.name}: {dataset.name}.classes lists {len(dataset.classes)} names, but no "
+                            f"train image has the label of {names} ({', '.join(map(str, unseen))}): correct the "
+                            "table entry")
 
 
 def split_files(files: dict[str, tuple[np.ndarray, np.ndarray]], dataset: Dataset,

@@ -119,6 +119,9 @@ def test_another_datasets_file_is_named(mirror, tmp_path):
     with pytest.raises(fetch.SourceError) as info:
         fetch.fetch_verified(str(wrong), file, TIMEOUT_S, known={served: "other's train-labels-idx1-ubyte"})
     assert str(info.value).endswith(": it is other's train-labels-idx1-ubyte")
+    # Both digests whole: one being written into the table differs from the file's anywhere.
+    assert str(info.value) == (f"SHA-256 of the uncompressed content is {served}, stages/datasets.yaml expects "
+                               f"{file.sha256}: it is other's train-labels-idx1-ubyte")
 
 
 def test_file_url_is_a_source(mirror):
@@ -230,6 +233,7 @@ def test_sources_put_the_override_first():
     """$MNIST_MIRROR, when set, is tried before the configured mirrors."""
     assert fetch.sources(["a", "b"], None) == ["a", "b"]
     assert fetch.sources(["a", "b"], "/local") == ["/local", "a", "b"]
+    assert fetch.sources(["/local", "b"], "/local") == ["/local", "b"]  # tried, and blamed, once
 
 
 def test_path_in_finds_the_plain_file_or_its_gz(tmp_path):
@@ -525,7 +529,7 @@ def test_known_files_name_every_file_of_the_table_by_its_dataset():
     Fashion-MNIST's share names, so after a `fashion` repro data/raw holds garments."""
     table = load_table()
     known = datasets_mod.known_files(table)
-    assert len(known) == sum(len(dataset.files) for dataset in table.values()) == 8
+    assert len(known) == sum(len(dataset.files) for dataset in table.values()) == 4 * len(table)
     garments = table["fashion-mnist"].files["train_images"]
     assert str(known[garments.sha256]) == "fashion-mnist's train-images-idx3-ubyte"
     assert known[garments.sha256] == datasets_mod.KnownFile(table["fashion-mnist"], "train_images")

@@ -202,8 +202,8 @@ def _bad_cases():
     mirrors_string = copy.deepcopy(BASE)
     mirrors_string["fetch"]["mirrors"]["mnist"] = "https://example.com/mnist/"
     yield "mirrors not a list", mirrors_string, "fetch.mirrors.mnist", ["must be a list"]
-    yield ("unknown dataset", c("fetch", "dataset", "kmnist"), "fetch.dataset",
-           ["one of", "'mnist'", "'fashion-mnist'", "'kmnist'"])
+    yield ("unknown dataset", c("fetch", "dataset", "no-such-dataset"), "fetch.dataset",
+           ["one of", "'mnist'", "'fashion-mnist'", "'no-such-dataset'"])
 
 
 BAD_CASES = list(_bad_cases())
@@ -321,6 +321,19 @@ def test_dataset_crop_is_validated(tmp_path, crop, problem):
     table.write_text(yaml.safe_dump({"digits": entry}))
     with pytest.raises(PipelineError, match="expected keys .*'crop'"):
         load_table(table)
+
+
+@pytest.mark.parametrize("name", ["k.mnist", "K-MNIST", "k mnist", "-k", ""])
+def test_a_dataset_name_can_be_a_dvc_param_key(tmp_path, name):
+    """The name is fetch.dataset's value and a key of fetch.mirrors: `dvc exp run -S
+    fetch.mirrors.k.mnist=[...]` splits at the dot, and `k.mnist` passed the table's check."""
+    entry = yaml.safe_load((PROJECT_ROOT / "stages" / "datasets.yaml").read_text())["mnist"]
+    table = tmp_path / "datasets.yaml"
+    table.write_text(yaml.safe_dump({name: entry, "k-mnist_2": entry}))
+    with pytest.raises(PipelineError, match=rf"^datasets\.yaml: {re.escape(repr(name))}: a dataset's name is lowercase "):
+        load_table(table)
+    table.write_text(yaml.safe_dump({"k-mnist_2": entry}))
+    assert list(load_table(table)) == ["k-mnist_2"]
 
 
 @pytest.mark.parametrize("classes", [["0", "1", "0"], ["a", "b.c"], ["a", ""]])
@@ -492,7 +505,8 @@ def test_mirrors_of_an_unknown_dataset_are_refused():
     with pytest.raises(ParamsError) as raised:
         parse(raw)
     assert raised.value.key == "fetch.mirrors.fashion_mnist"
-    assert "not a dataset of stages/datasets.yaml ('mnist', 'fashion-mnist')" in str(raised.value)
+    # Every entry named (a table with a third dataset names it too)
+    assert f"not a dataset of stages/datasets.yaml {tuple(load_table())}" in str(raised.value)
 
 
 @pytest.mark.parametrize("device, processes, gpus, problem", [

@@ -630,6 +630,21 @@ def test_options_may_come_between_the_files(tmp_path, monkeypatch):
     assert status == 2 and err[-1].endswith("error: unrecognized arguments: -c.png")
 
 
+def test_a_labels_file_is_named_as_one(tmp_path, monkeypatch):
+    """The dataset's labels file beside its images: "IDX images must be [N, 28, 28] ..., found
+    (10000,)" said what it was not; now what it is."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(architecture="softmax", hidden=(), dropout=0.0, channels=(), convs_per_block=1,
+                      pool="end", image_size=28, num_classes=10, mean=0.13, std=0.31)
+    save_model(tmp_path / "model.pt", build_model(cfg), cfg, [str(k) for k in range(10)])
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(write_idx(np.arange(12, dtype=np.uint8) % 10))
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_main("--model", "model.pt", "t10k-labels-idx1-ubyte")
+    assert status == 1 and out == [] and err == [
+        "predict: error: t10k-labels-idx1-ubyte: a 1-d IDX file of 12 values, a labels file (t10k-labels-idx1-ubyte "
+        "and the like), not images: classify an images file (idx3)"]
+
+
 def test_a_known_idx_file_of_another_dataset_is_refused(tmp_path, monkeypatch):
     """MNIST's and Fashion-MNIST's IDX files share names and format: a model of one classified the
     other's images, a digit named Sandal. A file of the table (by SHA-256 of its content, gzip or

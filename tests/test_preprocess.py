@@ -100,6 +100,21 @@ def test_counts_other_than_the_tables_are_refused(tmp_path, key):
         check_counts(files, synthetic_dataset(tmp_path, {**entry, key: 301}))
 
 
+def test_class_names_other_than_the_labels_are_refused_naming_the_table(tmp_path):
+    """An entry being written with too many class names trained an output no image has (per_class
+    null); too few failed with "label 9 is outside 0..8", which named no table key."""
+    entry = write_mirror(tmp_path / "raw", n_train=300, n_test=100)
+    files = read_files(tmp_path / "raw", synthetic_dataset(tmp_path, entry))
+    eleven = {**entry, "classes": [*entry["classes"], "extra"]}
+    with pytest.raises(PipelineError, match=r"^datasets\.yaml: synthetic\.classes lists 11 names, but no train image "
+                                            r"has the label of extra \(10\): correct the table entry$"):
+        check_counts(files, synthetic_dataset(tmp_path, eleven))
+    nine = {**entry, "classes": entry["classes"][:9]}
+    with pytest.raises(PipelineError, match=r"label 9 is outside 0\.\.8: datasets\.yaml's synthetic\.classes lists 9 "
+                                            r"names, one per label$"):
+        read_files(tmp_path / "raw", synthetic_dataset(tmp_path, nine))
+
+
 def test_a_missing_file_is_named_with_what_writes_it(tmp_path):
     """Run by hand on a folder without the fetch stage's files: one line naming the file, no traceback."""
     entry = write_mirror(tmp_path / "raw", n_train=300, n_test=100)
