@@ -65,16 +65,18 @@ def idx_size(role: str, count: int, image_size: int) -> int:
     return 16 + count * image_size * image_size if role.endswith("images") else 8 + count
 
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_NAME = re.compile(r"[a-z][a-z0-9_-]*")
+# Names that `dvc exp run -S fetch.dataset=NAME` (Hydra's parser) reads as a bool, null or float.
+_NOT_TEXT = {"true", "false", "null", "nan", "inf"}
 
 
 def _parse_entry(name: str, raw: object) -> Dataset:
     where = f"{TABLE_PATH.name}: {name}"
     # fetch.dataset's value and a key of fetch.mirrors, which `dvc exp run -S fetch.mirrors.NAME=...`
-    # splits at dots: `k.mnist` passed here and failed there.
-    if not (isinstance(name, str) and _NAME.fullmatch(name)):
+    # splits at dots: `k.mnist` passed here and failed there; `-S fetch.dataset=2024` gives a number.
+    if not (isinstance(name, str) and _NAME.fullmatch(name) and name not in _NOT_TEXT):
         raise PipelineError(f"{TABLE_PATH.name}: {name!r}: a dataset's name is lowercase letters, digits, '-' and "
-                            "'_', starting with a letter or digit")
+                            "'_', starting with a letter (and not true, false, null, nan or inf)")
     if not isinstance(raw, dict):
         raise PipelineError(f"{where}: expected a mapping")
     expected = {"files", "train_count", "test_count", "image_size", "classes", "flippable", "crop", "framing"}

@@ -673,7 +673,7 @@ def text_line(row: dict) -> str:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Classify image files (PNG, JPEG, GIF, TIFF, WebP, ...) and MNIST IDX files "
+        description="Classify image files (PNG, JPEG, GIF, TIFF, WebP, ...) and IDX image files "
                     "with the trained model. One line per image: its class, 'blank', or an error "
                     "on stderr; the exit status is 1 if any file failed.")
     # str, not Path: each file is named in the output as given (Path would turn ./a.png into a.png).

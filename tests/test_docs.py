@@ -175,7 +175,7 @@ NOT_RUN = {
     "MNIST_MIRROR=/path/to/mnist .venv/bin/python -m benchmarks.gpu_check --out /tmp/gpu-check":
         "needs a CUDA GPU and real MNIST; tests/test_gpu_check.py runs the same module without a GPU "
         "(the one-line refusal) and with --device cpu --quick on the synthetic project",
-    "make exp PRESET=fast 2>&1 | cat":
+    "dvc repro 2>&1 | cat":
         "progress lines come every 10 s, longer than the synthetic run trains; tests/test_tracking.py::"
         "test_progress_prints_plain_lines_every_interval_when_not_a_terminal checks the lines train prints "
         "when its output is not a terminal",

@@ -323,10 +323,11 @@ def test_dataset_crop_is_validated(tmp_path, crop, problem):
         load_table(table)
 
 
-@pytest.mark.parametrize("name", ["k.mnist", "K-MNIST", "k mnist", "-k", ""])
+@pytest.mark.parametrize("name", ["k.mnist", "K-MNIST", "k mnist", "-k", "", "2024", 2024, "null", "inf"])
 def test_a_dataset_name_can_be_a_dvc_param_key(tmp_path, name):
     """The name is fetch.dataset's value and a key of fetch.mirrors: `dvc exp run -S
-    fetch.mirrors.k.mnist=[...]` splits at the dot, and `k.mnist` passed the table's check."""
+    fetch.mirrors.k.mnist=[...]` splits at the dot, and `k.mnist` passed the table's check; `-S
+    fetch.dataset=2024` (or null, inf) is read as no text."""
     entry = yaml.safe_load((PROJECT_ROOT / "stages" / "datasets.yaml").read_text())["mnist"]
     table = tmp_path / "datasets.yaml"
     table.write_text(yaml.safe_dump({name: entry, "k-mnist_2": entry}))
