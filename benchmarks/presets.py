@@ -217,10 +217,11 @@ def lifetime_peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def append_text(path: Path, text: str) -> None:
-    """Appends to a benchmark's output file; a write that fails (a full disk) is one line naming it."""
+def append_text(path: Path, text: str, start: bool = False) -> None:
+    """Appends to a benchmark's output file (`start`: the file starts afresh with `text`); a write
+    that fails (a full disk) is one line naming it."""
     try:
-        with made_parent(path).open("a", encoding="utf-8") as file:
+        with made_parent(path).open("w" if start else "a", encoding="utf-8") as file:
             file.write(text)
     except OSError as exc:
         raise cannot_write(path, exc) from None
@@ -362,13 +363,9 @@ def main(argv: list[str] | None = None) -> None:
         row = table_row(spec + suffix, *run_preset(params, splits))
         sys.stdout.write(row)
         sys.stdout.flush()
-        if args.out and index == 0:  # the table starts afresh with its first row: a run that fails
-            try:                     # or is stopped before it leaves the last table whole
-                made_parent(args.out).write_text(TABLE_HEADER + row)
-            except OSError as exc:
-                raise cannot_write(args.out, exc) from None
-        elif args.out:
-            append_text(args.out, row)
+        if args.out:  # the table starts afresh with its first row: a run that fails or is stopped
+            # before it leaves the last table whole
+            append_text(args.out, TABLE_HEADER + row if index == 0 else row, start=index == 0)
 
 
 if __name__ == "__main__":

@@ -281,7 +281,8 @@ def grey_ink(image: Image.Image) -> np.ndarray:
         # a 32-bit TIFF, scaled as 16 bits was near-black and read as blank. The price: a nearly
         # black 16-bit picture (every value under 256) is read as 8-bit data, its faint marks as ink.
         pixels = np.clip(pixels, 0, None)
-        white = next(2.0 ** bits - 1 for bits in WIDE_DEPTHS if pixels.max() <= 2.0 ** bits - 1)
+        top = pixels.max()  # once: the image may be the whole working size
+        white = next(2.0 ** bits - 1 for bits in WIDE_DEPTHS if top <= 2.0 ** bits - 1)
         return np.clip(pixels * (255 / white), 0, 255)
     if image.mode == "F":
         pixels = np.nan_to_num(pixels)

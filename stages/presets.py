@@ -131,6 +131,12 @@ def set_param_keys(exp_args: list[str]) -> set[str]:
     return {key.removeprefix(f"{params_mod.DEFAULT_PATH}:") for key in keys}
 
 
+def experiment_name(preset: str) -> str:
+    """make exp's name for the run of `preset` (DVC's experiment names take no +; the Makefile's
+    EXP_NAME is the same)."""
+    return preset.replace("+", "-")
+
+
 def exp_run_options(exp_args: list[str]) -> argparse.Namespace | None:
     """`dvc exp run`'s options `exp_args` as DVC's own parser reads them (`--que` is `--queue`,
     the last `-n` wins); None for options it refuses, left to `dvc exp run` to report (said once,
@@ -172,7 +178,7 @@ def taken_problem(exp_args: list[str], preset: str) -> str | None:
     options = exp_run_options(exp_args)
     if options is None or options.force or options.queue or options.name:
         return None
-    return (f"this commit has an experiment {preset.replace('+', '-')} already: `make exp PRESET={preset} REPLACE=1` "
+    return (f"this commit has an experiment {experiment_name(preset)} already: `make exp PRESET={preset} REPLACE=1` "
             "runs it again under its name (DVC's `dvc exp run -f` would re-run every stage, the download included)")
 
 
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
                              "would refuse for it, naming REPLACE=1")
     args = parser.parse_args(argv)
     if args.preset and args.replace:
-        problem = replace_problem(exp_args, args.preset.replace("+", "-"))
+        problem = replace_problem(exp_args, experiment_name(args.preset))
     else:
         problem = args.preset and args.taken and taken_problem(exp_args, args.preset)
     if problem:
