@@ -27,11 +27,11 @@ import torch
 from stages import params as params_mod
 from stages.augment import augmented_split
 from stages.common import NO_CUDA_GPU, PipelineError, cannot_write, load_tensors, os_reason, parse_yaml, run_main
-from stages.datasets import FILE_ROLES, Dataset, known_files, load_table
+from stages.datasets import Dataset, load_table
 from stages.evaluate import test_metrics
-from stages.fetch import SourceError, fetch_verified
 from stages.models import predict_logits
 from stages.params import AugmentParams, Params, TrainParams
+from stages.preprocess import raw_files_problem
 from stages.presets import check, committed_params, leftover_keys, load_presets, resolve
 from stages.runtime import resolve_device
 from stages.train import fit
@@ -250,15 +250,10 @@ def check_raw(raw_dir: Path, dataset: Dataset) -> None:
     if missing:
         raise PipelineError(f"{raw_dir}: {missing}; point --raw at the directory of {dataset.name}'s four IDX "
                             f"files (the fetch stage writes them to {RAW_DIR})")
-    known = known_files(load_table())  # to say "it is fashion-mnist's ..." of a garment under MNIST's name
-    for role in FILE_ROLES:
-        file = dataset.files[role]
-        try:
-            fetch_verified(str(raw_dir), file, timeout_s=0, known=known)
-        except SourceError as exc:
-            raise PipelineError(f"{raw_dir}: {file.path_in(raw_dir).name}: {exc}. The benchmark's dataset is "
-                                f"{dataset.name}: run `dvc repro fetch` with fetch.dataset: {dataset.name}, "
-                                "or point --raw at its files") from None
+    problem = raw_files_problem(raw_dir, dataset)
+    if problem:
+        raise PipelineError(f"{problem}. The benchmark's dataset is {dataset.name}: run `dvc repro fetch` with "
+                            f"fetch.dataset: {dataset.name}, or point --raw at its files")
 
 
 def seeds_problem(seeds: list[int]) -> str | None:

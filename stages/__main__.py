@@ -36,6 +36,14 @@ def main() -> None:
         # The stage's imports, then its run_main, which tells every later interruption itself
         # (and exits through SystemExit(1) or another failing status, which passes here).
         runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.partition(".")[0] == "stages":  # the project's own: a bug, traceback
+            raise
+        # stages/run fell back to a python3 without the project's packages (no .venv in this copy):
+        # Python's traceback ends deep in a stage's imports and says none of that.
+        log(stage, f"error: {sys.executable} has no module '{exc.name}': it lacks the project's packages; "
+                   "`make repro` makes .venv (which stages/run prefers), or activate the environment that has them")
+        sys.exit(1)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
         stopped, status = interruption(exc)
         log(stage, f"{stopped} while starting; nothing was written")

@@ -490,15 +490,17 @@ def check_crcs(path: Path) -> None:
     """PipelineError if a record of torch.save's zip archive fails the CRC-32 stored beside it, or
     cannot be read back at all. torch.load does not check them, so a flipped bit in the weights
     would load silently and predict wrong classes; checking costs 0.14 s for the 218 MB augmented
-    train split. A zip archive that zipfile cannot open (cut short) is left to torch.load to name."""
+    train split."""
     try:
         with zipfile.ZipFile(path) as archive:
             failing = archive.testzip()
     except zipfile.BadZipFile:
         with open(path, "rb") as f:
             head = f.read(4)
-        if b"PK\x03\x04".startswith(head):  # a zip archive's first record, damaged or cut short after it
-            return
+        if b"PK\x03\x04".startswith(head):  # a zip archive's first record, and no end: cut short
+            # (torch.load said "OSError: [Errno 22] Invalid argument" or miniz's five-sentence note)
+            raise PipelineError(f"{path}: damaged tensor file (cut short: {path.stat().st_size:,} bytes, without the "
+                                "zip archive's closing index, which torch.save writes last)") from None
         # torch.load would try its pre-1.6 pickle format on it and fail with anything from
         # "KeyError: 101" (a text file) on; torch.save has written zip archives since 1.6.
         raise PipelineError(f"{path}: not a tensor file written by this pipeline (torch.save's zip archive)") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,3 +141,15 @@ def known_files(table: dict[str, Dataset]) -> dict[str, KnownFile]:
     dataset's own images for a model of other classes."""
     return {entry.sha256: KnownFile(dataset, role) for dataset in table.values()
             for role, entry in dataset.files.items()}
+
+
+def digest_problem(file: DataFile, content: bytes, known: dict[str, KnownFile] | None = None) -> str | None:
+    """Why `content` (uncompressed) is not `file` as the table pins it, or None. `known`
+    (known_files) names the table's file that it is instead, if any (a mirror of the other dataset)."""
+    digest = hashlib.sha256(content).hexdigest()
+    if digest == file.sha256:
+        return None
+    which = f": it is {known[digest]}" if known and digest in known else ""
+    # Whole: a table entry being written differs from the file's in any digit, and its author
+    # needs this file's (of the content, not of the .gz)
+    return f"SHA-256 of the uncompressed content is {digest}, stages/datasets.yaml expects {file.sha256}{which}"

@@ -15,7 +15,6 @@ download slower than MIN_RATE over fetch.timeout_s seconds is refused too, so a 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import os
 import time
@@ -25,8 +24,8 @@ from pathlib import Path
 
 from stages import params as params_mod
 from stages.common import PipelineError, Progress, atomic_path, log, os_reason, run_main
-from stages.datasets import FILE_ROLES, DataFile, KnownFile, is_url, known_files, load_table
-from stages.idx import IdxFormatError, IdxTooLargeError, gunzip_if_compressed
+from stages.datasets import FILE_ROLES, DataFile, KnownFile, digest_problem, is_url, known_files, load_table
+from stages.idx import IdxFormatError, IdxTooLargeError, declared_dims, gunzip_if_compressed
 
 STAGE = "fetch"
 MIRROR_ENV = "MNIST_MIRROR"
@@ -79,7 +78,7 @@ def _download(url: str, timeout_s: float, limit: int) -> bytes:
                     received += len(chunk)
                     if received > limit:
                         raise SourceError(f"sent more than {limit:,} bytes, more than the file can take (refused)"
-                                          + _BY_THE_TABLE)
+                                          + declared_dims(chunks[0][:1024]) + _BY_THE_TABLE)
                     progress.update(len(chunk))
                     window_bytes += len(chunk)
                     elapsed = time.monotonic() - window_start
@@ -131,7 +130,7 @@ def _read_local(directory: Path, file: DataFile) -> bytes:
         raise SourceError(f"cannot read {path}: {os_reason(exc)}") from None
     if len(data) > limit:
         raise SourceError(f"{path} holds more than {limit:,} bytes, more than the file can take (refused)"
-                          + _BY_THE_TABLE)
+                          + declared_dims(data[:1024]) + _BY_THE_TABLE)
     return data
 
 
@@ -151,13 +150,9 @@ def fetch_verified(source: str, file: DataFile, timeout_s: float, known: dict[st
     else:
         data = _read_local(Path(source), file)
     content = uncompressed(data, file.size)  # a gzip bomb stops one byte past the expected size
-    digest = hashlib.sha256(content).hexdigest()
-    if digest != file.sha256:
-        which = f": it is {known[digest]}" if known and digest in known else ""
-        # Whole: a table entry being written differs from the file's in any digit, and its author
-        # needs this file's (of the content, not of the .gz)
-        raise SourceError(f"SHA-256 of the uncompressed content is {digest}, stages/datasets.yaml expects "
-                          f"{file.sha256}" + which)
+    problem = digest_problem(file, content, known)
+    if problem:
+        raise SourceError(problem)
     return content
 
 

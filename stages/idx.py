@@ -64,6 +64,17 @@ def may_be_idx(head: bytes) -> bool:
     return head[:2] == _GZIP_MAGIC or (head[:2] == b"\0\0" and len(head) > 2 and head[2] in VALUE_TYPES)
 
 
+def declared_dims(head: bytes) -> str:
+    """What an IDX header at the start of `head` declares, as ": its IDX header declares 60,000 x
+    28 x 28", or "" where `head` starts with none: said with a size refusal, where a file larger
+    than its table's counts allow is more often a wrong count than a wrong file."""
+    ndim = head[3] if len(head) > 3 and head[:2] == b"\0\0" and head[2] in VALUE_TYPES else 0
+    if ndim == 0 or len(head) < 4 + 4 * ndim:
+        return ""
+    dims = np.frombuffer(head, dtype=">u4", count=ndim, offset=4)
+    return ": its IDX header declares " + " x ".join(f"{int(d):,}" for d in dims)
+
+
 def write_idx(array: np.ndarray) -> bytes:
     """Serialises a uint8 array as an uncompressed IDX file (used by tests and by `predict` fixtures)."""
     array = np.ascontiguousarray(array)
@@ -87,7 +98,7 @@ def gunzip_if_compressed(data: bytes, name: str = "<bytes>", max_size: int | Non
         except (OSError, EOFError, zlib.error) as exc:
             raise IdxFormatError(f"{name}: damaged gzip data ({exc})") from None
     if max_size is not None and len(content) > max_size:
-        raise IdxTooLargeError(f"{name}: content larger than {max_size:,} bytes (refused)")
+        raise IdxTooLargeError(f"{name}: content larger than {max_size:,} bytes (refused){declared_dims(content[:1024])}")
     return content
 
 

@@ -259,7 +259,9 @@ class Lookahead:
 @dataclass
 class TrainingState:
     """Everything the rest of a run depends on, so that a run resumed from its state_dict() ends
-    bit-identical to one that was never stopped."""
+    bit-identical to one that was never stopped. A new piece of such state (a generator, a buffer,
+    a copy of the weights) goes here and into state_dict() and load_state_dict();
+    tests/test_train.py's test_interrupted_fit_resumes_to_the_uninterrupted_result fails otherwise."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer

@@ -81,6 +81,41 @@ def pytest_configure(config) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for the commands tests start, as DvcProject sets
 
 
+def params_yaml_changes(path: Path = PROJECT_ROOT / "params.yaml") -> str:
+    """'' when params.yaml is as committed; else a line naming the keys it changes. The tests build
+    on its values (tests/synthetic.py, the params and train tests, the projects the integration
+    tests copy), and `dvc exp run` leaves an experiment's there: a failure caused by them must not
+    look like the code's."""
+    from stages.common import PipelineError
+    from stages.params import load_raw
+    from stages.presets import committed_params, leftover_keys
+
+    committed = committed_params(path)
+    if committed is None:
+        return ""
+    try:
+        changed = leftover_keys(load_raw(path), committed, {})
+    except PipelineError as exc:
+        return f"params.yaml cannot be read ({exc}); the tests build on it"
+    if not changed:
+        return ""
+    return (f"params.yaml differs from the last commit in {', '.join(changed)}, and the tests build on its "
+            "values (an experiment's, left by `dvc exp run`?): `git stash` or `git checkout params.yaml` first, "
+            "or commit it")
+
+
+def pytest_report_header(config) -> str | None:
+    return params_yaml_changes() or None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    # Again at the end, where a failure is read, when there was one
+    changes = params_yaml_changes()
+    if changes and exitstatus != 0:
+        terminalreporter.write_sep("=", "params.yaml", yellow=True)
+        terminalreporter.write_line(changes)
+
+
 def run_bounded(args, timeout_s: float = COMMAND_TIMEOUT_S, output: Path | None = None,
                 killed_read_s: float = KILLED_READ_S, **kwargs) -> subprocess.CompletedProcess:
     """`subprocess.run(args, capture_output=True, text=True, **kwargs)` that fails after

@@ -83,12 +83,13 @@ def synthetic_dataset(tmp_path: Path, entry: dict) -> Dataset:
 
 def use_synthetic_dataset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, entry: dict,
                           changes: dict[str, dict]) -> params_mod.Params:
-    """Makes stages.params.load() return params.yaml as committed with fetch.dataset `synthetic`:
+    """Makes stages.params.load() return the repository's params.yaml (as committed, unless an
+    experiment left its params there: the test report says so) with fetch.dataset `synthetic`:
     `entry` joins the dataset table (synthetic_dataset), and `changes` ({section: {key: value}}) are
     applied; returns those params, for a stage's main() to run on."""
     table = {**load_table(), "synthetic": synthetic_dataset(tmp_path, entry)}
     monkeypatch.setattr(params_mod, "load_table", lambda: table)
-    raw = yaml.safe_load((Path(params_mod.__file__).parents[1] / "params.yaml").read_text())  # the committed one
+    raw = yaml.safe_load((Path(params_mod.__file__).parents[1] / "params.yaml").read_text())
     raw["fetch"].update(dataset="synthetic", mirrors={"synthetic": ["http://127.0.0.1:9/"]})  # nothing listens
     for section, values in changes.items():
         raw[section].update(values)

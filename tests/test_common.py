@@ -531,6 +531,26 @@ def test_the_launcher_runs_the_stage_as_python_m_does(tmp_path):
         assert (said.returncode, said.stderr) == (1, f"python -m stages: no stage '{typo}' (a module of stages/, e.g. train)\n")
 
 
+
+def test_the_launcher_says_in_one_line_that_a_python_lacks_the_packages(tmp_path):
+    """stages/run falls back to the python3 on PATH where the copy has no .venv: one without torch
+    (here, a torch that cannot be found) is named in one line, not a traceback from a stage's
+    imports; a module of the project's own that is missing stays a traceback (a bug)."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{PROJECT_ROOT}"}
+    said = subprocess.run([sys.executable, "-m", "stages", "train", "a", "b"], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True)
+    assert (said.returncode, said.stderr) == (1, f"train: error: {sys.executable} has no module 'torch': it lacks "
+                                                 "the project's packages; `make repro` makes .venv (which stages/run "
+                                                 "prefers), or activate the environment that has them\n")
+    (tmp_path / "torch" / "__init__.py").write_text("import stages.no_such_module\n")
+    said = subprocess.run([sys.executable, "-m", "stages", "train", "a", "b"], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True)
+    assert said.returncode == 1 and "Traceback" in said.stderr and "stages.no_such_module" in said.stderr
+
+
 FINISH = """
 import atexit, os, signal, sys
 from stages import __main__ as launcher

@@ -590,4 +590,5 @@ def test_tracking_counts_the_params_dvc_exp_show_lists():
     page = (PROJECT_ROOT / "docs/tracking.md").read_text()
     stated = re.search(r"a column for every param \((\d+) in `params.yaml`", page)
     assert stated is not None, "docs/tracking.md no longer states the count"
-    assert int(stated.group(1)) == count
+    assert int(stated.group(1)) == count, (f"docs/tracking.md says {stated.group(1)} params (\"a column for every "
+                                           f"param\"), params.yaml has {count}: update the page")

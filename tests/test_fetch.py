@@ -217,6 +217,22 @@ def test_a_local_file_larger_than_the_dataset_allows_is_refused(mirror, tmp_path
     assert fetch.fetch_file([str(big), str(directory)], file, TIMEOUT_S) == content_of(directory, file)
 
 
+@pytest.mark.parametrize("form", ["plain", "gz"])
+def test_a_table_count_too_small_shows_the_files_own_count(tmp_path, form):
+    """A table entry being written with too small a train_count makes the real file look too large:
+    the refusal says the count the file's header declares, next to where the limit comes from."""
+    directory = tmp_path / "mirror"
+    write_mirror(directory, n_train=600, n_test=20)
+    content = gzip.decompress((directory / "train-labels-idx1-ubyte.gz").read_bytes())
+    if form == "plain":
+        (directory / "train-labels-idx1-ubyte").write_bytes(content)
+    # The size a train_count of 500 gives: an IDX header of one dimension (8 bytes) and 500 labels
+    file = DataFile("train-labels-idx1-ubyte", hashlib.sha256(content).hexdigest(), 8 + 500)
+    with pytest.raises(fetch.SourceError, match="declares 600; the file's size follows from its dataset's "
+                                                "counts in stages/datasets.yaml$"):
+        fetch.fetch_verified(str(directory), file, TIMEOUT_S)
+
+
 def test_a_gzip_bomb_is_refused_one_byte_past_the_size(mirror, tmp_path):
     """A small .gz that inflates far beyond the file's size stops inflating at size + 1 bytes."""
     _, files = mirror

@@ -17,9 +17,9 @@ import torch
 import torchvision  # noqa: F401
 
 from benchmarks import frontier
-from benchmarks import presets as presets_bench
 from benchmarks.reference import place_for_torchvision
 from stages import params as params_mod
+from stages import preprocess
 from stages.common import PipelineError
 from stages.presets import load_presets
 from tests.synthetic import write_mirror, write_prepared
@@ -178,7 +178,7 @@ def test_a_raw_folder_of_other_files_under_mnists_names_is_refused_before_the_re
     and set the clock, so the checksums are checked first."""
     write_prepared(tmp_path / "prepared", [str(digit) for digit in range(10)])
     write_mirror(tmp_path / "mirror", n_train=60, n_test=20)
-    refused_before_any_run(tmp_path, capsys, r"mirror: train-images-idx3-ubyte\.gz: SHA-256 .* The benchmark's "
+    refused_before_any_run(tmp_path, capsys, r"mirror/train-images-idx3-ubyte\.gz: SHA-256 .* The benchmark's "
                                              r"dataset is mnist: run `dvc repro fetch` with fetch\.dataset: mnist",
                            "prepared")
 
@@ -189,7 +189,7 @@ def test_raw_files_are_checked_before_missing_splits_are_built_from_them(tmp_pat
     monkeypatch.setattr(frontier, "prepare", lambda *args: pytest.fail("splits were built from unchecked files"))
     entry = write_mirror(tmp_path / "mirror", n_train=60, n_test=20)
     garment = entry["files"]["train_images"]["sha256"]
-    monkeypatch.setattr(presets_bench, "known_files",
+    monkeypatch.setattr(preprocess, "known_files",
                         lambda table: {garment: "fashion-mnist's train-images-idx3-ubyte"})
     refused_before_any_run(tmp_path, capsys, r"train-images-idx3-ubyte\.gz: SHA-256 .*: it is fashion-mnist's "
                                              r"train-images-idx3-ubyte\. The benchmark's dataset is mnist", "none")

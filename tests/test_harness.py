@@ -1,10 +1,12 @@
 """The test harness's own guarantees: a command a test runs cannot hang the suite (conftest.run_bounded);
-`make test` starts as many pytest-xdist workers as this process may use CPUs, at most four."""
+`make test` starts as many pytest-xdist workers as this process may use CPUs, at most four; a
+params.yaml an experiment left changed is said in the report's header and after a failure."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MAX_TEST_WORKERS, run_bounded, xdist_worker_count
+from tests.conftest import MAX_TEST_WORKERS, PROJECT_ROOT, params_yaml_changes, run_bounded, xdist_worker_count
 
 # Starts a daemon the way `dvc queue start` starts its workers' launchers: in a process group of
 # its own, holding the command's stdout and stderr, outliving the command. Writes its pid to argv[1].
@@ -120,3 +122,23 @@ def test_auto_worker_count_is_the_affinity_not_the_machine(pytestconfig, monkeyp
     assert pytestconfig.hook.pytest_xdist_auto_num_workers(config=pytestconfig) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
     assert pytestconfig.hook.pytest_xdist_auto_num_workers(config=pytestconfig) == MAX_TEST_WORKERS
+
+
+def test_a_params_yaml_an_experiment_changed_is_named(tmp_path):
+    """The tests build on params.yaml's values; after `dvc exp run -S` (which leaves them there)
+    dozens failed with messages about the code. The keys that differ from the commit are named."""
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    params = tmp_path / "params.yaml"
+    assert params_yaml_changes(params) == ""  # nothing committed: nothing to compare with
+    committed = (PROJECT_ROOT / "params.yaml").read_text()
+    params.write_text(committed)
+    subprocess.run([*git, "add", "params.yaml"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "params"], check=True)
+    assert params_yaml_changes(params) == ""
+    params.write_text(committed.replace("  seed: 0\n", "  seed: 7\n", 1) + "extra: 1\n")
+    changed = params_yaml_changes(params)
+    assert re.match(r"params\.yaml differs from the last commit in [a-z_]+\.seed, extra, and the tests build on "
+                    r"its values .*`git checkout params\.yaml` first", changed), changed
+    params.write_text("train: [\n")
+    assert params_yaml_changes(params).startswith("params.yaml cannot be read (")

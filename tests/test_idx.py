@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from stages.common import PipelineError
-from stages.idx import (IdxFormatError, IdxTooLargeError, may_be_idx, parse_idx, read_bytes, read_images,
+from stages.idx import (IdxFormatError, IdxTooLargeError, declared_dims, may_be_idx, parse_idx, read_bytes, read_images,
                         read_labels, read_pair, write_idx)
 
 SIZE = 28
@@ -222,8 +222,18 @@ def test_a_size_limit_bounds_plain_and_gzip_content(tmp_path):
         path.write_bytes(data)
         assert read_bytes(path, max_size=len(content)) == content
         # Its own kind of IdxFormatError: fetch adds what bounds the size (the dataset table).
-        with pytest.raises(IdxTooLargeError, match=rf"{name}: content larger than {len(content) - 1:,} bytes"):
+        # The header's dimensions are said: a file larger than a table's counts allow is more often a
+        # wrong count than a wrong file.
+        with pytest.raises(IdxTooLargeError, match=rf"{name}: content larger than {len(content) - 1:,} bytes "
+                                                   r"\(refused\): its IDX header declares 10 x 28 x 28$"):
             read_bytes(path, max_size=len(content) - 1)
+
+
+def test_declared_dims_reads_an_idx_header_only():
+    assert declared_dims(write_idx(np.zeros((60000, 1, 1), np.uint8))[:1024]) == \
+        ": its IDX header declares 60,000 x 1 x 1"
+    for head in (b"", b"\0\0\x08\x03" + bytes(8), b"PK\3\4" + bytes(12), b"\0\0\x08\0"):  # short, zip, 0-d
+        assert declared_dims(head) == ""
 
 
 def test_may_be_idx_takes_idx_and_gzip_starts_only():

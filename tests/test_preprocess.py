@@ -3,6 +3,7 @@ files' counts against the dataset table."""
 
 from __future__ import annotations
 
+import gzip
 import re
 
 import numpy as np
@@ -138,7 +139,8 @@ def test_a_file_larger_than_the_table_allows_is_refused_unread(tmp_path):
     with (tmp_path / "raw" / "t10k-labels-idx1-ubyte").open("wb") as huge:
         huge.write(b"\x00\x00\x08\x01")
         huge.truncate(256 << 20)
-    with pytest.raises(PipelineError, match=r"t10k-labels-idx1-ubyte: content larger than 108 bytes \(refused\)$"):
+    with pytest.raises(PipelineError, match=r"t10k-labels-idx1-ubyte: content larger than 108 bytes \(refused\): "
+                                           r"its IDX header declares 0$"):
         read_files(tmp_path / "raw", synthetic_dataset(tmp_path, entry))
 
 
@@ -149,6 +151,25 @@ def test_main_checks_the_counts_before_splitting(tmp_path, monkeypatch):
     entry = write_mirror(tmp_path / "raw", n_train=300, n_test=100)
     use_synthetic_dataset(monkeypatch, tmp_path, {**entry, "train_count": 60000}, {})  # val_size 5,000 > 300
     with pytest.raises(PipelineError, match=r"synthetic\.train_count is 60,000, but its files hold 300 images"):
+        preprocess.main([str(tmp_path / "raw"), str(tmp_path / "prepared")])
+    assert not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.parametrize("damage", ["pixel", "label"])
+def test_main_refuses_raw_files_the_table_does_not_pin(tmp_path, monkeypatch, damage):
+    """data/raw placed by DVC from a damaged cache (`dvc checkout` checks no content) is still a
+    valid IDX file: one changed pixel would be split and trained on, one label past the classes
+    blamed on the table. The stage checks each file's digest first and names the file."""
+    entry = write_mirror(tmp_path / "raw", n_train=300, n_test=100)
+    use_synthetic_dataset(monkeypatch, tmp_path, entry, {"preprocess": {"val_size": 50}})
+    name = {"pixel": "t10k-images-idx3-ubyte", "label": "train-labels-idx1-ubyte"}[damage]
+    content = bytearray(gzip.decompress((tmp_path / "raw" / f"{name}.gz").read_bytes()))
+    content[-1] = 200  # a pixel of the last image, or a label no class has
+    (tmp_path / "raw" / f"{name}.gz").unlink()
+    (tmp_path / "raw" / name).write_bytes(content)  # plain, as fetch writes data/raw
+    with pytest.raises(PipelineError, match=rf"raw/{name}: SHA-256 of the uncompressed content is [0-9a-f]{{64}}, "
+                                            r"stages/datasets\.yaml expects [0-9a-f]{64}; the file is damaged or "
+                                            r"not synthetic's: `dvc repro -f fetch` fetches and verifies it again$"):
         preprocess.main([str(tmp_path / "raw"), str(tmp_path / "prepared")])
     assert not (tmp_path / "prepared").exists()
 
