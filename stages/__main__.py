@@ -37,12 +37,14 @@ def main() -> None:
         # (and exits through SystemExit(1) or another failing status, which passes here).
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.partition(".")[0] == "stages":  # the project's own: a bug, traceback
-            raise
         # stages/run fell back to a python3 without the project's packages (no .venv in this copy):
-        # Python's traceback ends deep in a stage's imports and says none of that.
-        log(stage, f"error: {sys.executable} has no module '{exc.name}': it lacks the project's packages; "
-                   "`make repro` makes .venv (which stages/run prefers), or activate the environment that has them")
+        # Python's traceback ends deep in a stage's imports and says none of that. A package this
+        # Python has, failing to import a part of itself, or the project's own module: a traceback.
+        top = (exc.name or "stages").partition(".")[0]
+        if top == "stages" or importlib.util.find_spec(top) is not None:
+            raise
+        log(stage, f"error: {sys.executable} has no module '{top}': it lacks the project's packages; `make setup` "
+                   "installs them into .venv (which stages/run prefers), or activate the environment that has them")
         sys.exit(1)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
         stopped, status = interruption(exc)

@@ -497,10 +497,11 @@ def check_crcs(path: Path) -> None:
     except zipfile.BadZipFile:
         with open(path, "rb") as f:
             head = f.read(4)
-        if b"PK\x03\x04".startswith(head):  # a zip archive's first record, and no end: cut short
+        if b"PK\x03\x04".startswith(head):  # a zip archive's first record, and no readable end
             # (torch.load said "OSError: [Errno 22] Invalid argument" or miniz's five-sentence note)
-            raise PipelineError(f"{path}: damaged tensor file (cut short: {path.stat().st_size:,} bytes, without the "
-                                "zip archive's closing index, which torch.save writes last)") from None
+            raise PipelineError(f"{path}: damaged tensor file ({path.stat().st_size:,} bytes; the zip archive's "
+                                "closing index, which torch.save writes last, is missing or damaged: cut short?)"
+                                ) from None
         # torch.load would try its pre-1.6 pickle format on it and fail with anything from
         # "KeyError: 101" (a text file) on; torch.save has written zip archives since 1.6.
         raise PipelineError(f"{path}: not a tensor file written by this pipeline (torch.save's zip archive)") from None

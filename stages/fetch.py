@@ -25,7 +25,7 @@ from pathlib import Path
 from stages import params as params_mod
 from stages.common import PipelineError, Progress, atomic_path, log, os_reason, run_main
 from stages.datasets import FILE_ROLES, DataFile, KnownFile, digest_problem, is_url, known_files, load_table
-from stages.idx import IdxFormatError, IdxTooLargeError, declared_dims, gunzip_if_compressed
+from stages.idx import IdxFormatError, IdxTooLargeError, declared_dims, gunzip_if_compressed, stored_limit
 
 STAGE = "fetch"
 MIRROR_ENV = "MNIST_MIRROR"
@@ -51,11 +51,10 @@ _BY_THE_TABLE = "; the file's size follows from its dataset's counts in stages/d
 
 
 def served_limit(file: DataFile) -> int:
-    """The most bytes a source may serve for `file`, gzipped or plain: its content's size plus room
-    for gzip's overhead (on incompressible data a few bytes per 64 KiB block, and a header). A source
+    """The most bytes a source may serve for `file`, gzipped or plain (idx.stored_limit). A source
     serving more (a wrong URL's endless or huge body, a gzip bomb's container) is refused as soon as
     it passes this, so a bad mirror cannot fill the memory."""
-    return file.size + file.size // 100 + 65536
+    return stored_limit(file.size)
 
 
 def _download(url: str, timeout_s: float, limit: int) -> bytes:
@@ -78,7 +77,7 @@ def _download(url: str, timeout_s: float, limit: int) -> bytes:
                     received += len(chunk)
                     if received > limit:
                         raise SourceError(f"sent more than {limit:,} bytes, more than the file can take (refused)"
-                                          + declared_dims(chunks[0][:1024]) + _BY_THE_TABLE)
+                                          + _BY_THE_TABLE)
                     progress.update(len(chunk))
                     window_bytes += len(chunk)
                     elapsed = time.monotonic() - window_start

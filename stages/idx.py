@@ -65,14 +65,14 @@ def may_be_idx(head: bytes) -> bool:
 
 
 def declared_dims(head: bytes) -> str:
-    """What an IDX header at the start of `head` declares, as ": its IDX header declares 60,000 x
-    28 x 28", or "" where `head` starts with none: said with a size refusal, where a file larger
-    than its table's counts allow is more often a wrong count than a wrong file."""
+    """The dimensions an IDX header at the start of `head` gives, as ": its IDX header gives the
+    dimensions 60,000 x 28 x 28", or "" where `head` starts with none: said with a size refusal,
+    where a file larger than its table's counts allow is more often a wrong count than a wrong file."""
     ndim = head[3] if len(head) > 3 and head[:2] == b"\0\0" and head[2] in VALUE_TYPES else 0
     if ndim == 0 or len(head) < 4 + 4 * ndim:
         return ""
     dims = np.frombuffer(head, dtype=">u4", count=ndim, offset=4)
-    return ": its IDX header declares " + " x ".join(f"{int(d):,}" for d in dims)
+    return ": its IDX header gives the dimensions " + " x ".join(f"{int(d):,}" for d in dims)
 
 
 def write_idx(array: np.ndarray) -> bytes:
@@ -98,19 +98,32 @@ def gunzip_if_compressed(data: bytes, name: str = "<bytes>", max_size: int | Non
         except (OSError, EOFError, zlib.error) as exc:
             raise IdxFormatError(f"{name}: damaged gzip data ({exc})") from None
     if max_size is not None and len(content) > max_size:
-        raise IdxTooLargeError(f"{name}: content larger than {max_size:,} bytes (refused){declared_dims(content[:1024])}")
+        raise IdxTooLargeError(f"{name}: content larger than {max_size:,} bytes (refused)"
+                               + declared_dims(content[:1024]))
     return content
 
 
+def stored_limit(content_size: int) -> int:
+    """The most bytes a file of `content_size` bytes of content takes stored, gzipped or plain: the
+    content plus room for gzip's overhead (on incompressible data a few bytes per 64 KiB block, and a
+    header; a tiny file's .gz is larger than its content)."""
+    return content_size + content_size // 100 + 65536
+
+
 def read_bytes(path: Path, max_size: int | None = None) -> bytes:
-    """The uncompressed content of `path`; with `max_size`, refused (IdxFormatError) above that
-    many bytes, read or inflated, so the memory it takes is bounded whatever the file holds. A file
-    that cannot be read (no permission, a directory) is a one-line PipelineError naming it."""
+    """The uncompressed content of `path`; with `max_size`, refused (IdxTooLargeError) above that
+    many bytes of content, or of file (stored_limit), so the memory it takes is bounded whatever the
+    file holds. A file that cannot be read (no permission, a directory) is a one-line PipelineError
+    naming it."""
+    limit = None if max_size is None else stored_limit(max_size)
     try:
         with open(path, "rb") as f:
-            data = f.read(-1 if max_size is None else max_size + 1)
+            data = f.read(-1 if limit is None else limit + 1)
     except OSError as exc:
         raise cannot_read(path, exc) from None
+    if limit is not None and len(data) > limit and data[:2] == _GZIP_MAGIC:  # cut here, it would read as damaged
+        raise IdxTooLargeError(f"{path}: a .gz of more than {limit:,} bytes, more than {max_size:,} bytes of "
+                               "content can take (refused)")
     return gunzip_if_compressed(data, str(path), max_size)
 
 

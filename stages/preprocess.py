@@ -91,7 +91,11 @@ def raw_files_problem(raw_dir: Path, dataset: Dataset) -> str | None:
         path = file.path_in(raw_dir)
         if not path.is_file():
             continue
-        problem = digest_problem(file, read_bytes(path, file.size), known)  # no further than its size
+        try:
+            content = read_bytes(path, file.size)  # no further than its size
+        except PipelineError as exc:  # damaged gzip, too large, unreadable: it names the file
+            return str(exc)
+        problem = digest_problem(file, content, known)
         if problem:
             return f"{path}: {problem}"
     return None

@@ -85,23 +85,23 @@ def params_yaml_changes(path: Path = PROJECT_ROOT / "params.yaml") -> str:
     """'' when params.yaml is as committed; else a line naming the keys it changes. The tests build
     on its values (tests/synthetic.py, the params and train tests, the projects the integration
     tests copy), and `dvc exp run` leaves an experiment's there: a failure caused by them must not
-    look like the code's."""
-    from stages.common import PipelineError
+    look like the code's. Never raises: it runs in pytest's own hooks, where an error ends the run."""
     from stages.params import load_raw
     from stages.presets import committed_params, leftover_keys
 
-    committed = committed_params(path)
-    if committed is None:
-        return ""
+    advice = ("and the tests build on its values (an experiment's, left by `dvc exp run`?): `git stash` or "
+              "`git checkout params.yaml` first, or commit it")
     try:
-        changed = leftover_keys(load_raw(path), committed, {})
-    except PipelineError as exc:
-        return f"params.yaml cannot be read ({exc}); the tests build on it"
-    if not changed:
-        return ""
-    return (f"params.yaml differs from the last commit in {', '.join(changed)}, and the tests build on its "
-            "values (an experiment's, left by `dvc exp run`?): `git stash` or `git checkout params.yaml` first, "
-            "or commit it")
+        committed = committed_params(path)
+        if not isinstance(committed, dict):  # nothing committed to compare with, or no mapping there
+            return ""
+        workspace = load_raw(path)
+        if not isinstance(workspace, dict):
+            return f"params.yaml holds no mapping of sections, {advice}"
+        changed = leftover_keys(workspace, committed, {})
+    except Exception as exc:  # a file neither parser reads; the params tests say what is wrong
+        return f"params.yaml cannot be read ({exc}), {advice}"
+    return f"params.yaml differs from the last commit in {', '.join(changed)}, {advice}" if changed else ""
 
 
 def pytest_report_header(config) -> str | None:
@@ -110,8 +110,7 @@ def pytest_report_header(config) -> str | None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     # Again at the end, where a failure is read, when there was one
-    changes = params_yaml_changes()
-    if changes and exitstatus != 0:
+    if exitstatus != 0 and (changes := params_yaml_changes()):
         terminalreporter.write_sep("=", "params.yaml", yellow=True)
         terminalreporter.write_line(changes)
 

@@ -531,24 +531,28 @@ def test_the_launcher_runs_the_stage_as_python_m_does(tmp_path):
         assert (said.returncode, said.stderr) == (1, f"python -m stages: no stage '{typo}' (a module of stages/, e.g. train)\n")
 
 
-
 def test_the_launcher_says_in_one_line_that_a_python_lacks_the_packages(tmp_path):
-    """stages/run falls back to the python3 on PATH where the copy has no .venv: one without torch
-    (here, a torch that cannot be found) is named in one line, not a traceback from a stage's
-    imports; a module of the project's own that is missing stays a traceback (a bug)."""
-    (tmp_path / "torch").mkdir()
-    (tmp_path / "torch" / "__init__.py").write_text(
-        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{PROJECT_ROOT}"}
-    said = subprocess.run([sys.executable, "-m", "stages", "train", "a", "b"], cwd=PROJECT_ROOT, env=env,
+    """stages/run falls back to the python3 on PATH where the copy has no .venv: one without the
+    packages (here, this one without its site-packages: -S) is named in one line, not a traceback
+    from a stage's imports; a package it has that fails inside, or a module of the project's own
+    that is missing, stays a traceback (a bug)."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    said = subprocess.run([sys.executable, "-S", "-m", "stages", "train", "a", "b"], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert (said.returncode, said.stderr) == (1, f"train: error: {sys.executable} has no module 'torch': it lacks "
-                                                 "the project's packages; `make repro` makes .venv (which stages/run "
-                                                 "prefers), or activate the environment that has them\n")
-    (tmp_path / "torch" / "__init__.py").write_text("import stages.no_such_module\n")
-    said = subprocess.run([sys.executable, "-m", "stages", "train", "a", "b"], cwd=PROJECT_ROOT, env=env,
-                          capture_output=True, text=True)
-    assert said.returncode == 1 and "Traceback" in said.stderr and "stages.no_such_module" in said.stderr
+                                                 "the project's packages; `make setup` installs them into .venv "
+                                                 "(which stages/run prefers), or activate the environment that has "
+                                                 "them\n")
+    # A package this Python finds whose part is missing; the project's own module missing
+    for package, body in (("numpy", "import numpy.no_such_part\n"), ("torch", "import stages.no_such_module\n")):
+        shadow = tmp_path / package / package
+        shadow.mkdir(parents=True)
+        (shadow / "__init__.py").write_text(body)
+        env = {**os.environ, "PYTHONPATH": f"{shadow.parent}{os.pathsep}{PROJECT_ROOT}"}
+        said = subprocess.run([sys.executable, "-m", "stages", "train", "a", "b"], cwd=PROJECT_ROOT, env=env,
+                              capture_output=True, text=True)
+        assert said.returncode == 1 and "Traceback" in said.stderr, (package, said.stderr[-300:])
+        assert "no_such" in said.stderr.splitlines()[-1]
 
 
 FINISH = """

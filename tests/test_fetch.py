@@ -12,6 +12,7 @@ import time
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stages import datasets as datasets_mod
@@ -19,6 +20,7 @@ from stages import fetch
 from stages import params as params_mod
 from stages.common import PipelineError
 from stages.datasets import FILE_ROLES, DataFile, load_table
+from stages.idx import write_idx
 from tests.synthetic import use_synthetic_dataset, write_mirror
 
 TIMEOUT_S = 5.0
@@ -217,19 +219,22 @@ def test_a_local_file_larger_than_the_dataset_allows_is_refused(mirror, tmp_path
     assert fetch.fetch_file([str(big), str(directory)], file, TIMEOUT_S) == content_of(directory, file)
 
 
-@pytest.mark.parametrize("form", ["plain", "gz"])
-def test_a_table_count_too_small_shows_the_files_own_count(tmp_path, form):
+@pytest.mark.parametrize("form,count", [("plain", 600), ("gz", 600), ("plain", 70_000)])
+def test_a_table_count_too_small_shows_the_files_own_count(tmp_path, form, count):
     """A table entry being written with too small a train_count makes the real file look too large:
-    the refusal says the count the file's header declares, next to where the limit comes from."""
+    the refusal says the dimensions the file's header gives, and where the limit comes from.
+    70,000 labels: a plain file past even the gzip allowance, refused before it is inflated."""
     directory = tmp_path / "mirror"
-    write_mirror(directory, n_train=600, n_test=20)
-    content = gzip.decompress((directory / "train-labels-idx1-ubyte.gz").read_bytes())
-    if form == "plain":
-        (directory / "train-labels-idx1-ubyte").write_bytes(content)
+    directory.mkdir()
+    content = write_idx(np.zeros(count, np.uint8))
+    name = "train-labels-idx1-ubyte"
+    (directory / (name if form == "plain" else f"{name}.gz")).write_bytes(
+        content if form == "plain" else gzip.compress(content))
     # The size a train_count of 500 gives: an IDX header of one dimension (8 bytes) and 500 labels
-    file = DataFile("train-labels-idx1-ubyte", hashlib.sha256(content).hexdigest(), 8 + 500)
-    with pytest.raises(fetch.SourceError, match="declares 600; the file's size follows from its dataset's "
-                                                "counts in stages/datasets.yaml$"):
+    file = DataFile(name, hashlib.sha256(content).hexdigest(), 8 + 500)
+    assert (count + 8 > fetch.served_limit(file)) == (count == 70_000)
+    with pytest.raises(fetch.SourceError, match=f"gives the dimensions {count:,}; the file's size follows from its "
+                                                "dataset's counts in stages/datasets.yaml$"):
         fetch.fetch_verified(str(directory), file, TIMEOUT_S)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import conftest
 from tests.conftest import MAX_TEST_WORKERS, PROJECT_ROOT, params_yaml_changes, run_bounded, xdist_worker_count
 
 # Starts a daemon the way `dvc queue start` starts its workers' launchers: in a process group of
@@ -126,19 +127,43 @@ def test_auto_worker_count_is_the_affinity_not_the_machine(pytestconfig, monkeyp
 
 def test_a_params_yaml_an_experiment_changed_is_named(tmp_path):
     """The tests build on params.yaml's values; after `dvc exp run -S` (which leaves them there)
-    dozens failed with messages about the code. The keys that differ from the commit are named."""
+    dozens failed with messages about the code. The keys that differ from the commit are named,
+    and a file that cannot be read is said, never raised (the hooks that call it would end the run)."""
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
     params = tmp_path / "params.yaml"
     assert params_yaml_changes(params) == ""  # nothing committed: nothing to compare with
-    committed = (PROJECT_ROOT / "params.yaml").read_text()
+    committed = subprocess.run(["git", "-C", str(PROJECT_ROOT), "show", "HEAD:params.yaml"], check=True,
+                               capture_output=True, text=True).stdout  # the workspace's may be an experiment's
     params.write_text(committed)
     subprocess.run([*git, "add", "params.yaml"], check=True)
     subprocess.run([*git, "commit", "-q", "-m", "params"], check=True)
     assert params_yaml_changes(params) == ""
+    assert "  seed: 0\n" in committed
     params.write_text(committed.replace("  seed: 0\n", "  seed: 7\n", 1) + "extra: 1\n")
     changed = params_yaml_changes(params)
     assert re.match(r"params\.yaml differs from the last commit in [a-z_]+\.seed, extra, and the tests build on "
                     r"its values .*`git checkout params\.yaml` first", changed), changed
-    params.write_text("train: [\n")
-    assert params_yaml_changes(params).startswith("params.yaml cannot be read (")
+    for text, said in (("train: [\n", "params.yaml cannot be read ("), ("", "params.yaml holds no mapping"),
+                       ("- 1\n", "params.yaml holds no mapping")):
+        params.write_text(text)
+        assert params_yaml_changes(params).startswith(said), text
+
+
+def test_the_summary_names_a_changed_params_yaml_after_a_failure_only(monkeypatch):
+    class Reporter:
+        def __init__(self):
+            self.lines = []
+
+        def write_sep(self, sep, title, **markup):
+            self.lines.append(f"{sep * 3} {title}")
+
+        def write_line(self, line):
+            self.lines.append(line)
+
+    monkeypatch.setattr(conftest, "params_yaml_changes", lambda: "params.yaml differs from the last commit in x")
+    for status, expected in ((0, []), (1, ["=== params.yaml", "params.yaml differs from the last commit in x"])):
+        reporter = Reporter()
+        conftest.pytest_terminal_summary(reporter, status, None)
+        assert reporter.lines == expected
+    assert conftest.pytest_report_header(None) == "params.yaml differs from the last commit in x"

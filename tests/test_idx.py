@@ -225,13 +225,27 @@ def test_a_size_limit_bounds_plain_and_gzip_content(tmp_path):
         # The header's dimensions are said: a file larger than a table's counts allow is more often a
         # wrong count than a wrong file.
         with pytest.raises(IdxTooLargeError, match=rf"{name}: content larger than {len(content) - 1:,} bytes "
-                                                   r"\(refused\): its IDX header declares 10 x 28 x 28$"):
+                                                   r"\(refused\): its IDX header gives the dimensions 10 x 28 x 28$"):
             read_bytes(path, max_size=len(content) - 1)
+
+
+def test_a_tiny_gz_larger_than_its_content_is_read(tmp_path):
+    """A .gz of a few labels is larger than their content (gzip's header): the size bound is the
+    content's, with gzip's allowance for the file (stored_limit); a .gz past that is refused as too
+    large, not read cut short as damaged."""
+    content = write_idx(np.arange(20, dtype=np.uint8))
+    (tmp_path / "tiny.gz").write_bytes(gzip.compress(content))
+    assert (tmp_path / "tiny.gz").stat().st_size > len(content)
+    assert read_bytes(tmp_path / "tiny.gz", max_size=len(content)) == content
+    (tmp_path / "huge.gz").write_bytes(gzip.compress(bytes(range(256)) * 1000, compresslevel=0))
+    with pytest.raises(IdxTooLargeError, match=r"huge\.gz: a \.gz of more than 65,564 bytes, more than 28 bytes of "
+                                               r"content can take \(refused\)$"):
+        read_bytes(tmp_path / "huge.gz", max_size=len(content))
 
 
 def test_declared_dims_reads_an_idx_header_only():
     assert declared_dims(write_idx(np.zeros((60000, 1, 1), np.uint8))[:1024]) == \
-        ": its IDX header declares 60,000 x 1 x 1"
+        ": its IDX header gives the dimensions 60,000 x 1 x 1"
     for head in (b"", b"\0\0\x08\x03" + bytes(8), b"PK\3\4" + bytes(12), b"\0\0\x08\0"):  # short, zip, 0-d
         assert declared_dims(head) == ""
 

@@ -548,8 +548,8 @@ def test_truncated_file(saved):
     data = path.read_bytes()
     for size in (len(data) // 2, len(data) - 1, 3):  # torch.load's words differed by where it was cut
         path.write_bytes(data[:size])
-        expect_model_file_error(path, f"damaged tensor file (cut short: {size:,} bytes, without the zip archive's "
-                                      "closing index, which torch.save writes last)")
+        expect_model_file_error(path, f"damaged tensor file ({size:,} bytes; the zip archive's closing index, "
+                                      "which torch.save writes last, is missing or damaged: cut short?)")
 
 
 @pytest.mark.parametrize("change", [

@@ -140,7 +140,7 @@ def test_a_file_larger_than_the_table_allows_is_refused_unread(tmp_path):
         huge.write(b"\x00\x00\x08\x01")
         huge.truncate(256 << 20)
     with pytest.raises(PipelineError, match=r"t10k-labels-idx1-ubyte: content larger than 108 bytes \(refused\): "
-                                           r"its IDX header declares 0$"):
+                                           r"its IDX header gives the dimensions 0$"):
         read_files(tmp_path / "raw", synthetic_dataset(tmp_path, entry))
 
 
