@@ -64,7 +64,7 @@ def place_for_torchvision(raw_dir: Path, root: Path) -> None:
     target = root / "MNIST" / "raw"
     target.mkdir(parents=True, exist_ok=True)
     for file in mnist.files.values():
-        (target / file.name).write_bytes(read_bytes(file.path_in(raw_dir), file.size))  # no more than MNIST's size
+        (target / file.name).write_bytes(read_bytes(file.path_in(raw_dir), file.size))  # bounded by MNIST's size
 
 
 def torchvision_mnist(raw_dir: Path, root: Path) -> tuple:

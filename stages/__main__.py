@@ -40,11 +40,11 @@ def main() -> None:
         # stages/run fell back to a python3 without the project's packages (no .venv in this copy):
         # Python's traceback ends deep in a stage's imports and says none of that. A package this
         # Python has, failing to import a part of itself, or the project's own module: a traceback.
-        top = (exc.name or "stages").partition(".")[0]
-        if top == "stages" or importlib.util.find_spec(top) is not None:
+        if not lacks_package(exc.name):
             raise
-        log(stage, f"error: {sys.executable} has no module '{top}': it lacks the project's packages; `make setup` "
-                   "installs them into .venv (which stages/run prefers), or activate the environment that has them")
+        log(stage, f"error: {sys.executable} has no module '{exc.name}': it lacks the project's packages; "
+                   "`make setup` installs them into .venv (which stages/run prefers), or activate the environment "
+                   "that has them")
         sys.exit(1)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
         stopped, status = interruption(exc)
@@ -54,6 +54,20 @@ def main() -> None:
         if exc.code not in (0, None):
             raise
     finish(stage)
+
+
+def lacks_package(name: str | None) -> bool:
+    """Whether the module `name`, which an import did not find, is a package this Python lacks (its
+    top-level name found nowhere, or a namespace's part: ruamel.yaml beside another ruamel.*), not
+    one it has failing inside, nor the project's own."""
+    top = (name or "stages").partition(".")[0]
+    if top == "stages":
+        return False
+    try:
+        spec = importlib.util.find_spec(top)
+        return spec is None or (spec.origin is None and importlib.util.find_spec(name) is None)
+    except Exception:  # a package there whose import fails: its traceback says more
+        return False
 
 
 def finish(stage: str) -> None:

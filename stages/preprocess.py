@@ -69,8 +69,9 @@ def read_split(raw_dir: Path, dataset: Dataset, split: str) -> tuple[np.ndarray,
         raise PipelineError(f"{raw_dir}: {missing}; {dataset.name}'s four IDX files must be there (the fetch "
                             "stage writes them to data/raw: `dvc repro fetch`)")
     images, labels = (dataset.files[role] for role in roles)
-    # Read no further than the sizes the table's counts give: data/raw was verified by fetch, but a
-    # benchmark's --raw may point anywhere, and a wrong file there must not fill the memory.
+    # Bounded by the sizes the table's counts give (idx.stored_limit's file for each): data/raw was
+    # verified by fetch, but a benchmark's --raw may point anywhere, and a wrong file there must not
+    # fill the memory.
     try:
         return read_pair(images.path_in(raw_dir), labels.path_in(raw_dir), dataset.image_size, len(dataset.classes),
                          max_sizes=(images.size, labels.size))
@@ -92,7 +93,7 @@ def raw_files_problem(raw_dir: Path, dataset: Dataset) -> str | None:
         if not path.is_file():
             continue
         try:
-            content = read_bytes(path, file.size)  # no further than its size
+            content = read_bytes(path, file.size)  # bounded by its size, as read_split reads it
         except PipelineError as exc:  # damaged gzip, too large, unreadable: it names the file
             return str(exc)
         problem = digest_problem(file, content, known)

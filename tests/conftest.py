@@ -86,12 +86,12 @@ def params_yaml_changes(path: Path = PROJECT_ROOT / "params.yaml") -> str:
     on its values (tests/synthetic.py, the params and train tests, the projects the integration
     tests copy), and `dvc exp run` leaves an experiment's there: a failure caused by them must not
     look like the code's. Never raises: it runs in pytest's own hooks, where an error ends the run."""
-    from stages.params import load_raw
-    from stages.presets import committed_params, leftover_keys
-
     advice = ("and the tests build on its values (an experiment's, left by `dvc exp run`?): `git stash` or "
               "`git checkout params.yaml` first, or commit it")
     try:
+        from stages.params import load_raw  # here: a module that fails to import must not end the run
+        from stages.presets import committed_params, leftover_keys
+
         committed = committed_params(path)
         if not isinstance(committed, dict):  # nothing committed to compare with, or no mapping there
             return ""

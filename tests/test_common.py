@@ -555,6 +555,15 @@ def test_the_launcher_says_in_one_line_that_a_python_lacks_the_packages(tmp_path
         assert "no_such" in said.stderr.splitlines()[-1]
 
 
+def test_a_package_is_lacking_only_where_this_python_finds_none(tmp_path, monkeypatch):
+    from stages.__main__ import lacks_package
+    (tmp_path / "nsx" / "other").mkdir(parents=True)  # a namespace package, as ruamel beside ruamel.yaml
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert lacks_package("no_such_package_anywhere") and lacks_package("nsx.yaml")
+    assert not lacks_package("numpy") and not lacks_package("stages.no_such_module") and not lacks_package(None)
+    assert not lacks_package("numpy.no_such_part")  # numpy is there: a broken install, its traceback says more
+
+
 FINISH = """
 import atexit, os, signal, sys
 from stages import __main__ as launcher

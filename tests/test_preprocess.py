@@ -132,7 +132,8 @@ def test_a_missing_file_is_named_with_what_writes_it(tmp_path):
 
 def test_a_file_larger_than_the_table_allows_is_refused_unread(tmp_path):
     """A folder that is not data/raw (a benchmark's --raw) may hold a wrong, huge file: it is read
-    no further than the table's size for it, one byte past, and refused, not read whole. Here a
+    no further than the table's size for it allows (gzip's allowance and one byte past), and refused,
+    not read whole. Here a
     sparse 256 MiB file in place of the test labels (108 bytes by the table)."""
     entry = write_mirror(tmp_path / "raw", n_train=300, n_test=100)
     (tmp_path / "raw" / "t10k-labels-idx1-ubyte.gz").unlink()
@@ -170,6 +171,19 @@ def test_main_refuses_raw_files_the_table_does_not_pin(tmp_path, monkeypatch, da
     with pytest.raises(PipelineError, match=rf"raw/{name}: SHA-256 of the uncompressed content is [0-9a-f]{{64}}, "
                                             r"stages/datasets\.yaml expects [0-9a-f]{64}; the file is damaged or "
                                             r"not synthetic's: `dvc repro -f fetch` fetches and verifies it again$"):
+        preprocess.main([str(tmp_path / "raw"), str(tmp_path / "prepared")])
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_main_refuses_a_raw_file_it_cannot_read_whole_with_the_fetch_advice(tmp_path, monkeypatch):
+    """A .gz cut short in data/raw fails before its digest can be taken: the same refusal, naming the
+    file and the way out, before anything is written."""
+    entry = write_mirror(tmp_path / "raw", n_train=300, n_test=100)
+    use_synthetic_dataset(monkeypatch, tmp_path, entry, {"preprocess": {"val_size": 50}})
+    packed = tmp_path / "raw" / "train-labels-idx1-ubyte.gz"
+    packed.write_bytes(packed.read_bytes()[:-12])
+    with pytest.raises(PipelineError, match=r"raw/train-labels-idx1-ubyte\.gz: damaged gzip data \(.*\); the file is "
+                                            r"damaged or not synthetic's: `dvc repro -f fetch` fetches and verifies"):
         preprocess.main([str(tmp_path / "raw"), str(tmp_path / "prepared")])
     assert not (tmp_path / "prepared").exists()
 
