@@ -102,9 +102,10 @@ def _parse_entry(name: str, raw: object) -> Dataset:
     if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)):
         raise PipelineError(f"{where}.classes: expected a list of at least two names")
     # The names key eval.json's per_class, which DVC flattens with dots (per_class.Sneaker.accuracy).
-    if len(set(classes)) < len(classes) or any("." in c for c in classes):
-        raise PipelineError(f"{where}.classes: names must differ and hold no '.' (they key metrics/eval.json's "
-                            f"per_class, whose names DVC joins with dots), got {classes!r}")
+    # A control character (a line break) would also break metrics/confusion.csv's rows.
+    if len(set(classes)) < len(classes) or any("." in c or not c.isprintable() for c in classes):
+        raise PipelineError(f"{where}.classes: names must differ and hold no '.' nor control characters (they key "
+                            f"metrics/eval.json's per_class, whose names DVC joins with dots), got {classes!r}")
     if not isinstance(raw["flippable"], bool):
         raise PipelineError(f"{where}.flippable: expected true or false")
     if not is_valid_crop(raw["crop"], raw["image_size"]):

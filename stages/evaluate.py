@@ -5,13 +5,16 @@ eval.json holds `accuracy`, `loss` (mean cross-entropy) and `per_class`, keyed b
 datasets lines up no digit with a garment), each with the class's accuracy (its recall; null for a class with no test images).
 Accuracies are fractions (0..1), as everywhere in the project. Class counts are not metrics (they
 never change with the model, and ten constant columns made `dvc metrics show` unreadable): they are
-the row counts of the confusion data, one `actual,predicted` row per test image in test-set order,
-which is what DVC's `confusion` template draws (`dvc plots show`) and what the plot stage reads.
+the row counts of the confusion data, one `actual,predicted` row of class names per test image, in
+test-set order, which is what DVC's `confusion` template draws (`dvc plots show`) and what the plot
+stage reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -66,9 +69,15 @@ def split_problem(split: dict, image_size: int, classes: list[str]) -> str | Non
     return None
 
 
-def confusion_csv(labels: torch.Tensor, predicted: torch.Tensor) -> str:
-    rows = "".join(f"{a},{p}\n" for a, p in zip(labels.tolist(), predicted.tolist()))
-    return "actual,predicted\n" + rows
+def confusion_csv(labels: torch.Tensor, predicted: torch.Tensor, classes: Sequence[str]) -> str:
+    """`actual,predicted` by class name, one row per image in order: DVC's confusion template labels
+    its axes with them ("Ankle boot", not 9), as eval.json's per_class is keyed. csv's quoting keeps
+    a name with a comma one cell; MNIST's names "0".."9" are the label numbers."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows((classes[a], classes[p]) for a, p in zip(labels.tolist(), predicted.tolist()))
+    return buffer.getvalue()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     log(STAGE, f"test accuracy {100 * metrics['accuracy']:.2f}% on {len(test['labels']):,} images, "
                f"loss {metrics['loss']:.4f}")
     write_files_atomic({args.metrics_out: (json.dumps(metrics, indent=2) + "\n").encode("utf-8"),
-                        args.confusion_out: confusion_csv(test["labels"], logits.argmax(1)).encode("utf-8")})
+                        args.confusion_out: confusion_csv(test["labels"], logits.argmax(1), meta["classes"]).encode("utf-8")})
 
 
 if __name__ == "__main__":

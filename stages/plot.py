@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 # Figure, not pyplot: figures written to files need no display backend and no global figure
@@ -29,43 +31,66 @@ X_LABEL = "optimizer step"  # the x_label of the series plots in dvc.yaml
 MARKER_POINTS = 20  # series this short get a marker on each point (a one-epoch val series is one point)
 
 
-def read_table(path: Path, delimiter: str = ",") -> dict[str, np.ndarray]:
-    """Columns of a numeric CSV (or, with delimiter "\t", TSV) file with a header row. A file that
-    cannot be read, or a cell that is not a number (a file cut short, edited by hand), is a one-line
-    PipelineError naming the file and the line."""
+T = TypeVar("T")  # what read_rows' parse makes of a row
+
+
+def read_rows(path: Path, parse: Callable[[dict[str, str]], T], delimiter: str = ",",
+              columns: tuple[str, ...] | None = None) -> tuple[list[str], list[T]]:
+    """The header of a CSV (or, with delimiter "\t", TSV) file and `parse` of each row (a dict by
+    column). A file that cannot be read, other `columns` (in any order), a row of more or fewer cells
+    than the header names (a file cut short, edited by hand), or one `parse` refuses (ValueError) is
+    a one-line PipelineError naming the file and the first bad line."""
+    parsed = []
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
-            columns: dict[str, list[float]] = {}
+            header = list(reader.fieldnames or [])
+            if columns is not None and header and sorted(header) != sorted(columns):
+                raise PipelineError(f"{path}: expected columns {' and '.join(columns)}, found {header}")
             for row in reader:
-                columns = columns or {key: [] for key in reader.fieldnames}
-                _append_row(columns, row, path, reader.line_num)
+                if None in row or None in row.values():  # DictReader's key, or value, for a cell too many, or missing
+                    problem = f"{'more' if None in row else 'fewer'} cells than the header names"
+                else:
+                    try:
+                        parsed.append(parse(row))
+                        continue
+                    except ValueError as exc:
+                        problem = str(exc)
+                raise PipelineError(f"{path}: line {reader.line_num}: {problem} (a damaged file? `dvc repro` "
+                                    "rebuilds it)")
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found (run `dvc repro`)") from None
     except OSError as exc:
         raise cannot_read(path, exc) from None
     except (UnicodeDecodeError, csv.Error) as exc:
         raise PipelineError(f"{path}: cannot read ({exception_line(exc)})") from None
-    if not columns:
+    if not parsed:
         raise PipelineError(f"{path}: no rows")
-    return {key: np.array(values) for key, values in columns.items()}
+    return header, parsed
 
 
-def _append_row(columns: dict[str, list[float]], row: dict, path: Path, line: int) -> None:
-    if None in row:  # DictReader's key for cells beyond the header's
-        problem = "more cells than the header names"
-    elif None in row.values():
-        problem = "fewer cells than the header names"
-    else:
-        try:
-            values = [float(row[key]) for key in columns]
-        except ValueError as exc:
-            problem = str(exc)
-        else:
-            for column, value in zip(columns.values(), values):
-                column.append(value)
-            return
-    raise PipelineError(f"{path}: line {line}: {problem} (a damaged file? `dvc repro` rebuilds it)")
+def read_table(path: Path, delimiter: str = "\t") -> dict[str, np.ndarray]:
+    """Columns of a numeric TSV (DVCLive's series; or CSV) file with a header row (read_rows)."""
+    header, rows = read_rows(path, lambda row: [float(row[key]) for key in row], delimiter)
+    return {key: np.array([values[k] for values in rows]) for k, key in enumerate(header)}
+
+
+def read_confusion(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(actual, predicted) class indices [N] from evaluate's confusion data, which names each class
+    (`classes`, the test split's, in label order); a name that is none of them (a file edited, or
+    of another dataset) is refused naming the line."""
+    index = {name: k for k, name in enumerate(classes)}
+
+    def indices(row: dict[str, str]) -> tuple[int, int]:
+        for column in ("actual", "predicted"):
+            if row[column] not in index:
+                raise ValueError(f"{column} class {row[column]!r} is not one of the test split's classes "
+                                 f"({', '.join(map(repr, classes))})")
+        return index[row["actual"]], index[row["predicted"]]
+
+    _, rows = read_rows(path, indices, columns=("actual", "predicted"))
+    pairs = np.array(rows, dtype=np.int64)  # [N, 2]
+    return pairs[:, 0], pairs[:, 1]
 
 
 def read_series(directory: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -75,7 +100,7 @@ def read_series(directory: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         raise PipelineError(f"{directory}: no DVCLive series (*.tsv) found (run `dvc repro train`)")
     series = {}
     for path in files:
-        table = read_table(path, delimiter="\t")
+        table = read_table(path)
         name = path.relative_to(directory).with_suffix("").as_posix()
         if set(table) != {"step", path.stem}:
             raise PipelineError(f"{path}: expected columns step and {path.stem}, found {sorted(table)}")
@@ -175,19 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = params_mod.load().plot
     series = read_series(args.series_dir)
-    confusion = read_table(args.confusion)
-    if set(confusion) != {"actual", "predicted"}:
-        raise PipelineError(f"{args.confusion}: expected columns actual and predicted, found {sorted(confusion)}")
     test = load_tensors(args.test_in, required=("images", "labels", "classes"))
-    if len(confusion["actual"]) != len(test["labels"]):
-        raise PipelineError(f"{args.confusion} has {len(confusion['actual'])} rows for {len(test['labels'])} test images")
-    classes = test["classes"]
-    for name, column in confusion.items():
-        outside = np.flatnonzero(~np.isin(column, np.arange(len(classes))))
-        if len(outside):  # evaluate writes one row per line, after the header
-            raise PipelineError(f"{args.confusion}: line {outside[0] + 2}: {name} class {column[outside[0]]:g} is "
-                                f"not one of the test split's classes 0-{len(classes) - 1}")
-    actual, predicted = confusion["actual"].astype(int), confusion["predicted"].astype(int)
+    classes = list(test["classes"])
+    actual, predicted = read_confusion(args.confusion, classes)
+    if len(actual) != len(test["labels"]):
+        raise PipelineError(f"{args.confusion} has {len(actual)} rows for {len(test['labels'])} test images")
     write_files_atomic({
         args.out_dir / "loss_curves.png": png_bytes(curves_figure(series)),
         args.out_dir / "confusion_matrix.png": png_bytes(confusion_figure(actual, predicted, classes)),

@@ -74,8 +74,8 @@ def test_cuda_trained_model_is_evaluated_and_predicts_on_a_machine_without_gpu(b
     predicted = run_stage(built_project, ["-m", "stages.predict", "data/raw/t10k-images-idx3-ubyte", "--json"],
                           NO_GPU)
     with open(built_project.path("metrics/confusion.csv")) as f:
-        evaluated = [int(row["predicted"]) for row in csv.DictReader(f)]
-    assert [r["class"] for r in json.loads(predicted.stdout)] == evaluated
+        evaluated = [row["predicted"] for row in csv.DictReader(f)]  # class names
+    assert [r["label"] for r in json.loads(predicted.stdout)] == evaluated
 
 
 def test_train_stage_and_ddp_with_nccl_under_torchrun(project, tmp_path):

@@ -70,12 +70,19 @@ def test_perfect_and_json_ready():
 
 
 def test_confusion_csv():
-    """A header, then one `actual,predicted` row per sample in order."""
-    text = confusion_csv(LABELS, PREDICTED)
-    assert text.splitlines()[0] == "actual,predicted"
-    assert text.endswith("\n")
+    """A header, then one `actual,predicted` row of class names per sample in order (what DVC's
+    confusion template labels its axes with); csv quoting keeps a name with a comma one cell, and
+    MNIST's names are its label numbers."""
+    classes = ["T-shirt/top", "Trouser", "Bag, small", "Ankle boot"]
+    text = confusion_csv(LABELS, PREDICTED, classes)
+    assert text.splitlines()[:3] == ["actual,predicted", "T-shirt/top,T-shirt/top", "T-shirt/top,Trouser"]
+    assert text.endswith("\n") and '"Bag, small",Ankle boot' in text
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert [(int(r["actual"]), int(r["predicted"])) for r in rows] == list(zip(LABELS.tolist(), PREDICTED.tolist()))
+    assert [(r["actual"], r["predicted"]) for r in rows] == [
+        (classes[a], classes[p]) for a, p in zip(LABELS.tolist(), PREDICTED.tolist())]
+    digits = [str(k) for k in range(10)]
+    assert confusion_csv(LABELS, PREDICTED, digits) == "actual,predicted\n" + "".join(
+        f"{a},{p}\n" for a, p in zip(LABELS.tolist(), PREDICTED.tolist()))
 
 
 def write_model(path: Path, fill: float | None = None) -> None:
@@ -106,7 +113,10 @@ GOOD_LABELS = torch.tensor([0, 1, 2, 0, 1, 2])
 def test_evaluate_writes_metrics_for_a_matching_split(tmp_path, monkeypatch):
     run_evaluate(tmp_path, monkeypatch, GOOD_IMAGES, GOOD_LABELS)
     assert set(json.loads((tmp_path / "eval.json").read_text())) == {"accuracy", "loss", "per_class"}
-    assert len((tmp_path / "confusion.csv").read_text().splitlines()) == 7
+    with open(tmp_path / "confusion.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["actual"] for row in rows] == ["a", "b", "c", "a", "b", "c"]  # the model's class names
+    assert {row["predicted"] for row in rows} <= set(ABC)
 
 
 ABC = ("a", "b", "c")

@@ -337,10 +337,11 @@ def test_a_dataset_name_can_be_a_dvc_param_key(tmp_path, name):
     assert list(load_table(table)) == ["k-mnist_2"]
 
 
-@pytest.mark.parametrize("classes", [["0", "1", "0"], ["a", "b.c"], ["a", ""]])
+@pytest.mark.parametrize("classes", [["0", "1", "0"], ["a", "b.c"], ["a", ""], ["a", "b\rc"]])
 def test_dataset_class_names_can_key_the_metrics(tmp_path, classes):
     """eval.json's per_class is keyed by class name: two alike would merge, and DVC joins metric
-    names with dots (per_class.a.b.accuracy would read as nested)."""
+    names with dots (per_class.a.b.accuracy would read as nested); a line break would split a row of
+    metrics/confusion.csv."""
     entry = yaml.safe_load((PROJECT_ROOT / "stages" / "datasets.yaml").read_text())["mnist"]
     table = tmp_path / "datasets.yaml"
     table.write_text(yaml.safe_dump({"digits": {**entry, "classes": classes}}))

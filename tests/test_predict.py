@@ -144,9 +144,9 @@ def test_predict_on_idx_matches_evaluate_and_survives_bad_files(built_project, t
     assert errors[1].startswith(f"predict: error: {garbage}: neither an image predict reads")
     rows = json.loads(result.stdout)
     with open(built_project.path("metrics/confusion.csv")) as f:
-        evaluated = [int(row["predicted"]) for row in csv.DictReader(f)]
+        evaluated = [row["predicted"] for row in csv.DictReader(f)]  # class names
     idx_rows = [r for r in rows if r["file"].startswith(str(test_images))]
-    assert [r["class"] for r in idx_rows] == evaluated
+    assert [r["label"] for r in idx_rows] == evaluated
     assert rows[-1]["file"] == str(png)
     assert rows[-1]["status"] == "ok" and 0 < rows[-1]["probability"] <= 1
     assert [r["status"] for r in rows if r["file"] in (str(truncated), str(garbage))] == ["error", "error"]
@@ -163,8 +163,8 @@ def test_predict_reads_uncompressed_idx_and_a_single_image(built_project, tmp_pa
     result = predict(built_project, str(plain), "--json")
     assert result.returncode == 0, result.stderr
     with open(built_project.path("metrics/confusion.csv")) as f:
-        evaluated = [int(row["predicted"]) for row in csv.DictReader(f)]
-    assert [r["class"] for r in json.loads(result.stdout)] == evaluated
+        evaluated = [row["predicted"] for row in csv.DictReader(f)]  # class names
+    assert [r["label"] for r in json.loads(result.stdout)] == evaluated
     single = tmp_path / "one.idx"
     content = plain.read_bytes()
     # The same bytes as a 2-d IDX file holding only the first image.

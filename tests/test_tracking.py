@@ -24,7 +24,8 @@ import yaml
 
 from stages import fetch
 from stages.common import PipelineError, Progress, save_tensors
-from stages.plot import confusion_figure, curves_figure, main as plot_main, panels, read_table, within_bounds
+from stages.evaluate import confusion_csv
+from stages.plot import confusion_figure, curves_figure, main as plot_main, panels, read_confusion, read_table, within_bounds
 from stages.runtime import numerics, resolve_device, resolve_precision
 from stages.tracking import TrainLog, step_log_interval
 from tests.conftest import PROJECT_ROOT, SMALL_PARAMS, VENV_BIN, run_bounded
@@ -234,25 +235,29 @@ def test_a_directory_that_cannot_be_written_is_a_one_line_error(tmp_path, monkey
     ("step\tstep_loss\n3\t0.5\n6\t", r"line 3: could not convert string to float: ''"),
     ("step\tstep_loss\n3\t0.5\n6\n", r"line 3: fewer cells than the header names"),
     ("step\tstep_loss\n3\t0.5\t9\n", r"line 2: more cells than the header names"),
+    ("step\tstep_loss\n3\tq\n6\n", r"line 2: could not convert string to float: 'q'"),  # the first bad line
+    ("", r"no rows"),
     (b"step\tstep_loss\n3\t\xff\n", r"cannot read \(UnicodeDecodeError: "),
-], ids=["cut mid-row", "cut after a cell", "extra cell", "not text"])
+], ids=["cut mid-row", "cut after a cell", "extra cell", "first of two", "empty", "not text"])
 def test_a_damaged_table_is_one_line_naming_the_file_and_line(tmp_path, text, problem):
     """The plot stage reads DVCLive's .tsv series and evaluate's confusion.csv: a damaged one is named,
     with the line, not a traceback from float()."""
     path = tmp_path / "step_loss.tsv"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}: {problem}"):
-        read_table(path, delimiter="\t")
+        read_table(path)
     with pytest.raises(PipelineError, match=rf"^{re.escape(str(tmp_path))}: cannot read \(Is a directory\)$"):
         read_table(tmp_path)
 
 
 @pytest.mark.parametrize(("rows", "problem"), [
-    ("actual,predicted\n0,1\n1,12\n", r"line 3: predicted class 12 is not one of the test split's classes 0-2"),
-    ("actual,predicted\n0,1\n-1,1\n", r"line 3: actual class -1 is not one of the test split's classes 0-2"),
-    ("actual,predicted\n0,1\n1,0.5\n", r"line 3: predicted class 0.5 is not one of"),
-    ("actual,guess\n0,1\n1,1\n", r"expected columns actual and predicted, found \['actual', 'guess'\]"),
-], ids=["class 12", "class -1", "half a class", "column"])
+    ("actual,predicted\na,b\nb,d\n", r"line 3: predicted class 'd' is not one of the test split's classes "
+                                         r"\('a', 'b', 'c'\)"),
+    ("actual,predicted\na,b\n1,b\n", r"line 3: actual class '1' is not one of"),  # a label number: the old form
+    ("actual,predicted\na,b\nb\n", r"line 3: fewer cells than the header names"),
+    ("actual,guess\na,b\nb,b\n", r"expected columns actual and predicted, found \['actual', 'guess'\]"),
+    ("actual,predicted\n", r"no rows"),
+], ids=["unknown name", "a number", "cut short", "column", "header only"])
 def test_a_confusion_file_that_does_not_fit_the_test_split_is_refused(tmp_path, monkeypatch, rows, problem):
     monkeypatch.chdir(tmp_path)
     shutil.copy(PROJECT_ROOT / "params.yaml", "params.yaml")
@@ -271,15 +276,27 @@ def test_plot_writes_its_three_pngs_and_says_so(tmp_path, monkeypatch, capsys):
     shutil.copy(PROJECT_ROOT / "params.yaml", "params.yaml")
     (tmp_path / "series").mkdir()
     (tmp_path / "series" / "step_loss.tsv").write_text("step\tstep_loss\n1\t0.5\n2\t0.4\n")
-    (tmp_path / "confusion.csv").write_text("actual,predicted\n0,1\n1,1\n2,0\n")
+    (tmp_path / "confusion.csv").write_text('actual,predicted\na,b\nb,b\n"c, the third",a\n')  # names, quoted where needed
     save_tensors(tmp_path / "test.pt", {"images": torch.zeros(3, 28, 28), "labels": torch.tensor([0, 1, 2]),
-                                        "classes": ["a", "b", "c"]})
+                                        "classes": ["a", "b", "c, the third"]})
     plot_main(["series", "confusion.csv", "test.pt", "plots"])
     assert sorted(path.name for path in (tmp_path / "plots").iterdir()) == [
         "confusion_matrix.png", "loss_curves.png", "misclassified.png"]
     assert capsys.readouterr().err.splitlines() == [
         "plot: wrote loss_curves.png, confusion_matrix.png and misclassified.png (2 of 2 misclassified test images) "
         "in plots"]
+
+
+def test_the_confusion_data_evaluate_writes_is_what_plot_reads(tmp_path):
+    """Class names through csv quoting and back to indices; the columns in either order."""
+    classes = ["T-shirt/top", "Pull, over", 'Dress "x"', "Ankle boot"]
+    labels, predicted = torch.tensor([0, 1, 2, 3, 1]), torch.tensor([0, 2, 2, 1, 1])
+    path = tmp_path / "confusion.csv"
+    path.write_text(confusion_csv(labels, predicted, classes))
+    actual, found = read_confusion(path, classes)
+    assert actual.tolist() == labels.tolist() and found.tolist() == predicted.tolist()
+    path.write_text("predicted,actual\nAnkle boot,T-shirt/top\nAnkle boot,Ankle boot\n")
+    assert [column.tolist() for column in read_confusion(path, classes)] == [[0, 3], [3, 3]]
 
 
 def test_step_log_interval_is_a_tenth_of_an_epoch():
