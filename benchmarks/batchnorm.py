@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.presets import comma_ints
+from benchmarks.presets import comma_ints, positive_int
 from stages.common import run_main
 from stages.runtime import cpu_model
 
@@ -69,17 +69,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="BatchNorm widths to time, comma-separated")
     parser.add_argument("--sizes", type=comma_ints, default=[14, 7, 3],
                         help="image sides (where the fast CNN's three BatchNorms run, pooling early)")
-    parser.add_argument("--batch", type=int, default=128, help="images per forward and backward pass")
+    parser.add_argument("--batch", type=positive_int, default=128, help="images per forward and backward pass")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--iterations", type=int, default=100, help="passes per timing")
-    parser.add_argument("--repeats", type=int, default=5, help="timings per layout; the fastest is kept")
+    parser.add_argument("--iterations", type=positive_int, default=100, help="passes per timing")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timings per layout; the fastest is kept")
     args = parser.parse_args(argv)
     for name in ("channels", "sizes"):
         if not getattr(args, name) or min(getattr(args, name)) < 1:
             parser.error(f"--{name}: one or more positive integers, comma-separated")
-    for name in ("batch", "iterations", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     print(f"CPU: {cpu_model()} (torch ISA {torch.backends.cpu.get_cpu_capability()}); torch threads "
           f"{torch.get_num_threads()}; torch {torch.__version__}; {args.dtype}, batch {args.batch}")
     print("| side | channels | NCHW forward µs | NCHW backward µs | channels-last forward µs | channels-last backward µs |")

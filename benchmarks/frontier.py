@@ -45,8 +45,8 @@ import torch
 from benchmarks import presets
 from benchmarks.presets import (DATA_DIR, QUICK_VAL, RAW_DIR, check_prepared_is_mnist, check_raw, comma_ints,
                                 comma_list, device_option, figure_file, lifetime_peak_rss, load_splits,
-                                made_parent, params_line, parse_override, refuse_other_datasets, seeds_problem,
-                                split_overrides_problem, test_accuracy, timed_fit, write_quick_mirror)
+                                made_parent, params_line, parse_override, positive_int, refuse_other_datasets,
+                                seeds_problem, split_overrides_problem, test_accuracy, timed_fit, write_quick_mirror)
 from benchmarks.reference import torchvision_mnist, train_reference
 from stages.augment import augmented_split
 from stages.common import PipelineError, run_main, write_bytes_atomic
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=comma_ints, default=[0, 1, 2],
                         help="comma-separated, ranges as 60-79; each preset runs once per seed "
                              "(train.seed = augment.seed)")
-    parser.add_argument("--reference-epochs", type=int, default=3,
+    parser.add_argument("--reference-epochs", type=positive_int, default=3,
                         help="epochs of the reference recipe; the median epoch time is the unit")
     parser.add_argument("--device", type=device_option, default="cpu", metavar="{auto,cpu,cuda}",
                         help="where every run trains, presets' train.device overridden (default: cpu, the "
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
                         metavar="SECTION.KEY=VALUE", help="a param for every preset, after its own (repeatable)")
     args = parser.parse_args(argv)
-    if args.reference_epochs < 1 or not args.presets:
-        parser.error("--reference-epochs must be >= 1, and --presets non-empty")
+    if not args.presets:
+        parser.error("--presets: name one or more")
     if problem := seeds_problem(args.seeds):
         parser.error(f"--seeds: {problem}")
     if args.quick and (args.raw or args.data):

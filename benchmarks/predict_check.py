@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.presets import QUICK_VAL, preset_params, write_quick_mirror
+from benchmarks.presets import QUICK_VAL, positive_int, preset_params, write_quick_mirror
 from stages import predict
 from stages.common import PipelineError, run_main
 from stages.datasets import load_table
@@ -159,17 +159,6 @@ def memory_figures(model_path: Path, work: Path, quick: bool = False) -> list[tu
             ("one 24 MP JPEG (6000x4000, RGB)", peak_rss_mib(model_path, [jpeg24])),
             ("one 24 MP PNG (6000x4000, RGB)", peak_rss_mib(model_path, [png24])),
             ("1,000 12 MP JPEGs (4032x3024, RGB) in one run", peak_rss_mib(model_path, batch))]
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1 (a negative --digits sliced off the last images)."""
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: not a whole number >= 1")
-    return number
 
 
 def main(argv: list[str] | None = None) -> None:

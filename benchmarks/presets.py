@@ -304,6 +304,18 @@ def device_option(text: str) -> torch.device:
 MAX_RANGE = 10_000  # numbers one range of comma_ints may name
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (counts of epochs, repeats, images; a negative one
+    would slice off the last items instead of failing)."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a whole number >= 1")
+    return number
+
+
 def comma_ints(text: str) -> list[int]:
     """An argparse type: "0,1,2" -> [0, 1, 2]; "60-63,70" -> [60, 61, 62, 63, 70] (a range: both
     ends). Numbers >= 0 (seeds, widths, sizes)."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.presets import check_raw, device_option
+from benchmarks.presets import check_raw, device_option, positive_int
 from stages.common import PipelineError, run_main
 from stages.datasets import load_table
 from stages.idx import read_bytes
@@ -180,14 +180,12 @@ def main(argv: list[str] | None = None) -> None:
     as the frontier times it (its seed 0, the train stage's allocator setting, MNIST's checksums
     checked first), one line per epoch."""
     parser = argparse.ArgumentParser(description="The pytorch/examples MNIST recipe alone (the frontier's clock).")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs to train (default 1)")
+    parser.add_argument("--epochs", type=positive_int, default=1, help="epochs to train (default 1)")
     parser.add_argument("--raw", type=Path, default=Path("data/raw"),
                         help="directory of MNIST's four IDX files, plain or .gz (default data/raw)")
     parser.add_argument("--device", type=device_option, default="cpu", metavar="{auto,cpu,cuda}",
                         help="where it trains (default: cpu, as the frontier's)")
     args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error("--epochs must be >= 1")
     check_raw(args.raw, load_table()["mnist"])  # after a `fashion` repro, data/raw holds garments
     retain_freed_memory()
     with tempfile.TemporaryDirectory(prefix="mnist-reference-") as root:

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.presets import (DATA_DIR, RAW_DIR, augmented, check_prepared_is_mnist, check_raw, device_option,
-                                lifetime_peak_rss, load_splits, preset_params, synchronize, test_accuracy,
-                                timed_fit)
+                                lifetime_peak_rss, load_splits, positive_int, preset_params, synchronize,
+                                test_accuracy, timed_fit)
 from benchmarks.reference import place_for_torchvision
 from stages.common import PipelineError, load_tensors, run_main
 from stages.datasets import Dataset, load_table
@@ -191,13 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-torchvision", action="store_true",
                         help="time only this project's epoch, not the tutorials' DataLoader one")
     parser.add_argument("--skip-fast", action="store_true", help=f"skip the {FAST_PRESET!r} preset's run")
-    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per input pipeline; the fastest counts")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="epochs timed per input pipeline; the fastest counts")
     parser.add_argument("--raw", type=Path, default=RAW_DIR,
                         help="directory of MNIST's four IDX files, plain or .gz, checksums checked")
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="directory of train.pt, val.pt, test.pt")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
     device = args.device
     # Part 1's images, checked against MNIST's checksums before anything is timed: after a `fashion`
     # repro data/raw holds garments under MNIST's file names.

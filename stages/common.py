@@ -237,6 +237,15 @@ def _remove_stale_temporaries(target: Path) -> None:
             _remove(stale)
 
 
+@functools.cache
+def _umask() -> int:
+    """The process's umask. POSIX reads it only by setting it: set and put back once, before any
+    output is written (no stage changes it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, directory: bool = False, flush: bool = True) -> Iterator[Path]:
     """Yields a temporary path beside `target`; renames it to `target` if the block succeeds, its
@@ -262,9 +271,10 @@ def atomic_path(target: str | os.PathLike, directory: bool = False, flush: bool 
     except OSError as exc:
         raise cannot_write(target, exc) from None
     try:
-        # mkdtemp/mkstemp create owner-only paths. Set before the block: a caller that flushes the
-        # temporary itself (flush=False) flushes the mode with the bytes.
-        tmp.chmod(0o755 if directory else 0o644)
+        # mkdtemp/mkstemp create owner-only paths: given the mode open() and mkdir() would give
+        # (umask 022: 644 and 755; 077 keeps them private). Set before the block: a caller that
+        # flushes the temporary itself (flush=False) flushes the mode with the bytes.
+        tmp.chmod((0o777 if directory else 0o666) & ~_umask())
         yield tmp
         if flush:
             _flush_to_disk(tmp)
@@ -493,7 +503,13 @@ def check_crcs(path: Path) -> None:
     train split."""
     try:
         with zipfile.ZipFile(path) as archive:
-            failing = archive.testzip()
+            # torch.save stores every record as is; a compressed one (a crafted file: 4 GB of
+            # zeros deflate to 4 MB) would be inflated whole by testzip, and by torch.load. (A
+            # method zipfile does not know is damage: testzip raises, below.)
+            compressed = next((info.filename for info in archive.infolist()
+                               if info.compress_type in (zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)),
+                              None)
+            failing = None if compressed else archive.testzip()
     except zipfile.BadZipFile:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -509,6 +525,9 @@ def check_crcs(path: Path) -> None:
         raise cannot_read(path, exc) from None
     except Exception as exc:  # an unknown compression method, an encryption flag, a cut-off record
         raise damaged_tensor_file(path, exc) from None
+    if compressed:
+        raise PipelineError(f"{path}: not a tensor file written by this pipeline (its record {compressed} is "
+                            "compressed; torch.save stores every record as is)")
     if failing:
         raise PipelineError(f"{path}: damaged tensor file (its record {failing} fails its CRC-32 check)")
 

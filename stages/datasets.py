@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.common import PipelineError, read_yaml
-from stages.model_config import framing_problem, is_valid_crop, largest_crop
+from stages.model_config import class_names_problem, framing_problem, is_valid_crop, largest_crop
 
 TABLE_PATH = Path(__file__).with_name("datasets.yaml")
 # Each role is one IDX file; preprocess relies on exactly these four.
 FILE_ROLES = ("train_images", "train_labels", "test_images", "test_labels")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,20 @@ def is_url(source: str) -> bool:
     return "://" in source
 
 
+def credentials_problem(source: str) -> str | None:
+    """Why a source with a user name or password in its URL (https://user:token@host/) is refused,
+    naming it without them; None for any other source. urllib would not send them (it reads
+    "user:token@host" as the host name), and every log line naming the source would print them."""
+    scheme, _, rest = source.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not is_url(source) or "@" not in authority:
+        return None
+    shown = f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+    return (f"{shown}: a user name or password in a mirror's URL is not supported (it would be printed "
+            "in the logs, and is not sent); serve the files without one, or download them and give "
+            "their directory")
+
+
 def idx_size(role: str, count: int, image_size: int) -> int:
     """Bytes of an IDX file of `count` images (a 16-byte header: magic, count, rows, columns; then
     one uint8 per pixel) or labels (an 8-byte header: magic, count; then one uint8 each)."""
@@ -96,16 +111,16 @@ def _parse_entry(name: str, raw: object) -> Dataset:
                 and isinstance(entry["name"], str) and _SHA256.fullmatch(str(entry["sha256"]))):
             raise PipelineError(f"{where}.files.{role}: expected {{name, sha256 (64 lowercase hex digits, of the "
                                 "uncompressed content)}}")
+        # A file name, joined to data/raw, a mirror's directory and its URL: a '/' or '..' in it
+        # would write fetch's output outside data/raw, or read a mirror's neighbour.
+        if not _FILE_NAME.fullmatch(entry["name"]):
+            raise PipelineError(f"{where}.files.{role}.name: {entry['name']!r} is not a plain file name (letters, "
+                                "digits, '.', '_' and '-', not first)")
         count = raw["train_count"] if role.startswith("train") else raw["test_count"]
         files[role] = DataFile(entry["name"], entry["sha256"], idx_size(role, count, raw["image_size"]))
     classes = raw["classes"]
-    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)):
-        raise PipelineError(f"{where}.classes: expected a list of at least two names")
-    # The names key eval.json's per_class, which DVC flattens with dots (per_class.Sneaker.accuracy).
-    # A control character (a line break) would also break metrics/confusion.csv's rows.
-    if len(set(classes)) < len(classes) or any("." in c or not c.isprintable() for c in classes):
-        raise PipelineError(f"{where}.classes: names must differ and hold no '.' nor control characters (they key "
-                            f"metrics/eval.json's per_class, whose names DVC joins with dots), got {classes!r}")
+    if problem := class_names_problem(classes):
+        raise PipelineError(f"{where}.classes: {problem}")
     if not isinstance(raw["flippable"], bool):
         raise PipelineError(f"{where}.flippable: expected true or false")
     if not is_valid_crop(raw["crop"], raw["image_size"]):

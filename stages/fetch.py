@@ -9,7 +9,9 @@ bytes), so DVC sees the same output everywhere. MNIST_MIRROR is deliberately no 
 fetch.mirrors and fetch.timeout_s): the content is verified, so the source cannot change the output.
 A source is read, and a .gz inflated, only up to the size the file can have (stages/datasets.yaml's
 counts give it): a wrong URL's endless body or a gzip bomb is refused there, memory bounded. A
-download slower than MIN_RATE over fetch.timeout_s seconds is refused too, so a trickle cannot stall it.
+download slower than MIN_RATE over fetch.timeout_s seconds is refused too, and so is a step of it
+(connecting and the headers, one read of the body) taking more than twice fetch.timeout_s: a trickle
+cannot stall it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +28,8 @@ from pathlib import Path
 
 from stages import params as params_mod
 from stages.common import PipelineError, Progress, atomic_path, log, os_reason, run_main
-from stages.datasets import FILE_ROLES, DataFile, KnownFile, digest_problem, is_url, known_files, load_table
+from stages.datasets import (FILE_ROLES, DataFile, KnownFile, credentials_problem, digest_problem, is_url, known_files,
+                             load_table)
 from stages.idx import IdxFormatError, IdxTooLargeError, declared_dims, gunzip_if_compressed, stored_limit
 
 STAGE = "fetch"
@@ -57,46 +62,162 @@ def served_limit(file: DataFile) -> int:
     return stored_limit(file.size)
 
 
+class _Watchdog:
+    """Cuts a download's connection when one blocking step runs past its time: connecting and
+    receiving the response's status line and headers, or one read of the body. The socket's timeout
+    bounds each recv() alone, and http.client reads the status line, each header and each
+    chunk-size line a recv() at a time: a server sending one byte every timeout_s - 1 seconds kept
+    fetch waiting for hours (a 64 KiB header line: weeks). One thread per download, armed and
+    re-armed by the reading thread; cutting is shutdown() of the sockets it was given, which makes
+    the blocked recv() return at once."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._deadline: float | None = None  # time.monotonic() seconds; None: disarmed
+        self._sockets: list[socket.socket] = []
+        self._stopped = False
+        self.step = ""  # what the armed step is, for the refusal
+        self.seconds = 0.0  # how long it was given
+        self.fired = False
+        self._thread = threading.Thread(target=self._run, name="fetch-watchdog", daemon=True)
+
+    def __enter__(self) -> _Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._condition:
+            self._stopped = True
+            self._condition.notify()
+        self._thread.join()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._condition:
+            self._sockets.append(sock)
+
+    def arm(self, step: str, seconds: float) -> None:
+        with self._condition:
+            if self.fired:  # keeps the step that stalled: a cut header read looks like their end
+                return
+            self.step, self.seconds = step, seconds
+            self._deadline = time.monotonic() + seconds
+            self._condition.notify()
+
+    def _run(self) -> None:
+        with self._condition:
+            while not self._stopped:
+                left = None if self._deadline is None else self._deadline - time.monotonic()
+                if left is None or left > 0:
+                    self._condition.wait(left)
+                    continue
+                self.fired, self._deadline = True, None
+                for sock in self._sockets:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:  # already closed
+                        pass
+
+
+class _WatchedHandler:
+    """Mixed into urllib's HTTP and HTTPS handlers: every connection they open (redirects and
+    proxies included) is handed to the watchdog once connected."""
+
+    def __init__(self, watchdog: _Watchdog) -> None:
+        super().__init__()
+        self.watchdog = watchdog
+
+    def do_open(self, http_class, request, **kwargs):  # urllib's hook, called by http_open / https_open
+        def connection(*args, **kw):  # do_open only calls its http_class, so a function will do
+            conn = http_class(*args, **kw)
+            connect = conn.connect
+
+            def connect_and_watch() -> None:
+                connect()
+                self.watchdog.watch(conn.sock)  # the TLS socket for https: shutting it ends its reads
+
+            conn.connect = connect_and_watch
+            return conn
+
+        return super().do_open(connection, request, **kwargs)
+
+
+class _WatchedHTTPHandler(_WatchedHandler, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchedHTTPSHandler(_WatchedHandler, urllib.request.HTTPSHandler):
+    pass
+
+
 def _download(url: str, timeout_s: float, limit: int) -> bytes:
-    try:
-        request = urllib.request.Request(url, headers={"User-Agent": "mnist-dvc-pipeline"})
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            # None when the server sends no Content-Length; file:// responses have no such attribute.
-            total = getattr(response, "length", None)
-            if total is not None and total > limit:
-                raise SourceError(f"announces {total:,} bytes, more than the file can take ({limit:,}; refused)"
-                                  + _BY_THE_TABLE)
-            progress = Progress(STAGE, f"downloading {url}", total, "bytes")
-            chunks, received = [], 0
-            window_start, window_bytes = time.monotonic(), 0  # the rate's current window
-            try:
+    """The body served at `url`, of at most `limit` bytes, or SourceError. Each step may take
+    2 x timeout_s: connecting (timeout_s) and the status line and headers, or one read of the body;
+    and the body must come at MIN_RATE or more, measured over timeout_s."""
+    with _Watchdog() as watchdog:
+        try:
+            return _transfer(url, timeout_s, limit, watchdog)
+        except SourceError:
+            if watchdog.fired:  # the cut connection surfaced as a short body or a mismatch
+                raise _stalled(watchdog, timeout_s) from None
+            raise
+        except urllib.error.HTTPError as exc:
+            raise SourceError(f"HTTP {exc.code} {exc.reason}") from None
+        except urllib.error.URLError as exc:
+            if watchdog.fired:
+                raise _stalled(watchdog, timeout_s) from None
+            raise SourceError(f"cannot connect ({exc.reason})") from None
+        except (ValueError, http.client.InvalidURL) as exc:  # malformed: http://[::1/, a port that is no number
+            raise SourceError(f"not a valid URL ({exc})") from None
+        except (OSError, TimeoutError, http.client.HTTPException) as exc:  # resets, time-outs, cut-off bodies
+            if watchdog.fired:
+                raise _stalled(watchdog, timeout_s) from None
+            raise SourceError(f"transfer failed ({exc})") from None
+
+
+def _stalled(watchdog: _Watchdog, timeout_s: float) -> SourceError:
+    return SourceError(f"stalled: {watchdog.step} took more than {watchdog.seconds:g} s "
+                       f"(2 x fetch.timeout_s: {timeout_s:g}; refused)")
+
+
+def _transfer(url: str, timeout_s: float, limit: int, watchdog: _Watchdog) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "mnist-dvc-pipeline"})
+    opener = urllib.request.build_opener(_WatchedHTTPHandler(watchdog), _WatchedHTTPSHandler(watchdog))
+    watchdog.arm("connecting and the response's headers", 2 * timeout_s)
+    with opener.open(request, timeout=timeout_s) as response:
+        # None when the server sends no Content-Length; file:// responses have no such attribute.
+        total = getattr(response, "length", None)
+        if total is not None and total > limit:
+            raise SourceError(f"announces {total:,} bytes, more than the file can take ({limit:,}; refused)"
+                              + _BY_THE_TABLE)
+        progress = Progress(STAGE, f"downloading {url}", total, "bytes")
+        chunks, received = [], 0
+        window_start, window_bytes = time.monotonic(), 0  # the rate's current window
+        try:
+            while True:
                 # read1: what has arrived, up to _CHUNK (read() would wait for all _CHUNK bytes,
                 # however slowly they come, before the rate could be checked).
-                while chunk := response.read1(_CHUNK):
-                    chunks.append(chunk)
-                    received += len(chunk)
-                    if received > limit:
-                        raise SourceError(f"sent more than {limit:,} bytes, more than the file can take (refused)"
-                                          + _BY_THE_TABLE)
-                    progress.update(len(chunk))
-                    window_bytes += len(chunk)
-                    elapsed = time.monotonic() - window_start
-                    if elapsed >= timeout_s and received != total:  # a finished file is not refused
-                        if window_bytes < MIN_RATE * elapsed:
-                            raise SourceError(f"too slow: {window_bytes:,} bytes in the last {elapsed:.1f} s, under "
-                                              f"{MIN_RATE // 1024} KiB/s (fetch.timeout_s: {timeout_s:g}; refused)")
-                        window_start, window_bytes = time.monotonic(), 0
-            finally:  # ends the progress line also when the transfer breaks off, before its error line
-                progress.close()
-    except urllib.error.HTTPError as exc:
-        raise SourceError(f"HTTP {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        raise SourceError(f"cannot connect ({exc.reason})") from None
-    except (ValueError, http.client.InvalidURL) as exc:  # malformed: http://[::1/, a port that is no number
-        raise SourceError(f"not a valid URL ({exc})") from None
-    except (OSError, TimeoutError, http.client.HTTPException) as exc:  # resets, time-outs, cut-off bodies
-        raise SourceError(f"transfer failed ({exc})") from None
+                watchdog.arm("one read of the body", 2 * timeout_s)
+                chunk = response.read1(_CHUNK)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                received += len(chunk)
+                if received > limit:
+                    raise SourceError(f"sent more than {limit:,} bytes, more than the file can take (refused)"
+                                      + _BY_THE_TABLE)
+                progress.update(len(chunk))
+                window_bytes += len(chunk)
+                elapsed = time.monotonic() - window_start
+                if elapsed >= timeout_s and received != total:  # a finished file is not refused
+                    if window_bytes < MIN_RATE * elapsed:
+                        raise SourceError(f"too slow: {window_bytes:,} bytes in the last {elapsed:.1f} s, under "
+                                          f"{MIN_RATE // 1024} KiB/s (fetch.timeout_s: {timeout_s:g}; refused)")
+                    window_start, window_bytes = time.monotonic(), 0
+        finally:  # ends the progress line also when the transfer breaks off, before its error line
+            progress.close()
     data = b"".join(chunks)
+    if watchdog.fired:  # a cut connection can also read as the end of a body without a length
+        raise _stalled(watchdog, timeout_s)
     if total is not None and len(data) != total:
         raise SourceError(f"transfer ended after {len(data):,} of {total:,} bytes")
     return data
@@ -180,7 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = params_mod.load()
     dataset = params.dataset
-    candidates = sources(params.fetch.mirrors[dataset.name], os.environ.get(MIRROR_ENV))
+    override = os.environ.get(MIRROR_ENV)
+    if override and (problem := credentials_problem(override)):
+        raise PipelineError(f"{MIRROR_ENV}: {problem}")
+    candidates = sources(params.fetch.mirrors[dataset.name], override)
     # Every file the table knows, to name one served in place of another (a mirror of the other dataset).
     known = known_files(load_table())
     # Everything goes to a temporary directory that becomes out_dir only once all four files are

@@ -10,6 +10,7 @@ every stage depend on them.
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -18,6 +19,8 @@ Pool = Literal["end", "early"]  # cnn: each block's max-pool after its last ReLU
 Stem = Literal["pool", "stride"]  # cnn: the first block halves the image by its max-pool, or by a stride-2 first conv
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 MAX_NETWORKS = 16  # of an ensemble (train.networks, ModelConfig.networks): each multiplies the training time
+MAX_HIDDEN_LAYERS = 16  # of an MLP (train.hidden, ModelConfig.hidden)
+MAX_CONVS_PER_BLOCK = 4  # of a CNN (train.convs_per_block, ModelConfig.convs_per_block)
 
 
 def largest_crop(image_size: int) -> int:
@@ -34,10 +37,34 @@ def feature_side(image_size: int, crop: int, stem: str) -> int:
     return (seen + 1) // 2 // 4 if stem == "stride" else seen // 8
 
 
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_valid_network_count(networks: object) -> bool:
     """Whether `networks` is a whole number of networks in 1-MAX_NETWORKS: the one rule for
     train.networks and a model file's."""
-    return isinstance(networks, int) and not isinstance(networks, bool) and 1 <= networks <= MAX_NETWORKS
+    return _is_whole(networks) and 1 <= networks <= MAX_NETWORKS
+
+
+MAX_CLASS_NAME = 100  # characters of one class name
+
+
+def class_names_problem(classes: object) -> str | None:
+    """Why `classes` cannot name a model's outputs, or None: the one rule for a dataset table's
+    names and a model file's. The names key metrics/eval.json's per_class, whose keys DVC joins
+    with dots (per_class.Sneaker.accuracy), and each is a cell of metrics/confusion.csv and the end
+    of one predict line: a '.' or a control character (a line break, a terminal escape) would break
+    them. The message never prints the names whole (a model file's list may be built to be huge)."""
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)):
+        return "expected a list of at least two names"
+    if len(set(classes)) < len(classes):
+        return "names must differ"
+    bad = next((c for c in classes if "." in c or not c.isprintable() or len(c) > MAX_CLASS_NAME), None)
+    if bad is not None:
+        return (f"{bad[:MAX_CLASS_NAME]!r}: a name holds no '.' nor control characters, and at most "
+                f"{MAX_CLASS_NAME} characters (names key metrics/eval.json's per_class, whose keys DVC joins with dots)")
+    return None
 
 
 def is_valid_crop(crop: object, image_size: int) -> bool:
@@ -61,14 +88,15 @@ def digit_framing(image_size: int) -> dict:
 
 def framing_problem(framing: object, image_size: int) -> str | None:
     """Why `framing` is no {box, centre} for images of image_size pixels a side; None when it is one.
-    The one rule for a dataset's framing (datasets.yaml) and a model file's."""
+    The one rule for a dataset's framing (datasets.yaml) and a model file's. Values are shown by
+    reprlib, bounded: a model file's pickle can nest one small list in itself into billions of items."""
     if not (isinstance(framing, dict) and set(framing) == {"box", "centre"}):
-        return f"expected {{box, centre}}, got {framing!r:.80}"
+        return f"expected {{box, centre}}, got {reprlib.repr(framing)}"
     box = framing["box"]
     if not isinstance(box, int) or isinstance(box, bool) or not 1 <= box <= image_size:
-        return f"box: expected whole pixels in 1-{image_size}, got {box!r}"
+        return f"box: expected whole pixels in 1-{image_size}, got {reprlib.repr(box)}"
     if framing["centre"] not in FRAMING_CENTRES:
-        return f"centre: expected one of {', '.join(FRAMING_CENTRES)}, got {framing['centre']!r}"
+        return f"centre: expected one of {', '.join(FRAMING_CENTRES)}, got {reprlib.repr(framing['centre'])}"
     return None
 
 
@@ -125,15 +153,21 @@ class ModelConfig:
         for name in names:
             choices = get_args(hints[name]) if get_origin(hints[name]) is Literal else None
             if choices and raw[name] not in choices:
-                raise ValueError(f"configuration {name} {raw[name]!r} is not one of {', '.join(map(repr, choices))}")
+                raise ValueError(f"configuration {name} {reprlib.repr(raw[name])} is not one of {', '.join(map(repr, choices))}")
         # A crop the network cannot take would fail only at the first forward pass, with a shape error.
         crop = raw["crop"]
         if not is_valid_crop(crop, raw["image_size"]):
-            raise ValueError(f"configuration crop {crop!r} is not a whole number of pixels in "
+            raise ValueError(f"configuration crop {reprlib.repr(crop)} is not a whole number of pixels in "
                              f"0-{largest_crop(raw['image_size'])}")
-        # Bounded before any network is built: a damaged count would otherwise build that many.
+        # Bounded before any network is built: a damaged count would otherwise build that many
+        # (the layers' widths need no bound: stages.models.load_model builds them without memory).
         if not is_valid_network_count(raw["networks"]):
-            raise ValueError(f"configuration networks {raw['networks']!r} is not a whole number in 1-{MAX_NETWORKS}")
+            raise ValueError(f"configuration networks {reprlib.repr(raw['networks'])} is not a whole number in 1-{MAX_NETWORKS}")
+        if not (isinstance(raw["hidden"], (list, tuple)) and len(raw["hidden"]) <= MAX_HIDDEN_LAYERS):
+            raise ValueError(f"configuration hidden is not a list of at most {MAX_HIDDEN_LAYERS} widths")
+        if not (_is_whole(raw["convs_per_block"]) and 1 <= raw["convs_per_block"] <= MAX_CONVS_PER_BLOCK):
+            raise ValueError(f"configuration convs_per_block {reprlib.repr(raw['convs_per_block'])} is not a whole number "
+                             f"in 1-{MAX_CONVS_PER_BLOCK}")
         if crop and raw["architecture"] != "cnn":
             raise ValueError(f"configuration crop {crop} for a {raw['architecture']!r}: only a cnn crops")
         return cls(**{**raw, "hidden": tuple(raw["hidden"]), "channels": tuple(raw["channels"])})

@@ -15,15 +15,16 @@ import argparse
 import dataclasses
 import functools
 import math
+import reprlib
 import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from stages.common import NO_CUDA_GPU, PipelineError, check_compile, read_yaml, run_main, write_text_atomic
-from stages.datasets import Dataset, is_url, load_table
-from stages.model_config import (MAX_NETWORKS, Architecture, ModelConfig, Pool, Stem, feature_side, is_valid_crop,
-                                  is_valid_network_count, largest_crop)
+from stages.datasets import Dataset, credentials_problem, is_url, load_table
+from stages.model_config import (MAX_CONVS_PER_BLOCK, MAX_HIDDEN_LAYERS, MAX_NETWORKS, Architecture, ModelConfig, Pool,
+                                  Stem, feature_side, is_valid_crop, is_valid_network_count, largest_crop)
 
 DEFAULT_PATH = Path("params.yaml")
 VALID_MARKER = "params.yaml is valid\n"
@@ -55,7 +56,6 @@ SEED_MAX = 2**32 - 1
 MAX_LR = 10.0
 MAX_WEIGHT_DECAY = 1.0
 MAX_WIDTH = 16_384  # units of one MLP hidden layer
-MAX_HIDDEN_LAYERS = 16
 MAX_CHANNELS = 1_024  # of one CNN block
 # Lookahead (stages.train.Lookahead) syncs its slow weights every this many optimizer steps, airbench's.
 LOOKAHEAD_SYNC_STEPS = 5
@@ -104,6 +104,8 @@ class FetchParams:
                 # directory, and one that is relative breaks where DVC runs stages in a copy.
                 _require(is_url(mirror) or Path(mirror).is_absolute(), f"fetch.mirrors.{name}[{index}]",
                          f"must be a base URL (https://...) or an absolute directory, got {mirror!r}")
+                problem = credentials_problem(mirror)
+                _require(problem is None, f"fetch.mirrors.{name}[{index}]", problem or "")
         # An hour: far beyond any useful wait, and far below what a socket's timer can hold.
         _require(0 < self.timeout_s <= 3600, "fetch.timeout_s",
                  f"must be > 0 and at most 3600 seconds, got {self.timeout_s}")
@@ -261,8 +263,8 @@ class TrainParams:
         _require(0 <= self.dropout < 1, "train.dropout", f"must be in [0, 1), got {self.dropout}")
         _require(len(self.channels) == 3 and all(1 <= c <= MAX_CHANNELS for c in self.channels), "train.channels",
                  f"must be three positive integers up to {MAX_CHANNELS:,} (one per conv block), got {self.channels}")
-        _require(1 <= self.convs_per_block <= 4, "train.convs_per_block",
-                 f"must be between 1 and 4, got {self.convs_per_block}")
+        _require(1 <= self.convs_per_block <= MAX_CONVS_PER_BLOCK, "train.convs_per_block",
+                 f"must be between 1 and {MAX_CONVS_PER_BLOCK}, got {self.convs_per_block}")
         _require(0 < self.lr <= MAX_LR, "train.lr", f"must be > 0 and at most {MAX_LR:g}, got {self.lr}")
         _require(0 <= self.momentum < 1, "train.momentum", f"must be in [0, 1), got {self.momentum}")
         _require(self.optimizer != "sgd" or not self.nesterov or self.momentum > 0, "train.nesterov",
@@ -340,14 +342,27 @@ def _choices(values) -> str:
 
 def _as_yaml(value: Any) -> str:
     """A value as params.yaml spells it, for an error message: true, false and null rather than
-    Python's True, False and None; strings quoted, so that a number read as text shows as one."""
+    Python's True, False and None; strings quoted, so that a number read as text shows as one.
+    Bounded, as the messages are built before their checks: YAML's aliases nest a list in itself,
+    ten lines making 10**10 items. At most 32 list items in all; a mapping by reprlib."""
+    return _yaml_text(value, [32])
+
+
+def _yaml_text(value: Any, items_left: list[int]) -> str:
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]
     if isinstance(value, float) and not math.isfinite(value):
         return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
     if isinstance(value, list):
-        return "[" + ", ".join(_as_yaml(item) for item in value) + "]"
-    return repr(value)
+        shown = []
+        for item in value:
+            if items_left[0] == 0:
+                shown.append("...")
+                break
+            items_left[0] -= 1
+            shown.append(_yaml_text(item, items_left))
+        return "[" + ", ".join(shown) + "]"
+    return reprlib.repr(value) if isinstance(value, dict) else repr(value)
 
 
 def _describe(hint: Any) -> str:

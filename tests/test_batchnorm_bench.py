@@ -46,4 +46,5 @@ def test_a_count_below_one_is_an_argument_error_not_a_traceback(args, capsys):
     with pytest.raises(SystemExit) as info:
         batchnorm.main(args)
     assert info.value.code == 2
-    assert f"error: {args[0]}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: {args[0]}" in err or f"error: argument {args[0]}: {args[1]!r}: not a whole number >= 1" in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import re
 import subprocess
 from pathlib import Path
@@ -20,7 +21,7 @@ import torchvision  # noqa: F401 (the tutorials' input pipeline: the test extra 
 
 from benchmarks import predict_check, speed
 from benchmarks import presets as bench_presets
-from benchmarks.presets import append_text, comma_ints, output_file, params_line
+from benchmarks.presets import append_text, comma_ints, output_file, params_line, positive_int
 from benchmarks.frontier import quick_data
 from stages.common import PipelineError, save_tensors
 from stages.models import network_count
@@ -129,6 +130,22 @@ def test_seeds_and_ranges_read_as_the_numbers_they_name():
 def test_numbers_that_are_not_seeds_are_refused_with_what_is_wrong(text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(message)}"):
         comma_ints(text)
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "1.5", "", "x"])
+def test_a_count_below_one_or_not_whole_is_refused_with_the_text_given(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(repr(text))}: not a whole number >= 1$"):
+        positive_int(text)
+    assert positive_int(" 3 ") == 3
+
+
+@pytest.mark.parametrize(("module", "option"), [("frontier", "--reference-epochs"), ("speed", "--repeats"),
+                                                ("reference", "--epochs"), ("predict_check", "--digits")])
+def test_each_benchmark_refuses_a_count_of_zero_before_it_reads_any_data(module, option, capsys):
+    main = importlib.import_module(f"benchmarks.{module}").main
+    with pytest.raises(SystemExit) as info:
+        main([option, "0"])
+    assert info.value.code == 2 and f"argument {option}: '0': not a whole number >= 1" in capsys.readouterr().err
 
 
 def test_an_output_file_the_user_cannot_write_is_refused_when_the_command_is_read(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ import stages.__main__ as launcher
 from stages import common
 from stages.common import (PipelineError, Terminated, atomic_path, ctrl_c_reached_my_group, exception_line,
                            load_tensors, os_reason, parse_yaml, raise_terminated, run_main, save_tensors,
-                           tensor_bytes, write_files_atomic)
+                           tensor_bytes, write_files_atomic, write_text_atomic)
 from tests.conftest import PROJECT_ROOT, VENV_BIN
 
 
@@ -95,7 +95,7 @@ def test_outputs_reach_the_disk_before_their_rename_and_the_rename_after(tmp_pat
     # both temporaries flushed before the first rename, each once; their folder once, after the last
     assert written == [("fsync", "temporary"), ("fsync", "temporary"),
                        ("rename", "b.pt"), ("rename", "a.pt"), ("fsync", ".")]
-    assert modes[:2] == [0o644, 0o644]  # not mkstemp's owner-only 0o600
+    assert modes[:2] == [0o666 & ~common._umask()] * 2  # 0o644 under umask 022: not mkstemp's owner-only 0o600
     events.clear()
     (tmp_path / "sub").mkdir()
     write_files_atomic({tmp_path / "sub" / "c.pt": b"c", tmp_path / "d.pt": b"d"})
@@ -684,3 +684,21 @@ def test_a_tensor_file_that_cannot_be_read_is_not_called_damaged(tmp_path, monke
     monkeypatch.setattr(zipfile, "ZipFile", refused)
     with pytest.raises(PipelineError, match=rf"^{path}: cannot read \(Permission denied\)$"):
         load_tensors(path)
+
+
+@pytest.mark.parametrize(("mask", "file_mode", "folder_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
+                                                                (0o002, 0o664, 0o775)])
+def test_outputs_get_the_modes_the_umask_gives(tmp_path, mask, file_mode, folder_mode):
+    """As open() and mkdir() would: under umask 077 a stage's outputs stay private (they were
+    always 644 and 755), under 002 a group may write them."""
+    previous = os.umask(mask)
+    common._umask.cache_clear()
+    try:
+        write_text_atomic(tmp_path / "a.txt", "a")
+        with atomic_path(tmp_path / "folder", directory=True) as folder:
+            (folder / "inside").write_text("b")
+    finally:
+        os.umask(previous)
+        common._umask.cache_clear()
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == folder_mode

@@ -339,15 +339,42 @@ class HugeAnnouncedBody(EndlessBody):
 class TrickleBody(BaseHTTPRequestHandler):
     """Sends a byte every 50 ms, without a Content-Length (a stalled mirror that still answers
     within each read's timeout), for at most 4 s: a client without a rate floor waits it out."""
+    chunked, byte, count, pause = False, b"\x1f", 80, 0.05
 
     def do_GET(self):
         self.send_response(200)
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         try:
-            for _ in range(80):
-                self.wfile.write(b"\x1f")
+            for _ in range(self.count):
+                self.wfile.write(self.byte)
                 self.wfile.flush()
-                time.sleep(0.05)
+                time.sleep(self.pause)
+        except OSError:  # the client gave up and closed: done
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+class TrickleChunkSize(TrickleBody):
+    """Sends a chunked body's first chunk-size line a zero every 0.2 s, for at most 8 s: http.client
+    reads that line within one read1() of the client, which its rate check never sees return."""
+    chunked, byte, count, pause = True, b"0", 40, 0.2
+
+
+class TrickleHeaders(BaseHTTPRequestHandler):
+    """Answers with a status line, then a header every 0.2 s for at most 8 s: each read comes well
+    within its timeout, so only a bound on the whole step ends the wait (before: hours)."""
+
+    def do_GET(self):
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            for number in range(40):
+                self.wfile.write(f"X-Trickle-{number}: x\r\n".encode())
+                self.wfile.flush()
+                time.sleep(0.2)
         except OSError:  # the client gave up and closed: done
             pass
 
@@ -440,6 +467,73 @@ def test_a_download_slower_than_the_floor_over_timeout_s_is_refused(mirror, shor
     assert fetch.fetch_file([short_body_server, str(directory)], file, 1.0) == content_of(directory, file)
 
 
+@pytest.mark.parametrize(("short_body_server", "step"), [
+    (TrickleHeaders, "connecting and the response's headers"),
+    (TrickleChunkSize, "one read of the body"),
+], indirect=["short_body_server"], ids=["headers", "chunk-size line"])
+def test_a_step_trickled_a_byte_at_a_time_is_cut_at_twice_timeout_s(mirror, short_body_server, step):
+    """Each read of the trickle comes within its timeout (0.5 s), so neither the socket's timeout
+    nor the body's rate check ends it: the watchdog cuts the connection after 2 x timeout_s."""
+    directory, files = mirror
+    file = files["test_images"]
+    start = time.monotonic()
+    with pytest.raises(fetch.SourceError, match=rf"^stalled: {step} took more than 1 s "
+                                                r"\(2 x fetch.timeout_s: 0.5; refused\)$"):
+        fetch.fetch_verified(short_body_server, file, 0.5)
+    assert time.monotonic() - start < 4  # the server would go on for 8 s
+    assert fetch.fetch_file([short_body_server, str(directory)], file, 0.5) == content_of(directory, file)
+
+
+@pytest.fixture
+def https_mirror(mirror, tmp_path, monkeypatch):
+    """The mirror served over TLS on 127.0.0.1, with a certificate made here that the client is
+    told to trust (SSL_CERT_FILE, which OpenSSL's default verify paths read)."""
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(hours=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietFiles, directory=str(mirror[0])))
+    server.daemon_threads = True
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_an_https_download_is_verified_through_the_watched_connection(mirror, https_mirror):
+    """The default mirrors are https: the watchdog's connection hook must keep TLS working."""
+    directory, files = mirror
+    file = files["train_labels"]
+    assert fetch.fetch_verified(https_mirror, file, TIMEOUT_S) == content_of(directory, file)
+
+
 def test_refused_connection(mirror):
     """Nothing listening (port 9 on loopback) is a SourceError, not a crash."""
     _, files = mirror
@@ -519,6 +613,27 @@ def test_main_mirror_env_wins(stage, tmp_path, monkeypatch):
     out = tmp_path / "work" / "raw"
     fetch.main([str(out)])
     assert len(list(out.glob("*-ubyte"))) == 4
+
+
+def test_main_refuses_a_mirror_url_with_a_password_without_printing_it(stage, tmp_path, monkeypatch, capsys):
+    """urllib would read "alice:S3cret@127.0.0.1" as a host name and every log line would show it."""
+    monkeypatch.setenv(fetch.MIRROR_ENV, "http://alice:S3cret@127.0.0.1:9/mnist/")
+    out = tmp_path / "work" / "raw"
+    with pytest.raises(PipelineError, match=r"^MNIST_MIRROR: http://\*\*\*@127\.0\.0\.1:9/mnist/: a user name or "
+                                            "password in a mirror's URL is not supported") as info:
+        fetch.main([str(out)])
+    assert "S3cret" not in str(info.value) + "".join(capsys.readouterr()) and not out.exists()
+
+
+@pytest.mark.parametrize(("source", "shown"), [
+    ("https://token@example.org/mnist/", "https://***@example.org/mnist/"),
+    ("https://a:b@c@example.org", "https://***@example.org"),
+    ("https://example.org/mnist@2/", None),  # an @ in the path is no credential
+    ("/data/mirror@2", None),
+])
+def test_credentials_are_found_in_the_authority_only(source, shown):
+    problem = datasets_mod.credentials_problem(source)
+    assert (problem is None) if shown is None else problem.startswith(f"{shown}: a user name or password")
 
 
 def test_main_leaves_nothing_when_every_source_fails(stage, tmp_path):

@@ -199,7 +199,7 @@ def test_reference_alone_refuses_zero_epochs_and_files_that_are_not_mnists(tmp_p
     from benchmarks import reference
     with pytest.raises(SystemExit) as exit_info:
         reference.main(["--epochs", "0"])
-    assert exit_info.value.code == 2 and "--epochs must be >= 1" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --epochs: '0': not a whole number >= 1" in capsys.readouterr().err
     write_mirror(tmp_path / "mirror", n_train=60, n_test=20)  # MNIST's names, not its bytes
     with pytest.raises(PipelineError, match=r"train-images-idx3-ubyte\.gz: SHA-256 .* The benchmark's dataset is mnist"):
         reference.main(["--raw", str(tmp_path / "mirror")])

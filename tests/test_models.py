@@ -9,6 +9,7 @@ import random
 import shlex
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -624,6 +625,75 @@ def test_weights_that_are_not_finite_are_refused(saved, value):
 
     rewrite(path, poison)
     expect_model_file_error(path, "hold NaN or infinite values")
+
+
+def test_a_config_of_absurd_widths_is_refused_without_building_its_layers(saved):
+    """A 2 KB file whose config asks for two hidden layers of 30,000 (3.6 GB of weights) took
+    4.2 GB and 9.5 s before its weights were found not to fit. Run with the process's data
+    segment capped at 1 GiB over what it holds: the layers must never be allocated."""
+    path = saved[0]
+    rewrite(path, lambda p: p["config"].update(hidden=[30_000, 30_000]))
+    script = f"""
+import resource, sys
+from stages.models import ModelFileError, load_model
+held = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmData:"))
+resource.setrlimit(resource.RLIMIT_DATA, (held + 2**30, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+try:
+    load_model({str(path)!r})
+except ModelFileError as exc:
+    print(exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "weights do not fit the stored configuration (architecture=mlp, hidden=[30000, 30000]" in done.stdout
+    assert "(RuntimeError: Error(s) in loading state_dict for Network:)" in done.stdout
+
+
+def test_class_names_are_checked_without_printing_them_whole(saved):
+    """Pickle shares objects: 1,000,000 nested names in a small file. The check never formats the
+    list (the old message's {classes!r:.80} built all of it first: 50 GB at depth 10)."""
+    path = saved[0]
+    nested = ["x"] * 10
+    for _ in range(5):
+        nested = [nested] * 10
+    rewrite(path, lambda p: p.update(classes=nested))
+    with pytest.raises(ModelFileError) as info:
+        load_model(path)
+    assert str(info.value) == f"{path}: class names: expected a list of at least two names"
+
+
+@pytest.mark.parametrize(("classes", "problem"), [
+    (["\x1b]0;owned\x07"] + CLASSES[1:], r"'\x1b]0;owned\x07': a name holds no '.' nor control characters"),
+    (["7\nother.png: 3 (99.0"] + CLASSES[1:], r"'7\nother.png: 3 (99.0': a name holds no '.'"),
+    (CLASSES[:9] + ["0"], "names must differ"),
+    (CLASSES[:9], "9 class names do not match the model's 10 outputs"),
+], ids=["terminal escape", "line break", "twice", "nine"])
+def test_class_names_that_would_break_a_line_or_a_key_are_refused(saved, classes, problem):
+    """predict ends each line with the class name: an escape sequence drove the terminal, a line
+    break forged a result line. The dataset table's rule, for the model file too."""
+    path = saved[0]
+    rewrite(path, lambda p: p.update(classes=classes))
+    expect_model_file_error(path, problem)
+
+
+def test_weights_of_another_dtype_are_refused(saved):
+    """Assigned as they are, float64 weights would make every forward pass fail on float32 images."""
+    path = saved[0]
+    rewrite(path, lambda p: p.update(state_dict={k: v.double() if v.is_floating_point() else v
+                                                 for k, v in p["state_dict"].items()}))
+    expect_model_file_error(path, "weights do not fit the stored configuration", "is torch.float64, not torch.float32")
+
+
+def test_a_compressed_record_is_refused_before_it_is_inflated(saved):
+    """torch.save stores records as they are; a crafted file deflates gigabytes of zeros into
+    megabytes, which the CRC check (and torch.load) would inflate whole."""
+    path = saved[0]
+    with zipfile.ZipFile(path) as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in records:
+            archive.writestr(name, data)
+    expect_model_file_error(path, "not a tensor file written by this pipeline (its record", "is compressed")
 
 
 @pytest.mark.parametrize("payload", [[1, 2, 3], torch.zeros(3), {"config": {}}], ids=["list", "tensor", "partial"])

@@ -185,6 +185,10 @@ def _bad_cases():
     no_scheme["fetch"]["mirrors"]["mnist"] = ["https://example.org/mnist/", "storage.googleapis.com/cvdf-datasets/mnist/"]
     yield ("mirror without a scheme", no_scheme, "fetch.mirrors.mnist[1]",
            ["a base URL (https://...) or an absolute directory", "'storage.googleapis.com/cvdf-datasets/mnist/'"])
+    credentials = c("fetch", "timeout_s", 30)
+    credentials["fetch"]["mirrors"]["mnist"] = ["https://alice:S3cret@example.org/mnist/"]
+    yield ("mirror with a password", credentials, "fetch.mirrors.mnist[0]",
+           ["https://***@example.org/mnist/: a user name or password in a mirror's URL is not supported"])
     yield "crop not int", c("train", "crop", 1.5), "train.crop", ["an integer or 'auto'", "1.5"]
     yield "crop another word", c("train", "crop", "max"), "train.crop", ["an integer or 'auto'", "'max'"]
     yield "crop a bool", c("train", "crop", True), "train.crop", ["an integer or 'auto'"]
@@ -320,6 +324,30 @@ def test_dataset_crop_is_validated(tmp_path, crop, problem):
     del entry["crop"]
     table.write_text(yaml.safe_dump({"digits": entry}))
     with pytest.raises(PipelineError, match="expected keys .*'crop'"):
+        load_table(table)
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"classes": [str(d) for d in range(9)] + ["8"]}, "digits.classes: names must differ"),
+    ({"classes": ["Pull.over"] + [str(d) for d in range(1, 10)]}, "digits.classes: 'Pull.over': a name holds no '.'"),
+    ({"classes": ["0\n1"] + [str(d) for d in range(1, 10)]}, r"digits.classes: '0\\n1': a name holds no '\.' nor control"),
+    ({"classes": ["x" * 101] + [str(d) for d in range(1, 10)]}, "at most 100 characters"),
+    ({"classes": ["only"]}, "digits.classes: expected a list of at least two names"),
+    ({"files": "/tmp/labels"}, r"digits.files.test_labels.name: '/tmp/labels' is not a plain file name"),
+    ({"files": "../t10k-labels-idx1-ubyte"}, r"digits.files.test_labels.name: '\.\./t10k-labels-idx1-ubyte' is not"),
+    ({"files": ".hidden"}, r"'\.hidden' is not a plain file name"),
+])
+def test_dataset_class_and_file_names_are_validated(tmp_path, change, problem):
+    """Class names key eval.json (DVC joins keys with dots) and end predict's lines; file names are
+    joined to data/raw and to a mirror's directory, so a path in one would write outside data/raw."""
+    entry = yaml.safe_load((PROJECT_ROOT / "stages" / "datasets.yaml").read_text())["mnist"]
+    if "files" in change:
+        entry["files"]["test_labels"]["name"] = change["files"]
+    else:
+        entry.update(change)
+    table = tmp_path / "datasets.yaml"
+    table.write_text(yaml.safe_dump({"digits": entry}))
+    with pytest.raises(PipelineError, match=problem):
         load_table(table)
 
 
@@ -606,3 +634,27 @@ def test_every_comment_of_params_yaml_survives_dvc_exp_run_set(tmp_path):
     apply_overrides(path, ["train.lr=0.3", "augment.copies=2"])
     assert comments(path.read_text()) == comments((PROJECT_ROOT / "params.yaml").read_text())
     assert load(path).train.lr == 0.3
+
+
+@pytest.mark.parametrize("where", ["section", "value"])
+def test_a_yaml_alias_bomb_gets_a_short_message(tmp_path, where):
+    """Six lines of YAML aliases make a list of 10**6 items (ten lines: 10**10) while loading costs
+    nothing, since the items are shared. The messages are built before their checks; they were the
+    whole document (a hang at ten levels), and are bounded now."""
+    text = (PROJECT_ROOT / "params.yaml").read_text()
+    if where == "section":
+        lines = ["b0: &b0 [x, x, x, x, x, x, x, x, x, x]"]
+        lines += [f"b{n}: &b{n} [{', '.join([f'*b{n - 1}'] * 10)}]" for n in range(1, 6)]
+        text = "\n".join(lines) + "\n" + text
+    else:  # the bomb as train.lr, its anchors inline
+        bomb = "&b0 [x, x, x, x, x, x, x, x, x, x]"
+        for n in range(1, 6):
+            bomb = f"&b{n} [{bomb}, {', '.join([f'*b{n - 1}'] * 9)}]"
+        assert "\n  lr: 0.2" in text
+        text = text.replace("\n  lr: 0.2", f"\n  lr: {bomb}", 1)
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as info:
+        load(path)
+    assert len(str(info.value)) < 1000
+    assert info.value.key == ("b0" if where == "section" else "train.lr")

@@ -254,6 +254,31 @@ def test_a_decompression_bomb_is_refused(tmp_path):
         predict.load_samples(path, 28)
 
 
+def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(ink, reference, tmp_path):
+    """Each scan decodes the whole image again and libjpeg takes any number of them: a 2 MB file
+    of 50,000 repeated scans would take about 35 minutes at 49 MP. Over MAX_JPEG_SCANS: refused
+    without decoding; under it, decoded as ever."""
+    data = io.BytesIO()
+    Image.fromarray(255 - ink).convert("RGB").save(data, "JPEG", progressive=True, quality=95)
+    data = data.getvalue()
+    last_scan = data[data.rindex(b"\xff\xda"):-2]  # the last SOS segment and its data, to EOI
+    assert predict.jpeg_scans(io.BytesIO(data), predict.MAX_JPEG_SCANS) == 10  # libjpeg's script for colour
+    many = save_bytes(tmp_path / "many.jpg", data[:-2] + last_scan * 150 + data[-2:])
+    with pytest.raises(PipelineError, match=r"many.jpg: refused, a progressive JPEG of more than 100 scans \(each "
+                                            r"decodes the whole image again; .*counted 101 before stopping\)"):
+        predict.load_samples(str(many), 28)
+    fewer = save_bytes(tmp_path / "fewer.jpg", data[:-2] + last_scan * 80 + data[-2:])
+    assert predict.jpeg_scans(io.BytesIO(fewer.read_bytes()), predict.MAX_JPEG_SCANS) == 90
+    assert not predict.load_samples(str(fewer), 28)[0].blank
+    plain = save_bytes(tmp_path / "plain.jpg", data)
+    assert np.abs(predict.load_samples(str(plain), 28)[0].image.astype(int) - reference).max() <= 24  # as "jpeg"
+
+
+def save_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 def test_a_gzip_bomb_idx_file_is_refused_within_bounded_memory(tmp_path):
     """60 KB of gzip declaring 80,000 MNIST images (63 MB): refused at the 50 MP limit, read no further."""
     count = 80_000
@@ -706,6 +731,28 @@ def test_files_are_named_as_given_and_never_split_a_line(tmp_path, monkeypatch):
     with pytest.raises(PipelineError) as raised:  # --model's path is escaped too
         predict.main(["--model", "gone\n\x1b[2J.pt", "./a.png"])
     assert str(raised.value).startswith("gone\\n\\x1b[2J.pt: no model file here; ")
+
+
+def test_an_image_the_model_gives_no_finite_output_for_is_an_error_not_nan(tmp_path, monkeypatch):
+    """Finite weights can still give NaN (a normalisation std of 0: load_model's finiteness check
+    passes it). Was `a.png: 0 (nan%)`, status 0, and `"probability": NaN` in --json (no JSON
+    reader takes it); now one error line per image, status 1, and the other files go on."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(architecture="softmax", hidden=(), dropout=0.0, channels=(), convs_per_block=1,
+                      pool="end", image_size=28, num_classes=10, mean=0.13, std=0.31)
+    model = build_model(cfg)
+    model[0].std.zero_()  # Normalize's std buffer
+    save_model(tmp_path / "model.pt", model, cfg, [str(k) for k in range(10)])
+    Image.fromarray(mnist_like_digit()).save(tmp_path / "a.png")
+    Image.new("L", (28, 28), 255).save(tmp_path / "white.png")  # blank: never reaches the model's output
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_main("--model", "model.pt", "a.png", "white.png")
+    assert status == 1 and out == ["white.png: blank (no ink after thresholding)"]
+    assert err == ["predict: error: a.png: the model's outputs for it are not finite (NaN or infinite): its weights "
+                   "are broken; retrain: `dvc repro --force train`"]
+    status, out, _ = run_main("--model", "model.pt", "--json", "a.png", "white.png")
+    rows = json.loads("\n".join(out))  # strict: allow_nan=False wrote it
+    assert status == 1 and [(row["status"], row["probability"]) for row in rows] == [("error", None), ("blank", None)]
 
 
 def test_a_model_file_that_would_run_code_is_refused(tmp_path):
