@@ -504,11 +504,8 @@ def check_crcs(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             # torch.save stores every record as is; a compressed one (a crafted file: 4 GB of
-            # zeros deflate to 4 MB) would be inflated whole by testzip, and by torch.load. (A
-            # method zipfile does not know is damage: testzip raises, below.)
-            compressed = next((info.filename for info in archive.infolist()
-                               if info.compress_type in (zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)),
-                              None)
+            # zeros deflate to 4 MB) would be inflated whole by testzip, and by torch.load.
+            compressed = next((info for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED), None)
             failing = None if compressed else archive.testzip()
     except zipfile.BadZipFile:
         with open(path, "rb") as f:
@@ -526,8 +523,9 @@ def check_crcs(path: Path) -> None:
     except Exception as exc:  # an unknown compression method, an encryption flag, a cut-off record
         raise damaged_tensor_file(path, exc) from None
     if compressed:
-        raise PipelineError(f"{path}: not a tensor file written by this pipeline (its record {compressed} is "
-                            "compressed; torch.save stores every record as is)")
+        raise PipelineError(f"{path}: damaged, or no tensor file written by this pipeline (its record "
+                            f"{compressed.filename} names compression method {compressed.compress_type}; torch.save "
+                            "stores every record as is)")
     if failing:
         raise PipelineError(f"{path}: damaged tensor file (its record {failing} fails its CRC-32 check)")
 

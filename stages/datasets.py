@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,11 +66,10 @@ def credentials_problem(source: str) -> str | None:
     """Why a source with a user name or password in its URL (https://user:token@host/) is refused,
     naming it without them; None for any other source. urllib would not send them (it reads
     "user:token@host" as the host name), and every log line naming the source would print them."""
-    scheme, _, rest = source.partition("://")
-    authority, slash, path = rest.partition("/")
-    if not is_url(source) or "@" not in authority:
+    parts = urllib.parse.urlsplit(source)
+    if not is_url(source) or "@" not in parts.netloc:  # not one in the path or the query
         return None
-    shown = f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+    shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
     return (f"{shown}: a user name or password in a mirror's URL is not supported (it would be printed "
             "in the logs, and is not sent); serve the files without one, or download them and give "
             "their directory")

@@ -94,6 +94,8 @@ class _Watchdog:
     def watch(self, sock: socket.socket) -> None:
         with self._condition:
             self._sockets.append(sock)
+            if self.fired:  # a socket made after the step's time ran out (a slow name lookup) is cut too
+                _shut(sock)
 
     def arm(self, step: str, seconds: float) -> None:
         with self._condition:
@@ -112,33 +114,56 @@ class _Watchdog:
                     continue
                 self.fired, self._deadline = True, None
                 for sock in self._sockets:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:  # already closed
-                        pass
+                    _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed, or handed over to its TLS socket
+        pass
 
 
 class _WatchedHandler:
-    """Mixed into urllib's HTTP and HTTPS handlers: every connection they open (redirects and
-    proxies included) is handed to the watchdog once connected."""
+    """Mixed into urllib's HTTP and HTTPS handlers: every connection they open (redirects included)
+    is handed to the watchdog, its plain socket as soon as it exists (a proxy's CONNECT reply is
+    read from it) and, for https, its TLS socket once connected."""
 
     def __init__(self, watchdog: _Watchdog) -> None:
         super().__init__()
         self.watchdog = watchdog
 
     def do_open(self, http_class, request, **kwargs):  # urllib's hook, called by http_open / https_open
+        watchdog = self.watchdog
+
         def connection(*args, **kw):  # do_open only calls its http_class, so a function will do
             conn = http_class(*args, **kw)
-            connect = conn.connect
+            create, connect = conn._create_connection, conn.connect
+
+            def create_and_watch(*c_args, **c_kw):
+                sock = create(*c_args, **c_kw)
+                watchdog.watch(sock)
+                return sock
 
             def connect_and_watch() -> None:
                 connect()
-                self.watchdog.watch(conn.sock)  # the TLS socket for https: shutting it ends its reads
+                watchdog.watch(conn.sock)  # the TLS socket for https: shutting it ends its reads
 
-            conn.connect = connect_and_watch
+            conn._create_connection, conn.connect = create_and_watch, connect_and_watch
             return conn
 
         return super().do_open(connection, request, **kwargs)
+
+
+class _UnreadRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib reads a redirect's body whole before following it, whatever its size (an endless one
+    took 2.7 GB in 4 s): it is closed unread."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        fp.read = lambda *args, **kwargs: b""
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 class _WatchedHTTPHandler(_WatchedHandler, urllib.request.HTTPHandler):
@@ -156,22 +181,23 @@ def _download(url: str, timeout_s: float, limit: int) -> bytes:
     with _Watchdog() as watchdog:
         try:
             return _transfer(url, timeout_s, limit, watchdog)
-        except SourceError:
-            if watchdog.fired:  # the cut connection surfaced as a short body or a mismatch
+        except (SourceError, OSError, ValueError, http.client.HTTPException) as exc:  # URLError is an OSError
+            if watchdog.fired:  # a cut connection surfaces as any of these: a short body, a closed TLS socket
                 raise _stalled(watchdog, timeout_s) from None
-            raise
-        except urllib.error.HTTPError as exc:
-            raise SourceError(f"HTTP {exc.code} {exc.reason}") from None
-        except urllib.error.URLError as exc:
-            if watchdog.fired:
-                raise _stalled(watchdog, timeout_s) from None
-            raise SourceError(f"cannot connect ({exc.reason})") from None
-        except (ValueError, http.client.InvalidURL) as exc:  # malformed: http://[::1/, a port that is no number
-            raise SourceError(f"not a valid URL ({exc})") from None
-        except (OSError, TimeoutError, http.client.HTTPException) as exc:  # resets, time-outs, cut-off bodies
-            if watchdog.fired:
-                raise _stalled(watchdog, timeout_s) from None
-            raise SourceError(f"transfer failed ({exc})") from None
+            raise _source_error(exc) from None
+
+
+def _source_error(exc: Exception) -> SourceError:
+    """The one-line reason a download failed, as the all-sources-failed message lists it."""
+    if isinstance(exc, SourceError):
+        return exc
+    if isinstance(exc, urllib.error.HTTPError):
+        return SourceError(f"HTTP {exc.code} {exc.reason}")
+    if isinstance(exc, urllib.error.URLError):
+        return SourceError(f"cannot connect ({exc.reason})")
+    if isinstance(exc, (ValueError, http.client.InvalidURL)):  # malformed: http://[::1/, a port that is no number
+        return SourceError(f"not a valid URL ({exc})")
+    return SourceError(f"transfer failed ({exc})")  # resets, time-outs, cut-off bodies
 
 
 def _stalled(watchdog: _Watchdog, timeout_s: float) -> SourceError:
@@ -181,7 +207,8 @@ def _stalled(watchdog: _Watchdog, timeout_s: float) -> SourceError:
 
 def _transfer(url: str, timeout_s: float, limit: int, watchdog: _Watchdog) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": "mnist-dvc-pipeline"})
-    opener = urllib.request.build_opener(_WatchedHTTPHandler(watchdog), _WatchedHTTPSHandler(watchdog))
+    opener = urllib.request.build_opener(_WatchedHTTPHandler(watchdog), _WatchedHTTPSHandler(watchdog),
+                                         _UnreadRedirects())
     watchdog.arm("connecting and the response's headers", 2 * timeout_s)
     with opener.open(request, timeout=timeout_s) as response:
         # None when the server sends no Content-Length; file:// responses have no such attribute.

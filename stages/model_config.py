@@ -50,14 +50,17 @@ def is_valid_network_count(networks: object) -> bool:
 MAX_CLASS_NAME = 100  # characters of one class name
 
 
-def class_names_problem(classes: object) -> str | None:
+def class_names_problem(classes: object, as_keys: bool = True) -> str | None:
     """Why `classes` cannot name a model's outputs, or None: the one rule for a dataset table's
-    names and a model file's. The names key metrics/eval.json's per_class, whose keys DVC joins
-    with dots (per_class.Sneaker.accuracy), and each is a cell of metrics/confusion.csv and the end
-    of one predict line: a '.' or a control character (a line break, a terminal escape) would break
-    them. The message never prints the names whole (a model file's list may be built to be huge)."""
+    names (as_keys) and a model file's. A table's names key metrics/eval.json's per_class, whose
+    keys DVC joins with dots (per_class.Sneaker.accuracy), and each is a cell of
+    metrics/confusion.csv: a '.' or a control character (a line break) would break them. A model
+    file only needs names (predict escapes what it prints): one written before these rules still
+    loads. The message never prints the names whole (a model file's list may be built to be huge)."""
     if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)):
         return "expected a list of at least two names"
+    if not as_keys:
+        return None
     if len(set(classes)) < len(classes):
         return "names must differ"
     bad = next((c for c in classes if "." in c or not c.isprintable() or len(c) > MAX_CLASS_NAME), None)

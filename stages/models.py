@@ -237,7 +237,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
         with torch.device("meta"):
             model = build_model(ModelConfig.from_dict(config))
         expected = {name: tensor.dtype for name, tensor in model.state_dict().items()}
-        model.load_state_dict(payload["state_dict"], strict=True, assign=True)
+        model.load_state_dict(_dense_weights(payload["state_dict"]), strict=True, assign=True)
         wrong = [name for name, tensor in model.state_dict().items() if tensor.dtype != expected[name]]
         if wrong:
             raise TypeError(f"{wrong[0]} is {model.state_dict()[wrong[0]].dtype}, not {expected[wrong[0]]}")
@@ -248,13 +248,13 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
                              f"{_describe(config)} ({exception_line(exc)})") from None
     # Weights that are NaN or infinite (a diverged run, a damaged copy saved with a valid checksum)
     # would give NaN probabilities and a class picked at random, without an error.
-    broken = [name for name, tensor in payload["state_dict"].items()
+    broken = [name for name, tensor in model.state_dict().items()
               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
     if broken:
         raise ModelFileError(f"{path}: weights {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} "
                              "hold NaN or infinite values (a diverged run?); retrain: `dvc repro --force train`")
     classes = payload["classes"]
-    if problem := class_names_problem(classes):
+    if problem := class_names_problem(classes, as_keys=False):
         raise ModelFileError(f"{path}: class names: {problem}")
     if len(classes) != config.get("num_classes"):
         raise ModelFileError(f"{path}: {len(classes)} class names do not match the model's "
@@ -264,6 +264,24 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
     # The metadata describes the model as loaded: an older file's config comes back upgraded.
     meta = {**{k: v for k, v in payload.items() if k != "state_dict"}, "config": config, "framing": framing}
     return model.to(device).eval(), meta
+
+
+def _dense_weights(state: Any) -> dict[str, torch.Tensor]:
+    """The file's tensors, each checked to hold its own elements and copied to the standard layout.
+    A tensor's shape alone says nothing of its storage: a weight saved as a stride-0 view of one
+    number (torch.zeros(()).expand(2_000_000, 784)) made a 2.7 KB file that took 11 GB once touched,
+    and a sparse one fails in the kernels; so memory stays bounded by the file's size. Contiguous,
+    as build_model's own weights are: CPU training leaves conv weights channels-last, and evaluate
+    and predict compute as they always have."""
+    if not isinstance(state, dict):
+        raise TypeError(f"the weights are a {type(state).__name__}, not a mapping of names to tensors")
+    for name, tensor in state.items():
+        if not (isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided
+                and tensor.untyped_storage().nbytes() >= tensor.numel() * tensor.element_size()):
+            raise TypeError(f"{name} is not a dense tensor holding its own elements")
+    # clone, not contiguous(): a [16, 1, 3, 3] weight saved channels-last counts as contiguous, and
+    # its strides would steer the convolution to another kernel (other rounding)
+    return {name: tensor.clone(memory_format=torch.contiguous_format) for name, tensor in state.items()}
 
 
 def _checked_framing(path: Path, framing: Any, image_size: int) -> dict:

@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import functools
 import math
-import reprlib
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,7 +343,7 @@ def _as_yaml(value: Any) -> str:
     """A value as params.yaml spells it, for an error message: true, false and null rather than
     Python's True, False and None; strings quoted, so that a number read as text shows as one.
     Bounded, as the messages are built before their checks: YAML's aliases nest a list in itself,
-    ten lines making 10**10 items. At most 32 list items in all; a mapping by reprlib."""
+    ten lines making 10**10 items. At most 32 list items and mapping entries in all."""
     return _yaml_text(value, [32])
 
 
@@ -353,16 +352,17 @@ def _yaml_text(value: Any, items_left: list[int]) -> str:
         return {True: "true", False: "false", None: "null"}[value]
     if isinstance(value, float) and not math.isfinite(value):
         return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
-    if isinstance(value, list):
+    if isinstance(value, (list, dict)):
         shown = []
-        for item in value:
+        for entry in value.items() if isinstance(value, dict) else value:
             if items_left[0] == 0:
                 shown.append("...")
                 break
             items_left[0] -= 1
-            shown.append(_yaml_text(item, items_left))
-        return "[" + ", ".join(shown) + "]"
-    return reprlib.repr(value) if isinstance(value, dict) else repr(value)
+            shown.append(f"{_yaml_text(entry[0], items_left)}: {_yaml_text(entry[1], items_left)}"
+                         if isinstance(value, dict) else _yaml_text(entry, items_left))
+        return ("{%s}" if isinstance(value, dict) else "[%s]") % ", ".join(shown)
+    return repr(value)
 
 
 def _describe(hint: Any) -> str:

@@ -22,8 +22,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import io
 import json
+import mmap
 import os
+import re
 import signal
 import stat
 import sys
@@ -166,38 +169,50 @@ def count_frames(image: Image.Image) -> int:
     return pages
 
 
+# In a scan's entropy-coded data a 0xFF byte is followed by 0x00 (a stuffed 0xFF) or a restart
+# marker 0xD0-0xD7; anything else after it is the next marker.
+_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+
+
 def jpeg_scans(file: BinaryIO, limit: int) -> int:
     """The scans (SOS segments) of the first picture of the JPEG in `file`, counted up to limit + 1.
     A progressive JPEG refines the whole image once per scan, and libjpeg takes any number: 10,000
-    repeated 41-byte scans made a 435 KB file of 4 MP decode in 41 s. Walks the marker segments,
-    skipping each scan's entropy-coded data to its next marker (there a 0xFF byte is followed by
-    0x00 or a restart marker), so no byte of an APP segment (an ICC profile, a thumbnail) is taken
-    for a marker. A malformed stream ends the count: the decoder says what is wrong with it."""
+    repeated 41-byte scans made a 435 KB file of 4 MP decode in 41 s. Walks the marker segments as
+    libjpeg finds them (bytes before a marker are skipped, as its next_marker does: one junk byte
+    must not end the count while the decoder goes on), each scan's data skipped to its end by a
+    regular expression, so no byte of an APP segment (an ICC profile, a thumbnail) is taken for a
+    marker. The file is mapped, not read: 50 MB take under half a second."""
     where = file.tell()  # Pillow's place in the file, given back
-    file.seek(0)
-    data = file.read()
-    file.seek(where)
-    position, scans = 2, 0  # after SOI
-    while scans <= limit and position < len(data) and data[position] == 0xFF:
-        while position < len(data) and data[position] == 0xFF:  # the marker's 0xFF, and any fill bytes
-            position += 1
-        if position == len(data):
-            break
-        marker = data[position]
-        position += 1
-        if marker == 0xD9:  # EOI: the first picture ends (an MPO's others are not decoded)
-            break
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # restart markers and TEM stand alone
-            continue
-        position += int.from_bytes(data[position:position + 2], "big")  # the segment, its length included
-        if marker == 0xDA:
-            scans += 1
-            while (position := data.find(b"\xff", position)) != -1 and position + 1 < len(data) and (
-                    data[position + 1] == 0x00 or 0xD0 <= data[position + 1] <= 0xD7):
-                position += 2
-            if position == -1:
+    try:
+        data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # no file behind it (BytesIO)
+        file.seek(0)
+        data = file.read()
+    try:
+        position, scans = 2, 0  # after SOI
+        while scans <= limit and (position := data.find(b"\xff", position)) != -1:
+            while position < len(data) and data[position] == 0xFF:  # the marker's 0xFF, and any fill bytes
+                position += 1
+            if position == len(data):
                 break
-    return scans
+            marker = data[position]
+            position += 1
+            if marker == 0xD9:  # EOI: the first picture ends (an MPO's others are not decoded)
+                break
+            if marker == 0x00 or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no segment: stuffing, RSTn, TEM
+                continue
+            position += int.from_bytes(data[position:position + 2], "big")  # the segment, its length included
+            if marker == 0xDA:
+                scans += 1
+                end = _SCAN_END.search(data, position)
+                if end is None:
+                    break
+                position = end.start()
+        return scans
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
+        file.seek(where)
 
 
 def decode(file: BinaryIO, path: str) -> Decoded:

@@ -382,10 +382,13 @@ class TrickleHeaders(BaseHTTPRequestHandler):
         pass
 
 
-def serve(handler):
-    """Starts a threading HTTP server on 127.0.0.1 (a free port); returns (base URL, stop)."""
+def serve(handler, tls=None):
+    """Starts a threading HTTP server on 127.0.0.1 (a free port), over TLS with the server-side
+    context `tls`; returns (base URL, stop)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
 
@@ -394,7 +397,7 @@ def serve(handler):
         server.server_close()
         thread.join(timeout=5)
 
-    return f"http://127.0.0.1:{server.server_address[1]}", stop
+    return f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}", stop
 
 
 @pytest.fixture
@@ -485,8 +488,8 @@ def test_a_step_trickled_a_byte_at_a_time_is_cut_at_twice_timeout_s(mirror, shor
 
 
 @pytest.fixture
-def https_mirror(mirror, tmp_path, monkeypatch):
-    """The mirror served over TLS on 127.0.0.1, with a certificate made here that the client is
+def tls(tmp_path, monkeypatch):
+    """A server-side TLS context for 127.0.0.1, with a certificate made here that the client is
     told to trust (SSL_CERT_FILE, which OpenSSL's default verify paths read)."""
     import datetime
     import ipaddress
@@ -516,22 +519,82 @@ def https_mirror(mirror, tmp_path, monkeypatch):
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_file, key_file)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietFiles, directory=str(mirror[0])))
-    server.daemon_threads = True
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"https://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    return context
 
 
-def test_an_https_download_is_verified_through_the_watched_connection(mirror, https_mirror):
-    """The default mirrors are https: the watchdog's connection hook must keep TLS working."""
+def test_an_https_download_is_verified_through_the_watched_connection(mirror, tls):
+    """The default mirrors are https: the watchdog's connection hooks must keep TLS working, and
+    cut a TLS connection that trickles its headers."""
     directory, files = mirror
     file = files["train_labels"]
-    assert fetch.fetch_verified(https_mirror, file, TIMEOUT_S) == content_of(directory, file)
+    url, stop = serve(functools.partial(QuietFiles, directory=str(directory)), tls)
+    try:
+        assert fetch.fetch_verified(url + "/", file, TIMEOUT_S) == content_of(directory, file)
+    finally:
+        stop()
+    url, stop = serve(TrickleHeaders, tls)
+    try:
+        with pytest.raises(fetch.SourceError, match="^stalled: connecting and the response's headers took more than 1 s"):
+            fetch.fetch_verified(url, file, 0.5)
+    finally:
+        stop()
+
+
+class TrickleProxy(TrickleHeaders):
+    """A proxy that answers CONNECT a header line at a time (http.client reads them without bound)."""
+    do_CONNECT = TrickleHeaders.do_GET
+
+
+def test_a_proxy_trickling_its_connect_reply_is_cut(mirror, monkeypatch):
+    """Through HTTPS_PROXY the CONNECT reply is read on the plain socket, before any TLS: the
+    watchdog must hold that socket from its creation (it held only the connected one: 6 s and
+    more against a 1 s limit)."""
+    _, files = mirror
+    url, stop = serve(TrickleProxy)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("https_proxy", url)
+    start = time.monotonic()
+    try:
+        with pytest.raises(fetch.SourceError, match="^stalled: connecting and the response's headers took more than 1 s"):
+            fetch.fetch_verified("https://mirror.example/", files["test_images"], 0.5)
+    finally:
+        stop()
+    assert time.monotonic() - start < 4
+
+
+class RedirectWithEndlessBody(BaseHTTPRequestHandler):
+    """A 302 to the mirror whose body runs on for up to 8 s: urllib read it whole before following."""
+    target = ""
+
+    def do_GET(self):
+        self.send_response(302)
+        self.send_header("Location", self.target + self.path)
+        self.end_headers()
+        deadline = time.monotonic() + 8
+        try:
+            while time.monotonic() < deadline:
+                self.wfile.write(bytes(65536))
+        except OSError:  # the client closed it: done
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_redirects_body_is_not_read(mirror, http_mirrors):
+    """Followed at once, its body unread: bounded in time and memory whatever the server sends."""
+    directory, files = mirror
+    good, _ = http_mirrors
+    handler = type("Redirect", (RedirectWithEndlessBody,), {"target": good.rstrip("/")})
+    url, stop = serve(handler)
+    start = time.monotonic()
+    try:
+        file = files["test_labels"]
+        assert fetch.fetch_verified(url + "/", file, TIMEOUT_S) == content_of(directory, file)
+    finally:
+        stop()
+    assert time.monotonic() - start < 4
 
 
 def test_refused_connection(mirror):
@@ -629,6 +692,7 @@ def test_main_refuses_a_mirror_url_with_a_password_without_printing_it(stage, tm
     ("https://token@example.org/mnist/", "https://***@example.org/mnist/"),
     ("https://a:b@c@example.org", "https://***@example.org"),
     ("https://example.org/mnist@2/", None),  # an @ in the path is no credential
+    ("https://example.org/mnist?from=a@b", None),  # nor one in the query
     ("/data/mirror@2", None),
 ])
 def test_credentials_are_found_in_the_authority_only(source, shown):

@@ -263,10 +263,13 @@ def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(ink, re
     data = data.getvalue()
     last_scan = data[data.rindex(b"\xff\xda"):-2]  # the last SOS segment and its data, to EOI
     assert predict.jpeg_scans(io.BytesIO(data), predict.MAX_JPEG_SCANS) == 10  # libjpeg's script for colour
-    many = save_bytes(tmp_path / "many.jpg", data[:-2] + last_scan * 150 + data[-2:])
-    with pytest.raises(PipelineError, match=r"many.jpg: refused, a progressive JPEG of more than 100 scans \(each "
-                                            r"decodes the whole image again; .*counted 101 before stopping\)"):
-        predict.load_samples(str(many), 28)
+    many = data[:-2] + last_scan * 150 + data[-2:]
+    first_scan = many.index(b"\xff\xda")
+    junk = many[:first_scan] + b"\x00" + many[first_scan:]  # libjpeg skips a stray byte before a marker
+    for name, content in (("many.jpg", many), ("junk.jpg", junk)):
+        with pytest.raises(PipelineError, match=rf"{name}: refused, a progressive JPEG of more than 100 scans \(each "
+                                                r"decodes the whole image again; .*counted 101 before stopping\)"):
+            predict.load_samples(str(save_bytes(tmp_path / name, content)), 28)
     fewer = save_bytes(tmp_path / "fewer.jpg", data[:-2] + last_scan * 80 + data[-2:])
     assert predict.jpeg_scans(io.BytesIO(fewer.read_bytes()), predict.MAX_JPEG_SCANS) == 90
     assert not predict.load_samples(str(fewer), 28)[0].blank
@@ -753,6 +756,21 @@ def test_an_image_the_model_gives_no_finite_output_for_is_an_error_not_nan(tmp_p
     status, out, _ = run_main("--model", "model.pt", "--json", "a.png", "white.png")
     rows = json.loads("\n".join(out))  # strict: allow_nan=False wrote it
     assert status == 1 and [(row["status"], row["probability"]) for row in rows] == [("error", None), ("blank", None)]
+
+
+def test_a_class_name_with_control_characters_is_printed_escaped(tmp_path, monkeypatch):
+    """A model file's names are printed as the end of each line: an escape sequence set the
+    terminal's title, a line break forged a result line (`other.png: 3 (99.0%)`)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(architecture="softmax", hidden=(), dropout=0.0, channels=(), convs_per_block=1,
+                      pool="end", image_size=28, num_classes=10, mean=0.13, std=0.31)
+    forged = "\x1b]0;owned\x07 x\nother.png: 3 (99.0"
+    save_model(tmp_path / "model.pt", build_model(cfg), cfg, [forged] * 10)  # every output: that name
+    Image.fromarray(mnist_like_digit()).save(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_main("--model", "model.pt", "a.png")
+    assert status == 0 and err == [] and len(out) == 1
+    assert out[0].startswith("a.png: \\x1b]0;owned\\x07 x\\nother.png: 3 (99.0 (")
 
 
 def test_a_model_file_that_would_run_code_is_refused(tmp_path):
