@@ -128,8 +128,9 @@ ABC = ("a", "b", "c")
     (GOOD_IMAGES, GOOD_LABELS[:4], ABC, r"labels of shape \[4\] and type torch.int64 for 6 images"),
     (GOOD_IMAGES, GOOD_LABELS.float(), ABC, r"labels of shape \[6\] and type torch.float32 for 6 images"),
     (GOOD_IMAGES, GOOD_LABELS + 5, ABC, r"labels 5-7, the model has classes 0-2"),
+    (GOOD_IMAGES, torch.tensor([0, 1, 2, 0, 1, 3]), ABC, r"labels 0-3, the model has classes 0-2"),
     (GOOD_IMAGES, GOOD_LABELS, ("x", "b", "c"), r"images of the classes x, b, c, the model's are a, b, c"),
-], ids=["image size", "empty", "count", "float labels", "label range", "other classes"])
+], ids=["image size", "empty", "count", "float labels", "label range", "one label past", "other classes"])
 def test_a_test_split_that_does_not_fit_the_model_is_one_line(tmp_path, monkeypatch, images, labels, classes, problem):
     """A test.pt swapped or edited by hand, or another dataset's (same size and class count, so
     eval.json would name garments' accuracies by digits): one line naming it, no metrics written

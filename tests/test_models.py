@@ -762,3 +762,26 @@ def test_code_in_a_model_file_never_runs(tmp_path, writer):
     assert not marker.exists()
     pickle.loads(pickle.dumps(Exploit(tmp_path / "control")))  # the exploit does work when unpickled
     assert (tmp_path / "control").exists()
+
+
+def test_normalize_maps_the_train_statistics_to_zero_mean_and_unit_std():
+    """Pixels in [0, 255] with the train split's mean and std (in [0, 1] units) -> mean 0, std 1,
+    a channel axis added: [N, H, W] -> [N, 1, H, W]. Every model file's first layer."""
+    from stages.models import Normalize
+    out = Normalize(mean=0.5, std=0.25)(torch.tensor([[[0, 127.5, 255]]]))
+    assert out.shape == (1, 1, 1, 3) and torch.allclose(out.flatten(), torch.tensor([-2.0, 0.0, 2.0]))
+
+
+def test_predict_logits_leaves_the_model_in_the_mode_it_found(images):
+    """Scored in eval mode (BatchNorm's running statistics, no dropout), then put back: train's
+    val pass happens between training steps."""
+    from stages.models import predict_logits
+    torch.manual_seed(0)
+    model = build_model(config("cnn"))
+    for training in (True, False):
+        model.train(training)
+        seen = []
+        handle = model.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+        predict_logits(model, images, batch_size=2)
+        handle.remove()
+        assert set(seen) == {False} and model.training is training

@@ -124,6 +124,31 @@ def _bad_cases():
     yield "val_size zero", c("preprocess", "val_size", 0), "preprocess.val_size", ["between"]
     yield "val_size negative", c("preprocess", "val_size", -5), "preprocess.val_size", ["between"]
     yield "val_size whole set", c("preprocess", "val_size", 60000), "preprocess.val_size", ["between", "60000"]
+    # Each bound, on both sides where it has two (a mutation audit found these unpinned: a value past
+    # one failed only inside its stage, after DVC had deleted the outputs).
+    for section, key, bad, words in [
+        ("preprocess", "val_size", 9, ["between 10 and 59990"]), ("preprocess", "val_size", 59991, ["between 10 and 59990"]),
+        ("fetch", "timeout_s", 0, ["> 0 and at most 3600"]), ("fetch", "timeout_s", 3601, ["> 0 and at most 3600"]),
+        ("train", "processes", 0, ["between 1 and 64"]), ("train", "processes", 65, ["between 1 and 64"]),
+        ("train", "convs_per_block", 0, ["between 1 and 4"]), ("train", "convs_per_block", 5, ["between 1 and 4"]),
+        ("train", "momentum", 1.0, ["[0, 1)"]), ("train", "momentum", -0.1, ["[0, 1)"]),
+        ("train", "warmup", 1.0, ["[0, 1)"]), ("train", "warmup", -0.1, ["[0, 1)"]),
+        ("train", "label_smoothing", 1.0, ["[0, 1)"]), ("train", "label_smoothing", -0.1, ["[0, 1)"]),
+        ("train", "channels", [16, 32], ["train.channels"]), ("train", "channels", [16, 32, 64, 128], ["train.channels"]),
+        ("train", "channels", [16, 0, 64], ["train.channels"]), ("train", "channels", [16, 2048, 64], ["train.channels"]),
+        ("train", "epochs", 0, ["between 1 and 1000"]), ("train", "epochs", 1001, ["between 1 and 1000"]),
+        ("evaluate", "batch_size", 0, [">= 1, got 0"]),
+        ("plot", "misclassified", -1, ["between 0 and 400"]), ("plot", "misclassified", 401, ["between 0 and 400"]),
+        ("augment", "copies", 51, ["between 0 and 50"]), ("augment", "rotation_deg", 181, ["between 0 and 180"]),
+        ("augment", "translate", 0.6, ["between 0 and 0.5"]),
+    ]:
+        yield f"{key} {bad}", c(section, key, bad), f"{section}.{key}", words
+    few = c("train", "processes", 4)
+    few["train"]["batch_size"] = 2
+    yield "batch under processes", few, "train.batch_size", ["at least train.processes (4)", "got 2"]
+    other = copy.deepcopy(BASE)
+    other["fetch"]["mirrors"] = {"fashion-mnist": other["fetch"]["mirrors"]["fashion-mnist"]}
+    yield "no mirrors for the dataset", other, "fetch.mirrors.mnist", ["missing: list the base URLs"]
     for key, bad in [("model", "resnet"), ("optimizer", "lbfgs"), ("device", "tpu"),
                      ("schedule", "step"), ("precision", "fp16"), ("pool", "before"), ("stem", "strided"),
                      ("weight_decay_on", "biases")]:
@@ -211,6 +236,24 @@ def _bad_cases():
 
 
 BAD_CASES = list(_bad_cases())
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("preprocess", "val_size", 10), ("preprocess", "val_size", 59990), ("fetch", "timeout_s", 3600),
+    ("train", "processes", 64), ("train", "convs_per_block", 4), ("train", "momentum", 0.0), ("train", "warmup", 0.0),
+    ("train", "label_smoothing", 0.0), ("train", "channels", [1, 1024, 1]), ("train", "epochs", 1000),
+    ("plot", "misclassified", 400), ("plot", "misclassified", 0), ("augment", "copies", 50),
+    ("augment", "rotation_deg", 180), ("augment", "translate", 0.5),
+])
+def test_each_bound_itself_is_accepted(section, key, value):
+    raw = with_change(section, key, value)
+    if key == "processes":  # each process takes a share of every batch
+        raw["train"]["batch_size"] = max(raw["train"]["batch_size"], 64)
+    if key == "val_size" and value > 30000:  # a train split of 10 images
+        raw["train"]["batch_size"] = 10
+    if key == "momentum":  # Nesterov needs momentum
+        raw["train"]["nesterov"] = False
+    assert getattr(getattr(parse(raw), section), key) == value
 
 
 @pytest.mark.parametrize(("raw", "key", "words"), [case[1:] for case in BAD_CASES],

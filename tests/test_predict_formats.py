@@ -120,6 +120,9 @@ FORMATS = {
     # Normalising tools write grey levels as 0..1 floats: scaled to 0..255, not taken as near-black.
     "float-tiff-0-to-1": (lambda ink, d: save(Image.fromarray(((255 - ink) / 255).astype(np.float32), "F"),
                                               d / "a.tif"), 1, 1),
+    # ... and resampling overshoots 1 a little: still 0..1, not near-black 0..255.
+    "float-tiff-0-to-1.05": (lambda ink, d: save(Image.fromarray(((255 - ink) / 255 * 1.05).astype(np.float32), "F"),
+                                                 d / "a.tif"), 16, 1),
 }
 
 

@@ -217,3 +217,19 @@ def test_main_writes_its_three_splits_together_or_not_at_all(tmp_path, monkeypat
     preprocess.main([str(tmp_path / "raw"), str(prepared)])
     assert sorted(path.name for path in prepared.iterdir()) == ["test.pt", "train.pt", "val.pt"]
     assert [len(torch.load(prepared / f"{name}.pt")["labels"]) for name in ("train", "val", "test")] == [250, 50, 100]
+
+
+def test_the_pixel_statistics_are_the_train_splits_alone():
+    """The model normalises with the train split's mean and std: val's pixels must not leak in
+    (here val's images are all white, so any share of them would move both)."""
+    from types import SimpleNamespace
+    labels = np.repeat(np.arange(10, dtype=np.uint8), 6)
+    images = np.zeros((60, 28, 28), np.uint8)
+    images[:, 10:18, 10:18] = 200
+    cfg = SimpleNamespace(val_size=20, seed=0)
+    _, val_idx = stratified_split(labels, cfg.val_size, cfg.seed)
+    images[val_idx] = 255
+    dataset = SimpleNamespace(classes=tuple(str(k) for k in range(10)))
+    splits = preprocess.split_files({"train": (images, labels), "test": (images[:10], labels[:10])}, dataset, cfg)
+    assert (splits["train"]["mean"], splits["train"]["std"]) == pixel_stats(splits["train"]["images"])
+    assert splits["train"]["mean"] == pytest.approx(64 * 200 / 255 / 784)

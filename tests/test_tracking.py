@@ -25,7 +25,8 @@ import yaml
 from stages import fetch
 from stages.common import PipelineError, Progress, save_tensors
 from stages.evaluate import confusion_csv
-from stages.plot import confusion_figure, curves_figure, main as plot_main, panels, read_confusion, read_table, within_bounds
+from stages.plot import (confusion_figure, curves_figure, main as plot_main, misclassified_figure, panels, read_confusion,
+                         read_table, within_bounds)
 from stages.runtime import numerics, resolve_device, resolve_precision
 from stages.tracking import TrainLog, step_log_interval
 from tests.conftest import PROJECT_ROOT, SMALL_PARAMS, VENV_BIN, run_bounded
@@ -421,3 +422,25 @@ def test_fetch_shows_download_progress(mirror, http_mirrors, capsys):
     size = len((directory / files["train_images"].gz_name).read_bytes())
     err = capsys.readouterr().err
     assert re.search(rf"fetch: downloading {re.escape(good)}\S+: {size:,}/{size:,} bytes \(100%\)", err), err
+
+
+def test_the_misclassified_grid_shows_at_most_its_limit():
+    """plot.misclassified images of the wrong ones, in test order, the title saying how many of all."""
+    actual, predicted = np.zeros(12, np.int64), np.array([1] * 10 + [0, 0])
+    fig = misclassified_figure(np.zeros((12, 28, 28)), actual, predicted, ["a", "b"], limit=3)
+    assert sum(bool(ax.images) for ax in fig.axes) == 3
+    assert fig._suptitle.get_text() == "Misclassified test images, predicted / true (3 shown of 10)"
+
+
+def test_a_confusion_file_of_another_length_than_the_test_split_is_refused(tmp_path, monkeypatch):
+    """A stale confusion.csv (one row short) would put its predictions under the wrong images."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(PROJECT_ROOT / "params.yaml", "params.yaml")
+    (tmp_path / "series").mkdir()
+    (tmp_path / "series" / "step_loss.tsv").write_text("step\tstep_loss\n1\t0.5\n")
+    (tmp_path / "confusion.csv").write_text("actual,predicted\na,b\n")
+    save_tensors(tmp_path / "test.pt", {"images": torch.zeros(2, 28, 28), "labels": torch.tensor([0, 1]),
+                                        "classes": ["a", "b", "c"]})
+    with pytest.raises(PipelineError, match=r"^confusion\.csv has 1 rows for 2 test images"):
+        plot_main(["series", "confusion.csv", "test.pt", "plots"])
+    assert not (tmp_path / "plots").exists()

@@ -288,6 +288,7 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_result(request, cfg, datas
         fit(cfg, train, val, CPU, checkpoint, run_id="run")
     monkeypatch.setattr(train_mod, "score", real_score)
     assert train_mod.load_checkpoint(checkpoint, "run") is not None, "epoch 1's checkpoint is readable"
+    assert train_mod.load_checkpoint(checkpoint, "another run") is None, "only its own run resumes from it"
     trained = count_steps_per_epoch(monkeypatch)
     resumed, _, resumed_rows = fit(cfg, train, val, CPU, checkpoint, run_id="run")
     assert len(trained) == cfg.epochs - 1, "the second fit() resumed after epoch 1, not from the start"
@@ -433,6 +434,21 @@ def test_weight_decay_on_weights_changes_what_training_ends_with(data):
     assert scales and not any(torch.equal(a, b) for a, b in scales)
 
 
+def rates_of_each_step(cfg, total: int) -> tuple[list[float], torch.optim.Optimizer]:
+    """(the learning rate each of `total` steps trains with, the optimizer after them) under
+    make_schedule's schedule for `cfg`, stepped once per step as fit() does (OneCycleLR raises
+    when stepped past its end)."""
+    optimizer = make_optimizer(torch.nn.Linear(2, 2), cfg)
+    schedule = make_schedule(optimizer, cfg, total)
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+    return rates, optimizer
+
+
 @pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 8])
 def test_onecycle_of_a_few_steps_never_divides_by_zero(total):
     """Runs of a few steps: with warm-up 0.25, up to 4 steps leave at most one step to warm up,
@@ -440,13 +456,7 @@ def test_onecycle_of_a_few_steps_never_divides_by_zero(total):
     peak and only decay (a one-step run trains at the peak, not at the final rate). Every rate
     stays within [0, lr] and the last of a longer run is ~0."""
     cfg = dataclasses.replace(SMALL_MLP, schedule="onecycle", warmup=0.25)
-    optimizer = make_optimizer(torch.nn.Linear(2, 2), cfg)
-    schedule = make_schedule(optimizer, cfg, total)
-    rates = []
-    for _ in range(total):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
+    rates, optimizer = rates_of_each_step(cfg, total)
     assert all(0 < rate <= cfg.lr * (1 + 1e-9) for rate in rates)
     assert rates[-1] < cfg.lr / 1000 or total == 1
     if total <= 4:  # no warm-up: decaying from the peak at the first step
@@ -456,21 +466,28 @@ def test_onecycle_of_a_few_steps_never_divides_by_zero(total):
         assert rates[0] < rates[1]  # a warm-up step
 
 
+@pytest.mark.parametrize("warmup", [0.1, 0.25, 0.5])
+def test_onecycle_rises_linearly_for_warmup_of_the_steps_then_falls_linearly(warmup):
+    """train.warmup is the share of steps rising from lr / 25 to lr (OneCycleLR's pct_start), and
+    both legs are straight lines (anneal_strategy linear: the default's schedule, chosen on val)."""
+    cfg = dataclasses.replace(SMALL_MLP, schedule="onecycle", warmup=warmup)
+    total = 200
+    rates, _ = rates_of_each_step(cfg, total)
+    peak = int(np.argmax(rates))
+    assert peak == round(warmup * total) - 1 and rates[peak] == pytest.approx(cfg.lr)
+    assert rates[0] == pytest.approx(cfg.lr / train_mod.ONECYCLE_START_DIV)
+    for leg in (rates[:peak + 1], rates[peak:]):
+        assert np.allclose(np.diff(leg, 2), 0, atol=cfg.lr * 1e-6)
+
+
 @pytest.mark.parametrize("schedule", ["constant", "onecycle", "cosine"])
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_schedule_covers_every_step_of_the_run(schedule, drop_last):
     """The per-step schedule is sized to the run: stepping it once per batch of every epoch never
     runs past its end (OneCycleLR raises if it does), and one-cycle ends near zero."""
     cfg = dataclasses.replace(SMALL_MLP, schedule=schedule, drop_last=drop_last, epochs=3)
-    optimizer = make_optimizer(torch.nn.Linear(2, 2), cfg)
     total = cfg.epochs * steps_per_epoch(1000, cfg.batch_size, cfg.drop_last)
-    schedule_obj = make_schedule(optimizer, cfg, total)
-    rates = []  # the rate each step trains with
-    for _ in range(total):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        if schedule_obj is not None:
-            schedule_obj.step()
+    rates, _ = rates_of_each_step(cfg, total)
     if schedule == "constant":
         assert set(rates) == {cfg.lr}
     elif schedule == "onecycle":
@@ -901,3 +918,22 @@ def test_train_refuses_data_of_another_dataset_than_the_params(tmp_path, monkeyp
                                             r"params.yaml's dataset is mnist \(0, 1, 2, "):
         train_mod.main(["train.pt", "val.pt", "model.pt", "live"])
     assert not (tmp_path / "model.pt").exists() and not (tmp_path / "live").exists()
+
+
+def test_main_writes_the_model_then_removes_its_checkpoint(tmp_path, monkeypatch):
+    """The checkpoint is for an interrupted run: once the model is written it goes (a leftover one
+    would be resumed by a later run of the same fingerprint)."""
+    from stages.common import save_tensors
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    raw["train"].update(channels=[4, 8, 16], epochs=2, batch_size=8, device="cpu")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    images, labels = make_split(24, np.random.default_rng(0))
+    save_tensors(tmp_path / "train.pt", {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels),
+                                         "classes": CLASSES, "mean": 0.13, "std": 0.31})
+    save_tensors(tmp_path / "val.pt", {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)})
+    saved = []
+    real_save = train_mod.save_checkpoint
+    monkeypatch.setattr(train_mod, "save_checkpoint", lambda path, *args: saved.append(path) or real_save(path, *args))
+    train_mod.main(["train.pt", "val.pt", "model.pt", "live", "--checkpoint", "ck.pt"])
+    assert saved and (tmp_path / "model.pt").is_file() and not (tmp_path / "ck.pt").exists()
