@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.common import PipelineError, read_yaml
-from stages.model_config import class_names_problem, framing_problem, is_valid_crop, largest_crop
+from stages.model_config import class_names_problem, framing_problem, is_valid_crop, is_whole, largest_crop
 
 TABLE_PATH = Path(__file__).with_name("datasets.yaml")
 # Each role is one IDX file; preprocess relies on exactly these four.
@@ -102,7 +102,7 @@ def _parse_entry(name: str, raw: object) -> Dataset:
     if not isinstance(files_raw, dict) or set(files_raw) != set(FILE_ROLES):
         raise PipelineError(f"{where}.files: expected exactly {list(FILE_ROLES)}")
     for key in ("train_count", "test_count", "image_size"):
-        if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
+        if not is_whole(raw[key]) or raw[key] < 1:
             raise PipelineError(f"{where}.{key}: expected a positive integer")
     files = {}
     for role in FILE_ROLES:

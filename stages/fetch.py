@@ -180,11 +180,14 @@ def _download(url: str, timeout_s: float, limit: int) -> bytes:
     and the body must come at MIN_RATE or more, measured over timeout_s."""
     with _Watchdog() as watchdog:
         try:
-            return _transfer(url, timeout_s, limit, watchdog)
+            data = _transfer(url, timeout_s, limit, watchdog)
         except (SourceError, OSError, ValueError, http.client.HTTPException) as exc:  # URLError is an OSError
             if watchdog.fired:  # a cut connection surfaces as any of these: a short body, a closed TLS socket
                 raise _stalled(watchdog, timeout_s) from None
             raise _source_error(exc) from None
+    if watchdog.fired:  # or as the end of a body without a length
+        raise _stalled(watchdog, timeout_s)
+    return data
 
 
 def _source_error(exc: Exception) -> SourceError:
@@ -243,8 +246,6 @@ def _transfer(url: str, timeout_s: float, limit: int, watchdog: _Watchdog) -> by
         finally:  # ends the progress line also when the transfer breaks off, before its error line
             progress.close()
     data = b"".join(chunks)
-    if watchdog.fired:  # a cut connection can also read as the end of a body without a length
-        raise _stalled(watchdog, timeout_s)
     if total is not None and len(data) != total:
         raise SourceError(f"transfer ended after {len(data):,} of {total:,} bytes")
     return data

@@ -37,14 +37,15 @@ def feature_side(image_size: int, crop: int, stem: str) -> int:
     return (seen + 1) // 2 // 4 if stem == "stride" else seen // 8
 
 
-def _is_whole(value: object) -> bool:
+def is_whole(value: object) -> bool:
+    """Whether `value` is an int, and not a bool (which YAML's true and pickle's True would pass)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_valid_network_count(networks: object) -> bool:
     """Whether `networks` is a whole number of networks in 1-MAX_NETWORKS: the one rule for
     train.networks and a model file's."""
-    return _is_whole(networks) and 1 <= networks <= MAX_NETWORKS
+    return is_whole(networks) and 1 <= networks <= MAX_NETWORKS
 
 
 MAX_CLASS_NAME = 100  # characters of one class name
@@ -73,7 +74,7 @@ def class_names_problem(classes: object, as_keys: bool = True) -> str | None:
 def is_valid_crop(crop: object, image_size: int) -> bool:
     """Whether `crop` is a whole number of pixels a cnn can cut off each side, 0 to largest_crop: the
     one rule for train.crop, a dataset's crop (datasets.yaml) and a model file's."""
-    return isinstance(crop, int) and not isinstance(crop, bool) and 0 <= crop <= largest_crop(image_size)
+    return is_whole(crop) and 0 <= crop <= largest_crop(image_size)
 
 
 # How a dataset's images were made from pictures, which predict repeats on a user's picture: the
@@ -96,7 +97,7 @@ def framing_problem(framing: object, image_size: int) -> str | None:
     if not (isinstance(framing, dict) and set(framing) == {"box", "centre"}):
         return f"expected {{box, centre}}, got {reprlib.repr(framing)}"
     box = framing["box"]
-    if not isinstance(box, int) or isinstance(box, bool) or not 1 <= box <= image_size:
+    if not is_whole(box) or not 1 <= box <= image_size:
         return f"box: expected whole pixels in 1-{image_size}, got {reprlib.repr(box)}"
     if framing["centre"] not in FRAMING_CENTRES:
         return f"centre: expected one of {', '.join(FRAMING_CENTRES)}, got {reprlib.repr(framing['centre'])}"
@@ -168,7 +169,7 @@ class ModelConfig:
             raise ValueError(f"configuration networks {reprlib.repr(raw['networks'])} is not a whole number in 1-{MAX_NETWORKS}")
         if not (isinstance(raw["hidden"], (list, tuple)) and len(raw["hidden"]) <= MAX_HIDDEN_LAYERS):
             raise ValueError(f"configuration hidden is not a list of at most {MAX_HIDDEN_LAYERS} widths")
-        if not (_is_whole(raw["convs_per_block"]) and 1 <= raw["convs_per_block"] <= MAX_CONVS_PER_BLOCK):
+        if not (is_whole(raw["convs_per_block"]) and 1 <= raw["convs_per_block"] <= MAX_CONVS_PER_BLOCK):
             raise ValueError(f"configuration convs_per_block {reprlib.repr(raw['convs_per_block'])} is not a whole number "
                              f"in 1-{MAX_CONVS_PER_BLOCK}")
         if crop and raw["architecture"] != "cnn":

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from stages.common import PipelineError, exception_line, load_tensors, save_tensors
 from stages.model_config import (ARCHITECTURES, ModelConfig, class_names_problem, digit_framing, feature_side,
-                                 framing_problem)
+                                 framing_problem, is_whole)
 
 # 2: the config gained convs_per_block; 3: it gained pool; 4: its `model` key became `architecture`
 # (the fields of ModelConfig); 5: it gained tta_flip and tta_shift; 6: it gained stem; 7: it gained crop;
@@ -221,7 +221,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
     except PipelineError as exc:
         raise ModelFileError(str(exc)) from None
     version = payload["format_version"]
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not is_whole(version):
         raise ModelFileError(f"{path}: format_version must be an integer, found {type(version).__name__}")
     if version != FORMAT_VERSION and version not in _UPGRADES:
         readable = ", ".join(str(v) for v in sorted([*_UPGRADES, FORMAT_VERSION]))
@@ -238,9 +238,9 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
             model = build_model(ModelConfig.from_dict(config))
         expected = {name: tensor.dtype for name, tensor in model.state_dict().items()}
         model.load_state_dict(_dense_weights(payload["state_dict"]), strict=True, assign=True)
-        wrong = [name for name, tensor in model.state_dict().items() if tensor.dtype != expected[name]]
-        if wrong:
-            raise TypeError(f"{wrong[0]} is {model.state_dict()[wrong[0]].dtype}, not {expected[wrong[0]]}")
+        for name, tensor in model.state_dict().items():
+            if tensor.dtype != expected[name]:
+                raise TypeError(f"{name} is {tensor.dtype}, not {expected[name]}")
     except ModelFileError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:

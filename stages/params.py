@@ -23,7 +23,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from stages.common import NO_CUDA_GPU, PipelineError, check_compile, read_yaml, run_main, write_text_atomic
 from stages.datasets import Dataset, credentials_problem, is_url, load_table
 from stages.model_config import (MAX_CONVS_PER_BLOCK, MAX_HIDDEN_LAYERS, MAX_NETWORKS, Architecture, ModelConfig, Pool,
-                                  Stem, feature_side, is_valid_crop, is_valid_network_count, largest_crop)
+                                  Stem, feature_side, is_valid_crop, is_valid_network_count, is_whole, largest_crop)
 
 DEFAULT_PATH = Path("params.yaml")
 VALID_MARKER = "params.yaml is valid\n"
@@ -392,7 +392,7 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
         _require(isinstance(value, bool), key, f"must be true or false, got {_as_yaml(value)}")
         return value
     if hint is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {_as_yaml(value)}")
+        _require(is_whole(value), key, f"must be an integer, got {_as_yaml(value)}")
         return value
     if hint is float:
         if isinstance(value, str):
