@@ -85,7 +85,7 @@ gpu-check: $(INSTALLED)  ## on a CUDA machine: check and time the GPU path (GPU_
 # shell as written: patterns expand, and a name with spaces or ( ) needs its own quotes inside.
 # The command is not echoed: stdout holds the results alone (make predict FILES=... > results.txt).
 predict: $(INSTALLED)  ## classify image files with the trained model (FILES="a.png b.jpg")
-	@$(if $(strip $(FILES)),:,echo 'usage: make predict FILES="a.png b.jpg" (or: $(BIN)/python -m stages.predict --help)'; exit 2)
+	@$(if $(strip $(FILES)),:,echo 'usage: make predict FILES="a.png b.jpg" (or: $(BIN)/python -m stages.predict --help)' >&2; exit 2)
 	@$(BIN)/python -m stages.predict $(FILES)
 
 # Run a preset of presets.yaml as a DVC experiment: make exp PRESET=mlp-512+aug
@@ -107,8 +107,8 @@ exp: export EXP_ARGS := $(EXP_ARGS)
 # The experiment's name: the preset's, a + made - (DVC's experiment names take no +).
 exp: EXP_NAME = $(subst +,-,$(PRESET))
 exp: $(INSTALLED)  ## run a preset of presets.yaml as a DVC experiment (PRESET=name, REPLACE=1, EXP_ARGS="...")
-	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [REPLACE=1] [EXP_ARGS=...] (see presets.yaml; REPLACE=1 runs it again under its name)"; exit 2; }
-	@case '$(REPLACE)' in ''|1) ;; *) echo "make exp: REPLACE must be 1 (replace the experiment of that name) or empty, not '$(REPLACE)'"; exit 2;; esac
+	@test -n "$(PRESET)" || { echo "usage: make exp PRESET=name [REPLACE=1] [EXP_ARGS=...] (see presets.yaml; REPLACE=1 runs it again under its name)" >&2; exit 2; }
+	@case '$(REPLACE)' in ''|1) ;; *) echo "make exp: REPLACE must be 1 (replace the experiment of that name) or empty, not '$(REPLACE)'" >&2; exit 2;; esac
 	options=$$(eval "$(BIN)/python -m stages.presets --from-commit $(if $(REPLACE),--replace,$$($(BIN)/dvc exp list --name-only 2>/dev/null | grep -qxF '$(EXP_NAME)' && echo --taken)) '$(PRESET)' -- $$EXP_ARGS") && \
 	$(if $(REPLACE),{ ! $(BIN)/dvc exp list --name-only 2>/dev/null | grep -qxF '$(EXP_NAME)-replacing' || \
 	  $(BIN)/dvc exp remove '$(EXP_NAME)-replacing'; } && \
@@ -125,9 +125,9 @@ exp: $(INSTALLED)  ## run a preset of presets.yaml as a DVC experiment (PRESET=n
 # fail make queue (one such worker's failure counts too: it happened while make queue ran).
 JOBS ?= 1
 queue: $(INSTALLED)  ## run the queued experiments on JOBS workers
-	@case '$(JOBS)' in ''|*[!0-9]*|0*) echo "make queue: JOBS must be a positive whole number, not '$(JOBS)'"; exit 2;; esac
+	@case '$(JOBS)' in ''|*[!0-9]*|0*) echo "make queue: JOBS must be a positive whole number, not '$(JOBS)'" >&2; exit 2;; esac
 	@if $(BIN)/dvc queue status 2>/dev/null | grep -Eq '^Worker status: ([1-9]|0 active, [1-9])'; then \
-	  echo "make queue: queue workers are already running (dvc queue status); they take queued runs too, with the threads they started with: 'dvc queue stop' first to give every run its share"; \
+	  echo "make queue: queue workers are already running (dvc queue status); they take queued runs too, with the threads they started with: 'dvc queue stop' first to give every run its share" >&2; \
 	fi
 	@if [ -z "$$OMP_NUM_THREADS" ] && [ $(JOBS) -gt 1 ]; then \
 	  cores=$$(nproc); share=$$(( cores / $(JOBS) )); export OMP_NUM_THREADS=$$(( share > 0 ? share : 1 )); \
@@ -138,7 +138,7 @@ queue: $(INSTALLED)  ## run the queued experiments on JOBS workers
 	failed=$$($(BIN)/dvc queue status 2>/dev/null | awk -v before="$$failed_before" \
 	  '$$NF == "Failed" && index(before, " " $$1 " ") == 0 {printf " %s", $$2}'); \
 	if [ -n "$$failed" ]; then \
-	  echo "make queue: failed while it ran:$$failed ('dvc queue logs NAME' says why; 'dvc queue remove --failed' clears them)"; exit 1; \
+	  echo "make queue: failed while it ran:$$failed ('dvc queue logs NAME' says why; 'dvc queue remove --failed' clears them)" >&2; exit 1; \
 	fi; exit $$status
 
 # dvc pull, but only from remotes that re-hash what they download (`verify = true`): without it

@@ -64,7 +64,7 @@ def time_batchnorm(shape: tuple[int, int, int, int], dtype: torch.dtype, channel
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.batchnorm", description=__doc__.splitlines()[0])
     parser.add_argument("--channels", type=comma_ints, default=[8, 12, 16, 24, 32, 48, 64],
                         help="BatchNorm widths to time, comma-separated")
     parser.add_argument("--sizes", type=comma_ints, default=[14, 7, 3],

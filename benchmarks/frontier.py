@@ -191,7 +191,7 @@ def plot(runs: list[PresetRun], reference: list, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.frontier", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", type=comma_list, default=list(DEFAULT_PRESETS),
                         help="comma-separated: 'default' (params.yaml) and presets.yaml names")
     parser.add_argument("--seeds", type=comma_ints, default=[0, 1, 2],
@@ -216,6 +216,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seeds: {problem}")
     if args.quick and (args.raw or args.data):
         parser.error("--quick writes its own tiny data: it takes no --raw or --data")
+    if args.data is not None and (missing := [name for name in ("train.pt", "val.pt", "test.pt")
+                                              if not (args.data / name).is_file()]):
+        # Without --data, missing splits are prepared from --raw; a folder named and wrong is a mistake.
+        parser.error(f"--data {args.data}: no {', '.join(missing)} there (the preprocess stage's folder; "
+                     "without --data the splits come from data/prepared, or are prepared from --raw)")
     args.raw, args.data = args.raw or RAW_DIR, args.data or DATA_DIR
     if args.plot is None:  # the default, checked as a given one is
         try:

@@ -44,7 +44,7 @@ import yaml
 
 from benchmarks.presets import comma_ints, comma_list, refuse_other_datasets, seeds_problem
 from stages import params as params_mod
-from stages.common import PipelineError, load_tensors, read_yaml
+from stages.common import PipelineError, load_tensors, read_yaml, run_main
 from stages.datasets import load_table
 from stages.presets import DEFAULT, apply, load_presets, resolve
 
@@ -464,7 +464,7 @@ def check_frontier_presets(parser: argparse.ArgumentParser, args: argparse.Names
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or PROJECT_ROOT / "gpu-check-out"),
                         help="output folder (default: $OUT, else gpu-check-out/ in the checkout)")
     parser.add_argument("--mirror", help="folder with the four MNIST files, .gz or plain (default: $MNIST_MIRROR, "
@@ -626,5 +626,12 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def command(argv: list[str] | None = None) -> None:
+    """The command line's entry: main, its status the exit status; a PipelineError, Ctrl-C or SIGTERM
+    one line (not a traceback from inside subprocess.wait: subprocess.run kills the step it waited on)."""
+    run_main("gpu_check", lambda: sys.exit(main(argv)),
+             kept="the logs of the steps that ran stay under --out; run again with a new or empty --out")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

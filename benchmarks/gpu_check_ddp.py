@@ -31,7 +31,7 @@ def weights_checksum(model: torch.nn.Module) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check_ddp", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=("nccl", "gloo"), default="nccl")
     args = parser.parse_args(argv)
     rank = rank_from_env()

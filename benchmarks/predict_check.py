@@ -161,12 +161,17 @@ def memory_figures(model_path: Path, work: Path, quick: bool = False) -> list[tu
             ("1,000 12 MP JPEGs (4032x3024, RGB) in one run", peak_rss_mib(model_path, batch))]
 
 
+# Test images saved in each format. --quick's few keep the smoke test to seconds (100 took 2 minutes).
+DIGITS, QUICK_DIGITS = 100, 5
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.predict_check", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", type=Path, help="model file to use instead of training the fast preset")
-    parser.add_argument("--digits", type=positive_int, default=100,
-                        help="test images per format (the first N of the test set)")
+    parser.add_argument("--digits", type=positive_int,
+                        help=f"test images per format (the first N of the test set; default {DIGITS}, "
+                             f"with --quick {QUICK_DIGITS})")
     parser.add_argument("--dataset", default="mnist", choices=sorted(load_table()),
                         help="whose test images (MNIST_MIRROR holds its files); another than mnist needs --model")
     parser.add_argument("--save-model", type=Path, help="keep the trained model at this path")
@@ -174,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny synthetic digits instead of MNIST_MIRROR, the memory floor only: a smoke test")
     args = parser.parse_args(argv)
+    if args.digits is None:
+        args.digits = QUICK_DIGITS if args.quick else DIGITS
     mirror = os.environ.get("MNIST_MIRROR")
     if not mirror and not args.quick:
         raise PipelineError(f"set MNIST_MIRROR to a directory holding {args.dataset}'s four IDX files (.gz or plain)")

@@ -337,7 +337,7 @@ def comma_ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.presets", description=__doc__.splitlines()[0])
     parser.add_argument("specs", nargs="*", metavar="PRESET",
                         help="preset names, or several joined by '+' (default: every tutorial model "
                              "with and without +aug, then this project's presets)")

@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     """python -m benchmarks.reference [--epochs N] [--raw DIR] [--device D]: the recipe alone, timed
     as the frontier times it (its seed 0, the train stage's allocator setting, MNIST's checksums
     checked first), one line per epoch."""
-    parser = argparse.ArgumentParser(description="The pytorch/examples MNIST recipe alone (the frontier's clock).")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.reference",
+                                     description="The pytorch/examples MNIST recipe alone (the frontier's clock).")
     parser.add_argument("--epochs", type=positive_int, default=1, help="epochs to train (default 1)")
     parser.add_argument("--raw", type=Path, default=Path("data/raw"),
                         help="directory of MNIST's four IDX files, plain or .gz (default data/raw)")

@@ -125,7 +125,7 @@ def screen_params(preset: str, candidates: dict[str, dict[str, Any]], seeds: lis
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.screen", description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=parse_candidates, required=True,
                         help="YAML mapping: name -> {section.key: value}; the first is the one compared against")
     parser.add_argument("--preset", default=DEFAULT,

@@ -185,7 +185,7 @@ def print_peak_memory() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.splitlines()[0])
     parser.add_argument("--device", type=device_option, default="auto", metavar="{auto,cpu,cuda}",
                         help="where to train (auto: the GPU when there is one)")
     parser.add_argument("--skip-torchvision", action="store_true",

@@ -21,13 +21,22 @@ import sys
 from stages.common import interruption, log, raise_terminated, stop_with_parent, stopped_by  # no torch: no delay
 
 
+# What it runs: the stages of dvc.yaml (tests/test_stage_deps.py keeps the two lists alike) and predict.
+# The other modules of stages/ are libraries (run as one, `models` did nothing and exited 0) or have
+# their own command (`python -m stages.presets`, `python -m stages.remotes`).
+STAGES = ("params", "fetch", "preprocess", "augment", "train", "evaluate", "plot", "predict")
+USAGE = f"usage: python -m stages NAME [ARGS...]   (NAME: {' | '.join(STAGES)}; NAME --help for its own)"
+
+
 def main() -> None:
+    if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help"):
+        print(USAGE)
+        return
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: python -m stages NAME [ARGS...]   (NAME: a stage's module in stages/, e.g. train)")
+        sys.exit(USAGE)
     stage, module = sys.argv[1], f"stages.{sys.argv[1]}"
-    # A dotted name (`train.py`) would make find_spec import stages.train, torch and all, first.
-    if "." in stage or importlib.util.find_spec(module) is None:
-        sys.exit(f"python -m stages: no stage {stage!r} (a module of stages/, e.g. train)")
+    if stage not in STAGES:
+        sys.exit(f"python -m stages: no stage {stage!r} (one of {', '.join(STAGES)})")
     signal.signal(signal.SIGTERM, raise_terminated)
     if "DVC_ROOT" in os.environ:
         stop_with_parent()

@@ -62,7 +62,7 @@ def augmented_split(data: dict, cfg: AugmentParams, progress: Progress | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"stages/run {STAGE}", description=__doc__.splitlines()[0])
     parser.add_argument("train_in", type=Path)
     parser.add_argument("train_out", type=Path)
     args = parser.parse_args(argv)

@@ -81,7 +81,7 @@ def confusion_csv(labels: torch.Tensor, predicted: torch.Tensor, classes: Sequen
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"stages/run {STAGE}", description=__doc__.splitlines()[0])
     parser.add_argument("model_in", type=Path)
     parser.add_argument("test_in", type=Path)
     parser.add_argument("metrics_out", type=Path)

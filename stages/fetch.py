@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import reprlib
 import socket
 import threading
 import time
@@ -28,8 +29,8 @@ from pathlib import Path
 
 from stages import params as params_mod
 from stages.common import PipelineError, Progress, atomic_path, log, os_reason, run_main
-from stages.datasets import (FILE_ROLES, DataFile, KnownFile, credentials_problem, digest_problem, is_url, known_files,
-                             load_table)
+from stages.datasets import (FILE_ROLES, DataFile, Dataset, KnownFile, credentials_problem, digest_problem, is_url,
+                             known_files, load_table)
 from stages.idx import IdxFormatError, IdxTooLargeError, declared_dims, gunzip_if_compressed, stored_limit
 
 STAGE = "fetch"
@@ -323,18 +324,42 @@ def fetch_file(candidates: list[str], file: DataFile, timeout_s: float,
     )
 
 
+def output_problem(out_dir: Path, table: dict[str, Dataset]) -> str | None:
+    """Why fetch must not write `out_dir`, or None. It replaces the whole directory (so that a failed
+    fetch leaves the old one whole), which under `dvc repro` DVC has removed first; run by hand, a
+    directory of other files, or a file, at that path would be deleted: refused, before any download.
+    A directory of the table's files only (an earlier fetch of either dataset) is replaced."""
+    if out_dir.is_symlink() or not out_dir.exists():  # a link is replaced, never what it points to
+        return None
+    if not out_dir.is_dir():
+        return f"{out_dir} is a file; fetch writes a directory there: remove it, or name another directory"
+    ours = {file.name for dataset in table.values() for file in dataset.files.values()}
+    try:
+        others = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in ours or not entry.is_file())
+    except OSError as exc:
+        return f"{out_dir}: cannot read ({os_reason(exc)})"
+    if others:
+        return (f"{out_dir} holds {reprlib.repr(others)[1:-1]}, which fetch did not write, and fetch replaces the "
+                "whole directory: empty it, or name another directory")
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path, help="directory to hold the four verified IDX files")
+    parser = argparse.ArgumentParser(prog=f"stages/run {STAGE}", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="directory to hold the four verified IDX files (replaced "
+                                                   "whole; refused if it holds other files)")
     args = parser.parse_args(argv)
     params = params_mod.load()
+    table = load_table()
+    if problem := output_problem(args.out_dir, table):
+        raise PipelineError(problem)
     dataset = params.dataset
     override = os.environ.get(MIRROR_ENV)
     if override and (problem := credentials_problem(override)):
         raise PipelineError(f"{MIRROR_ENV}: {problem}")
     candidates = sources(params.fetch.mirrors[dataset.name], override)
     # Every file the table knows, to name one served in place of another (a mirror of the other dataset).
-    known = known_files(load_table())
+    known = known_files(table)
     # Everything goes to a temporary directory that becomes out_dir only once all four files are
     # verified: an interrupted or failed fetch leaves nothing in out_dir.
     with atomic_path(args.out_dir, directory=True) as tmp:

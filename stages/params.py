@@ -30,8 +30,8 @@ VALID_MARKER = "params.yaml is valid\n"
 
 
 class ParamsError(PipelineError):
-    def __init__(self, key: str, problem: str):
-        super().__init__(f"params.yaml: {key}: {problem}")
+    def __init__(self, key: str, problem: str, source: str | Path = DEFAULT_PATH):
+        super().__init__(f"{source}: {key}: {problem}")
         self.key = key
         self.problem = problem
 
@@ -487,11 +487,18 @@ def load_raw(path: Path | str = DEFAULT_PATH) -> Any:
 
 
 def load(path: Path | str = DEFAULT_PATH) -> Params:
-    return parse(load_raw(path))
+    raw = load_raw(path)
+    try:
+        return parse(raw)
+    except ParamsError as exc:  # parse names params.yaml; another file (the params stage's --params) is named
+        if Path(path) == DEFAULT_PATH:
+            raise
+        raise ParamsError(exc.key, exc.problem, source=path) from None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Validate params.yaml and write a marker file.")
+    parser = argparse.ArgumentParser(prog="stages/run params",
+                                     description="Validate params.yaml and write a marker file.")
     parser.add_argument("marker", type=Path, help="file to write when params.yaml is valid")
     parser.add_argument("--params", type=Path, default=DEFAULT_PATH)
     args = parser.parse_args(argv)

@@ -192,7 +192,7 @@ def png_bytes(fig: Figure) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"stages/run {STAGE}", description=__doc__.splitlines()[0])
     parser.add_argument("series_dir", type=Path, help="DVCLive's plots/metrics directory of the train stage")
     parser.add_argument("confusion", type=Path)
     parser.add_argument("test_in", type=Path)
@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     classes = list(test["classes"])
     actual, predicted = read_confusion(args.confusion, classes)
     if len(actual) != len(test["labels"]):
-        raise PipelineError(f"{args.confusion} has {len(actual)} rows for {len(test['labels'])} test images")
+        rows = f"{len(actual)} row{'' if len(actual) == 1 else 's'}"
+        raise PipelineError(f"{args.confusion} has {rows} for {len(test['labels'])} test images")
     write_files_atomic({
         args.out_dir / "loss_curves.png": png_bytes(curves_figure(series)),
         args.out_dir / "confusion_matrix.png": png_bytes(confusion_figure(actual, predicted, classes)),

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import copy
 import io
+import reprlib
 import shlex
 import subprocess
 import sys
@@ -59,6 +60,9 @@ def resolve(spec: str, presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def apply(raw_params: dict, overrides: dict[str, Any]) -> dict:
     """A copy of raw params.yaml content with `section.key` overrides set; unknown keys are errors."""
+    if overrides and not isinstance(raw_params, dict):  # an empty file, a list: `in` would be a TypeError
+        raise PipelineError(f"cannot set {next(iter(overrides))!r}: the params file holds {_held(raw_params)}, "
+                            "not a mapping of sections (fetch:, train:, ...)")
     result = copy.deepcopy(raw_params)
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
@@ -70,11 +74,20 @@ def apply(raw_params: dict, overrides: dict[str, Any]) -> dict:
     return result
 
 
+def _held(raw: Any) -> str:
+    """What a params file holds that is no mapping, in a few words."""
+    if raw is None:
+        return "nothing"
+    return "a list" if isinstance(raw, list) else f"the value {reprlib.repr(raw)}"
+
+
 def check(spec: str, overrides: dict[str, Any], params_path: Path, raw: dict | None = None) -> params_mod.Params:
     """`params_path` (or `raw`, its content as committed) with the overrides of preset(s) `spec`
     applied, validated. A ParamsError names the preset as well as the key: the bad value may be the
     preset's or the file's own."""
     raw = params_mod.load_raw(params_path) if raw is None else raw
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{params_path} holds {_held(raw)}, not a mapping of sections (fetch:, train:, ...)")
     try:
         return params_mod.parse(apply(raw, overrides))
     except params_mod.ParamsError as exc:

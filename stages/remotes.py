@@ -34,6 +34,8 @@ from typing import Any
 from stages.common import PipelineError, run_main
 
 LABEL = "make pull"
+USAGE = ("usage: python -m stages.remotes [--pull] [dvc pull options]   (`dvc pull -h` lists the options)\n\n"
+         + __doc__.strip())
 # Without any remote, `dvc pull` warns "No remote provided and no default remote set.", says
 # "Everything is up to date" and then fails to check out whatever this machine's cache lacks (all
 # of it, in a fresh clone), asking whether the cache is up to date: nothing says how to go on.
@@ -293,6 +295,7 @@ def main() -> None:
     if args is None:
         if pulls:  # help: `dvc pull` prints it and pulls nothing
             sys.exit(subprocess.run([sys.executable, "-m", "dvc", "pull", *argv[1:]]).returncode)
+        print(USAGE)  # the check alone, asked for help: what it checks, and where the options come from
         return
     config = read_config()
     used = pulled_remotes(args, config)

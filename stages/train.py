@@ -595,7 +595,7 @@ def pick_average(model: nn.Module, averaged: nn.Module, val_images: torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"stages/run {STAGE}", description=__doc__.splitlines()[0])
     parser.add_argument("train_in", type=Path)
     parser.add_argument("val_in", type=Path)
     parser.add_argument("model_out", type=Path)

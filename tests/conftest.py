@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,7 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 
 def pytest_configure(config) -> None:
+    isolate_user_config(config)
     # Under pytest-xdist (make test), one torch thread pool per worker, each its share of the CPUs
     # this process may run on: two OpenMP pools of all of them, spinning against each other, slow
     # both several times. `workerinput` is set in the workers only: the controller trains nothing.
@@ -79,6 +81,42 @@ def pytest_configure(config) -> None:
         threads = max(1, len(os.sched_getaffinity(0)) // workers)
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for the commands tests start, as DvcProject sets
+
+
+def isolate_user_config(config) -> None:
+    """Points DVC and git, in this process and every command a test starts, at configs of their own:
+    empty global and system configs, and a site cache (`/var/tmp/dvc/repo/...`, 80 KB per repository
+    a test creates) under a temporary folder removed at the end. A developer's global DVC config
+    reached every test repository: its `cache.dir` took the tests' outputs, and a test's `dvc gc`
+    deleted the developer's objects from that shared cache; its `core.remote` or `core.autostage`,
+    or git's `commit.gpgsign`, would change what the tests see. Commits get a test author."""
+    home = Path(tempfile.mkdtemp(prefix="tests-config-"))
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
+    for level in ("GLOBAL", "SYSTEM"):
+        (home / f"dvc-{level.lower()}").mkdir()
+        os.environ[f"DVC_{level}_CONFIG_DIR"] = str(home / f"dvc-{level.lower()}")
+    os.environ["DVC_SITE_CACHE_DIR"] = str(home / "dvc-site-cache")
+    (home / "gitconfig").write_text("")
+    os.environ.update(GIT_CONFIG_GLOBAL=str(home / "gitconfig"), GIT_CONFIG_NOSYSTEM="1",
+                      GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+                      GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
+
+
+@pytest.fixture(autouse=True)
+def torch_process_state():
+    """What a test changes of torch's process-wide state is put back after it: fit() sets the
+    deterministic-algorithms flag and NaN-filling (stages.runtime.seed_everything), the benchmarks
+    the thread count, and any test the global random state, so a test's outcome cannot depend on
+    which tests its pytest-xdist worker ran before it."""
+    import torch
+
+    deterministic, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    torch.set_num_threads(threads)
+    torch.set_rng_state(rng)
 
 
 def params_yaml_changes(path: Path = PROJECT_ROOT / "params.yaml") -> str:

@@ -246,6 +246,27 @@ def test_predict_check_gives_no_memory_figure_for_work_predict_refused(tmp_path,
         assert "--digits: " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("args", "digits"), [(["--quick"], 5), (["--quick", "--digits", "7"], 7), ([], 100)])
+def test_predict_check_saves_few_digits_for_its_smoke_test(monkeypatch, args, digits):
+    """--quick promises seconds: at the real check's 100 digits per format it took 2 minutes."""
+    class Stop(Exception):
+        pass
+
+    def stop_at_formats(model_path, raw_dir, asked, work, dataset):
+        raise Stop(asked)
+
+    monkeypatch.setenv("MNIST_MIRROR", "unused")
+    monkeypatch.setattr(predict_check, "train_fast_model", lambda *args: None)
+    monkeypatch.setattr(predict_check, "format_accuracy", stop_at_formats)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(Stop) as stopped:
+            predict_check.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert stopped.value.args == (digits,)
+
+
 def test_predict_check_classifies_every_format_and_measures_memory(capsys):
     threads = torch.get_num_threads()
     try:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import zipfile
 from pathlib import Path
@@ -525,10 +526,30 @@ def test_the_launcher_runs_the_stage_as_python_m_does(tmp_path):
     assert (launched.returncode, launched.stdout, launched.stderr) == (direct.returncode, direct.stdout, direct.stderr)
     assert launched.returncode == 0 and (tmp_path / "valid.txt").is_file()
     usage = subprocess.run([sys.executable, "-m", "stages"], cwd=PROJECT_ROOT, capture_output=True, text=True)
-    assert usage.returncode == 1 and usage.stderr.startswith("usage: python -m stages NAME")
-    for typo in ("trian", "train.py"):
+    assert usage.returncode == 1 and usage.stderr.startswith("usage: python -m stages NAME") and not usage.stdout
+    for flag in ("-h", "--help"):  # asked for: on stdout, status 0
+        asked = subprocess.run([sys.executable, "-m", "stages", flag], cwd=PROJECT_ROOT, capture_output=True, text=True)
+        assert (asked.returncode, asked.stderr) == (0, "") and asked.stdout == usage.stderr
+    # A typo, a file name, and modules of stages/ that are no stage (they did nothing and exited 0)
+    for typo in ("trian", "train.py", "models", "common", "presets", "__main__"):
         said = subprocess.run([sys.executable, "-m", "stages", typo], cwd=PROJECT_ROOT, capture_output=True, text=True)
-        assert (said.returncode, said.stderr) == (1, f"python -m stages: no stage '{typo}' (a module of stages/, e.g. train)\n")
+        assert (said.returncode, said.stdout) == (1, "")
+        assert said.stderr == (f"python -m stages: no stage '{typo}' (one of params, fetch, preprocess, augment, "
+                               "train, evaluate, plot, predict)\n")
+
+
+def test_stages_run_works_from_any_folder_and_says_its_usage(tmp_path):
+    """stages/run finds the project from its own path, not the caller's folder (from data/ it said
+    `No module named stages`), and with no stage named it prints a usage line, not sh's `shift`
+    error. Paths in the arguments stay the caller's."""
+    launcher = str(PROJECT_ROOT / "stages" / "run")
+    env = {key: value for key, value in os.environ.items() if key not in ("DVC_ROOT", "PYTHONPATH")}
+    bare = subprocess.run([launcher], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert (bare.returncode, bare.stdout) == (2, "") and bare.stderr.startswith("usage: stages/run NAME")
+    ran = subprocess.run([launcher, "params", "--params", str(PROJECT_ROOT / "params.yaml"), "valid.txt"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert (tmp_path / "valid.txt").is_file()
 
 
 def test_the_launcher_says_in_one_line_that_a_python_lacks_the_packages(tmp_path):
@@ -702,3 +723,27 @@ def test_outputs_get_the_modes_the_umask_gives(tmp_path, mask, file_mode, folder
         common._umask.cache_clear()
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == file_mode
     assert (tmp_path / "folder").stat().st_mode & 0o777 == folder_mode
+
+
+def test_sigkill_mid_write_leaves_no_partial_output(tmp_path):
+    target = tmp_path / "out" / "model.pt"
+    writer = textwrap.dedent(f"""
+        import sys, time
+        from stages.common import atomic_path
+        with atomic_path({str(target)!r}) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"x" * 100_000)
+                f.flush()
+                print("writing", flush=True)
+                time.sleep(60)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", writer], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "writing"
+    process.kill()
+    process.wait()
+    assert not target.exists(), "a killed writer must never leave a file at the output path"
+    leftovers = list(target.parent.iterdir())
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-model.pt.")
+    write_text_atomic(target, "complete\n")  # the next run recovers and cleans up
+    assert target.read_text() == "complete\n"
+    assert list(target.parent.iterdir()) == [target]

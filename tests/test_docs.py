@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from stages.runtime import numerics
 from tests.conftest import PROJECT_ROOT, DvcProject, run_bounded
+from tests.test_dvc_workflows import RERUNS, rerun_table
 from tests.test_sharing import SEED_MEAN
 
 PAGES = ("README.md", *sorted(path.relative_to(PROJECT_ROOT).as_posix() for path in (PROJECT_ROOT / "docs").glob("*.md")))
@@ -592,3 +593,18 @@ def test_tracking_counts_the_params_dvc_exp_show_lists():
     assert stated is not None, "docs/tracking.md no longer states the count"
     assert int(stated.group(1)) == count, (f"docs/tracking.md says {stated.group(1)} params (\"a column for every "
                                            f"param\"), params.yaml has {count}: update the page")
+
+
+# The re-run table's checks: the table is test_dvc_workflows' (integration tests that run each row),
+# these need no DVC and run with the unit tests, so a stale page fails the quick run too.
+def test_rerun_table_covers_every_file_of_stages():
+    """A new module in stages/ needs a row: either a stage lists it in dvc.yaml or the row says why none does.
+    The files git tracks: an editor's swap file or a __pycache__ is no module."""
+    tracked = subprocess.run(["git", "ls-files", "stages"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert tracked and set(tracked) - set(RERUNS) == set()
+
+
+def test_workflows_page_rerun_table_is_current():
+    text = (PROJECT_ROOT / "docs" / "workflows.md").read_text()
+    assert rerun_table() in text, "docs/workflows.md's re-run table is stale: paste `python -m tests.test_dvc_workflows`"

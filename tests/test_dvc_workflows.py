@@ -164,17 +164,6 @@ def test_only_what_changed_reruns_with_training(project, case):
     _check_reruns(project, case)
 
 
-def test_rerun_table_covers_every_file_of_stages():
-    """A new module in stages/ needs a row: either a stage lists it in dvc.yaml or the row says why none does."""
-    files = {path.relative_to(PROJECT_ROOT).as_posix() for path in (PROJECT_ROOT / "stages").iterdir() if path.is_file()}
-    assert files - set(RERUNS) == set()
-
-
-def test_workflows_page_rerun_table_is_current():
-    text = (PROJECT_ROOT / "docs" / "workflows.md").read_text()
-    assert rerun_table() in text, "docs/workflows.md's re-run table is stale: paste `python -m tests.test_dvc_workflows`"
-
-
 # ---------------------------------------------------------------------------------------------
 # Helpers
 

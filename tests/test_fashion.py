@@ -6,6 +6,7 @@ import dataclasses
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from stages import params as params_mod
@@ -45,6 +46,7 @@ def test_fashion_max_is_the_fashion_recipe_for_20_epochs_on_views_drawn_on_the_f
     assert dataclasses.replace(longer, train=fashion.train, augment=fashion.augment) == fashion
 
 
+@pytest.mark.integration  # a real `dvc repro` of a project copy (about 30 s)
 def test_flip_on_unflippable_data_fails_first_then_runs_when_allowed(project):
     """The fashion preset's augmentation on the synthetic digits-like dataset (flippable: false):
     refused by the params stage before any output changes; with augment.allow_flip it runs through,

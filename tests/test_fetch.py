@@ -6,6 +6,7 @@ import functools
 import gzip
 import hashlib
 import io
+import re
 import sys
 import threading
 import time
@@ -717,11 +718,47 @@ def test_main_failure_keeps_previous_output(stage, tmp_path):
     stage.set_mirrors([str(tmp_path / "missing")])
     out = tmp_path / "work" / "raw"
     out.mkdir(parents=True)
-    (out / "old.gz").write_bytes(b"old")
-    with pytest.raises(PipelineError):
+    old = out / stage.files["train_images"].name  # an earlier fetch's (any other file is refused: below)
+    old.write_bytes(b"old")
+    with pytest.raises(PipelineError, match="could not fetch"):
         fetch.main([str(out)])
-    assert [p.name for p in out.iterdir()] == ["old.gz"] and (out / "old.gz").read_bytes() == b"old"
+    assert [p.name for p in out.iterdir()] == [old.name] and old.read_bytes() == b"old"
     assert sorted(p.name for p in out.parent.iterdir()) == ["raw"]
+    stage.set_mirrors([str(stage.directory)])  # and a fetch that succeeds replaces it
+    fetch.main([str(out)])
+    assert hashlib.sha256(old.read_bytes()).hexdigest() == stage.files["train_images"].sha256
+
+
+@pytest.mark.parametrize("kind", ["a file", "a folder of other files", "a subfolder", "one other file"])
+def test_main_refuses_to_replace_what_it_did_not_write(stage, tmp_path, kind):
+    """fetch replaces its output directory whole. Under `dvc repro` DVC has removed it first; run by
+    hand on a folder of the user's (`stages/run fetch ~/thesis`), it deleted their files and exited
+    0. Refused before any download, naming what is there; the table's own files may be replaced."""
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+    if kind == "a file":
+        out.write_text("precious")
+    else:
+        out.mkdir()
+        (out / stage.files["test_labels"].name).write_bytes(b"an earlier fetch's")
+        if kind == "a subfolder":
+            (out / "notes").mkdir()
+        else:
+            for name in (["thesis.tex"] if kind == "one other file" else ["thesis.tex", "data.csv", "a.png"]):
+                (out / name).write_text("precious")
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    stage.set_mirrors([str(tmp_path / "missing")])  # nothing would be downloaded anyway: refused before
+    expected = {"a file": f"{out} is a file; fetch writes a directory there",
+                "a folder of other files": f"{out} holds 'a.png', 'data.csv', 'thesis.tex', which fetch did not write",
+                "a subfolder": f"{out} holds 'notes', which fetch did not write",
+                "one other file": f"{out} holds 'thesis.tex', which fetch did not write"}[kind]
+    with pytest.raises(PipelineError, match=f"^{re.escape(expected)}"):
+        fetch.main([str(out)])
+    if kind == "a file":
+        assert out.read_text() == "precious"
+    else:
+        assert sorted(p.name for p in out.iterdir()) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no temporary either
 
 
 def test_known_files_name_every_file_of_the_table_by_its_dataset():

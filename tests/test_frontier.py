@@ -151,11 +151,11 @@ def test_torchvision_gets_no_more_of_a_file_than_mnist_has(tmp_path):
         place_for_torchvision(mirror, tmp_path / "root")
 
 
-def refused_before_any_run(tmp_path, capsys, match: str, data: str) -> None:
-    """`fast` on --data tmp_path/data and --raw tmp_path/mirror raises PipelineError matching `match`,
-    having printed nothing and drawn no figure."""
+def refused_before_any_run(tmp_path, capsys, match: str, data: str | None) -> None:
+    """`fast` on --data tmp_path/data (None: no --data) and --raw tmp_path/mirror raises PipelineError
+    matching `match`, having printed nothing and drawn no figure."""
     with pytest.raises(PipelineError, match=match):
-        frontier.main(["--presets", "fast", "--seeds", "0", "--data", str(tmp_path / data),
+        frontier.main(["--presets", "fast", "--seeds", "0", *(["--data", str(tmp_path / data)] if data else []),
                        "--raw", str(tmp_path / "mirror"), "--plot", str(tmp_path / "f.png")])
     assert capsys.readouterr().out == ""
     assert not (tmp_path / "f.png").exists()
@@ -187,12 +187,30 @@ def test_raw_files_are_checked_before_missing_splits_are_built_from_them(tmp_pat
     """No prepared splits: the frontier would build them from --raw, so --raw is checked first, and
     a file another dataset of the table lists is named as that dataset's."""
     monkeypatch.setattr(frontier, "prepare", lambda *args: pytest.fail("splits were built from unchecked files"))
+    monkeypatch.setattr(frontier, "DATA_DIR", tmp_path / "none")  # no --data, and no data/prepared
     entry = write_mirror(tmp_path / "mirror", n_train=60, n_test=20)
     garment = entry["files"]["train_images"]["sha256"]
     monkeypatch.setattr(preprocess, "known_files",
                         lambda table: {garment: "fashion-mnist's train-images-idx3-ubyte"})
     refused_before_any_run(tmp_path, capsys, r"train-images-idx3-ubyte\.gz: SHA-256 .*: it is fashion-mnist's "
-                                             r"train-images-idx3-ubyte\. The benchmark's dataset is mnist", "none")
+                                             r"train-images-idx3-ubyte\. The benchmark's dataset is mnist", None)
+
+
+@pytest.mark.parametrize("layout", ["no folder", "a file", "two of three"])
+def test_a_data_folder_without_the_splits_is_refused_not_ignored(tmp_path, capsys, layout):
+    """--data named and wrong was silently replaced by splits prepared from --raw (benchmarks.speed
+    refused it): a mistake on the command line, refused as argparse refuses one, naming what lacks."""
+    data = tmp_path / "data"
+    if layout == "a file":
+        data.write_text("x")
+    elif layout == "two of three":
+        write_prepared(data, [str(digit) for digit in range(10)])
+        (data / "val.pt").unlink()
+    with pytest.raises(SystemExit) as info:
+        frontier.main(["--presets", "fast", "--seeds", "0", "--data", str(data), "--plot", str(tmp_path / "f.png")])
+    missing = "val.pt" if layout == "two of three" else "train.pt, val.pt, test.pt"
+    assert info.value.code == 2
+    assert f"--data {data}: no {missing} there" in capsys.readouterr().err
 
 
 def test_reference_alone_refuses_zero_epochs_and_files_that_are_not_mnists(tmp_path, capsys):

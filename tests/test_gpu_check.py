@@ -7,7 +7,9 @@ comparison, the torchrun launches, a preset variant, the summary) runs on the CP
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import os
 import re
@@ -23,8 +25,23 @@ from tests.synthetic import write_mirror
 
 
 def gpu_check(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", *args], cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+    """`python -m benchmarks.gpu_check ARGS`: its output and exit status. In this process, through
+    the command's own entry (a new process spent 5 s importing torch for each check of an argument);
+    in a new one where `env` changes the environment (CUDA_VISIBLE_DEVICES is read once per process)."""
+    if env is not None:
+        return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", *args], cwd=PROJECT_ROOT,
+                              capture_output=True, text=True, env={**os.environ, **env})
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            gpu_check_module.command(list(args))
+            status = 0
+        except SystemExit as exc:
+            status = exc.code
+    if isinstance(status, str):  # sys.exit("message"): Python prints it and exits 1
+        err.write(status + "\n")
+        status = 1
+    return subprocess.CompletedProcess(args, status or 0, out.getvalue(), err.getvalue())
 
 
 def test_without_a_cuda_gpu_it_stops_before_doing_anything(tmp_path):
@@ -104,7 +121,7 @@ def test_unknown_steps_and_variants_are_named_before_anything_runs(tmp_path, opt
     write_mirror(tmp_path / "mirror")
     result = gpu_check("--device", "cpu", "--mirror", str(tmp_path / "mirror"), "--out", str(tmp_path / "out"), *option)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"gpu_check.py: error: {error}"
+    assert result.stderr.strip().splitlines()[-1] == f"python -m benchmarks.gpu_check: error: {error}"
     assert not (tmp_path / "out").exists()
 
 

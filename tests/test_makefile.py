@@ -58,7 +58,7 @@ def runs(venv: Path) -> list[str]:
 def test_queue_refuses_jobs_that_is_no_positive_whole_number(venv, jobs):
     refused = make(venv, "queue", f"JOBS={jobs}")
     assert refused.returncode != 0
-    assert f"make queue: JOBS must be a positive whole number, not '{jobs}'" in refused.stdout
+    assert f"make queue: JOBS must be a positive whole number, not '{jobs}'" in refused.stderr
     assert calls(venv) == [], "DVC was not called"
 
 
@@ -88,7 +88,7 @@ def test_queue_fails_when_a_run_it_started_failed(venv):
                                        "\nWorker status: 0 active, 0 idle\n")
     failed = make(venv, "queue")
     assert failed.returncode != 0
-    assert "make queue: failed while it ran: badlr ('dvc queue logs NAME' says why;" in failed.stdout, failed.stdout
+    assert "make queue: failed while it ran: badlr ('dvc queue logs NAME' says why;" in failed.stderr, failed.stderr
     (venv / "status-after").unlink()  # the next run: the same failures as before it, nothing new
     assert make(venv, "queue").returncode == 0
     (venv / "exp-run-exit").write_text("3")  # DVC's own failure status is kept
@@ -101,7 +101,7 @@ def test_queue_says_when_workers_are_already_running(venv, workers, said):
     (venv / "status").write_text(f"Task  Name  Created  Status\n\nWorker status: {workers}\n")
     started = make(venv, "queue", "JOBS=2")
     assert started.returncode == 0
-    assert ("queue workers are already running" in started.stdout) == said, started.stdout
+    assert ("queue workers are already running" in started.stderr) == said, started.stderr
     assert runs(venv)[-1].startswith("exp run --run-all -j 2"), "the runs start either way"
 
 
@@ -142,7 +142,7 @@ def test_exp_refuses_a_replace_that_is_not_1(venv):
     """REPLACE=0 or REPLACE=no must not remove the experiment, as any non-empty value once did."""
     for value in ("0", "no"):
         refused = make(venv, "exp", "PRESET=fast", f"REPLACE={value}")
-        assert refused.returncode == 2 and f"REPLACE must be 1" in refused.stdout, refused.stdout
+        assert refused.returncode == 2 and f"REPLACE must be 1" in refused.stderr, refused.stderr
     assert calls(venv) == []
 
 
@@ -267,4 +267,5 @@ def test_predict_hands_files_to_the_shell_as_docs_predict_says(venv):
         assert result.returncode == 0, result.stderr
         assert calls(venv) == ["-m", "stages.predict", "my scan (2).png", "a.png", "b.png"]
     missing = make(venv, "predict")
-    assert missing.returncode != 0 and 'usage: make predict FILES="a.png b.jpg"' in missing.stdout
+    assert missing.returncode != 0 and not missing.stdout
+    assert 'usage: make predict FILES="a.png b.jpg"' in missing.stderr

@@ -561,6 +561,21 @@ def test_command_refuses_bad_params_in_one_line(tmp_path):
     assert not marker.parent.exists() or not any(marker.parent.iterdir())
 
 
+def test_a_params_file_of_another_name_is_named_in_its_errors(tmp_path, monkeypatch):
+    """`--params other.yaml`: its errors name other.yaml (they said params.yaml, a file the user had
+    not touched); params.yaml itself keeps its name, however the path is written."""
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(with_change("train", "epochs", "zero")))
+    with pytest.raises(ParamsError, match=rf"^{re.escape(str(other))}: train\.epochs: ") as raised:
+        load(other)
+    assert raised.value.key == "train.epochs"
+    (tmp_path / "params.yaml").write_text(other.read_text())
+    monkeypatch.chdir(tmp_path)
+    for name in ("params.yaml", "./params.yaml"):
+        with pytest.raises(ParamsError, match=r"^params\.yaml: train\.epochs: "):
+            load(name)
+
+
 def test_command_writes_marker_for_valid_params(tmp_path):
     """With valid params the stage exits 0 and writes its constant marker."""
     good = tmp_path / "params.yaml"

@@ -42,6 +42,19 @@ def test_a_params_section_that_is_not_a_mapping_is_refused_in_one_line(section):
         apply({**RAW, "train": section}, {"train.epochs": 1})
 
 
+@pytest.mark.parametrize(("content", "held"), [("", "nothing"), ("- 1\n", "a list"), ("3\n", "the value 3")])
+def test_a_params_file_that_is_not_a_mapping_is_refused_in_one_line(tmp_path, content, held):
+    """An empty params file, or one holding a list or a number: one line naming it, with a preset
+    or without (was a TypeError from `in` with one, and `'train.channels' is not a key` with a list)."""
+    path = tmp_path / "params.yaml"
+    path.write_text(content)
+    for spec in ("fast", "default"):
+        with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))} holds {held}, not a mapping of sections"):
+            check(spec, resolve(spec, PRESETS), path)
+    with pytest.raises(PipelineError, match=rf"^cannot set 'train.epochs': the params file holds {held}, not a "):
+        apply(yaml.safe_load(content), {"train.epochs": 1})
+
+
 def load_error(path, text: str) -> str:
     """The one-line error load_presets gives for a presets file holding `text`."""
     path.write_text(text)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from stages.common import PipelineError
-from stages.remotes import NO_REMOTE, main, parsed_pull_args, pulled_remotes, read_config, unverified_remotes
+from stages.remotes import NO_REMOTE, USAGE, main, parsed_pull_args, pulled_remotes, read_config, unverified_remotes
 
 
 def unverified(pull_args: list[str] | None = None) -> list[str]:
@@ -113,8 +113,9 @@ def test_a_pull_with_no_remote_configured_says_how_to_get_one(project, capsys, m
     assert "dvc remote add -d NAME URL" in NO_REMOTE and "make repro" in NO_REMOTE
     for asks_help in (["-h"], ["--he"], ["-fh"]):  # as DVC's parser reads them
         monkeypatch.setattr("sys.argv", ["stages.remotes", *asks_help])
-        main()
-        assert capsys.readouterr().out == "", f"help checks nothing: {asks_help}"
+        main()  # help checks nothing, and says what the check is (it printed nothing at all)
+        assert capsys.readouterr().out == USAGE + "\n", asks_help
+    assert USAGE.startswith("usage: python -m stages.remotes [--pull] [dvc pull options]") and "verify = true" in USAGE
     (project / "project/.dvc/config").write_text("[core]\n    remote = storage\n")  # defined nowhere
     monkeypatch.setattr("sys.argv", ["stages.remotes"])
     main()
@@ -157,7 +158,7 @@ def test_options_are_read_before_the_config(project, capsys, caplog, monkeypatch
     (project / "project/.dvc/config").write_text("['remote \"storage\"']\n    verify = true\n")  # no url
     monkeypatch.setattr("sys.argv", ["stages.remotes", "-h"])
     main()
-    assert capsys.readouterr().out == "", "help: `dvc pull -h` prints it"
+    assert capsys.readouterr().out == USAGE + "\n", "help: before the config is read"
     monkeypatch.setattr("sys.argv", ["stages.remotes", "--bogus"])
     with pytest.raises(SystemExit) as refused:
         main()

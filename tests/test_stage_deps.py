@@ -97,3 +97,10 @@ def test_params_and_fetch_stages_run_without_torch(tmp_path):
                             text=True, check=True)
     assert marker.is_file()
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_the_launcher_runs_exactly_the_stages_of_dvc_yaml_and_predict():
+    """`python -m stages NAME` refuses the library modules (run as a stage, `models` did nothing and
+    exited 0), so its list must follow dvc.yaml: a stage added there and not here would fail to start."""
+    from stages.__main__ import STAGES as LAUNCHED
+    assert set(LAUNCHED) == {stage_module(stage).removeprefix(f"{PACKAGE}.") for stage in STAGES.values()} | {"predict"}

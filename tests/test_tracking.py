@@ -441,6 +441,9 @@ def test_a_confusion_file_of_another_length_than_the_test_split_is_refused(tmp_p
     (tmp_path / "confusion.csv").write_text("actual,predicted\na,b\n")
     save_tensors(tmp_path / "test.pt", {"images": torch.zeros(2, 28, 28), "labels": torch.tensor([0, 1]),
                                         "classes": ["a", "b", "c"]})
-    with pytest.raises(PipelineError, match=r"^confusion\.csv has 1 rows for 2 test images"):
+    with pytest.raises(PipelineError, match=r"^confusion\.csv has 1 row for 2 test images$"):
         plot_main(["series", "confusion.csv", "test.pt", "plots"])
     assert not (tmp_path / "plots").exists()
+    (tmp_path / "confusion.csv").write_text("actual,predicted\na,b\nb,b\nc,c\n")
+    with pytest.raises(PipelineError, match=r"^confusion\.csv has 3 rows for 2 test images$"):
+        plot_main(["series", "confusion.csv", "test.pt", "plots"])

@@ -45,6 +45,9 @@ SMALL_CNN_ENSEMBLE = dataclasses.replace(SMALL_CNN, networks=2)
 SMALL_CNN_DECAY_WEIGHTS = dataclasses.replace(SMALL_CNN, weight_decay_on="weights")  # two parameter groups
 # Two networks, each on its own batch order and views (stored or drawn on the fly), for 3 epochs.
 SMALL_CNN_OWN_BATCHES = dataclasses.replace(SMALL_CNN_FRESH_VIEWS, networks=2, network_batches="own")
+# Each precision named: `auto` (TRAIN's) resolves by the CPU, so that neither branch would run on every CPU.
+SMALL_CNN_FP32 = dataclasses.replace(SMALL_CNN, precision="fp32")
+SMALL_CNN_BF16 = dataclasses.replace(SMALL_CNN, precision="bf16")
 CPU = torch.device("cpu")
 
 
@@ -103,8 +106,10 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_CNN_POOL_EARLY, SMALL_MLP, SMALL_CNN_ENSEMBLE, SMALL_CNN_OWN_BATCHES],
-                         ids=["cnn-sgd", "cnn-pool-early", "mlp-adam", "cnn-ensemble", "cnn-ensemble-own-batches"])
+@pytest.mark.parametrize("cfg", [SMALL_CNN, SMALL_CNN_POOL_EARLY, SMALL_MLP, SMALL_CNN_ENSEMBLE, SMALL_CNN_OWN_BATCHES,
+                                 SMALL_CNN_FP32, SMALL_CNN_BF16],
+                         ids=["cnn-sgd", "cnn-pool-early", "mlp-adam", "cnn-ensemble", "cnn-ensemble-own-batches",
+                              "cnn-fp32", "cnn-bf16"])
 def test_fit_learns_and_is_bit_identical_when_repeated(data, cfg):
     train, val = data
     model_a, config, rows_a = fit(cfg, train, val, CPU)
@@ -114,6 +119,16 @@ def test_fit_learns_and_is_bit_identical_when_repeated(data, cfg):
     assert rows_a == rows_b
     assert_same_weights(weights(model_a), weights(model_b))
     assert config.architecture == cfg.model
+
+
+def test_bf16_on_the_cpu_computes_in_bf16(data):
+    """train.precision bf16 autocasts on the CPU too (what `auto` picks on CPUs where it pays): the
+    weights it ends with are not fp32's, and both learn."""
+    train, val = data
+    (fp32, _, rows_fp32), (bf16, _, rows_bf16) = (fit(cfg, train, val, CPU) for cfg in (SMALL_CNN_FP32, SMALL_CNN_BF16))
+    assert rows_fp32[-1]["val_accuracy"] >= 0.9 and rows_bf16[-1]["val_accuracy"] >= 0.9
+    assert rows_fp32[-1]["train_loss"] != rows_bf16[-1]["train_loss"]
+    assert any(not torch.equal(a, b) for a, b in zip(weights(fp32).values(), weights(bf16).values()))
 
 
 @pytest.mark.parametrize("network_batches", ["shared", "own"])
@@ -263,10 +278,11 @@ def test_a_run_that_diverges_in_its_last_step_is_stopped(data):
                                           (SMALL_CNN_EMA, "data"), (SMALL_CNN_FRESH_VIEWS, "on_the_fly_data"),
                                           (SMALL_CNN_LOOKAHEAD, "data"), (SMALL_CNN_ENSEMBLE, "data"),
                                           (SMALL_CNN_OWN_BATCHES, "views_data"), (SMALL_CNN_OWN_BATCHES, "on_the_fly_data"),
-                                          (SMALL_CNN_DECAY_WEIGHTS, "data")],
+                                          (SMALL_CNN_DECAY_WEIGHTS, "data"), (SMALL_CNN_FP32, "data"),
+                                          (SMALL_CNN_BF16, "data")],
                          ids=["cnn-sgd", "mlp-adam", "cnn-fresh-views", "cnn-ema", "cnn-on-the-fly", "cnn-lookahead",
                               "cnn-ensemble", "cnn-ensemble-own-views", "cnn-ensemble-own-on-the-fly",
-                              "cnn-decay-weights"])
+                              "cnn-decay-weights", "cnn-fp32", "cnn-bf16"])
 def test_interrupted_fit_resumes_to_the_uninterrupted_result(request, cfg, dataset, tmp_path, monkeypatch):
     """Stopped after epoch 1's checkpoint, a second fit() picks up the model, optimizer (momentum,
     Adam moments), schedule, weight average, lookahead's slow weights and batch-order state, and the view of each epoch
