@@ -117,7 +117,9 @@ class Budget:
 def run_logged(args: list[str], cwd: Path, env: dict, log_path: Path, timeout_s: float) -> Command:
     """Runs a command with stdout and stderr into log_path; on timeout kills its whole process group
     (dvc's stages included; torchrun's workers, in sessions of their own, stop with their stage
-    when it runs under dvc: stages.common.stop_with_parent)."""
+    when it runs under dvc: stages.common.stop_with_parent). So does an interruption of this script
+    (SIGTERM; Ctrl-C at a terminal reaches only this script, the command being in its own session):
+    the command would go on as an orphan in a work folder about to be removed."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_path, "w") as log_file:
@@ -131,6 +133,10 @@ def run_logged(args: list[str], cwd: Path, env: dict, log_path: Path, timeout_s:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             returncode = None
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
     return Command(returncode, time.perf_counter() - start, log_path.read_text())
 
 
@@ -486,8 +492,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the frontier step's presets, comma-separated: 'default' and presets.yaml names "
                              f"(default: {','.join(FRONTIER_PRESETS)}; each adds its training time on the GPU)")
     parser.add_argument("--frontier-seeds", metavar="SEEDS", type=comma_ints,
-                        help=f"the frontier step's seeds, comma-separated (default: {FRONTIER_SEEDS}; each trains "
-                             "every preset once more)")
+                        help=f"the frontier step's seeds, comma-separated, ranges such as 0-2 too (default: "
+                             f"{FRONTIER_SEEDS}; each trains every preset once more)")
     parser.add_argument("--tests", metavar="EXPRESSION",
                         help="the tests step's pytest -k expression (default: all)")
     parser.add_argument("--keep-work", action="store_true", help="keep the project copies under OUT/work")
@@ -628,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def command(argv: list[str] | None = None) -> None:
     """The command line's entry: main, its status the exit status; a PipelineError, Ctrl-C or SIGTERM
-    one line (not a traceback from inside subprocess.wait: subprocess.run kills the step it waited on)."""
+    one line, not a traceback from inside a step's wait (run_logged kills the step first)."""
     run_main("gpu_check", lambda: sys.exit(main(argv)),
              kept="the logs of the steps that ran stay under --out; run again with a new or empty --out")
 

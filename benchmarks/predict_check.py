@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny synthetic digits instead of MNIST_MIRROR, the memory floor only: a smoke test")
     args = parser.parse_args(argv)
+    if args.model is not None and args.save_model is not None:
+        parser.error("--save-model keeps the model this check trains; with --model nothing is trained")
     if args.digits is None:
         args.digits = QUICK_DIGITS if args.quick else DIGITS
     mirror = os.environ.get("MNIST_MIRROR")

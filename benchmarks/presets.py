@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="preset names, or several joined by '+' (default: every tutorial model "
                              "with and without +aug, then this project's presets)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
-                        metavar="KEY=VALUE", help="a further override applied after the preset (repeatable)")
+                        metavar="SECTION.KEY=VALUE", help="a further override applied after the preset (repeatable)")
     parser.add_argument("--out", type=output_file, help="also write the table here, a row as each run finishes")
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="directory of train.pt, val.pt, test.pt")
     args = parser.parse_args(argv)

@@ -335,7 +335,9 @@ def output_problem(out_dir: Path, table: dict[str, Dataset]) -> str | None:
         return f"{out_dir} is a file; fetch writes a directory there: remove it, or name another directory"
     ours = {file.name for dataset in table.values() for file in dataset.files.values()}
     try:
-        others = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in ours or not entry.is_file())
+        # A link to a cache object (cache.type symlink) counts as the file, even where it is broken.
+        others = sorted(entry.name for entry in out_dir.iterdir()
+                        if entry.name not in ours or not (entry.is_file() or entry.is_symlink()))
     except OSError as exc:
         return f"{out_dir}: cannot read ({os_reason(exc)})"
     if others:

@@ -12,10 +12,12 @@ stage fails first and leaves every previous output in place.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import math
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -488,9 +490,17 @@ def load_raw(path: Path | str = DEFAULT_PATH) -> Any:
 
 def load(path: Path | str = DEFAULT_PATH) -> Params:
     raw = load_raw(path)
-    try:
+    with errors_naming(path):
         return parse(raw)
-    except ParamsError as exc:  # parse names params.yaml; another file (the params stage's --params) is named
+
+
+@contextlib.contextmanager
+def errors_naming(path: Path | str) -> Iterator[None]:
+    """ParamsErrors raised inside name `path` (they name params.yaml: the params stage's --params may
+    name another file)."""
+    try:
+        yield
+    except ParamsError as exc:
         if Path(path) == DEFAULT_PATH:
             raise
         raise ParamsError(exc.key, exc.problem, source=path) from None
@@ -506,10 +516,11 @@ def main(argv: list[str] | None = None) -> None:
     # Checked here, not only by train: DVC deletes the last run's model before running train.
     # torch is imported only for this check: importing it costs 1.5-2 s of a 2-core CPU, and this
     # stage (like fetch, which imports this module) otherwise has no use for it.
-    if params.train.device == "cuda" or (params.train.device == "auto" and params.train.processes > 1):
-        check_gpus(params.train)
-    if params.train.compile:
-        check_compile_toolchain(params.train)
+    with errors_naming(args.params):
+        if params.train.device == "cuda" or (params.train.device == "auto" and params.train.processes > 1):
+            check_gpus(params.train)
+        if params.train.compile:
+            check_compile_toolchain(params.train)
     write_text_atomic(args.marker, VALID_MARKER)
 
 

@@ -89,14 +89,16 @@ def isolate_user_config(config) -> None:
     a test creates) under a temporary folder removed at the end. A developer's global DVC config
     reached every test repository: its `cache.dir` took the tests' outputs, and a test's `dvc gc`
     deleted the developer's objects from that shared cache; its `core.remote` or `core.autostage`,
-    or git's `commit.gpgsign`, would change what the tests see. Commits get a test author."""
+    or git's `commit.gpgsign`, would change what the tests see. Commits get a test author. (DVC's
+    libgit2, used for experiments, reads ~/.gitconfig whatever GIT_CONFIG_GLOBAL says.)"""
     home = Path(tempfile.mkdtemp(prefix="tests-config-"))
     config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
     for level in ("GLOBAL", "SYSTEM"):
         (home / f"dvc-{level.lower()}").mkdir()
         os.environ[f"DVC_{level}_CONFIG_DIR"] = str(home / f"dvc-{level.lower()}")
     os.environ["DVC_SITE_CACHE_DIR"] = str(home / "dvc-site-cache")
-    (home / "gitconfig").write_text("")
+    # Every folder is safe: a checkout owned by another user (a bind mount) is read with `git show`.
+    (home / "gitconfig").write_text("[safe]\n\tdirectory = *\n")
     os.environ.update(GIT_CONFIG_GLOBAL=str(home / "gitconfig"), GIT_CONFIG_NOSYSTEM="1",
                       GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
                       GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
@@ -106,8 +108,9 @@ def isolate_user_config(config) -> None:
 def torch_process_state():
     """What a test changes of torch's process-wide state is put back after it: fit() sets the
     deterministic-algorithms flag and NaN-filling (stages.runtime.seed_everything), the benchmarks
-    the thread count, and any test the global random state, so a test's outcome cannot depend on
-    which tests its pytest-xdist worker ran before it."""
+    the thread count, and any test torch's CPU random generator, so a test's outcome cannot depend
+    on which tests its pytest-xdist worker ran before it (Python's and NumPy's generators, which
+    seed_everything seeds too, are left: every user of them seeds them first)."""
     import torch
 
     deterministic, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory

@@ -244,6 +244,10 @@ def test_predict_check_gives_no_memory_figure_for_work_predict_refused(tmp_path,
         with pytest.raises(SystemExit):
             predict_check.main(["--quick", "--digits", digits])
         assert "--digits: " in capsys.readouterr().err
+    # --save-model with --model: nothing is trained to keep (it was silently ignored)
+    with pytest.raises(SystemExit):
+        predict_check.main(["--quick", "--model", str(tmp_path / "m.pt"), "--save-model", str(tmp_path / "k.pt")])
+    assert "--save-model keeps the model this check trains; with --model nothing is trained" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("args", "digits"), [(["--quick"], 5), (["--quick", "--digits", "7"], 7), ([], 100)])

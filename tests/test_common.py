@@ -546,10 +546,14 @@ def test_stages_run_works_from_any_folder_and_says_its_usage(tmp_path):
     env = {key: value for key, value in os.environ.items() if key not in ("DVC_ROOT", "PYTHONPATH")}
     bare = subprocess.run([launcher], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert (bare.returncode, bare.stdout) == (2, "") and bare.stderr.startswith("usage: stages/run NAME")
+    # From a folder with a `stages` package of its own (another checkout): still this project's code
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "__init__.py").write_text("")
+    (tmp_path / "stages" / "__main__.py").write_text("print('the other package ran')\n")
     ran = subprocess.run([launcher, "params", "--params", str(PROJECT_ROOT / "params.yaml"), "valid.txt"],
                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr
-    assert (tmp_path / "valid.txt").is_file()
+    assert (tmp_path / "valid.txt").is_file() and "other package" not in ran.stdout
 
 
 def test_the_launcher_says_in_one_line_that_a_python_lacks_the_packages(tmp_path):

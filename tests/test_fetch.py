@@ -729,6 +729,21 @@ def test_main_failure_keeps_previous_output(stage, tmp_path):
     assert hashlib.sha256(old.read_bytes()).hexdigest() == stage.files["train_images"].sha256
 
 
+def test_main_replaces_links_to_a_cache_even_broken_ones(stage, tmp_path):
+    """With DVC's cache.type symlink data/raw holds links to cache objects; where the cache moved away
+    they are broken, and fetch run by hand must repair them, not call them files it did not write.
+    Only the links are replaced: what they point to stays."""
+    out = tmp_path / "work" / "raw"
+    out.mkdir(parents=True)
+    kept = tmp_path / "cache-object"
+    kept.write_bytes(b"a cache object")
+    (out / stage.files["train_images"].name).symlink_to(kept)
+    (out / stage.files["test_images"].name).symlink_to(tmp_path / "moved-away")
+    fetch.main([str(out)])
+    assert not any(path.is_symlink() for path in out.iterdir()) and len(list(out.iterdir())) == 4
+    assert kept.read_bytes() == b"a cache object"
+
+
 @pytest.mark.parametrize("kind", ["a file", "a folder of other files", "a subfolder", "one other file"])
 def test_main_refuses_to_replace_what_it_did_not_write(stage, tmp_path, kind):
     """fetch replaces its output directory whole. Under `dvc repro` DVC has removed it first; run by

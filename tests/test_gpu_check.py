@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -32,7 +33,8 @@ def gpu_check(*args: str, env: dict | None = None) -> subprocess.CompletedProces
         return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", *args], cwd=PROJECT_ROOT,
                               capture_output=True, text=True, env={**os.environ, **env})
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    # From the project's folder, as the subprocess runs (relative paths: --out README.md is a file there)
+    with contextlib.chdir(PROJECT_ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             gpu_check_module.command(list(args))
             status = 0
@@ -340,3 +342,26 @@ def test_quick_cpu_run_goes_through_every_step(built_project, tmp_path):
         assert (out / name).is_file(), name
     assert not (out / "work").exists(), "the project copies are temporary"
     assert result.stdout.rstrip().endswith((out / "summary.md").read_text().rstrip())
+
+
+def test_an_interrupted_step_is_killed_not_left_running(tmp_path):
+    """A step runs in its own session (its process group killed on timeout), where Ctrl-C at the
+    terminal does not reach it: interrupted while waiting for it, gpu_check must kill it too, not
+    leave `dvc repro` running as an orphan in a work folder it is about to remove."""
+    pid_file = tmp_path / "pid"
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        with pytest.raises(KeyboardInterrupt):
+            gpu_check_module.run_logged(["sh", "-c", f"echo $$ > {pid_file}; exec sleep 60"], tmp_path,
+                                        dict(os.environ), tmp_path / "step.log", timeout_s=30)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(pid, 0)

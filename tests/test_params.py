@@ -569,6 +569,14 @@ def test_a_params_file_of_another_name_is_named_in_its_errors(tmp_path, monkeypa
     with pytest.raises(ParamsError, match=rf"^{re.escape(str(other))}: train\.epochs: ") as raised:
         load(other)
     assert raised.value.key == "train.epochs"
+    # The stage's checks of the machine, after the file's own checks, name it too
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    other.write_text(yaml.safe_dump(with_change("train", "device", "cuda")))
+    with pytest.raises(ParamsError, match=rf"^{re.escape(str(other))}: train\.device: 'cuda' was requested"):
+        params_mod.main([str(tmp_path / "valid.txt"), "--params", str(other)])
+    assert not (tmp_path / "valid.txt").exists()
+    other.write_text(yaml.safe_dump(with_change("train", "epochs", "zero")))
     (tmp_path / "params.yaml").write_text(other.read_text())
     monkeypatch.chdir(tmp_path)
     for name in ("params.yaml", "./params.yaml"):
