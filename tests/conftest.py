@@ -83,6 +83,17 @@ def pytest_configure(config) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for the commands tests start, as DvcProject sets
 
 
+# A unit test's own limit (pytest-timeout; pyproject.toml's 20 minutes are the integration tests'):
+# the slowest takes about 6 s on 2 cores, so a hung one fails CI after 5 minutes, not 20.
+UNIT_TEST_TIMEOUT_S = 300
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.get_closest_marker("integration") is None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(UNIT_TEST_TIMEOUT_S))
+
+
 def isolate_user_config(config) -> None:
     """Points DVC and git, in this process and every command a test starts, at configs of their own:
     empty global and system configs, and a site cache (`/var/tmp/dvc/repo/...`, 80 KB per repository

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import socket
 import subprocess
 import sys
 
@@ -67,11 +66,11 @@ def test_a_worker_killed_by_a_signal_is_named(tmp_path):
 DROPOUT_MLP = dataclasses.replace(SMALL_MLP, dropout=0.3, batch_size=33, schedule="constant")
 
 
-def fit_in_two_processes(rank: int, port: int, cfg, checkpoint, out) -> None:
+def fit_in_two_processes(rank: int, rendezvous: str, cfg, checkpoint, out) -> None:
     """torch.multiprocessing.spawn's worker: fit() as one of two gloo processes, as under torchrun;
     rank 0 saves the weights to `out`."""
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.distributed.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
     try:
         model, _, _ = train.fit(cfg, split(320, seed=1), split(100, seed=2), torch.device("cpu"), checkpoint,
                                 run_id="run", rank=Rank(rank, 2, rank))
@@ -81,11 +80,11 @@ def fit_in_two_processes(rank: int, port: int, cfg, checkpoint, out) -> None:
         torch.distributed.destroy_process_group()
 
 
-def generators_at_first_epoch(rank: int, port: int, out) -> None:
+def generators_at_first_epoch(rank: int, rendezvous: str, out) -> None:
     """torch.multiprocessing.spawn's worker: a one-epoch fit() as one of two gloo processes that
     saves its global CPU generator's state, which dropout draws from, as the first epoch starts."""
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.distributed.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
     real_train_epoch = train.train_epoch
 
     def recording(*args, **kwargs):
@@ -100,17 +99,19 @@ def generators_at_first_epoch(rank: int, port: int, out) -> None:
         torch.distributed.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def rendezvous(path) -> str:
+    """Where two spawned processes meet: a file of their own (a new path each time). A free TCP port
+    found by binding and closing could be taken by another test's worker before they bind it."""
+    assert not path.exists()
+    return f"file://{path}"
 
 
 def test_a_resumed_two_process_run_ends_as_the_unbroken_one(tmp_path):
     """Each process resumes with its own generators: restoring rank 0's on both (as once) changed
     rank 1's dropout masks in epoch 2, and so the weights."""
     def run(cfg, checkpoint, out):
-        torch.multiprocessing.spawn(fit_in_two_processes, args=(free_port(), cfg, checkpoint, out), nprocs=2)
+        meeting = rendezvous(out.with_suffix(".store"))
+        torch.multiprocessing.spawn(fit_in_two_processes, args=(meeting, cfg, checkpoint, out), nprocs=2)
         return torch.load(out)
 
     unbroken = run(DROPOUT_MLP, None, tmp_path / "unbroken.pt")
@@ -127,6 +128,6 @@ def test_a_resumed_two_process_run_ends_as_the_unbroken_one(tmp_path):
 def test_each_process_draws_its_own_dropout_masks(tmp_path):
     """Both processes build the model from the seed, then draw from generators of their own: with
     one state in both, image j of each process's share of a batch got the same dropout mask."""
-    torch.multiprocessing.spawn(generators_at_first_epoch, args=(free_port(), tmp_path), nprocs=2)
+    torch.multiprocessing.spawn(generators_at_first_epoch, args=(rendezvous(tmp_path / "store"), tmp_path), nprocs=2)
     first, second = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert not torch.equal(first, second)

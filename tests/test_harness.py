@@ -167,3 +167,10 @@ def test_the_summary_names_a_changed_params_yaml_after_a_failure_only(monkeypatc
         conftest.pytest_terminal_summary(reporter, status, None)
         assert reporter.lines == expected
     assert conftest.pytest_report_header(None) == "params.yaml differs from the last commit in x"
+
+
+def test_a_unit_test_has_a_limit_of_its_own(request):
+    """pyproject.toml's 20 minutes are sized for the integration tests; a hung unit test fails sooner."""
+    from tests.conftest import UNIT_TEST_TIMEOUT_S
+    assert request.node.get_closest_marker("timeout").args == (UNIT_TEST_TIMEOUT_S,)
+    assert UNIT_TEST_TIMEOUT_S < 1200
