@@ -53,7 +53,7 @@ from stages.common import PipelineError, run_main, write_bytes_atomic
 from stages.datasets import Dataset, load_table
 from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
-from stages.presets import DEFAULT
+from stages.presets import DEFAULT, load_presets, resolve
 from stages.runtime import (cpu_has_amx, cpu_has_bf16, cpu_model, describe_device, release_freed_memory,
                             resolve_precision, retain_freed_memory)
 
@@ -212,6 +212,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.presets:
         parser.error("--presets: name one or more")
+    known = load_presets()
+    for name in args.presets:  # the option's mistake, said as argparse says one (exit status 2)
+        try:
+            resolve(name, known)
+        except PipelineError as exc:
+            parser.error(f"--presets: {exc}")
     if problem := seeds_problem(args.seeds):
         parser.error(f"--seeds: {problem}")
     if args.quick and (args.raw or args.data):

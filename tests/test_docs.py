@@ -132,6 +132,12 @@ RUN_BY = {
     # gc: after the branch walkthrough, on its two branches
     "git checkout slow-lr && dvc checkout": f"{THIS}::test_branch_walkthrough_as_written",
     "dvc gc -w -f": f"{THIS}::test_branch_walkthrough_as_written",
+    "git checkout -- . && dvc checkout": "tests/test_dvc_workflows.py::test_gc_after_experiments_keeps_the_commit_with_"
+                                         "the_wide_scope_and_not_with_w",
+    "dvc exp remove seed-3": "tests/test_dvc_workflows.py::test_gc_after_experiments_keeps_the_commit_with_"
+                                         "the_wide_scope_and_not_with_w",
+    "dvc gc -a -T --all-experiments -f": "tests/test_dvc_workflows.py::test_gc_after_experiments_keeps_the_commit_with_"
+                                         "the_wide_scope_and_not_with_w",
     "rm models/model.pt data/prepared/*.pt && dvc checkout": f"{THIS}::test_branch_walkthrough_as_written",
     "git checkout main && dvc checkout": f"{THIS}::test_branch_walkthrough_as_written",
     "dvc gc --all-branches --all-tags --cloud -r storage -f": f"{THIS}::test_branch_walkthrough_as_written",

@@ -591,5 +591,32 @@ def test_gc_workspace_keeps_what_the_workspace_needs(project):
     assert "models/model.pt" in missing.stdout + missing.stderr
 
 
+
+def test_gc_after_experiments_keeps_the_commit_with_the_wide_scope_and_not_with_w(project):
+    """docs/sharing.md and workflows.md: drop experiments with `dvc exp remove`, then `dvc gc -a -T
+    --all-experiments` keeps the commit's outputs and the remaining experiments (both check out
+    again without training); `dvc gc -w` with an experiment's lock in the workspace deletes the
+    commit's own model."""
+    p = project
+    head_model = lock_md5(p, "train", "models/model.pt")
+    models = {}
+    for name, lr in (("fast-lr-0.1", 0.04), ("seed-3", 0.03)):
+        p.dvc("exp", "run", "-n", name, "-S", f"train.lr={lr}")
+        models[name] = lock_md5(p, "train", "models/model.pt")
+    assert len({head_model, *models.values()}) == 3
+    p.run("git", "checkout", "--", ".")  # the commit's params and lock back; its outputs from the cache (as the docs)
+    p.dvc("checkout")
+    p.dvc("exp", "remove", "seed-3")
+    p.dvc("gc", "-a", "-T", "--all-experiments", "-f")
+    assert in_cache(p, head_model) and in_cache(p, models["fast-lr-0.1"]) and not in_cache(p, models["seed-3"])
+    assert "Data and pipelines are up to date" in p.dvc("status").stdout
+    p.dvc("exp", "apply", "fast-lr-0.1")  # the kept experiment's outputs, from the cache
+    assert hashlib.md5(p.path("models/model.pt").read_bytes()).hexdigest() == models["fast-lr-0.1"]
+    assert "Data and pipelines are up to date" in p.dvc("status").stdout
+    # Its lock in the workspace, -w keeps its outputs and deletes the commit's model.
+    p.dvc("gc", "-w", "-f")
+    assert in_cache(p, models["fast-lr-0.1"]) and not in_cache(p, head_model)
+
+
 if __name__ == "__main__":
     print(rerun_table(), end="")

@@ -71,9 +71,12 @@ def test_set_refuses_preprocess_params_the_prepared_splits_would_not_follow(tmp_
 
 
 def test_unknown_preset_is_refused_before_anything_runs(tmp_path, capsys):
-    with pytest.raises(PipelineError, match="unknown preset 'nope'"):
+    """A usage error, as argparse reports one: status 2, the option named."""
+    with pytest.raises(SystemExit) as info:
         frontier.main(["--quick", "--presets", "default,nope", "--plot", str(tmp_path / "f.png")])
-    assert capsys.readouterr().out == ""
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "error: --presets: unknown preset 'nope'; presets: " in err
     assert not (tmp_path / "f.png").exists()
 
 

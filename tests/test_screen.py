@@ -69,6 +69,9 @@ def test_every_candidate_is_validated_before_anything_runs(tmp_path, monkeypatch
     with pytest.raises(SystemExit):  # every seed checked when the command line is read
         screen.main(["--quick", "--candidates", "{a: {}}", "--seeds", "0,4294967296"])
     assert "--seeds: 4294967296 is over the largest seed, 4294967295" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the option named, not each candidate at each seed
+        screen.main(["--quick", "--candidates", "{a: {}}", "--preset", "nosuch"])
+    assert "error: --preset: unknown preset 'nosuch'; presets: " in capsys.readouterr().err
     with pytest.raises(PipelineError, match="share fetch.dataset"):
         screen.main(["--quick", "--candidates", "{a: {}, b: {fetch.dataset: fashion-mnist}}", "--seeds", "0"])
     with pytest.raises(PipelineError, match="share train.device"):
