@@ -43,17 +43,17 @@ from typing import Any
 import torch
 
 from benchmarks import presets
-from benchmarks.presets import (DATA_DIR, QUICK_VAL, RAW_DIR, check_prepared_is_mnist, check_raw, comma_ints,
-                                comma_list, device_option, figure_file, lifetime_peak_rss, load_splits,
+from benchmarks.presets import (DATA_DIR, QUICK_VAL, RAW_DIR, check_prepared_is_mnist, check_preset_option, check_raw,
+                                comma_ints, comma_list, device_option, figure_file, lifetime_peak_rss, load_splits,
                                 made_parent, params_line, parse_override, positive_int, refuse_other_datasets,
                                 seeds_problem, split_overrides_problem, test_accuracy, timed_fit, write_quick_mirror)
 from benchmarks.reference import torchvision_mnist, train_reference
 from stages.augment import augmented_split
-from stages.common import PipelineError, run_main, write_bytes_atomic
+from stages.common import run_main, write_bytes_atomic
 from stages.datasets import Dataset, load_table
 from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
-from stages.presets import DEFAULT, load_presets, resolve
+from stages.presets import DEFAULT
 from stages.runtime import (cpu_has_amx, cpu_has_bf16, cpu_model, describe_device, release_freed_memory,
                             resolve_precision, retain_freed_memory)
 
@@ -212,12 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.presets:
         parser.error("--presets: name one or more")
-    known = load_presets()
-    for name in args.presets:  # the option's mistake, said as argparse says one (exit status 2)
-        try:
-            resolve(name, known)
-        except PipelineError as exc:
-            parser.error(f"--presets: {exc}")
+    check_preset_option(parser, "--presets", args.presets)
     if problem := seeds_problem(args.seeds):
         parser.error(f"--seeds: {problem}")
     if args.quick and (args.raw or args.data):

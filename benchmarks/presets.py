@@ -256,6 +256,18 @@ def check_raw(raw_dir: Path, dataset: Dataset) -> None:
                             f"fetch.dataset: {dataset.name}, or point --raw at its files")
 
 
+def check_preset_option(parser: argparse.ArgumentParser, option: str, specs: list[str]) -> None:
+    """Preset names given on the command line (each a name or several joined by `+`) that
+    presets.yaml lacks: a usage error naming `option`, exit status 2, before anything runs (a
+    screen told it as every candidate's at every seed)."""
+    known = load_presets()
+    for spec in specs:
+        try:
+            resolve(spec, known)
+        except PipelineError as exc:
+            parser.error(f"{option}: {exc}")
+
+
 def seeds_problem(seeds: list[int]) -> str | None:
     """What is wrong with a benchmark's --seeds (each seed k: one run with train.seed = augment.seed
     = k), or None: checked when the command line is read, not after minutes of other runs."""

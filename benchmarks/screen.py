@@ -35,13 +35,13 @@ from typing import Any
 
 import yaml
 
-from benchmarks.presets import (QUICK_VAL, RAW_DIR, append_text, check_raw, comma_ints, output_file,
-                               params_line, preset_params, seeds_problem, test_accuracy, timed_fit,
+from benchmarks.presets import (QUICK_VAL, RAW_DIR, append_text, check_preset_option, check_raw, comma_ints,
+                               output_file, params_line, preset_params, seeds_problem, test_accuracy, timed_fit,
                                write_quick_mirror)
 from stages.augment import augmented_split
 from stages.common import PipelineError, parse_yaml, run_main
 from stages.datasets import load_table
-from stages.presets import DEFAULT, load_presets, resolve
+from stages.presets import DEFAULT
 from stages.params import Params, PreprocessParams
 from stages.preprocess import prepare
 from stages.runtime import resolve_device
@@ -144,10 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seeds: {problem}")
     if args.quick and args.raw:
         parser.error("--quick writes its own tiny data: it takes no --raw")
-    try:  # the option's own mistake, said as one (it was told as every candidate's, seed by seed)
-        resolve(args.preset, load_presets())
-    except PipelineError as exc:
-        parser.error(f"--preset: {exc}")
+    check_preset_option(parser, "--preset", [args.preset])
     extra = {"train.epochs": 1, "preprocess.val_size": QUICK_VAL} if args.quick else {}
     all_params = screen_params(args.preset, args.candidates, args.seeds, extra)
     first = next(iter(all_params.values()))
