@@ -241,12 +241,11 @@ class DvcProject:
             # The copy has no .venv, so stages/run falls back to the python3 on PATH: this one.
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "MNIST_MIRROR": str(mirror),
-            "DVC_NO_ANALYTICS": "1",
             # One thread per stage: the tiny models don't gain from two, and two threads fighting
             # another process slow training 30x. The same in every copy, so outputs stay comparable.
             "OMP_NUM_THREADS": "1",
-            "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+            # DVC_NO_ANALYTICS, the commit author and the isolated DVC and git configs come from
+            # os.environ (this module's top and isolate_user_config).
         }
 
     def run(self, *args: str, check: bool = True, timeout_s: float = COMMAND_TIMEOUT_S,

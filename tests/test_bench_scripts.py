@@ -262,21 +262,13 @@ def test_predict_check_saves_few_digits_for_its_smoke_test(monkeypatch, args, di
     monkeypatch.setenv("MNIST_MIRROR", "unused")
     monkeypatch.setattr(predict_check, "train_fast_model", lambda *args: None)
     monkeypatch.setattr(predict_check, "format_accuracy", stop_at_formats)
-    threads = torch.get_num_threads()
-    try:
-        with pytest.raises(Stop) as stopped:
-            predict_check.main(args)
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.raises(Stop) as stopped:  # (it sets one thread: conftest's torch_process_state puts them back)
+        predict_check.main(args)
     assert stopped.value.args == (digits,)
 
 
 def test_predict_check_classifies_every_format_and_measures_memory(capsys):
-    threads = torch.get_num_threads()
-    try:
-        predict_check.main(["--quick", "--digits", "3"])
-    finally:
-        torch.set_num_threads(threads)  # it measures on one thread; later tests in this process need theirs
+    predict_check.main(["--quick", "--digits", "3"])  # on one thread: conftest's torch_process_state puts them back
     out = capsys.readouterr().out
     assert "--quick: a smoke test" in out  # its numbers are not to be read as the real check's
     rows = dict(re.findall(r"^\| ([^|]+?) \| (\d+) \|$", out, flags=re.MULTILINE))
